@@ -1,0 +1,99 @@
+"""Typed refusals. Each maps to one named D-Bus error and one kernel errno.
+
+The registry raises these before anything is written, so a caller always learns which
+APQNs clash and who owns them instead of a bare errno from sysfs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from apmatrixd.core.apqn import Apqn
+
+HOST = "host"
+"""Owner name of APQNs that belong to the host's own crypto drivers."""
+
+
+@dataclass(frozen=True, order=True)
+class Clash:
+    """An APQN a change wants, and who holds it now (a matrix UUID or ``host``)."""
+
+    apqn: Apqn
+    owner: str
+    owner_name: str = ""
+
+    def __str__(self) -> str:
+        who = self.owner
+        if self.owner_name and self.owner_name != self.owner:
+            who = f"{self.owner_name} ({self.owner})"
+        return f"{self.apqn} owned by {who}"
+
+
+class ApmatrixError(Exception):
+    """Base of every refusal apmatrixd gives; ``name`` is the D-Bus error suffix."""
+
+    name = "Failed"
+
+
+class InvalidArgument(ApmatrixError):
+    name = "InvalidArgument"
+
+
+@dataclass(frozen=True)
+class RangeViolation:
+    kind: str  # "adapter" | "domain" | "control domain"
+    id: int
+    maximum: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id:#04x} > max {self.maximum:#04x}"
+
+
+class OutOfRange(InvalidArgument):
+    """An id above the host's maximum (the kernel says ENODEV)."""
+
+    def __init__(self, violations: list[RangeViolation]) -> None:
+        self.violations = violations
+        super().__init__("id out of range: " + ", ".join(map(str, violations)))
+
+
+class NotFound(ApmatrixError):
+    name = "NotFound"
+
+
+class AlreadyExists(ApmatrixError):
+    name = "AlreadyExists"
+
+
+class _ClashError(ApmatrixError):
+    what = "clash"
+
+    def __init__(self, clashes: list[Clash], context: str = "") -> None:
+        self.clashes = sorted(clashes)
+        shown = "; ".join(map(str, self.clashes[:32]))
+        more = f"; and {len(self.clashes) - 32} more" if len(self.clashes) > 32 else ""
+        prefix = f"{context}: " if context else ""
+        super().__init__(f"{prefix}{self.what}: {shown}{more}")
+
+
+class Conflict(_ClashError):
+    """APQNs already held by another matrix (the kernel says EADDRINUSE)."""
+
+    name = "Conflict"
+    what = "APQNs already in use"
+
+
+class HostOwned(_ClashError):
+    """APQNs still in the host pool (the kernel says EADDRNOTAVAIL)."""
+
+    name = "HostOwned"
+    what = "APQNs still belong to the host"
+
+
+class Busy(_ClashError):
+    """The host pool would take back APQNs a matrix holds (the kernel says EBUSY)."""
+
+    name = "Busy"
+    what = "APQNs are held by matrices"

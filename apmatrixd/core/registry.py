@@ -1,0 +1,332 @@
+"""The registry: every matrix (defined or live), the host pool, and who owns each APQN.
+
+One function, :meth:`Registry.decide`, judges a proposed change against the kernel's own
+rules and nothing looser:
+
+- no APQN in two matrices (kernel: EADDRINUSE);
+- no APQN of a matrix in the host pool (kernel: EADDRNOTAVAIL);
+- ids within the host's limits (kernel: ENODEV);
+- the host pool may not take back an APQN a matrix holds (kernel: EBUSY), judged as the
+  6.19+ kernels do: a newly set adapter bit counts against every domain of the matrices
+  that hold the adapter (and likewise for domains), which is never looser than older ones;
+- control domains may be shared.
+
+Beyond the kernel, a matrix that is only defined (not live) keeps its APQNs too, so every
+definition can always start. An owner index (APQN -> matrix) makes a decision cost the
+same with ten matrices as with ten thousand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from apmatrixd.core.apqn import Apqn, cross
+from apmatrixd.core.errors import (
+    HOST,
+    AlreadyExists,
+    ApmatrixError,
+    Busy,
+    Clash,
+    Conflict,
+    HostOwned,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    RangeViolation,
+)
+from apmatrixd.core.matrix import HostPool, Limits, Matrix
+
+
+@dataclass(frozen=True)
+class DefineMatrix:
+    matrix: Matrix
+
+
+@dataclass(frozen=True)
+class UpdateMatrix:
+    """Replace a matrix's sets (and optionally its name or autostart) atomically."""
+
+    uuid: str
+    adapters: frozenset[int]
+    domains: frozenset[int]
+    control_domains: frozenset[int]
+    name: str | None = None
+    autostart: bool | None = None
+
+
+@dataclass(frozen=True)
+class RemoveMatrix:
+    uuid: str
+
+
+@dataclass(frozen=True)
+class SetHostPool:
+    pool: HostPool
+
+
+Change = DefineMatrix | UpdateMatrix | RemoveMatrix | SetHostPool
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Everything wrong with a change, so each caller can report in its own order."""
+
+    change: Change
+    invalid: str = ""
+    not_found: str = ""
+    exists: str = ""
+    out_of_range: tuple[RangeViolation, ...] = ()
+    host: tuple[Clash, ...] = ()  # matrix APQNs that would sit in the host pool
+    conflicts: tuple[Clash, ...] = ()  # APQNs held by another matrix
+    busy: tuple[Clash, ...] = ()  # the host pool taking back matrix APQNs
+    noop: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return not (
+            self.invalid
+            or self.not_found
+            or self.exists
+            or self.out_of_range
+            or self.host
+            or self.conflicts
+            or self.busy
+        )
+
+    def error(self, order: Iterable[str] = ()) -> ApmatrixError | None:
+        """The refusal to raise, checking problems in ``order`` (default: most basic first).
+
+        Kernel interfaces differ in which check comes first (``assign_adapter`` checks the
+        range first, ``ap_config`` last), so the caller says which order it speaks for.
+        """
+        clashes = [*self.host, *self.conflicts]
+        makers: dict[str, ApmatrixError | None] = {
+            "invalid": InvalidArgument(self.invalid) if self.invalid else None,
+            "not_found": NotFound(self.not_found) if self.not_found else None,
+            "exists": AlreadyExists(self.exists) if self.exists else None,
+            "range": OutOfRange(list(self.out_of_range)) if self.out_of_range else None,
+            "host": HostOwned(clashes) if self.host else None,
+            "conflict": Conflict(clashes) if self.conflicts else None,
+            "busy": Busy(list(self.busy)) if self.busy else None,
+        }
+        for key in [*order, *makers]:
+            err = makers.get(key)
+            if err is not None:
+                return err
+        return None
+
+    def raise_if_refused(self, order: Iterable[str] = ()) -> None:
+        err = self.error(order)
+        if err is not None:
+            raise err
+
+
+@dataclass
+class Registry:
+    """The authoritative picture of matrices and the host pool (no I/O)."""
+
+    limits: Limits = field(default_factory=Limits)
+    pool: HostPool = field(default_factory=HostPool)
+    _matrices: dict[str, Matrix] = field(default_factory=dict)
+    _owner: dict[Apqn, str] = field(default_factory=dict)
+    _by_adapter: dict[int, set[str]] = field(default_factory=dict)
+    _by_domain: dict[int, set[str]] = field(default_factory=dict)
+
+    # -- queries --------------------------------------------------------------------------
+    @property
+    def matrices(self) -> Mapping[str, Matrix]:
+        return MappingProxyType(self._matrices)
+
+    def get(self, uuid: str) -> Matrix:
+        try:
+            return self._matrices[uuid]
+        except KeyError:
+            raise NotFound(f"no matrix {uuid}") from None
+
+    def owner(self, apqn: Apqn) -> str | None:
+        """The matrix UUID holding ``apqn``, ``host`` if the host pool has it, else None."""
+        held = self._owner.get(apqn)
+        if held is not None:
+            return held
+        return HOST if self.pool.owns(apqn) else None
+
+    def owners(self) -> Mapping[Apqn, str]:
+        return MappingProxyType(self._owner)
+
+    def by_name(self, name: str) -> Matrix | None:
+        for m in self._matrices.values():
+            if m.name and m.name == name:
+                return m
+        return None
+
+    def clashes(
+        self, adapters: Iterable[int], domains: Iterable[int], exclude: str | None = None
+    ) -> tuple[list[Clash], list[Clash]]:
+        """(host clashes, matrix clashes) for a matrix of these sets, ignoring ``exclude``."""
+        host: list[Clash] = []
+        held: list[Clash] = []
+        for apqn in cross(adapters, domains):
+            owner = self._owner.get(apqn)
+            if owner is not None and owner != exclude:
+                held.append(Clash(apqn, owner, self._matrices[owner].name))
+            if self.pool.owns(apqn):
+                host.append(Clash(apqn, HOST))
+        return host, held
+
+    # -- deciding -------------------------------------------------------------------------
+    def decide(self, change: Change) -> Decision:
+        if isinstance(change, DefineMatrix):
+            return self._decide_define(change)
+        if isinstance(change, UpdateMatrix):
+            return self._decide_update(change)
+        if isinstance(change, RemoveMatrix):
+            if change.uuid not in self._matrices:
+                return Decision(change, not_found=f"no matrix {change.uuid}")
+            return Decision(change)
+        return self._decide_pool(change)
+
+    def _name_taken(self, name: str, uuid: str) -> bool:
+        other = self.by_name(name) if name else None
+        return other is not None and other.uuid != uuid
+
+    def _decide_sets(
+        self,
+        change: Change,
+        uuid: str,
+        adapters: frozenset[int],
+        domains: frozenset[int],
+        control_domains: frozenset[int],
+    ) -> Decision:
+        rng = self.limits.violations(adapters, domains, control_domains)
+        # The whole cross product, as the kernel checks it: an adopted matrix that already
+        # breaks a rule must not get more on the strength of its older APQNs.
+        host, held = self.clashes(adapters, domains, uuid)
+        return Decision(
+            change, out_of_range=tuple(rng), host=tuple(sorted(host)), conflicts=tuple(sorted(held))
+        )
+
+    def _decide_define(self, change: DefineMatrix) -> Decision:
+        m = change.matrix
+        if m.uuid in self._matrices:
+            return Decision(change, exists=f"matrix {m.uuid} already exists")
+        if self._name_taken(m.name, m.uuid):
+            return Decision(change, exists=f"a matrix named {m.name!r} already exists")
+        return self._decide_sets(change, m.uuid, m.adapters, m.domains, m.control_domains)
+
+    def _decide_update(self, change: UpdateMatrix) -> Decision:
+        base = self._matrices.get(change.uuid)
+        if base is None:
+            return Decision(change, not_found=f"no matrix {change.uuid}")
+        if change.name is not None and self._name_taken(change.name, change.uuid):
+            return Decision(change, exists=f"a matrix named {change.name!r} already exists")
+        d = self._decide_sets(
+            change, change.uuid, change.adapters, change.domains, change.control_domains
+        )
+        same = (
+            change.adapters == base.adapters
+            and change.domains == base.domains
+            and change.control_domains == base.control_domains
+            and change.name in (None, base.name)
+            and change.autostart in (None, base.autostart)
+        )
+        return Decision(**{**d.__dict__, "noop": same})
+
+    def _decide_pool(self, change: SetHostPool) -> Decision:
+        new, old = change.pool, self.pool
+        if new.per_queue != old.per_queue:
+            return Decision(change, invalid="the host pool cannot change between masks and queues")
+        busy: list[Clash] = []
+        if new.queues is not None and old.queues is not None:
+            for apqn in sorted(new.queues - old.queues):
+                owner = self._owner.get(apqn)
+                if owner is not None:
+                    busy.append(Clash(apqn, owner, self._matrices[owner].name))
+        else:
+            seen: set[Apqn] = set()
+            for a in sorted(new.adapters - old.adapters):
+                for uuid in sorted(self._by_adapter.get(a, ())):
+                    m = self._matrices[uuid]
+                    seen.update(Apqn(a, d) for d in m.domains)
+            for d in sorted(new.domains - old.domains):
+                for uuid in sorted(self._by_domain.get(d, ())):
+                    m = self._matrices[uuid]
+                    seen.update(Apqn(a, d) for a in m.adapters)
+            busy = [Clash(q, self._owner[q], self._matrices[self._owner[q]].name) for q in seen]
+        return Decision(change, busy=tuple(sorted(busy)), noop=new == old)
+
+    # -- applying -------------------------------------------------------------------------
+    def apply(self, change: Change, order: Iterable[str] = ()) -> Change:
+        """Decide, then carry out an accepted change; returns the change that undoes it."""
+        decision = self.decide(change)
+        decision.raise_if_refused(order)
+        return self._apply(change)
+
+    def _apply(self, change: Change) -> Change:
+        if isinstance(change, DefineMatrix):
+            self._insert(change.matrix)
+            return RemoveMatrix(change.matrix.uuid)
+        if isinstance(change, RemoveMatrix):
+            old = self._matrices[change.uuid]
+            self._drop(old)
+            return DefineMatrix(old)
+        if isinstance(change, UpdateMatrix):
+            old = self._matrices[change.uuid]
+            new = old.with_sets(change.adapters, change.domains, change.control_domains)
+            if change.name is not None or change.autostart is not None:
+                new = replace(
+                    new,
+                    name=old.name if change.name is None else change.name,
+                    autostart=old.autostart if change.autostart is None else change.autostart,
+                )
+            self._drop(old)
+            self._insert(new)
+            return UpdateMatrix(
+                old.uuid, old.adapters, old.domains, old.control_domains, old.name, old.autostart
+            )
+        old_pool = self.pool
+        self.pool = change.pool
+        return SetHostPool(old_pool)
+
+    def restore(self, undo: Change) -> None:
+        """Put back what an applied change replaced, with no checks (it was valid before)."""
+        self._apply(undo)
+
+    def _insert(self, m: Matrix) -> None:
+        self._matrices[m.uuid] = m
+        for apqn in m.apqns():
+            self._owner[apqn] = m.uuid
+        for a in m.adapters:
+            self._by_adapter.setdefault(a, set()).add(m.uuid)
+        for d in m.domains:
+            self._by_domain.setdefault(d, set()).add(m.uuid)
+
+    def _drop(self, m: Matrix) -> None:
+        del self._matrices[m.uuid]
+        for apqn in m.apqns():
+            if self._owner.get(apqn) == m.uuid:
+                del self._owner[apqn]
+        for index, ids in ((self._by_adapter, m.adapters), (self._by_domain, m.domains)):
+            for i in ids:
+                holders = index.get(i)
+                if holders is not None:
+                    holders.discard(m.uuid)
+                    if not holders:
+                        del index[i]
+
+    # -- invariants (for tests and self-checks) ---------------------------------------------
+    def violations(self) -> list[str]:
+        """Every broken invariant, as text; an empty list means the registry is sound."""
+        out: list[str] = []
+        seen: dict[Apqn, str] = {}
+        for m in self._matrices.values():
+            for apqn in m.apqns():
+                if apqn in seen:
+                    out.append(f"{apqn} in {seen[apqn]} and {m.uuid}")
+                seen[apqn] = m.uuid
+                if self.pool.owns(apqn):
+                    out.append(f"{apqn} of {m.uuid} is in the host pool")
+        if seen != self._owner:
+            out.append("owner index out of step")
+        return out

@@ -1,0 +1,197 @@
+"""The registry's rules, from the kernel doc's and the design document's examples."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apmatrixd.core import (
+    AlreadyExists,
+    Apqn,
+    Busy,
+    Change,
+    Conflict,
+    DefineMatrix,
+    HostOwned,
+    HostPool,
+    Limits,
+    Matrix,
+    NotFound,
+    OutOfRange,
+    Registry,
+    RemoveMatrix,
+    SetHostPool,
+    UpdateMatrix,
+)
+from apmatrixd.core.matrix import normalize_uuid
+
+U1 = "11111111-1111-1111-1111-111111111111"
+U2 = "22222222-2222-2222-2222-222222222222"
+U3 = "33333333-3333-3333-3333-333333333333"
+
+
+def fs(*ids: int) -> frozenset[int]:
+    return frozenset(ids)
+
+
+@pytest.fixture
+def reg() -> Registry:
+    """The design document's host with adapters 05, 06 and domains 04, 47 given to vfio_ap."""
+    pool = HostPool(adapters=frozenset(range(256)) - {5, 6}, domains=frozenset(range(256)))
+    return Registry(pool=pool)
+
+
+def define(reg: Registry, uuid: str, a: frozenset[int], d: frozenset[int], name: str = "") -> None:
+    reg.apply(DefineMatrix(Matrix(uuid, a, d, name=name)))
+
+
+def test_design_example_1_two_guests_share_an_adapter_not_an_apqn(reg: Registry) -> None:
+    define(reg, U1, fs(5, 6), fs(4), "guest1")
+    define(reg, U2, fs(5, 6), fs(0x47), "guest2")
+    assert reg.owner(Apqn(5, 4)) == U1
+    assert reg.owner(Apqn(6, 0x47)) == U2
+    assert reg.violations() == []
+
+
+def test_design_example_2_refused_with_every_clashing_apqn_named(reg: Registry) -> None:
+    define(reg, U1, fs(5, 6), fs(4, 0x47), "guest1")
+    with pytest.raises(Conflict) as exc:
+        define(reg, U3, fs(6), fs(0x47, 0xAB), "guest3")
+    assert [str(c.apqn) for c in exc.value.clashes] == ["06.0047"]
+    assert "06.0047 owned by guest1 (1111" in str(exc.value)
+    assert U3 not in reg.matrices
+
+
+def test_host_owned_apqns_are_refused_before_sharing(reg: Registry) -> None:
+    define(reg, U1, fs(6), fs(4))
+    decision = reg.decide(DefineMatrix(Matrix(U2, fs(6, 7), fs(4))))
+    assert [str(c.apqn) for c in decision.host] == ["07.0004"]
+    assert [str(c.apqn) for c in decision.conflicts] == ["06.0004"]
+    with pytest.raises(HostOwned) as exc:
+        decision.raise_if_refused()
+    assert {c.owner for c in exc.value.clashes} == {"host", U1}
+
+
+def test_only_adapters_or_only_domains_never_clash(reg: Registry) -> None:
+    define(reg, U1, fs(5), fs(4))
+    define(reg, U2, fs(5), fs())
+    define(reg, U3, fs(), fs(4))
+    assert reg.violations() == []
+
+
+def test_control_domains_may_be_shared(reg: Registry) -> None:
+    reg.apply(DefineMatrix(Matrix(U1, fs(5), fs(4), fs(4, 7))))
+    reg.apply(DefineMatrix(Matrix(U2, fs(6), fs(4), fs(4, 7))))
+    assert reg.get(U2).control_domains == fs(4, 7)
+
+
+def test_range_is_checked_against_the_host_limits() -> None:
+    reg = Registry(limits=Limits(63, 15), pool=HostPool(frozenset(), frozenset()))
+    with pytest.raises(OutOfRange) as exc:
+        reg.apply(DefineMatrix(Matrix(U1, fs(64), fs(4), fs(16))))
+    assert [v.id for v in exc.value.violations] == [64, 16]
+
+
+def test_order_lets_a_caller_speak_for_a_kernel_interface(reg: Registry) -> None:
+    define(reg, U1, fs(5), fs(4))
+    d = reg.decide(DefineMatrix(Matrix(U2, fs(5, 0x1FF % 256), fs(4))))
+    assert isinstance(d.error(["conflict"]), Conflict)
+
+
+def test_host_pool_cannot_take_back_a_held_apqn(reg: Registry) -> None:
+    define(reg, U1, fs(5), fs(4))
+    back = HostPool(adapters=frozenset(range(256)) - {6}, domains=frozenset(range(256)))
+    with pytest.raises(Busy) as exc:
+        reg.apply(SetHostPool(back))
+    assert [str(c.apqn) for c in exc.value.clashes] == ["05.0004"]
+    assert 5 not in reg.pool.adapters
+
+
+def test_host_pool_rule_is_the_strict_6_19_one(reg: Registry) -> None:
+    """Setting adapter 5 back counts against every domain of matrices holding adapter 5,
+    even a domain outside aqmask (6.19+ kernels), so the registry is never looser."""
+    pool = HostPool(adapters=frozenset(range(256)) - {5, 6}, domains=frozenset(range(256)) - {9})
+    reg = Registry(pool=pool)
+    define(reg, U1, fs(5), fs(9))
+    with pytest.raises(Busy):
+        reg.apply(SetHostPool(HostPool(pool.adapters | {5}, pool.domains)))
+
+
+def test_per_queue_pool_of_the_2017_layout() -> None:
+    q = Apqn(5, 4)
+    reg = Registry(pool=HostPool(queues=frozenset({q, Apqn(5, 0x47)})))
+    with pytest.raises(HostOwned):
+        define(reg, U1, fs(5), fs(4))
+    reg.apply(SetHostPool(HostPool(queues=frozenset({Apqn(5, 0x47)}))))
+    define(reg, U1, fs(5), fs(4))
+    with pytest.raises(Busy):
+        reg.apply(SetHostPool(HostPool(queues=frozenset({q, Apqn(5, 0x47)}))))
+
+
+def test_update_is_atomic_and_undo_restores(reg: Registry) -> None:
+    define(reg, U1, fs(5), fs(4), "g1")
+    define(reg, U2, fs(6), fs(4), "g2")
+    with pytest.raises(Conflict):
+        reg.apply(UpdateMatrix(U1, fs(5, 6), fs(4, 0x47), fs()))
+    assert reg.get(U1).adapters == fs(5)
+    undo = reg.apply(UpdateMatrix(U1, fs(5), fs(4, 0x47), fs(1), name="renamed"))
+    assert reg.get(U1).name == "renamed"
+    reg.restore(undo)
+    assert reg.get(U1) == Matrix(U1, fs(5), fs(4), name="g1")
+    assert reg.violations() == []
+
+
+def test_names_uuids_and_missing_matrices(reg: Registry) -> None:
+    define(reg, U1, fs(), fs(), "g1")
+    with pytest.raises(AlreadyExists):
+        define(reg, U1, fs(), fs())
+    with pytest.raises(AlreadyExists):
+        define(reg, U2, fs(), fs(), "g1")
+    with pytest.raises(NotFound):
+        reg.apply(RemoveMatrix(U2))
+    with pytest.raises(NotFound):
+        reg.apply(UpdateMatrix(U2, fs(), fs(), fs()))
+    assert normalize_uuid(U1.upper()) == U1
+
+
+def test_apqn_text() -> None:
+    assert str(Apqn(5, 0xAB)) == "05.00ab"
+    assert Apqn.parse("05.00ab") == Apqn(5, 0xAB)
+
+
+ids = st.frozensets(st.integers(0, 7), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["define", "update", "remove", "pool"]), st.integers(0, 3), ids, ids
+        ),
+        max_size=30,
+    )
+)
+def test_no_sequence_of_changes_breaks_an_invariant(
+    ops: list[tuple[str, int, frozenset[int], frozenset[int]]],
+) -> None:
+    """Refused changes leave the registry as it was; accepted ones keep it sound."""
+    reg = Registry(limits=Limits(6, 6), pool=HostPool(frozenset({0, 1}), frozenset({0, 1})))
+    uuids = [f"{i}{i}{i}{i}{i}{i}{i}{i}-0000-0000-0000-000000000000" for i in range(4)]
+    for op, i, a, d in ops:
+        before = (dict(reg.matrices), reg.pool)
+        change: Change
+        if op == "define":
+            change = DefineMatrix(Matrix(uuids[i], a, d))
+        elif op == "update":
+            change = UpdateMatrix(uuids[i], a, d, frozenset())
+        elif op == "remove":
+            change = RemoveMatrix(uuids[i])
+        else:
+            change = SetHostPool(HostPool(a, d))
+        decision = reg.decide(change)
+        if decision.accepted:
+            reg.apply(change)
+        else:
+            assert (dict(reg.matrices), reg.pool) == before
+        assert reg.violations() == []
