@@ -1,0 +1,504 @@
+"""The sysfs backend: reads the AP host and its matrices, and changes them all or nothing.
+
+The only code in apmatrixd that writes sysfs. It is called after the core registry has
+approved a change, so a refusal here means the kernel disagrees with the registry (or
+something changed behind our back): every multi-write change is undone in reverse order on
+the first failure and reported as :class:`KernelError` with the kernel's errno.
+
+Both kernel layouts live here; the rest of the daemon sees only ``Kernel.layout``:
+
+- ``upstream``: ``devices/vfio_ap/matrix``, type ``vfio_ap-passthrough``, host pool =
+  ``bus/ap/apmask`` x ``bus/ap/aqmask``, mdev read files ``matrix``/``guest_matrix``.
+- ``rfc2017``: ``devices/ap_matrix/matrix``, type ``ap_matrix-passthrough``, host pool = the
+  queues bound to ``cex4queue``, reservation by unbind/bind to ``vfio_ap_matrix``, mdev read
+  files ``adapters``/``domains``; the guest view is computed here.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from apmatrixd.core.apqn import MAX_ID, Apqn, cross
+from apmatrixd.core.errors import InvalidArgument
+from apmatrixd.core.matrix import HostPool, Limits, Matrix, normalize_uuid
+from apmatrixd.kernel import formats
+from apmatrixd.kernel.errors import KernelError
+from apmatrixd.kernel.io import SysfsIO
+
+__all__ = [
+    "KINDS",
+    "LAYOUTS",
+    "AdapterInfo",
+    "HostSnapshot",
+    "Kernel",
+    "KernelError",
+    "Layout",
+    "MdevInfo",
+]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("adapter", "domain", "control_domain")
+HOST_DRIVER = "cex4queue"
+AP_DEVICES = "devices/ap"
+AP_BUS = "bus/ap"
+S390_AP_LOCK = "/run/lock/s390apconfig.lock"
+"""The lock s390-tools (ap-check, chzdev) take around AP configuration changes."""
+
+_CARD_RE = re.compile(r"card([0-9a-f]{2})")
+_QUEUE_RE = re.compile(r"([0-9a-f]{2})\.([0-9a-f]{4})")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_MODES = {"C": "CCA-Coproc", "P": "EP11-Coproc", "A": "Accelerator"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one kernel generation keeps the matrix device and what it calls things."""
+
+    name: str
+    matrix: str
+    mdev_type: str
+    vfio_driver: str
+
+    @property
+    def type_dir(self) -> str:
+        return f"{self.matrix}/mdev_supported_types/{self.mdev_type}"
+
+
+LAYOUTS = {
+    "upstream": Layout("upstream", "devices/vfio_ap/matrix", "vfio_ap-passthrough", "vfio_ap"),
+    "rfc2017": Layout(
+        "rfc2017", "devices/ap_matrix/matrix", "ap_matrix-passthrough", "vfio_ap_matrix"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One AP card as the host sees it (what the Adapter D-Bus object shows)."""
+
+    id: int
+    type: str
+    mode: str
+    online: bool
+    configured: bool
+    domains: frozenset[int] = frozenset()  # queues present
+    guest_domains: frozenset[int] = frozenset()  # queues bound to the vfio driver
+    host_domains: frozenset[int] = frozenset()  # queues bound to cex4queue
+
+
+@dataclass(frozen=True)
+class MdevInfo:
+    """One live matrix as sysfs shows it: the assignment and what the guest really gets."""
+
+    uuid: str
+    adapters: frozenset[int] = frozenset()
+    domains: frozenset[int] = frozenset()
+    control_domains: frozenset[int] = frozenset()
+    guest_apqns: frozenset[Apqn] = frozenset()
+
+    def matrix(self) -> Matrix:
+        return Matrix(self.uuid, self.adapters, self.domains, self.control_domains)
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    """Everything the registry needs to match the kernel, read in one pass."""
+
+    layout: str
+    limits: Limits
+    pool: HostPool
+    adapters: Mapping[int, AdapterInfo] = field(default_factory=dict)
+    usage_domains: frozenset[int] | None = None  # bus ap_usage_domain_mask, if readable
+    control_domains: frozenset[int] | None = None  # bus ap_control_domain_mask, if readable
+    mdevs: Mapping[str, MdevInfo] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Write:
+    path: str
+    data: str
+    undo_path: str | None = None
+    undo_data: str = ""
+
+
+class _Transaction:
+    """Writes with their inverses; on failure the done ones are undone newest first."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.done: list[_Write] = []
+
+    def write(self, step: _Write) -> None:
+        self.kernel._write(step.path, step.data)
+        self.done.append(step)
+
+    def rollback(self) -> None:
+        for step in reversed(self.done):
+            if step.undo_path is None:
+                continue
+            try:
+                self.kernel._write(step.undo_path, step.undo_data)
+            except KernelError as e:
+                log.error("undo failed, sysfs may now differ from the registry: %s", e)
+        self.done.clear()
+
+
+class Kernel:
+    """The AP host and its vfio_ap matrices through a :class:`SysfsIO`."""
+
+    def __init__(
+        self, io: SysfsIO, layout: str | None = None, lock_path: str | None = None
+    ) -> None:
+        self.io = io
+        self.lock_path = lock_path
+        self._layout = LAYOUTS[layout] if layout else self._detect()
+
+    # -- layout -----------------------------------------------------------------------------
+    def _detect(self) -> Layout:
+        for candidate in LAYOUTS.values():
+            if self.io.is_dir(candidate.matrix):
+                return candidate
+        raise KernelError(
+            errno.ENODEV,
+            LAYOUTS["upstream"].matrix,
+            "detecting",
+            "no AP matrix device (neither devices/vfio_ap/matrix nor devices/ap_matrix/matrix):"
+            " vfio_ap module not loaded?",
+        )
+
+    @property
+    def layout(self) -> str:
+        return self._layout.name
+
+    @property
+    def vfio_driver(self) -> str:
+        return self._layout.vfio_driver
+
+    def mdev_path(self, uuid: str) -> str:
+        """The mdev directory relative to the sysfs root (QEMU's ``sysfsdev=`` below /sys)."""
+        return f"{self._layout.matrix}/{normalize_uuid(uuid)}"
+
+    # -- low-level I/O with errno kept ------------------------------------------------------
+    def _read(self, path: str) -> str:
+        try:
+            return self.io.read(path)
+        except OSError as e:
+            raise KernelError.from_oserror(e, path, "reading") from None
+
+    def _write(self, path: str, data: str) -> None:
+        log.debug("write %r to %s", data, path)
+        try:
+            self.io.write(path, data)
+        except OSError as e:
+            raise KernelError.from_oserror(e, path, f"writing {data!r}") from None
+
+    def _listdir(self, path: str) -> list[str]:
+        try:
+            return self.io.listdir(path)
+        except OSError as e:
+            raise KernelError.from_oserror(e, path, "listing") from None
+
+    def _driver_of(self, queue_dir: str) -> str | None:
+        try:
+            return os.path.basename(self.io.readlink(f"{queue_dir}/driver").rstrip("/"))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise KernelError.from_oserror(e, f"{queue_dir}/driver", "reading link") from None
+
+    def _optional_mask(self, path: str) -> frozenset[int] | None:
+        """Bus QCI masks: absent on old kernels, ``not supported`` without QCI."""
+        if not self.io.exists(path):
+            return None
+        text = self._read(path)
+        if text.strip() == "not supported":
+            return None
+        return formats.parse_mask(text, path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise with s390-tools when a lock path was given (real /sys only)."""
+        if self.lock_path is None:
+            yield
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- reading ----------------------------------------------------------------------------
+    def read_limits(self) -> Limits:
+        ids = []
+        for name in ("ap_max_adapter_id", "ap_max_domain_id"):
+            path = f"{AP_BUS}/{name}"
+            value = formats.parse_int(self._read(path), path)
+            if not 0 <= value <= MAX_ID:
+                raise formats.malformed(path, f"maximum id {value}")
+            ids.append(value)
+        return Limits(ids[0], ids[1])
+
+    def read_pool(self, adapters: Mapping[int, AdapterInfo] | None = None) -> HostPool:
+        if self._layout.name == "upstream":
+            apmask, aqmask = f"{AP_BUS}/apmask", f"{AP_BUS}/aqmask"
+            return HostPool(
+                adapters=formats.parse_mask(self._read(apmask), apmask),
+                domains=formats.parse_mask(self._read(aqmask), aqmask),
+            )
+        if adapters is None:
+            adapters = self.read_adapters()
+        queues = frozenset(Apqn(a.id, d) for a in adapters.values() for d in a.host_domains)
+        return HostPool(queues=queues)
+
+    def read_adapters(self) -> dict[int, AdapterInfo]:
+        out: dict[int, AdapterInfo] = {}
+        for name in self._listdir(AP_DEVICES):
+            m = _CARD_RE.fullmatch(name)
+            if m and self.io.is_dir(f"{AP_DEVICES}/{name}"):
+                out[int(m[1], 16)] = self._read_adapter(int(m[1], 16))
+        return out
+
+    def _read_adapter(self, adapter: int) -> AdapterInfo:
+        card = f"{AP_DEVICES}/card{adapter:02x}"
+        kind = ""
+        if self.io.exists(f"{card}/type"):
+            kind = formats.single_line(self._read(f"{card}/type"), f"{card}/type")
+        online = configured = True
+        if self.io.exists(f"{card}/online"):
+            online = formats.parse_bool(self._read(f"{card}/online"), f"{card}/online")
+        if self.io.exists(f"{card}/config"):
+            configured = formats.parse_bool(self._read(f"{card}/config"), f"{card}/config")
+        present: set[int] = set()
+        guest: set[int] = set()
+        host: set[int] = set()
+        for name in self._listdir(card):
+            m = _QUEUE_RE.fullmatch(name)
+            if not m or int(m[1], 16) != adapter:
+                continue
+            domain = int(m[2], 16)
+            present.add(domain)
+            driver = self._driver_of(f"{card}/{name}")
+            if driver == self._layout.vfio_driver:
+                guest.add(domain)
+            elif driver == HOST_DRIVER:
+                host.add(domain)
+        return AdapterInfo(
+            id=adapter,
+            type=kind,
+            mode=_MODES.get(kind[-1:], "Unknown"),
+            online=online,
+            configured=configured,
+            domains=frozenset(present),
+            guest_domains=frozenset(guest),
+            host_domains=frozenset(host),
+        )
+
+    def read_host(self) -> HostSnapshot:
+        limits = self.read_limits()
+        adapters = self.read_adapters()
+        usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
+        control = self._optional_mask(f"{AP_BUS}/ap_control_domain_mask")
+        mdevs = {u: self._read_mdev(u, adapters, usage) for u in self.list_mdevs()}
+        return HostSnapshot(
+            layout=self._layout.name,
+            limits=limits,
+            pool=self.read_pool(adapters),
+            adapters=adapters,
+            usage_domains=usage,
+            control_domains=control,
+            mdevs=mdevs,
+        )
+
+    def list_mdevs(self) -> list[str]:
+        """UUIDs of every mdev of our type (other mdev types are none of our business)."""
+        devices = f"{self._layout.type_dir}/devices"
+        names = self._listdir(devices)
+        return sorted(n for n in names if _UUID_RE.fullmatch(n))
+
+    def mdev_exists(self, uuid: str) -> bool:
+        return self.io.exists(self.mdev_path(uuid))
+
+    def read_mdev(self, uuid: str) -> MdevInfo:
+        uuid = normalize_uuid(uuid)
+        if self._layout.name == "upstream" and self.io.exists(
+            f"{self.mdev_path(uuid)}/guest_matrix"
+        ):
+            return self._read_mdev(uuid, {}, None)  # the kernel computes the guest view
+        usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
+        return self._read_mdev(uuid, self.read_adapters(), usage)
+
+    def _read_mdev(
+        self, uuid: str, adapters: Mapping[int, AdapterInfo], usage: frozenset[int] | None
+    ) -> MdevInfo:
+        base = self.mdev_path(uuid)
+
+        def ids(name: str, width: int) -> frozenset[int]:
+            return formats.parse_ids(self._read(f"{base}/{name}"), f"{base}/{name}", width)
+
+        control = ids("control_domains", 4)
+        if self._layout.name == "upstream":
+            path = f"{base}/matrix"
+            assigned_a, assigned_d = formats.parse_matrix(self._read(path), path)
+            path = f"{base}/guest_matrix"
+            if self.io.exists(path):
+                guest_a, guest_d = formats.parse_matrix(self._read(path), path)
+                guest = frozenset(cross(guest_a, guest_d))
+            else:  # before 6.0: no guest_matrix, compute it as the kernel would
+                guest = self._guest_view(assigned_a, assigned_d, adapters, usage)
+        else:
+            assigned_a, assigned_d = ids("adapters", 2), ids("domains", 4)
+            guest = self._guest_view(assigned_a, assigned_d, adapters, usage)
+        return MdevInfo(uuid, assigned_a, assigned_d, control, guest)
+
+    def _guest_view(
+        self,
+        assigned_a: frozenset[int],
+        assigned_d: frozenset[int],
+        adapters: Mapping[int, AdapterInfo],
+        usage: frozenset[int] | None,
+    ) -> frozenset[Apqn]:
+        """Assigned ∩ configured, minus every adapter with a queue not bound to vfio.
+
+        The architecture cannot take a single APQN from a guest, so one missing queue drops
+        its whole adapter (kernel-facts §1.5).
+        """
+        host_a = {a.id for a in adapters.values() if a.configured}
+        if usage is None:
+            usage = frozenset(d for a in adapters.values() for d in a.domains)
+        domains = assigned_d & usage
+        kept = [a for a in sorted(assigned_a & host_a) if domains <= adapters[a].guest_domains]
+        return frozenset(cross(kept, domains))
+
+    # -- single writes ----------------------------------------------------------------------
+    def create_mdev(self, uuid: str) -> None:
+        with self._locked():
+            self._write(f"{self._layout.type_dir}/create", normalize_uuid(uuid))
+
+    def remove_mdev(self, uuid: str) -> None:
+        with self._locked():
+            self._write(f"{self.mdev_path(uuid)}/remove", "1")
+
+    def _attr(self, uuid: str, verb: str, kind: str) -> str:
+        if kind not in KINDS:
+            raise InvalidArgument(f"unknown assignment kind {kind!r} (want one of {KINDS})")
+        return f"{self.mdev_path(uuid)}/{verb}_{kind}"
+
+    def assign(self, uuid: str, kind: str, id: int) -> None:
+        path = self._attr(uuid, "assign", kind)
+        with self._locked():
+            self._write(path, formats.format_id(kind, id))
+
+    def unassign(self, uuid: str, kind: str, id: int) -> None:
+        path = self._attr(uuid, "unassign", kind)
+        with self._locked():
+            self._write(path, formats.format_id(kind, id))
+
+    # -- all-or-nothing changes -------------------------------------------------------------
+    def apply_matrix(self, uuid: str, old: Matrix | None, new: Matrix | None) -> None:
+        """Take one mdev from ``old`` to ``new`` (None = absent), or leave it as it was.
+
+        What goes is unassigned first and what comes assigned after, so every intermediate
+        cross product is a subset of ``old`` or of ``new`` and the kernel has no reason to
+        refuse one that it would not refuse at the end.
+        """
+        uuid = normalize_uuid(uuid)
+        if old is None and new is None:
+            return
+        base = self.mdev_path(uuid)
+        if new is None:
+            with self._locked():
+                self._write(f"{base}/remove", "1")  # one write: nothing to undo
+            return
+        steps: list[_Write] = []
+        if old is None:
+            steps.append(_Write(f"{self._layout.type_dir}/create", uuid, f"{base}/remove", "1"))
+            old = Matrix(uuid)
+        before = (old.adapters, old.domains, old.control_domains)
+        after = (new.adapters, new.domains, new.control_domains)
+        for kind, was, will in zip(KINDS, before, after, strict=True):
+            for i in sorted(was - will):
+                text = formats.format_id(kind, i)
+                steps.append(_Write(f"{base}/unassign_{kind}", text, f"{base}/assign_{kind}", text))
+        for kind, was, will in zip(KINDS, before, after, strict=True):
+            for i in sorted(will - was):
+                text = formats.format_id(kind, i)
+                steps.append(_Write(f"{base}/assign_{kind}", text, f"{base}/unassign_{kind}", text))
+        self._run(steps)
+
+    def set_pool(self, old: HostPool, new: HostPool) -> None:
+        """Move APQNs between the host's drivers and vfio, all or nothing."""
+        if self._layout.name == "upstream":
+            if old.per_queue or new.per_queue:
+                raise InvalidArgument("the upstream host pool is two masks, not a queue list")
+            self._run(self._mask_steps(old, new))
+        else:
+            if old.queues is None or new.queues is None:
+                raise InvalidArgument("the rfc2017 host pool is a queue list, not masks")
+            self._run(self._queue_steps(old.queues, new.queues))
+
+    def _mask_steps(self, old: HostPool, new: HostPool) -> list[_Write]:
+        """Narrow both masks first, then widen: no step can hand back an APQN early.
+
+        Writing ``apmask`` before ``aqmask`` when one gains bits and the other loses them
+        would briefly give the host (new adapter x old domain), which the kernel refuses
+        with EBUSY if a matrix holds it. Narrowing first avoids that; a pure reserve or
+        release is still one write.
+        """
+        steps: list[_Write] = []
+        current = {"apmask": old.adapters, "aqmask": old.domains}
+        plan = [
+            ("apmask", old.adapters & new.adapters),
+            ("aqmask", old.domains & new.domains),
+            ("apmask", new.adapters),
+            ("aqmask", new.domains),
+        ]
+        for name, ids in plan:
+            if ids == current[name]:
+                continue
+            path = f"{AP_BUS}/{name}"
+            steps.append(
+                _Write(path, formats.format_mask(ids), path, formats.format_mask(current[name]))
+            )
+            current[name] = ids
+        return steps
+
+    def _queue_steps(self, old: frozenset[Apqn], new: frozenset[Apqn]) -> list[_Write]:
+        """Per-queue driver moves: reserve (host -> vfio) first, then release."""
+        moves = [(q, self._layout.vfio_driver) for q in sorted(old - new)]
+        moves += [(q, HOST_DRIVER) for q in sorted(new - old)]
+        steps: list[_Write] = []
+        for q, target in moves:
+            driver = self._driver_of(f"{AP_DEVICES}/card{q.adapter:02x}/{q}")
+            if driver == target:
+                continue
+            name = str(q)
+            if driver is not None:
+                unbind, bind = (
+                    f"{AP_BUS}/drivers/{driver}/unbind",
+                    f"{AP_BUS}/drivers/{driver}/bind",
+                )
+                steps.append(_Write(unbind, name, bind, name))
+            bind, unbind = f"{AP_BUS}/drivers/{target}/bind", f"{AP_BUS}/drivers/{target}/unbind"
+            steps.append(_Write(bind, name, unbind, name))
+        return steps
+
+    def _run(self, steps: list[_Write]) -> None:
+        if not steps:
+            return
+        with self._locked():
+            tx = _Transaction(self)
+            try:
+                for step in steps:
+                    tx.write(step)
+            except KernelError:
+                tx.rollback()
+                raise

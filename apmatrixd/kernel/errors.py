@@ -1,0 +1,41 @@
+"""KernelError: the kernel (or its sysfs) refused, with errno and attribute kept intact."""
+
+from __future__ import annotations
+
+import errno as errnolib
+import os
+
+from apmatrixd.core.errors import ApmatrixError
+
+
+class KernelError(ApmatrixError):
+    """A sysfs read or write failed; ``errno`` and ``path`` say which and why.
+
+    The D-Bus layer maps this to ``org.apmatrix.Apmatrix1.Error.Kernel``; its text is what an
+    admin sees, so it names the attribute, what was written, and the kernel's errno.
+    """
+
+    name = "Kernel"
+
+    def __init__(self, errno: int, path: str, op: str, detail: str = "") -> None:
+        self.errno = errno
+        self.path = path
+        self.op = op
+        self.detail = detail or os.strerror(errno)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        code = errnolib.errorcode.get(self.errno, str(self.errno))
+        if self.op.startswith("writing"):
+            where = f"kernel refused {self.op} to {self.path}"
+        else:
+            where = f"{self.op} {self.path} failed"
+        if self.detail == os.strerror(self.errno):
+            return f"{where}: [Errno {self.errno}] {self.detail}"
+        return f"{where}: {self.detail} ({code})"
+
+    @classmethod
+    def from_oserror(cls, err: OSError, path: str, op: str) -> KernelError:
+        """Keep the errno exactly; an OSError without one (never from sysfs) counts as EIO."""
+        code = err.errno if err.errno is not None else errnolib.EIO
+        return cls(code, path, op)

@@ -1,0 +1,209 @@
+"""Raw sysfs access: one read is one ``show()``, one write is one ``store()``.
+
+Two faces with one protocol, so the backend never knows which it has: :class:`OsSysfs` over a
+real directory (``/sys``, or a FUSE-mounted emulator) and :class:`TreeSysfs` over an in-process
+:class:`~apmatrixd.sim.vfs.SysfsTree`. Paths are relative to the sysfs root, no leading slash
+(``bus/ap/apmask``). Every failure is an ``OSError`` carrying the kernel's errno and the
+relative path as ``filename``; nothing here interprets what it reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from apmatrixd.sim.vfs import SysfsTree
+
+_READ_CHUNK = 65536
+_MAX_LINKS = 40  # ELOOP after this many, as the VFS does
+
+
+class SysfsIO(Protocol):
+    """What the backend needs from a sysfs tree."""
+
+    def read(self, path: str) -> str: ...
+
+    def write(self, path: str, data: str) -> None:
+        """Exactly one store: applies ``data`` or raises OSError with the kernel's errno."""
+        ...
+
+    def listdir(self, path: str) -> list[str]: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def readlink(self, path: str) -> str: ...
+
+    def is_dir(self, path: str) -> bool:
+        """True for a directory or a link that leads to one (sysfs is full of those)."""
+        ...
+
+
+def _clean(path: str) -> str:
+    """Refuse absolute paths and ``..`` escapes: callers build paths from ids and UUIDs."""
+    norm = posixpath.normpath(path) if path else ""
+    if norm == ".":
+        norm = ""
+    if norm.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise OSError(errno.EINVAL, "path outside the sysfs root", path)
+    return norm
+
+
+class OsSysfs:
+    """The real thing (or a FUSE mount of the emulator) through plain system calls."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/sys") -> None:
+        self.root = os.fspath(root)
+
+    def __repr__(self) -> str:
+        return f"OsSysfs({self.root!r})"
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, _clean(path))
+
+    def read(self, path: str) -> str:
+        fd = self._open(path, os.O_RDONLY)
+        try:
+            chunks: list[bytes] = []
+            while True:
+                chunk = os.read(fd, _READ_CHUNK)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+    def write(self, path: str, data: str) -> None:
+        """One ``write(2)``: sysfs hands the whole buffer to one ``store()`` call.
+
+        The errno may come from ``write`` (the store refused) or from ``close``; either is
+        raised with the relative path, and a refused write is never masked by ``close``.
+        """
+        raw = data.encode()
+        fd = self._open(path, os.O_WRONLY)
+        try:
+            written = os.write(fd, raw)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+        try:
+            os.close(fd)
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+        if written != len(raw):
+            raise OSError(errno.EIO, f"short write ({written} of {len(raw)} bytes)", path)
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._abs(path)))
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(self._abs(path))
+
+    def readlink(self, path: str) -> str:
+        try:
+            return os.readlink(self._abs(path))
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(self._abs(path))
+
+    def _open(self, path: str, flags: int) -> int:
+        try:
+            return os.open(self._abs(path), flags | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+
+
+class TreeSysfs:
+    """The in-process emulator face (``--simulate``, fast tests).
+
+    Links are resolved here, component by component, as the VFS would do for a mounted
+    tree, so ``bus/ap/devices/05.0004/driver`` works whatever the model accepts.
+    """
+
+    def __init__(self, tree: SysfsTree) -> None:
+        self.tree = tree
+
+    def __repr__(self) -> str:
+        return f"TreeSysfs({self.tree!r})"
+
+    def _resolve(self, path: str, follow_last: bool = True) -> str:
+        parts = _clean(path).split("/") if path else []
+        done = ""
+        hops = 0
+        while parts:
+            name = parts.pop(0)
+            here = f"{done}/{name}" if done else name
+            if (parts or follow_last) and self.tree.kind(here) == "link":
+                hops += 1
+                if hops > _MAX_LINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                target = self.tree.readlink(here)
+                joined = posixpath.normpath(posixpath.join(done, target))
+                if joined == ".":
+                    joined = ""
+                if joined == ".." or joined.startswith("../") or joined.startswith("/"):
+                    raise OSError(errno.ENOENT, "link leaves the sysfs root", path)
+                parts = [*(joined.split("/") if joined else []), *parts]
+                done = ""
+                continue
+            done = here
+        return done
+
+    def _call(self, path: str, follow_last: bool = True) -> str:
+        try:
+            return self._resolve(path, follow_last)
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+
+    def read(self, path: str) -> str:
+        real = self._call(path)
+        try:
+            return self.tree.read(real).decode("utf-8", errors="replace")
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+
+    def write(self, path: str, data: str) -> None:
+        real = self._call(path)
+        try:
+            self.tree.write(real, data.encode())
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+
+    def listdir(self, path: str) -> list[str]:
+        real = self._call(path)
+        try:
+            return sorted(self.tree.listdir(real))
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.tree.kind(self._resolve(path, follow_last=False))
+        except OSError:
+            return False
+        return True
+
+    def readlink(self, path: str) -> str:
+        real = self._call(path, follow_last=False)
+        try:
+            return self.tree.readlink(real)
+        except OSError as e:
+            raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+
+    def is_dir(self, path: str) -> bool:
+        try:
+            return self.tree.kind(self._resolve(path)) == "dir"
+        except OSError:
+            return False
