@@ -93,6 +93,11 @@ class AdapterInfo:
     guest_domains: frozenset[int] = frozenset()  # queues bound to the vfio driver
     host_domains: frozenset[int] = frozenset()  # queues bound to cex4queue
 
+    @property
+    def vfio_domains(self) -> frozenset[int]:
+        """Alias of ``guest_domains`` under the name the service uses."""
+        return self.guest_domains
+
 
 @dataclass(frozen=True)
 class MdevInfo:
@@ -119,6 +124,14 @@ class HostSnapshot:
     usage_domains: frozenset[int] | None = None  # bus ap_usage_domain_mask, if readable
     control_domains: frozenset[int] | None = None  # bus ap_control_domain_mask, if readable
     mdevs: Mapping[str, MdevInfo] = field(default_factory=dict)
+
+    @property
+    def max_adapter_id(self) -> int:
+        return self.limits.max_adapter
+
+    @property
+    def max_domain_id(self) -> int:
+        return self.limits.max_domain
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,10 @@ class Kernel:
     def mdev_path(self, uuid: str) -> str:
         """The mdev directory relative to the sysfs root (QEMU's ``sysfsdev=`` below /sys)."""
         return f"{self._layout.matrix}/{normalize_uuid(uuid)}"
+
+    def mdev_sysfs_path(self, uuid: str) -> str:
+        """The absolute path QEMU takes (``-device vfio-ap,sysfsdev=``)."""
+        return os.path.join(self.io.root, self.mdev_path(uuid))
 
     # -- low-level I/O with errno kept ------------------------------------------------------
     def _read(self, path: str) -> str:

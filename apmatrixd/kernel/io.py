@@ -25,6 +25,9 @@ _MAX_LINKS = 40  # ELOOP after this many, as the VFS does
 class SysfsIO(Protocol):
     """What the backend needs from a sysfs tree."""
 
+    root: str
+    """Where the tree is (or stands for) in the file system, for paths handed to QEMU."""
+
     def read(self, path: str) -> str: ...
 
     def write(self, path: str, data: str) -> None:
@@ -132,8 +135,9 @@ class TreeSysfs:
     tree, so ``bus/ap/devices/05.0004/driver`` works whatever the model accepts.
     """
 
-    def __init__(self, tree: SysfsTree) -> None:
+    def __init__(self, tree: SysfsTree, root: str = "/sys") -> None:
         self.tree = tree
+        self.root = root
 
     def __repr__(self) -> str:
         return f"TreeSysfs({self.tree!r})"

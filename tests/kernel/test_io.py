@@ -1,0 +1,76 @@
+"""OsSysfs on a plain directory: one write per store, errno and path kept."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from apmatrixd.kernel import Kernel, KernelError, OsSysfs
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "bus/ap").mkdir(parents=True)
+    (tmp_path / "bus/ap/apmask").write_text("0x" + "f" * 64 + "\n")
+    (tmp_path / "devices/ap/card05").mkdir(parents=True)
+    os.symlink("../../devices/ap/card05", tmp_path / "bus/ap/card05")
+    return tmp_path
+
+
+def test_read_write_listdir(root: Path) -> None:
+    io = OsSysfs(root)
+    assert io.read("bus/ap/apmask").startswith("0xff")
+    (root / "bus/ap/aqmask").write_text("")
+    io.write("bus/ap/aqmask", "0x00")  # no O_TRUNC, no newline: one store of these bytes
+    assert (root / "bus/ap/aqmask").read_text() == "0x00"
+    os.unlink(root / "bus/ap/aqmask")
+    assert io.listdir("bus/ap") == ["apmask", "card05"]
+    assert io.exists("bus/ap/apmask") and not io.exists("bus/ap/aqmask")
+    assert io.is_dir("bus/ap/card05") and not io.is_dir("bus/ap/apmask")
+    assert io.readlink("bus/ap/card05") == "../../devices/ap/card05"
+
+
+@pytest.mark.parametrize("op", ["read", "write", "listdir", "readlink"])
+def test_errno_passthrough(root: Path, op: str) -> None:
+    io = OsSysfs(root)
+    with pytest.raises(OSError) as info:
+        if op == "write":
+            io.write("bus/ap/nonexistent", "1")
+        else:
+            getattr(io, op)("bus/ap/nonexistent")
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename == "bus/ap/nonexistent"
+
+
+def test_paths_cannot_leave_the_root(root: Path) -> None:
+    with pytest.raises(OSError) as info:
+        OsSysfs(root / "bus").read("../bus/ap/apmask")
+    assert info.value.errno == errno.EINVAL
+
+
+def test_kernel_error_keeps_errno_and_attribute(root: Path) -> None:
+    (root / "devices/vfio_ap/matrix").mkdir(parents=True)
+    kernel = Kernel(OsSysfs(root))
+    assert kernel.layout == "upstream"
+    with pytest.raises(KernelError) as info:
+        kernel.assign("11111111-1111-1111-1111-111111111111", "domain", 4)
+    err = info.value
+    assert err.errno == errno.ENOENT
+    assert err.path.endswith("11111111-1111-1111-1111-111111111111/assign_domain")
+    assert str(err) == (
+        "kernel refused writing '0x0004' to devices/vfio_ap/matrix/"
+        "11111111-1111-1111-1111-111111111111/assign_domain: [Errno 2] No such file or directory"
+    )
+
+
+def test_no_matrix_device(root: Path) -> None:
+    with pytest.raises(KernelError, match="vfio_ap module not loaded"):
+        Kernel(OsSysfs(root))
+
+
+def test_rfc2017_detected(root: Path) -> None:
+    (root / "devices/ap_matrix/matrix").mkdir(parents=True)
+    assert Kernel(OsSysfs(root)).layout == "rfc2017"
