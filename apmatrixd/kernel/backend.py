@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from apmatrixd.core.apqn import MAX_ID, Apqn, cross
 from apmatrixd.core.errors import InvalidArgument
@@ -31,6 +31,7 @@ from apmatrixd.core.matrix import HostPool, Limits, Matrix, normalize_uuid
 from apmatrixd.kernel import formats
 from apmatrixd.kernel.errors import KernelError
 from apmatrixd.kernel.io import SysfsIO
+from apmatrixd.kernel.snapshot import LAYOUTS, AdapterInfo, HostSnapshot, Layout, MdevInfo
 
 __all__ = [
     "KINDS",
@@ -56,82 +57,6 @@ _CARD_RE = re.compile(r"card([0-9a-f]{2})")
 _QUEUE_RE = re.compile(r"([0-9a-f]{2})\.([0-9a-f]{4})")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MODES = {"C": "CCA-Coproc", "P": "EP11-Coproc", "A": "Accelerator"}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one kernel generation keeps the matrix device and what it calls things."""
-
-    name: str
-    matrix: str
-    mdev_type: str
-    vfio_driver: str
-
-    @property
-    def type_dir(self) -> str:
-        return f"{self.matrix}/mdev_supported_types/{self.mdev_type}"
-
-
-LAYOUTS = {
-    "upstream": Layout("upstream", "devices/vfio_ap/matrix", "vfio_ap-passthrough", "vfio_ap"),
-    "rfc2017": Layout(
-        "rfc2017", "devices/ap_matrix/matrix", "ap_matrix-passthrough", "vfio_ap_matrix"
-    ),
-}
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """One AP card as the host sees it (what the Adapter D-Bus object shows)."""
-
-    id: int
-    type: str
-    mode: str
-    online: bool
-    configured: bool
-    domains: frozenset[int] = frozenset()  # queues present
-    guest_domains: frozenset[int] = frozenset()  # queues bound to the vfio driver
-    host_domains: frozenset[int] = frozenset()  # queues bound to cex4queue
-
-    @property
-    def vfio_domains(self) -> frozenset[int]:
-        """Alias of ``guest_domains`` under the name the service uses."""
-        return self.guest_domains
-
-
-@dataclass(frozen=True)
-class MdevInfo:
-    """One live matrix as sysfs shows it: the assignment and what the guest really gets."""
-
-    uuid: str
-    adapters: frozenset[int] = frozenset()
-    domains: frozenset[int] = frozenset()
-    control_domains: frozenset[int] = frozenset()
-    guest_apqns: frozenset[Apqn] = frozenset()
-
-    def matrix(self) -> Matrix:
-        return Matrix(self.uuid, self.adapters, self.domains, self.control_domains)
-
-
-@dataclass(frozen=True)
-class HostSnapshot:
-    """Everything the registry needs to match the kernel, read in one pass."""
-
-    layout: str
-    limits: Limits
-    pool: HostPool
-    adapters: Mapping[int, AdapterInfo] = field(default_factory=dict)
-    usage_domains: frozenset[int] | None = None  # bus ap_usage_domain_mask, if readable
-    control_domains: frozenset[int] | None = None  # bus ap_control_domain_mask, if readable
-    mdevs: Mapping[str, MdevInfo] = field(default_factory=dict)
-
-    @property
-    def max_adapter_id(self) -> int:
-        return self.limits.max_adapter
-
-    @property
-    def max_domain_id(self) -> int:
-        return self.limits.max_domain
 
 
 @dataclass(frozen=True)
