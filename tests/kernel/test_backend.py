@@ -1,0 +1,244 @@
+"""Kernel against the emulator, in process, on both layouts: reads, applies, and undoes."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+
+import pytest
+
+from apmatrixd.core import Apqn, HostPool, Matrix, cross
+from apmatrixd.kernel import HostSnapshot, Kernel, KernelError, TreeSysfs
+
+model = pytest.importorskip("apmatrixd.sim.model")
+
+U1 = "11111111-1111-1111-1111-111111111111"
+U2 = "22222222-2222-2222-2222-222222222222"
+U3 = "33333333-3333-3333-3333-333333333333"
+DOMAINS = {0x04, 0x47, 0xAB, 0xFF}
+GUEST1 = Matrix(U1, frozenset({5, 6}), frozenset({0x04}), frozenset({0x04}))
+GUEST2 = Matrix(U2, frozenset({5, 6}), frozenset({0x47}), frozenset({0x47}))
+SCENARIOS = ["default", "rfc2017"]
+
+
+class FailingIO(TreeSysfs):
+    """Fails the n-th write (1-based) with ``code``; counts every write it sees."""
+
+    def __init__(self, inner: TreeSysfs, fail_at: int, code: int = errno.EIO) -> None:
+        super().__init__(inner.tree)
+        self.fail_at = fail_at
+        self.code = code
+        self.writes: list[tuple[str, str]] = []
+
+    def write(self, path: str, data: str) -> None:
+        self.writes.append((path, data))
+        if len(self.writes) == self.fail_at:
+            raise OSError(self.code, "injected", path)
+        super().write(path, data)
+
+
+@pytest.fixture(params=SCENARIOS)
+def host(request: pytest.FixtureRequest) -> object:
+    return model.Host.from_name(request.param)
+
+
+@pytest.fixture
+def kernel(host: object) -> Kernel:
+    return Kernel(TreeSysfs(host))  # type: ignore[arg-type]
+
+
+def pool_without(kernel: Kernel, pool: HostPool, apqns: Iterable[Apqn]) -> HostPool:
+    """The host pool with these APQNs handed to vfio, in the layout's own terms."""
+    gone = set(apqns)
+    if pool.queues is not None:
+        return HostPool(queues=pool.queues - gone)
+    # Upstream masks: give away the domains (every adapter of the default host joins in).
+    return HostPool(adapters=pool.adapters, domains=pool.domains - {q.domain for q in gone})
+
+
+def reserve_two_guests(kernel: Kernel) -> HostSnapshot:
+    before = kernel.read_host()
+    new = pool_without(kernel, before.pool, [*GUEST1.apqns(), *GUEST2.apqns()])
+    kernel.set_pool(before.pool, new)
+    return kernel.read_host()
+
+
+def test_read_host_default(kernel: Kernel, host: object) -> None:
+    snap = kernel.read_host()
+    assert snap.layout == ("rfc2017" if kernel.layout == "rfc2017" else "upstream")
+    assert (snap.limits.max_adapter, snap.limits.max_domain) == (255, 255)
+    assert sorted(snap.adapters) == [5, 6]
+    a5, a6 = snap.adapters[5], snap.adapters[6]
+    assert (a5.type, a5.mode, a6.type, a6.mode) == ("CEX5C", "CCA-Coproc", "CEX5A", "Accelerator")
+    for a in (a5, a6):
+        assert a.online and a.configured
+        assert a.domains == DOMAINS
+        assert a.guest_domains == frozenset()
+        assert a.host_domains == DOMAINS
+    every = set(cross({5, 6}, DOMAINS))
+    assert all(snap.pool.owns(q) for q in every)
+    if kernel.layout == "upstream":
+        assert snap.pool.adapters == snap.pool.domains == frozenset(range(256))
+    else:
+        assert snap.pool.queues == every
+    assert snap.mdevs == {}
+    if snap.usage_domains is not None:
+        assert snap.usage_domains == DOMAINS
+
+
+def test_two_guests_of_the_design_document(kernel: Kernel) -> None:
+    snap = reserve_two_guests(kernel)
+    for q in [*GUEST1.apqns(), *GUEST2.apqns()]:
+        assert not snap.pool.owns(q)
+    assert snap.pool.owns(Apqn(5, 0xAB))
+    assert snap.adapters[5].guest_domains == {0x04, 0x47}
+
+    kernel.apply_matrix(U1, None, GUEST1)
+    kernel.apply_matrix(U2, None, GUEST2)
+    snap = kernel.read_host()
+    assert set(snap.mdevs) == {U1, U2}
+    for m in (GUEST1, GUEST2):
+        got = snap.mdevs[m.uuid]
+        assert got.matrix() == m
+        assert got.guest_apqns == set(m.apqns())
+        assert kernel.read_mdev(m.uuid) == got
+        assert kernel.mdev_exists(m.uuid)
+    assert kernel.mdev_sysfs_path(U1).endswith(f"/matrix/{U1}")
+
+    # Update in place (drop adapter 06, add control domain ab), then remove.
+    smaller = GUEST1.with_sets(adapters={5}, control_domains={0x04, 0xAB})
+    kernel.apply_matrix(U1, GUEST1, smaller)
+    assert kernel.read_mdev(U1).matrix() == smaller
+    kernel.apply_matrix(U1, smaller, None)
+    assert not kernel.mdev_exists(U1)
+    assert set(kernel.read_host().mdevs) == {U2}
+
+
+def test_conflicting_matrix_is_refused_and_nothing_changes(kernel: Kernel) -> None:
+    reserve_two_guests(kernel)
+    kernel.apply_matrix(U1, None, GUEST1)
+    before = kernel.read_host()
+
+    with pytest.raises(KernelError) as info:
+        kernel.apply_matrix(U3, None, Matrix(U3, frozenset({5}), frozenset({0x04})))
+    assert info.value.errno == errno.EADDRINUSE
+    assert info.value.path.endswith(f"{U3}/assign_domain")
+    assert "Address already in use" in str(info.value)
+    assert kernel.read_host() == before
+    assert not kernel.mdev_exists(U3)
+
+    kernel.apply_matrix(U2, None, GUEST2)
+    before = kernel.read_host()
+    grab = GUEST2.with_sets(adapters={6}, domains={0x04, 0x47})  # 06.0004 is U1's
+    with pytest.raises(KernelError) as info:
+        kernel.apply_matrix(U2, GUEST2, grab)
+    assert info.value.errno == errno.EADDRINUSE
+    assert kernel.read_host() == before
+
+
+def test_host_owned_apqn_is_refused(kernel: Kernel) -> None:
+    before = kernel.read_host()
+    with pytest.raises(KernelError) as info:
+        kernel.apply_matrix(U1, None, GUEST1)
+    assert info.value.errno == errno.EADDRNOTAVAIL
+    assert kernel.read_host() == before
+
+
+@pytest.mark.parametrize("attr", ["assign_adapter", "assign_domain", "assign_control_domain"])
+def test_create_rolls_back_on_injected_fault(kernel: Kernel, host: object, attr: str) -> None:
+    reserve_two_guests(kernel)
+    before = kernel.read_host()
+    one = Matrix(U1, frozenset({5}), frozenset({0x04}), frozenset({0x04}))
+    path = f"{kernel.mdev_path(U1)}/{attr}"  # write 2, 3 or 4 of the create
+    host.inject_fault(path, errno.EIO)  # type: ignore[attr-defined]
+    with pytest.raises(KernelError) as info:
+        kernel.apply_matrix(U1, None, one)
+    assert (info.value.errno, info.value.path) == (errno.EIO, path)
+    assert not kernel.mdev_exists(U1)
+    assert kernel.read_host() == before
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_failing_write_of_an_update_is_undone(scenario: str) -> None:
+    """Fail write 1, 2, ... n of a create-then-update; each time nothing is left behind."""
+    new = GUEST1.with_sets(adapters={6}, domains={0x04, 0x47}, control_domains={0xAB})
+    n = 0
+    while True:
+        n += 1
+        host = model.Host.from_name(scenario)
+        kernel = Kernel(TreeSysfs(host))
+        reserve_two_guests(kernel)
+        kernel.apply_matrix(U1, None, GUEST1)
+        before = kernel.read_host()
+        failing = FailingIO(TreeSysfs(host), fail_at=n)
+        kernel.io = failing
+        try:
+            kernel.apply_matrix(U1, GUEST1, new)
+        except KernelError as e:
+            assert e.errno == errno.EIO
+            kernel.io = TreeSysfs(host)
+            assert kernel.read_host() == before, f"write {n} left a trace"
+            continue
+        kernel.io = TreeSysfs(host)
+        assert kernel.read_mdev(U1).matrix() == new
+        assert n > 1
+        break
+
+
+def test_set_pool_rolls_back_on_injected_fault(kernel: Kernel, host: object) -> None:
+    before = kernel.read_host()
+    gone = [Apqn(5, 0x04), Apqn(6, 0x47)]
+    if kernel.layout == "upstream":
+        new = HostPool(before.pool.adapters - {5}, before.pool.domains - {0x47})
+        failing = "bus/ap/aqmask"  # apmask is written first, so it must be put back
+    else:
+        assert before.pool.queues is not None
+        new = HostPool(queues=before.pool.queues - set(gone))
+        failing = "bus/ap/drivers/vfio_ap_matrix/bind"  # after the first unbind
+    host.inject_fault(failing, errno.EIO)  # type: ignore[attr-defined]
+    with pytest.raises(KernelError) as info:
+        kernel.set_pool(before.pool, new)
+    assert (info.value.errno, info.value.path) == (errno.EIO, failing)
+    assert kernel.read_host() == before
+    kernel.set_pool(before.pool, new)  # the fault was one-shot: now it goes through
+    assert kernel.read_host().pool == new
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_failing_write_of_set_pool_is_undone(scenario: str) -> None:
+    n = 0
+    while True:
+        n += 1
+        host = model.Host.from_name(scenario)
+        kernel = Kernel(TreeSysfs(host))
+        before = kernel.read_host()
+        if kernel.layout == "upstream":
+            new = HostPool(before.pool.adapters - {5}, before.pool.domains - {0x47})
+        else:
+            assert before.pool.queues is not None
+            new = HostPool(queues=before.pool.queues - {Apqn(5, 4), Apqn(6, 0x47)})
+        kernel.io = FailingIO(TreeSysfs(host), fail_at=n)
+        try:
+            kernel.set_pool(before.pool, new)
+        except KernelError:
+            kernel.io = TreeSysfs(host)
+            assert kernel.read_host() == before, f"write {n} left a trace"
+            continue
+        kernel.io = TreeSysfs(host)
+        assert kernel.read_host().pool == new
+        break
+
+
+def test_pool_cannot_take_back_a_held_apqn(kernel: Kernel) -> None:
+    snap = reserve_two_guests(kernel)
+    kernel.apply_matrix(U1, None, GUEST1)
+    before = kernel.read_host()
+    if kernel.layout == "upstream":
+        back = HostPool(snap.pool.adapters, snap.pool.domains | {0x04})
+    else:
+        assert snap.pool.queues is not None
+        back = HostPool(queues=snap.pool.queues | {Apqn(5, 0x04)})
+    with pytest.raises(KernelError) as info:
+        kernel.set_pool(snap.pool, back)
+    assert info.value.errno == errno.EBUSY
+    assert kernel.read_host() == before
