@@ -74,3 +74,40 @@ def test_no_matrix_device(root: Path) -> None:
 def test_rfc2017_detected(root: Path) -> None:
     (root / "devices/ap_matrix/matrix").mkdir(parents=True)
     assert Kernel(OsSysfs(root)).layout == "rfc2017"
+
+
+class RecordingSysfs(OsSysfs):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.writes: list[tuple[str, str]] = []
+
+    def write(self, path: str, data: str) -> None:
+        self.writes.append((path, data))
+        super().write(path, data)
+
+
+def test_masks_are_narrowed_before_they_are_widened(root: Path) -> None:
+    """apmask gains 05 while aqmask loses 04: aqmask first, or (05, 04) bounces to the host."""
+    from apmatrixd.core import HostPool
+    from apmatrixd.kernel.formats import format_mask
+
+    (root / "devices/vfio_ap/matrix").mkdir(parents=True)
+    (root / "bus/ap/aqmask").write_text("")
+    io = RecordingSysfs(root)
+    kernel = Kernel(io)
+    old = HostPool(frozenset({1}), frozenset({4, 7}))
+    kernel.set_pool(old, HostPool(frozenset({1, 5}), frozenset({7})))
+    assert io.writes == [
+        ("bus/ap/aqmask", format_mask({7})),
+        ("bus/ap/apmask", format_mask({1, 5})),
+    ]
+    io.writes.clear()
+    kernel.set_pool(old, HostPool(frozenset({5}), frozenset({4, 7, 9})))
+    assert io.writes == [
+        ("bus/ap/apmask", format_mask(set())),
+        ("bus/ap/apmask", format_mask({5})),
+        ("bus/ap/aqmask", format_mask({4, 7, 9})),
+    ]
+    io.writes.clear()
+    kernel.set_pool(old, old)
+    assert io.writes == []
