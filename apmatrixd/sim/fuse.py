@@ -320,9 +320,11 @@ class Mount:
     def start(self, timeout: float = 10.0) -> Mount:
         """Mount and return once the kernel has sent INIT; raises RuntimeError if it did not."""
         self._thread.start()
-        if not self.ready.wait(timeout) or not self._thread.is_alive():
+        came_up = self.ready.wait(timeout)
+        if not came_up or self.error is not None or not self._thread.is_alive():
             self.stop()
-            raise RuntimeError(f"FUSE mount at {self.mountpoint} failed: {self.error or 'timeout'}")
+            why = "timeout" if self.error is None else f"libfuse said {self.error}"
+            raise RuntimeError(f"FUSE mount at {self.mountpoint} failed ({why})")
         return self
 
     @property
