@@ -1,0 +1,223 @@
+"""The emulated host: one LPAR's AP bus and vfio_ap driver behind the ``SysfsTree`` contract.
+
+``Host`` = ``ApKernel`` (state, rules, errnos, uevents; see ``kernel.py`` for the choices
+made where the kernel is unknown) + ``Tree`` (the sysfs rendering) + path resolution, the
+lock, and fault injection. Every public method takes ``lock`` and raises nothing but
+``OSError``: an unexpected internal error is recorded in ``internal_errors`` and surfaces as
+``EIO``, so a face can always pass ``err.errno`` to ``write(2)`` and tests can still see it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+from collections import deque
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from apmatrixd.sim.kernel import ApKernel, oserror
+from apmatrixd.sim.scenario import Scenario, load_scenario
+from apmatrixd.sim.tree import Attr, Dir, Link, Node, Tree
+from apmatrixd.sim.vfs import NodeKind, UeventListener
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PAGE_SIZE = 4096
+MAX_SYMLINKS = 40
+
+
+def _guarded(func: Callable[P, R]) -> Callable[P, R]:
+    """Take the host lock; let OSError through; turn anything else into a recorded EIO."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        host = args[0]
+        assert isinstance(host, Host)
+        with host.lock:
+            try:
+                return func(*args, **kwargs)
+            except OSError:
+                raise
+            except Exception as exc:
+                host.internal_errors.append(f"{func.__name__}{args[1:]!r}: {exc!r}")
+                raise OSError(errno.EIO, f"emulator internal error: {exc!r}") from exc
+
+    return wrapper
+
+
+class Host(ApKernel):
+    """An emulated LPAR. Implements ``apmatrixd.sim.vfs.SysfsTree``."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        super().__init__(scenario)
+        self.tree = Tree(self)
+        self.faults: dict[str, deque[int]] = {}
+        self.internal_errors: list[str] = []
+
+    @classmethod
+    def from_name(cls, name_or_path: str) -> Host:
+        """A host booted from a built-in scenario name or a scenario file."""
+        return cls(load_scenario(name_or_path))
+
+    # ----------------------------------------------------------------- names
+
+    @property
+    def matrix_dir(self) -> str:
+        """``devices/vfio_ap/matrix`` (upstream) or ``devices/ap_matrix/matrix`` (rfc2017)."""
+        return self.tree.matrix_dir
+
+    @property
+    def mdev_type(self) -> str:
+        """``vfio_ap-passthrough`` or ``ap_matrix-passthrough``."""
+        return self.names.mdev_type
+
+    @property
+    def mdev_type_dir(self) -> str:
+        return f"{self.matrix_dir}/mdev_supported_types/{self.names.mdev_type}"
+
+    @property
+    def queue_driver_name(self) -> str:
+        """The AP-bus driver of queues given to guests: ``vfio_ap`` or ``vfio_ap_matrix``."""
+        return self.names.queue_driver
+
+    def mdev_dir(self, uuid: str) -> str:
+        return f"{self.matrix_dir}/{uuid}"
+
+    # ----------------------------------------------------------------- resolution
+
+    @staticmethod
+    def _split(path: str) -> list[str]:
+        if not isinstance(path, str):
+            raise oserror(errno.EINVAL, f"path must be a string, not {type(path).__name__}")
+        return path.split("/")
+
+    def _walk(self, path: str, follow: bool) -> tuple[list[str], Node]:
+        """Resolve like the VFS: ``..`` and symlinks in the middle; the last link if ``follow``."""
+        comps = deque(self._split(path))
+        names: list[str] = []
+        nodes: list[Node] = [self.tree.root()]
+        hops = 0
+        while comps:
+            name = comps.popleft()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if names:
+                    names.pop()
+                    nodes.pop()
+                continue
+            here = nodes[-1]
+            if not isinstance(here, Dir):
+                raise oserror(errno.ENOTDIR)
+            child = here.child(name)
+            if child is None:
+                raise oserror(errno.ENOENT)
+            if isinstance(child, Link) and (comps or follow):
+                hops += 1
+                if hops > MAX_SYMLINKS:
+                    raise oserror(errno.ELOOP)
+                comps.extendleft(reversed(child.target.split("/")))
+                continue
+            names.append(name)
+            nodes.append(child)
+        return names, nodes[-1]
+
+    # ----------------------------------------------------------------- SysfsTree
+
+    @_guarded
+    def kind(self, path: str) -> NodeKind:
+        node = self._walk(path, follow=False)[1]
+        if isinstance(node, Dir):
+            return "dir"
+        return "link" if isinstance(node, Link) else "file"
+
+    @_guarded
+    def mode(self, path: str) -> int:
+        """0o755 dirs, 0o777 links, 0o444 / 0o200 / 0o644 attributes."""
+        node = self._walk(path, follow=False)[1]
+        if isinstance(node, Dir):
+            return 0o755
+        return 0o777 if isinstance(node, Link) else node.mode
+
+    @_guarded
+    def listdir(self, path: str) -> list[str]:
+        node = self._walk(path, follow=True)[1]
+        if not isinstance(node, Dir):
+            raise oserror(errno.ENOTDIR)
+        return node.names()
+
+    @_guarded
+    def readlink(self, path: str) -> str:
+        node = self._walk(path, follow=False)[1]
+        if not isinstance(node, Link):
+            raise oserror(errno.EINVAL)
+        return node.target
+
+    @_guarded
+    def exists(self, path: str) -> bool:
+        """True if ``path`` resolves (following links), for tests and faces."""
+        try:
+            self._walk(path, follow=True)
+        except OSError:
+            return False
+        return True
+
+    def _attr(self, path: str) -> tuple[str, Attr]:
+        names, node = self._walk(path, follow=True)
+        if isinstance(node, Dir):
+            raise oserror(errno.EISDIR)
+        assert isinstance(node, Attr)
+        return "/".join(names), node
+
+    @_guarded
+    def read(self, path: str) -> bytes:
+        """One ``show()``: the whole attribute (EACCES for write-only attributes)."""
+        attr = self._attr(path)[1]
+        if attr.show is None:
+            raise oserror(errno.EACCES)
+        return attr.show().encode("ascii")
+
+    @_guarded
+    def write(self, path: str, data: bytes) -> int:
+        """One ``store()``: EACCES for read-only attributes; at most a page is taken."""
+        canonical, attr = self._attr(path)
+        if attr.store is None:
+            raise oserror(errno.EACCES)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise oserror(errno.EINVAL, "data must be bytes")
+        buf = bytes(data)
+        self._take_fault(canonical, path)
+        if not buf:
+            return 0
+        buf = buf[:PAGE_SIZE]
+        attr.store(buf)
+        return len(buf)
+
+    def subscribe(self, listener: UeventListener) -> Callable[[], None]:
+        return super().subscribe(listener)
+
+    # ----------------------------------------------------------------- test hooks
+
+    @staticmethod
+    def _norm(path: str) -> str:
+        return "/".join(p for p in path.split("/") if p not in ("", "."))
+
+    @_guarded
+    def inject_fault(self, path: str, err: int, count: int = 1) -> None:
+        """The next ``count`` writes to ``path`` fail with ``OSError(err)`` and change nothing."""
+        self._split(path)
+        queue = self.faults.setdefault(self._norm(path), deque())
+        queue.extend([err] * count)
+
+    def _take_fault(self, canonical: str, path: str) -> None:
+        for key in (canonical, self._norm(path)):
+            queue = self.faults.get(key)
+            if queue:
+                err = queue.popleft()
+                raise oserror(err)
+
+    @_guarded
+    def mdev_uuids(self) -> list[str]:
+        """The live mdevs, in creation order."""
+        return list(self.mdevs)
