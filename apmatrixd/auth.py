@@ -1,0 +1,173 @@
+"""Who may change what: uid 0, or whatever polkit says. Deny by default, fail closed.
+
+One table (:data:`ACTIONS`) maps every D-Bus method to a polkit action, or to ``None`` for the
+read-only methods everyone may call. A method missing from the table is refused: a new method
+cannot become public by accident.
+
+Caller identity: dbus-fast does not hand the message to a method handler, so a message
+handler stores every incoming method call in a ContextVar just before dispatch; an async
+handler's task copies the context when it is created (measured in dbus-rig.md §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+
+from dbus_fast import DBusError, Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from apmatrixd.bus import names
+
+log = logging.getLogger(__name__)
+
+ACTIONS: dict[str, str | None] = {
+    f"{names.MANAGER_IFACE}.CreateMatrix": names.ACTION_MANAGE,
+    f"{names.MANAGER_IFACE}.Check": None,
+    f"{names.MANAGER_IFACE}.Reserve": names.ACTION_RESERVE,
+    f"{names.MANAGER_IFACE}.Release": names.ACTION_RESERVE,
+    **{
+        f"{names.MATRIX_IFACE}.{m}": names.ACTION_MANAGE
+        for m in (
+            "AssignAdapter",
+            "UnassignAdapter",
+            "AssignDomain",
+            "UnassignDomain",
+            "AssignControlDomain",
+            "UnassignControlDomain",
+            "Update",
+            "Start",
+            "Stop",
+            "Remove",
+        )
+    },
+}
+"""``Interface.Member`` -> polkit action id; None: anyone; absent: refused to all, root too."""
+
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
+POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+POLKIT_IFACE = "org.freedesktop.PolicyKit1.Authority"
+CHECK_ALLOW_USER_INTERACTION = 1
+POLKIT_TIMEOUT = 30.0
+"""Seconds to wait for polkit without an agent; D-Bus callers give up after 25 s anyway."""
+POLKIT_INTERACTIVE_TIMEOUT = 300.0
+"""With interaction the admin may be typing a password."""
+
+current_call: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
+    "apmatrixd_current_call", default=None
+)
+
+_NAME_LOST_MATCH = (
+    "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
+    "interface='org.freedesktop.DBus',member='NameOwnerChanged',arg2=''"
+)
+
+
+def denied(text: str) -> DBusError:
+    return DBusError(names.ACCESS_DENIED, text)
+
+
+class Authority:
+    """Authorises method calls on one bus connection (uid cache + polkit)."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self._bus = bus
+        self._uids: dict[str, int] = {}
+
+    async def install(self) -> None:
+        """Track calls and forget callers that leave the bus (their unique name is dead)."""
+        self._bus.add_message_handler(self._on_message)
+        reply = await self._bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[_NAME_LOST_MATCH],
+            )
+        )
+        if reply.message_type == MessageType.ERROR:
+            raise RuntimeError(f"AddMatch failed: {reply.error_name}: {reply.body}")
+
+    def _on_message(self, msg: Message) -> bool:
+        if msg.message_type == MessageType.METHOD_CALL:
+            current_call.set(msg)
+        elif (
+            msg.message_type == MessageType.SIGNAL
+            and msg.member == "NameOwnerChanged"
+            and msg.sender == "org.freedesktop.DBus"
+            and len(msg.body) == 3
+            and not msg.body[2]
+        ):
+            self._uids.pop(msg.body[0], None)
+        return False  # never swallow: normal dispatch goes on
+
+    async def uid_of(self, sender: str) -> int:
+        uid = self._uids.get(sender)
+        if uid is not None:
+            return uid
+        reply = await self._bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="GetConnectionUnixUser",
+                signature="s",
+                body=[sender],
+            )
+        )
+        if reply.message_type == MessageType.ERROR:
+            raise denied(f"cannot tell who {sender} is")
+        uid = int(reply.body[0])
+        self._uids[sender] = uid
+        return uid
+
+    async def authorise(self, member: str) -> None:
+        """Raise AccessDenied (or InteractiveAuthorizationRequired) unless the caller may."""
+        msg = current_call.get()
+        if member not in ACTIONS:
+            log.error("no authorisation rule for %s: refused", member)
+            raise denied(f"no authorisation rule for {member}")
+        action = ACTIONS[member]
+        if action is None:
+            return
+        if msg is None or not msg.sender:
+            raise denied("caller unknown")
+        if await self.uid_of(msg.sender) == 0:
+            return
+        interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        await self._polkit(msg.sender, action, interactive)
+
+    async def _polkit(self, sender: str, action: str, interactive: bool) -> None:
+        subject = ["system-bus-name", {"name": Variant("s", sender)}]
+        call = Message(
+            destination=POLKIT_NAME,
+            path=POLKIT_PATH,
+            interface=POLKIT_IFACE,
+            member="CheckAuthorization",
+            signature="(sa{sv})sa{ss}us",
+            body=[subject, action, {}, CHECK_ALLOW_USER_INTERACTION if interactive else 0, ""],
+        )
+        timeout = POLKIT_INTERACTIVE_TIMEOUT if interactive else POLKIT_TIMEOUT
+        try:
+            reply = await asyncio.wait_for(self._bus.call(call), timeout)
+        except (TimeoutError, OSError, DBusError) as exc:
+            log.warning("polkit unreachable for %s (%s): refused", action, exc)
+            raise denied(f"not authorized: {action} (polkit unreachable)") from None
+        if reply.message_type == MessageType.ERROR:
+            log.warning("polkit said %s for %s: refused", reply.error_name, action)
+            raise denied(f"not authorized: {action} (polkit error)")
+        try:
+            is_authorized, is_challenge, _details = reply.body[0]
+        except (TypeError, ValueError, IndexError):
+            raise denied(f"not authorized: {action} (bad polkit reply)") from None
+        if is_authorized:
+            return
+        if is_challenge and not interactive:
+            raise DBusError(
+                names.INTERACTIVE_AUTH_REQUIRED,
+                f"not authorized: {action} (interactive authorization required)",
+            )
+        raise denied(f"not authorized: {action}")

@@ -1,0 +1,1 @@
+"""The D-Bus face of apmatrixd: names, the authorising base, the exported objects and tree."""

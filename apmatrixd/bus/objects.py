@@ -1,0 +1,230 @@
+"""The three kinds of exported object: the Manager, one Matrix per matrix, one Adapter per card.
+
+Thin on purpose: each method authorises (via :func:`call`), unpacks D-Bus values, and asks
+the service. The service decides, writes the kernel and reports what changed; the
+:class:`~apmatrixd.bus.tree.ObjectTree` turns those reports into signals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated, Any
+
+from dbus_fast import Variant
+from dbus_fast.annotations import DBusObjectPath, DBusSignature, DBusStr, DBusUInt32
+from dbus_fast.service import dbus_signal
+
+from apmatrixd.bus import names
+from apmatrixd.bus.base import Exported, call, prop
+from apmatrixd.core import InvalidArgument
+
+if TYPE_CHECKING:
+    from apmatrixd.auth import Authority
+    from apmatrixd.service import AdapterView, HostView, MatrixView, Service
+
+Str = DBusStr
+Path = DBusObjectPath
+U32 = DBusUInt32
+Ids = Annotated[list[int], DBusSignature("au")]
+Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
+Clashes = Annotated[list[list[Any]], DBusSignature("a(uus)")]
+DriftArgs = Annotated[list[str], DBusSignature("os")]
+
+OPTIONS: dict[str, str] = {
+    "adapters": "au",
+    "domains": "au",
+    "control_domains": "au",
+    "name": "s",
+    "autostart": "b",
+    "start": "b",
+    "control_usage_domains": "b",
+}
+"""CreateMatrix options and the variant signature each must have."""
+
+
+def _ids(ids: Iterable[int]) -> list[int]:
+    return sorted(ids)
+
+
+def _pairs(apqns: Iterable[tuple[int, int]]) -> list[list[int]]:
+    return [[a, d] for a, d in sorted(apqns)]
+
+
+def manager_values(host: HostView) -> dict[str, Any]:
+    return {
+        "Version": host.version,
+        "Layout": host.layout,
+        "MaxAdapterId": host.max_adapter_id,
+        "MaxDomainId": host.max_domain_id,
+        "HostAdapters": _ids(host.host_adapters),
+        "HostDomains": _ids(host.host_domains),
+        "Settling": bool(host.settling),
+    }
+
+
+def matrix_values(m: MatrixView) -> dict[str, Any]:
+    return {
+        "Uuid": m.uuid,
+        "Name": m.name,
+        "Adapters": _ids(m.adapters),
+        "Domains": _ids(m.domains),
+        "ControlDomains": _ids(m.control_domains),
+        "Apqns": _pairs(m.apqns),
+        "GuestApqns": _pairs(m.guest_apqns),
+        "State": m.state,
+        "Autostart": bool(m.autostart),
+        "Adopted": bool(m.adopted),
+        "SysfsPath": m.sysfs_path,
+    }
+
+
+def adapter_values(a: AdapterView) -> dict[str, Any]:
+    return {
+        "Id": a.id,
+        "Type": a.type,
+        "Mode": a.mode,
+        "Online": bool(a.online),
+        "Configured": bool(a.configured),
+        "Domains": _ids(a.domains),
+        "GuestDomains": _ids(a.guest_domains),
+        "Owners": dict(sorted(a.owners.items())),
+    }
+
+
+def parse_options(options: dict[str, Variant]) -> dict[str, Any]:
+    """CreateMatrix's a{sv} as keyword arguments; unknown keys or wrong types are refused."""
+    out: dict[str, Any] = {}
+    for key, var in options.items():
+        want = OPTIONS.get(key)
+        if want is None:
+            known = ", ".join(sorted(OPTIONS))
+            raise InvalidArgument(f"unknown option {key!r} (known: {known})")
+        if var.signature != want:
+            raise InvalidArgument(f"option {key!r} must be of type {want}, not {var.signature}")
+        out[key] = var.value
+    return out
+
+
+class Manager(Exported):
+    """``/org/apmatrix/Apmatrix1``: create matrices, check, reserve; host properties."""
+
+    def __init__(self, service: Service, authority: Authority, tree: _Tree) -> None:
+        super().__init__(names.MANAGER_IFACE, authority, manager_values(service.host))
+        self._service = service
+        self._tree = tree
+
+    Version = prop("Version", "s")
+    Layout = prop("Layout", "s")
+    MaxAdapterId = prop("MaxAdapterId", "u")
+    MaxDomainId = prop("MaxDomainId", "u")
+    HostAdapters = prop("HostAdapters", "au")
+    HostDomains = prop("HostDomains", "au")
+    Settling = prop("Settling", "b")
+
+    @call
+    def CreateMatrix(self, uuid: Str, options: Options) -> Path:
+        kwargs = parse_options(options)
+        view = self._service.create_matrix(uuid, **kwargs)
+        return self._tree.ensure_matrix(view.uuid)
+
+    @call
+    def Check(self, adapters: Ids, domains: Ids, uuid: Str) -> Clashes:
+        clashes = self._service.check(adapters, domains, uuid)
+        return [[c.apqn.adapter, c.apqn.domain, c.owner] for c in clashes]
+
+    @call
+    def Reserve(self, adapters: Ids, domains: Ids) -> None:
+        self._service.reserve(adapters, domains)
+
+    @call
+    def Release(self, adapters: Ids, domains: Ids) -> None:
+        self._service.release(adapters, domains)
+
+    @dbus_signal()
+    def Drift(self, matrix: str, what: str) -> DriftArgs:
+        """Sysfs no longer matches what the daemon holds for ``matrix``."""
+        return [matrix, what]
+
+
+class Matrix(Exported):
+    """``/org/apmatrix/Apmatrix1/matrices/<uuid>``: one matrix (mdev), live or defined."""
+
+    def __init__(self, service: Service, authority: Authority, view: MatrixView) -> None:
+        super().__init__(names.MATRIX_IFACE, authority, matrix_values(view))
+        self._service = service
+        self.uuid = view.uuid
+
+    Uuid = prop("Uuid", "s")
+    Name = prop("Name", "s")
+    Adapters = prop("Adapters", "au")
+    Domains = prop("Domains", "au")
+    ControlDomains = prop("ControlDomains", "au")
+    Apqns = prop("Apqns", "a(uu)")
+    GuestApqns = prop("GuestApqns", "a(uu)")
+    State = prop("State", "s")
+    Autostart = prop("Autostart", "b")
+    Adopted = prop("Adopted", "b")
+    SysfsPath = prop("SysfsPath", "s")
+
+    @call
+    def AssignAdapter(self, adapter: U32) -> None:
+        self._service.assign(self.uuid, "adapter", adapter)
+
+    @call
+    def UnassignAdapter(self, adapter: U32) -> None:
+        self._service.unassign(self.uuid, "adapter", adapter)
+
+    @call
+    def AssignDomain(self, domain: U32) -> None:
+        self._service.assign(self.uuid, "domain", domain)
+
+    @call
+    def UnassignDomain(self, domain: U32) -> None:
+        self._service.unassign(self.uuid, "domain", domain)
+
+    @call
+    def AssignControlDomain(self, domain: U32) -> None:
+        self._service.assign(self.uuid, "control_domain", domain)
+
+    @call
+    def UnassignControlDomain(self, domain: U32) -> None:
+        self._service.unassign(self.uuid, "control_domain", domain)
+
+    @call
+    def Update(self, adapters: Ids, domains: Ids, control_domains: Ids) -> None:
+        self._service.update(self.uuid, adapters, domains, control_domains)
+
+    @call
+    def Start(self) -> None:
+        self._service.start(self.uuid)
+
+    @call
+    def Stop(self) -> None:
+        self._service.stop(self.uuid)
+
+    @call
+    def Remove(self) -> None:
+        self._service.remove(self.uuid)
+
+
+class Adapter(Exported):
+    """``/org/apmatrix/Apmatrix1/adapters/<id>``: one AP card and who owns its queues."""
+
+    def __init__(self, authority: Authority, view: AdapterView) -> None:
+        super().__init__(names.ADAPTER_IFACE, authority, adapter_values(view))
+
+    Id = prop("Id", "u")
+    Type = prop("Type", "s")
+    Mode = prop("Mode", "s")
+    Online = prop("Online", "b")
+    Configured = prop("Configured", "b")
+    Domains = prop("Domains", "au")
+    GuestDomains = prop("GuestDomains", "au")
+    Owners = prop("Owners", "a{us}")
+
+
+class _Tree:
+    """What the Manager needs from the object tree (kept small to avoid an import cycle)."""
+
+    def ensure_matrix(self, uuid: str) -> str:
+        raise NotImplementedError

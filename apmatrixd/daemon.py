@@ -1,0 +1,224 @@
+"""``apmatrixd``: wiring only. Pick the kernel, load the service, export, own the name, READY.
+
+Start-up order is the contract of spec §3: READY=1 goes out only once the registry matches
+the kernel (``Service.load``), every object is exported and the bus name is ours. SIGTERM and
+SIGINT send STOPPING=1, release the name and exit 0. User errors (bus unreachable, name
+taken, no AP matrix device, unknown scenario) are one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
+
+from apmatrixd import __version__, notify
+from apmatrixd.auth import Authority
+from apmatrixd.bus import names
+from apmatrixd.bus.base import ApmatrixBus
+from apmatrixd.bus.tree import ObjectTree
+
+if TYPE_CHECKING:
+    from apmatrixd.kernel import Kernel
+    from apmatrixd.service import Changes, Service
+
+log = logging.getLogger("apmatrixd")
+
+S390_LOCK = "/run/lock/s390apconfig.lock"
+"""s390-tools (ap-check, chzdev) serialise AP configuration changes with this lock."""
+
+
+class StartupError(Exception):
+    """Something the admin must fix; printed as one line, exit status 1."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="apmatrixd",
+        description="Keeps IBM Z AP matrices (vfio_ap mediated devices) conflict-free and "
+        "serves them on D-Bus as " + names.BUS_NAME + ".",
+    )
+    p.add_argument(
+        "--simulate",
+        nargs="?",
+        const="default",
+        metavar="SCENARIO",
+        help="run on the in-process kernel emulator (built-in scenario name or TOML file; "
+        "default: the 2017 design document's host)",
+    )
+    bus = p.add_mutually_exclusive_group()
+    bus.add_argument("--bus-address", metavar="ADDR", help="connect to this D-Bus address")
+    bus.add_argument("--session", action="store_true", help="use the session bus")
+    bus.add_argument(
+        "--system",
+        action="store_true",
+        help="use the system bus (the default; honours DBUS_SYSTEM_BUS_ADDRESS)",
+    )
+    p.add_argument("--state-dir", metavar="DIR", help="where matrix definitions are kept")
+    p.add_argument("--sysfs-root", metavar="DIR", help="sysfs root (default /sys)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    args = p.parse_args(argv)
+    if args.simulate is not None and args.sysfs_root:
+        p.error("--simulate and --sysfs-root exclude each other")
+    return args
+
+
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6}
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<N>`` priority prefixes (sd-daemon(3)) so the journal keeps our levels."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 7)
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("dbus_fast").setLevel(logging.WARNING)
+
+
+def make_kernel(args: argparse.Namespace) -> Kernel:
+    from apmatrixd.kernel import Kernel, KernelError, OsSysfs, TreeSysfs
+
+    try:
+        if args.simulate is not None:
+            from apmatrixd.sim.model import Host
+
+            try:
+                host = Host.from_name(args.simulate)
+            except (ValueError, KeyError, OSError) as err:
+                msg = str(err).strip("'\"") or repr(err)
+                raise StartupError(f"scenario {args.simulate!r}: {msg}") from None
+            return Kernel(TreeSysfs(host))
+        root = args.sysfs_root or "/sys"
+        return Kernel(OsSysfs(root), lock_path=None if args.sysfs_root else S390_LOCK)
+    except KernelError as err:
+        raise StartupError(str(err)) from None
+
+
+def make_bus(args: argparse.Namespace) -> tuple[ApmatrixBus, str]:
+    if args.bus_address:
+        return ApmatrixBus(bus_address=args.bus_address), args.bus_address
+    if args.session:
+        return ApmatrixBus(bus_type=BusType.SESSION), "the session bus"
+    return ApmatrixBus(bus_type=BusType.SYSTEM), "the system bus"
+
+
+def _status(service: Service) -> str:
+    n = len(service.matrices())
+    return f"STATUS=serving {n} matri{'x' if n == 1 else 'ces'} ({service.host.layout} layout)"
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        notify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def run(args: argparse.Namespace) -> int:
+    from apmatrixd.kernel import KernelError
+    from apmatrixd.service import Service
+
+    kernel = make_kernel(args)
+    service = Service(kernel)
+    if args.state_dir:
+        log.warning("--state-dir %s: matrix definitions are not stored yet", args.state_dir)
+    try:
+        service.load()
+    except KernelError as err:
+        raise StartupError(f"reading the AP configuration: {err}") from None
+
+    bus, where = make_bus(args)
+    try:
+        await bus.connect()
+    except (OSError, ValueError, DBusError) as err:
+        raise StartupError(f"cannot connect to {where}: {err}") from None
+    try:
+        authority = Authority(bus)
+        await authority.install()
+        tree = ObjectTree(bus, service, authority)
+        tree.export()
+        try:
+            reply = await bus.request_name(names.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        except DBusError as err:
+            raise StartupError(f"may not own {names.BUS_NAME} on {where}: {err.text}") from None
+        if reply != RequestNameReply.PRIMARY_OWNER:
+            raise StartupError(
+                f"{names.BUS_NAME} is already owned on {where} (is another apmatrixd running?)"
+            )
+        return await _serve(bus, service)
+    finally:
+        bus.disconnect()
+
+
+async def _serve(bus: ApmatrixBus, service: Service) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    status = _status(service)
+
+    def on_changes(_changes: Changes) -> None:
+        nonlocal status
+        new = _status(service)
+        if new != status:
+            status = new
+            notify.notify(status)
+
+    service.subscribe(on_changes)
+    notify.notify("READY=1", status)
+    log.info("serving %s on %s: %s", names.BUS_NAME, bus.unique_name, status[7:])
+
+    tasks = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(bus.wait_for_disconnect())]  # type: ignore[no-untyped-call]
+    interval = notify.watchdog_interval()
+    watchdog = asyncio.ensure_future(_watchdog(interval)) if interval else None
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for t in [*pending, *([watchdog] if watchdog else [])]:
+        t.cancel()
+    if not stop.is_set():
+        log.error("lost the bus connection")
+        notify.notify("STOPPING=1", "STATUS=lost the bus connection")
+        return 1
+    notify.notify("STOPPING=1", "STATUS=stopping")
+    log.info("stopping")
+    with contextlib.suppress(DBusError, OSError, EOFError):
+        await bus.release_name(names.BUS_NAME)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return asyncio.run(run(args))
+    except StartupError as err:
+        log.error("%s", err)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
