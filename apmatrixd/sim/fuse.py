@@ -334,11 +334,21 @@ class Mount:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Unmount (lazily if busy) and wait for the server thread to finish."""
-        if self._thread.is_alive() and not unmount(self.mountpoint):
+    def stop(self, timeout: float = 10.0, busy_grace: float = 0.5) -> None:
+        """Unmount and wait for the server thread to finish.
+
+        A busy mount (open files, a cwd inside) is detached lazily: it is gone from the
+        namespace at once, but the server keeps answering the open files until they close.
+        Then only ``busy_grace`` seconds are granted, so that a stop request is not held
+        hostage by a client; once this process exits, those files read ENOTCONN.
+        """
+        if not self._thread.is_alive():
+            return
+        if unmount(self.mountpoint):
+            self._thread.join(timeout)
+        else:
             unmount(self.mountpoint, lazy=True)
-        self._thread.join(timeout)
+            self._thread.join(busy_grace)
 
     def __enter__(self) -> Mount:
         return self.start()
