@@ -12,6 +12,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import pytest
 from rigs import REPO, force_unmount, fuse_missing, in_netns, is_mount, netns_missing
 
 from apmatrixd.sim import cli
+from apmatrixd.sim.uevent import decode
 
 UUID_A = "6c3e0a7b-6e8c-4cd4-9b3e-6f1b1f6a2f10"
 UUID_B = "0f8e2d6a-3b9c-4e1f-8a7d-5c4b3a291807"
@@ -322,3 +324,27 @@ def test_config_write_reaches_a_pyudev_monitor_over_netlink() -> None:
     assert card and card[-1]["ACTION"] == "change"
     assert card[-1]["DEVPATH"] == "/devices/ap/card05" and card[-1]["CONFIG"] == "0"
     assert card[-1]["SUBSYSTEM"] == "ap" and int(card[-1]["SEQNUM"]) > 0
+
+
+@pytest.mark.e2e
+def test_umockdev_sockets_get_the_uevent(tmp_path: Path) -> None:
+    reason = fuse_missing()
+    if reason:
+        pytest.skip(reason)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "event9"))
+    listener.settimeout(5)
+    mnt = tmp_path / "sys"
+    mnt.mkdir()
+    proc = start_mount(mnt, "--uevents", f"umockdev:{tmp_path}")
+    try:
+        (mnt / "devices/ap/card06/config").write_text("0\n")
+        _header, props = decode(listener.recv(65536))
+        assert props["DEVPATH"] == "/devices/ap/card06" and props["CONFIG"] == "0"
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+        force_unmount(mnt)

@@ -22,6 +22,7 @@ from fakesysfs import FakeTree
 from rigs import force_unmount, fuse_missing, is_mount
 
 from apmatrixd.sim.fuse import PAGE_SIZE, Mount, SysfsOperations, mount
+from apmatrixd.sim.model import Host
 
 CARD = "/devices/ap/card05"
 
@@ -141,6 +142,12 @@ def test_namespace_changes_are_refused_as_sysfs_does(ops: SysfsOperations) -> No
         with raises_errno(errno.EPERM):
             call()
     assert ops.utimens(f"{CARD}/type") == 0
+
+
+def test_the_face_takes_the_models_own_lock() -> None:
+    host = Host.from_name("default")
+    assert SysfsOperations(host)._lock is host.lock
+    assert SysfsOperations(FakeTree())._lock is not None
 
 
 def test_init_turns_every_cache_off(ops: SysfsOperations) -> None:
