@@ -1,0 +1,169 @@
+"""The kernel parsers, case by case from kernel-facts.md §1.3 and §2.2."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from apmatrixd.sim.parse import (
+    format_mask,
+    hex2bitmap,
+    kstrtobool,
+    kstrtoul,
+    parse_mask,
+    sscanf_int,
+    strsep,
+    uuid_is_valid,
+)
+
+ALL = frozenset(range(256))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (b"47", 47),
+        (b"0x47", 71),
+        (b"0X47", 71),
+        (b"047", 39),
+        (b"+5", 5),
+        (b"5\n", 5),
+        (b"0", 0),
+        (b"00", 0),
+        (b"0x0", 0),
+        (b"0X0", 0),
+        (b"18446744073709551615", 2**64 - 1),
+        (b"0xffffffffffffffff", 2**64 - 1),
+        (b"5\0junk", 5),  # a C string ends at the NUL
+    ],
+)
+def test_kstrtoul_accepts(text: bytes, value: int) -> None:
+    assert kstrtoul(text) == value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"08", b"-1", b"", b"\n", b" 5", b"5 ", b"5\n\n", b"++5", b"+", b"0x", b"0o0", b"abc", b"5x"],
+)
+def test_kstrtoul_einval(text: bytes) -> None:
+    with pytest.raises(OSError) as exc:
+        kstrtoul(text)
+    assert exc.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize(
+    "text", [b"18446744073709551616", b"0x10000000000000000", b"99999999999999999999999junk"]
+)
+def test_kstrtoul_erange_before_junk(text: bytes) -> None:
+    with pytest.raises(OSError) as exc:
+        kstrtoul(text)
+    assert exc.value.errno == errno.ERANGE
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1))
+def test_kstrtoul_round_trips_every_form(n: int) -> None:
+    assert kstrtoul(str(n).encode()) == n
+    assert kstrtoul(hex(n).encode()) == n
+    assert kstrtoul(b"0" + oct(n)[2:].encode()) == n
+
+
+@pytest.mark.parametrize(
+    ("text", "base", "value"),
+    [
+        (b"1", 10, 1),
+        (b"  1", 10, 1),
+        (b"1junk", 10, 1),
+        (b"-0", 10, 0),
+        (b"08", 10, 8),
+        (b"0x1f", 0, 31),
+        (b"010", 0, 8),
+        (b"+1", 10, None),  # the kernel's vsscanf takes no '+'
+        (b"x", 10, None),
+        (b"", 10, None),
+        (b"4294967297", 10, 1),  # truncated to a C int
+    ],
+)
+def test_sscanf(text: bytes, base: int, value: int | None) -> None:
+    assert sscanf_int(text, base) == value
+
+
+def test_kstrtobool() -> None:
+    assert kstrtobool(b"1") and kstrtobool(b"Y") and kstrtobool(b"on")
+    assert not kstrtobool(b"0") and not kstrtobool(b"off") and not kstrtobool(b"n\n")
+    with pytest.raises(OSError):
+        kstrtobool(b"2")
+
+
+def test_hex2bitmap_left_aligned() -> None:
+    assert hex2bitmap(b"0x41") == {1, 7}
+    assert hex2bitmap(b"x41") == {1, 7}
+    assert hex2bitmap(b"41\n") == {1, 7}
+    assert hex2bitmap(b"") == set()
+    assert hex2bitmap(b"\n") == set()
+    assert hex2bitmap(b"0x" + b"f" * 64) == ALL
+    assert hex2bitmap(b"8" + b"0" * 62 + b"1") == {0, 255}
+
+
+@pytest.mark.parametrize("text", [b"0X1", b"0x" + b"0" * 65, b"0xg", b"0xx1", b"1 ", b"0x1\n\n"])
+def test_hex2bitmap_einval(text: bytes) -> None:
+    with pytest.raises(OSError) as exc:
+        hex2bitmap(text)
+    assert exc.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize(
+    ("text", "current", "result"),
+    [
+        (b"+0-255,-128", frozenset(), ALL - {128}),
+        (b"-5", ALL, ALL - {5}),
+        (b"+5\n", frozenset(), {5}),
+        (b"+0x10-0x12,+010", frozenset(), {16, 17, 18, 8}),
+        (b"-0-255,+3", ALL, {3}),
+        (b"+1,,\n,+2", frozenset(), {1, 2}),
+        (b"0x41", ALL, {1, 7}),
+        (b"", ALL, frozenset()),
+        (b"+18446744073709551617", frozenset(), {1}),  # simple_strtoul wraps silently
+    ],
+)
+def test_mask_grammar(text: bytes, current: frozenset[int], result: set[int]) -> None:
+    assert parse_mask(text, current) == result
+
+
+@pytest.mark.parametrize(
+    "text", [b"+256", b"+5-4", b"+0-256", b"+ 5", b"+5 ", b"+5,6", b"+08", b"+", b"+5-", b"*5"]
+)
+def test_mask_grammar_einval(text: bytes) -> None:
+    with pytest.raises(OSError) as exc:
+        parse_mask(text, frozenset())
+    assert exc.value.errno == errno.EINVAL
+
+
+@given(st.frozensets(st.integers(0, 255)))
+def test_format_and_parse_round_trip(ids: frozenset[int]) -> None:
+    text = format_mask(ids)
+    assert len(text) == 66 and text == text.lower()
+    assert hex2bitmap(text.encode()) == ids
+
+
+def test_format_mask_examples() -> None:
+    assert format_mask({5, 6}) == "0x06" + "0" * 62
+    assert format_mask({4}) == "0x08" + "0" * 62
+    assert format_mask(()) == "0x" + "0" * 64
+
+
+def test_strsep_like_c() -> None:
+    assert strsep(b"a,d\n", b",\n") == (b"a", b"d\n")
+    assert strsep(b"d\n", b",\n") == (b"d", b"")
+    assert strsep(b"", b",\n") == (b"", None)
+    assert strsep(None, b",\n") == (None, None)
+
+
+def test_uuid_is_valid() -> None:
+    assert uuid_is_valid(b"11111111-2222-3333-4444-555555555555")
+    assert uuid_is_valid(b"ABCDEF01-2222-3333-4444-555555555555\n")
+    assert not uuid_is_valid(b"11111111-2222-3333-4444-55555555555")
+    assert not uuid_is_valid(b"11111111-2222-3333-4444+555555555555")
+    assert not uuid_is_valid(b"1111111g-2222-3333-4444-555555555555")
