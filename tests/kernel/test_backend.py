@@ -242,3 +242,71 @@ def test_pool_cannot_take_back_a_held_apqn(kernel: Kernel) -> None:
         kernel.set_pool(snap.pool, back)
     assert info.value.errno == errno.EBUSY
     assert kernel.read_host() == before
+
+
+class NoGuestMatrix(TreeSysfs):
+    """A pre-6.0 kernel: no ``guest_matrix`` file, so the backend computes the guest view."""
+
+    def exists(self, path: str) -> bool:
+        return not path.endswith("/guest_matrix") and super().exists(path)
+
+
+def guest_views(host: object) -> list[dict[str, frozenset[Apqn]]]:
+    """The guest views as the kernel shows them and as the backend computes them."""
+    views = []
+    for io in (TreeSysfs(host), NoGuestMatrix(host)):  # type: ignore[arg-type]
+        snap = Kernel(io).read_host()
+        views.append({u: m.guest_apqns for u, m in snap.mdevs.items()})
+    return views
+
+
+def test_guest_view_follows_the_host(kernel: Kernel, host: object) -> None:
+    reserve_two_guests(kernel)
+    kernel.apply_matrix(U1, None, GUEST1)
+    kernel.apply_matrix(U2, None, GUEST2)
+    full = {U1: frozenset(GUEST1.apqns()), U2: frozenset(GUEST2.apqns())}
+    assert guest_views(host) == [full, full]
+
+    # One queue leaves vfio: its whole adapter leaves that guest, the other guest keeps it.
+    driver = kernel.vfio_driver
+    TreeSysfs(host).write(f"bus/ap/drivers/{driver}/unbind", "06.0004")  # type: ignore[arg-type]
+    want = {U1: frozenset({Apqn(5, 4)}), U2: full[U2]}
+    assert guest_views(host) == [want, want]
+    assert kernel.read_host().adapters[6].guest_domains == {0x47}
+    TreeSysfs(host).write(f"bus/ap/drivers/{driver}/bind", "06.0004")  # type: ignore[arg-type]
+    assert guest_views(host) == [full, full]
+
+    # Adapter 05 deconfigured, then domain 47 unplugged.
+    TreeSysfs(host).write("devices/ap/card05/config", "0")  # type: ignore[arg-type]
+    want = {U1: frozenset({Apqn(6, 4)}), U2: frozenset({Apqn(6, 0x47)})}
+    assert guest_views(host) == [want, want]
+    host.unplug_domain(0x47)  # type: ignore[attr-defined]
+    want = {U1: frozenset({Apqn(6, 4)}), U2: frozenset()}
+    assert guest_views(host) == [want, want]
+    snap = kernel.read_host()
+    assert not snap.adapters[5].configured
+    assert snap.adapters[6].domains == DOMAINS - {0x47}
+    assert snap.mdevs[U2].matrix() == GUEST2  # the assignment stays as written
+
+
+class Corrupt(TreeSysfs):
+    def __init__(self, host: object, path: str, text: str) -> None:
+        super().__init__(host)  # type: ignore[arg-type]
+        self.path, self.text = path, text
+
+    def read(self, path: str) -> str:
+        return self.text if path == self.path else super().read(path)
+
+
+@pytest.mark.parametrize("attr", ["control_domains", "mdev_file", "bus/ap/ap_max_domain_id"])
+def test_malformed_sysfs_is_eio_naming_the_file(kernel: Kernel, host: object, attr: str) -> None:
+    reserve_two_guests(kernel)
+    kernel.apply_matrix(U1, None, GUEST1)
+    if attr == "mdev_file":
+        attr = "matrix" if kernel.layout == "upstream" else "adapters"
+    path = attr if "/" in attr else f"{kernel.mdev_path(U1)}/{attr}"
+    broken = Kernel(Corrupt(host, path, "05.0004\nhello\n"))
+    with pytest.raises(KernelError) as info:
+        broken.read_host()
+    assert (info.value.errno, info.value.path) == (errno.EIO, path)
+    assert path in str(info.value) and "malformed" in str(info.value)
