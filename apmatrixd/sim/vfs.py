@@ -9,8 +9,9 @@ nothing else, so a face can pass ``err.errno`` straight through to ``write(2)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 NodeKind = Literal["dir", "file", "link"]
 
@@ -25,7 +26,9 @@ class Uevent:
     seqnum: int
     devtype: str | None = None  # "ap_card", "ap_queue", "mdev" ...
     driver: str | None = None  # DRIVER= while bound
-    env: dict[str, str] = field(default_factory=dict)  # extra keys: CONFIG, ONLINE, MODE, APMASK ...
+    env: dict[str, str] = field(
+        default_factory=dict
+    )  # extra keys: CONFIG, ONLINE, MODE, APMASK ...
 
     def properties(self) -> dict[str, str]:
         """All keys in the order the kernel puts them: ACTION, DEVPATH, SUBSYSTEM, ..."""
