@@ -1,0 +1,126 @@
+"""The service on the in-process emulator: registry first, then kernel, then signal."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from apmatrixd.core import Apqn, Busy, Conflict, HostOwned, InvalidArgument, NotFound
+from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
+from apmatrixd.service import Changes, Service
+from apmatrixd.sim.model import Host
+
+G1 = "11111111-1111-4111-8111-111111111111"
+G2 = "22222222-2222-4222-8222-222222222222"
+G3 = "33333333-3333-4333-8333-333333333333"
+
+
+@pytest.fixture(params=["default", "rfc2017"])
+def host(request: pytest.FixtureRequest) -> Host:
+    return Host.from_name(request.param)
+
+
+@pytest.fixture
+def svc(host: Host) -> Service:
+    s = Service(Kernel(TreeSysfs(host)))
+    s.load()
+    return s
+
+
+def kernel_view(svc: Service) -> object:
+    snap = svc.kernel.read_host()
+    return (snap.pool, dict(snap.mdevs))
+
+
+def test_fresh_host_everything_with_the_host(svc: Service) -> None:
+    assert svc.host.layout in ("upstream", "rfc2017")
+    assert [a.id for a in svc.adapters()] == [5, 6]
+    assert svc.adapter(5).type == "CEX5C" and svc.adapter(5).mode == "CCA-Coproc"
+    assert svc.adapter(6).mode == "Accelerator"
+    assert svc.matrices() == []
+    with pytest.raises(HostOwned):
+        svc.create_matrix(G1, adapters=[5], domains=[4])
+
+
+def test_design_document_two_guests_and_a_refused_third(svc: Service) -> None:
+    seen: list[Changes] = []
+    svc.subscribe(seen.append)
+    svc.reserve([5, 6], [4, 0x47])
+    g1 = svc.create_matrix(G1, adapters=[5, 6], domains=[4], name="guest1")
+    g2 = svc.create_matrix(G2, adapters=[5, 6], domains=[0x47], name="guest2")
+    assert g1.state == "active" and g2.state == "active"
+    assert g1.apqns == (Apqn(5, 4), Apqn(6, 4))
+    assert set(g1.guest_apqns) == {Apqn(5, 4), Apqn(6, 4)}
+    assert g1.control_domains == (4,)  # usage domains are control domains by default
+    assert svc.kernel.read_mdev(G1).adapters == {5, 6}
+    before = kernel_view(svc)
+    with pytest.raises(Conflict) as exc:
+        svc.create_matrix(G3, adapters=[6], domains=[0x47], name="guest3")
+    assert "06.0047 owned by guest2" in str(exc.value)
+    assert kernel_view(svc) == before
+    assert G3 not in svc.registry.matrices
+    assert svc.adapter(5).owners == {4: G1, 0x47: G2}
+    assert seen[0].host_changed and G1 in seen[1].matrices_added
+    clashes = [(str(c.apqn), c.owner) for c in svc.check([6, 7], [0x47, 0xAB])]
+    if svc.host.layout == "upstream":  # the masks still give the host adapter 07 x domain ab
+        assert clashes == [("06.0047", G2), ("07.00ab", "host")]
+    else:  # queue by queue: adapter 07 has no queues on this host
+        assert clashes == [("06.0047", G2)]
+    assert svc.check([6], [0x47], G2) == []
+
+
+def test_defined_then_started_then_stopped(svc: Service) -> None:
+    svc.reserve([5], [])
+    m = svc.create_matrix(G1, adapters=[5], domains=[4], start=False, name="g")
+    assert m.state == "defined" and not svc.kernel.mdev_exists(G1)
+    # A defined matrix keeps its APQNs: nobody else may take them.
+    with pytest.raises(Conflict):
+        svc.create_matrix(G2, adapters=[5], domains=[4])
+    svc.start("g")
+    assert svc.matrix(G1).state == "active" and svc.kernel.mdev_exists(G1)
+    svc.stop(G1)
+    assert svc.matrix(G1).state == "defined" and not svc.kernel.mdev_exists(G1)
+    svc.remove(G1)
+    with pytest.raises(NotFound):
+        svc.matrix(G1)
+
+
+def test_assign_unassign_and_update(svc: Service) -> None:
+    svc.reserve([5, 6], [])
+    svc.create_matrix(G1)
+    svc.assign(G1, "adapter", 5)
+    svc.assign(G1, "domain", 0x47)
+    m = svc.matrix(G1)
+    assert m.apqns == (Apqn(5, 0x47),) and m.control_domains == (0x47,)
+    svc.unassign(G1, "domain", 0x47)
+    assert svc.matrix(G1).control_domains == ()
+    svc.update(G1, [5, 6], [4, 0xAB], [1])
+    assert svc.kernel.read_mdev(G1).control_domains == {1, 4, 0xAB}
+    with pytest.raises(InvalidArgument):
+        svc.assign(G1, "adapter", 256)
+    with pytest.raises(InvalidArgument):
+        svc.create_matrix("not-a-uuid")
+
+
+def test_kernel_failure_half_way_changes_nothing(svc: Service, host: Host) -> None:
+    svc.reserve([5, 6], [4, 0x47])
+    before = kernel_view(svc)
+    mdev = f"{svc.kernel.mdev_path(G1)}/assign_adapter"
+    host.inject_fault(mdev, errno.EIO, count=2)
+    with pytest.raises(KernelError) as exc:
+        svc.create_matrix(G1, adapters=[5, 6], domains=[4])
+    assert exc.value.errno == errno.EIO
+    assert kernel_view(svc) == before
+    assert svc.registry.matrices == {}
+
+
+def test_host_pool_cannot_take_back_held_apqns(svc: Service) -> None:
+    svc.reserve([5], [])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    with pytest.raises(Busy):
+        svc.release([5], [])
+    assert 5 not in svc.host.host_adapters or svc.host.layout == "rfc2017"
+    svc.remove(G1)
+    svc.release([5], [])
+    assert svc.adapter(5).guest_domains == ()
