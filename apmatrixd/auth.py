@@ -64,6 +64,16 @@ _NAME_LOST_MATCH = (
 )
 
 
+_UNREACHABLE = frozenset(
+    {
+        "org.freedesktop.DBus.Error.ServiceUnknown",
+        "org.freedesktop.DBus.Error.NameHasNoOwner",
+        "org.freedesktop.DBus.Error.NoReply",
+        "org.freedesktop.DBus.Error.Timeout",
+    }
+)
+
+
 def denied(text: str) -> DBusError:
     return DBusError(names.ACCESS_DENIED, text)
 
@@ -157,8 +167,9 @@ class Authority:
             log.warning("polkit unreachable for %s (%s): refused", action, exc)
             raise denied(f"not authorized: {action} (polkit unreachable)") from None
         if reply.message_type == MessageType.ERROR:
-            log.warning("polkit said %s for %s: refused", reply.error_name, action)
-            raise denied(f"not authorized: {action} (polkit error)")
+            why = "unreachable" if reply.error_name in _UNREACHABLE else "error"
+            log.warning("polkit %s (%s) for %s: refused", why, reply.error_name, action)
+            raise denied(f"not authorized: {action} (polkit {why})")
         try:
             is_authorized, is_challenge, _details = reply.body[0]
         except (TypeError, ValueError, IndexError):
