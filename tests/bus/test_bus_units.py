@@ -1,0 +1,127 @@
+"""In-process checks of the small pieces: sd_notify, CreateMatrix options, polkit replies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import DBusError, Message, MessageFlag, MessageType, Variant
+
+from apmatrixd import notify
+from apmatrixd.auth import Authority, current_call
+from apmatrixd.bus.objects import parse_options
+from apmatrixd.core import InvalidArgument
+
+
+@pytest.mark.parametrize("kind", ["abstract", "path"])
+def test_notify_reaches_abstract_and_path_sockets(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        if kind == "abstract":
+            name = f"apmatrixd-unit-{uuidlib.uuid4().hex}"
+            sock.bind("\0" + name)
+            monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        else:
+            sock.bind(str(tmp_path / "notify"))
+            monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        assert notify.notify("READY=1", "STATUS=hi")
+        assert sock.recv(100) == b"READY=1\nSTATUS=hi"
+
+
+def test_notify_unset_is_a_noop_and_errors_do_not_raise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify.notify("READY=1") is False
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    assert notify.notify("READY=1") is False  # logged, not raised
+    monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")
+    assert notify.notify("READY=1") is False
+
+
+def test_watchdog_interval_honours_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert notify.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert notify.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert notify.watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "junk")
+    assert notify.watchdog_interval() is None
+
+
+def test_options_are_checked_by_key_and_type() -> None:
+    got = parse_options({"adapters": Variant("au", [5]), "start": Variant("b", False)})
+    assert got == {"adapters": [5], "start": False}
+    with pytest.raises(InvalidArgument, match="'colour'"):
+        parse_options({"colour": Variant("s", "red")})
+    with pytest.raises(InvalidArgument, match="'autostart' must be of type b, not s"):
+        parse_options({"autostart": Variant("s", "yes")})
+
+
+class FakeBus:
+    """Answers GetConnectionUnixUser with ``uid`` and CheckAuthorization with ``result``."""
+
+    def __init__(self, uid: int, result: Any) -> None:
+        self.uid, self.result, self.calls = uid, result, 0
+
+    async def call(self, msg: Message) -> Message:
+        if msg.member == "GetConnectionUnixUser":
+            return reply("u", [self.uid])
+        self.calls += 1
+        if isinstance(self.result, str):
+            return Message(
+                message_type=MessageType.ERROR,
+                reply_serial=1,
+                error_name=self.result,
+                signature="s",
+                body=["no"],
+            )
+        return reply("(bba{ss})", [self.result])
+
+
+def reply(sig: str, body: list[Any]) -> Message:
+    return Message(message_type=MessageType.METHOD_RETURN, reply_serial=1, signature=sig, body=body)
+
+
+def authorise(bus: FakeBus, member: str, interactive: bool = False) -> None:
+    flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE
+    msg = Message(path="/x", member="M", sender=":1.9", serial=1, flags=flags)
+
+    async def go() -> None:
+        current_call.set(msg)
+        await Authority(bus).authorise(member)  # type: ignore[arg-type]
+
+    asyncio.run(go())
+
+
+def test_polkit_decisions_map_to_the_right_errors() -> None:
+    create = "org.apmatrix.Apmatrix1.Manager.CreateMatrix"
+    root = FakeBus(0, (False, False, {}))
+    authorise(root, create)
+    assert root.calls == 0  # root never asks
+    authorise(FakeBus(1000, (True, False, {})), create)
+    with pytest.raises(DBusError) as e:
+        authorise(FakeBus(1000, (False, True, {})), create)
+    assert e.value.type == "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+    with pytest.raises(DBusError) as e:
+        authorise(FakeBus(1000, (False, True, {})), create, interactive=True)
+    assert e.value.type == "org.freedesktop.DBus.Error.AccessDenied"
+    with pytest.raises(DBusError) as e:
+        authorise(FakeBus(1000, "org.freedesktop.DBus.Error.ServiceUnknown"), create)
+    assert (e.value.type, "unreachable" in e.value.text) == (
+        "org.freedesktop.DBus.Error.AccessDenied",
+        True,
+    )
+    # reads need nothing; a method missing from the table is refused even to root
+    authorise(FakeBus(1000, "x.Fail"), "org.apmatrix.Apmatrix1.Manager.Check")
+    with pytest.raises(DBusError) as e:
+        authorise(FakeBus(0, (True, False, {})), "org.apmatrix.Apmatrix1.Manager.NewThing")
+    assert e.value.type == "org.freedesktop.DBus.Error.AccessDenied"
