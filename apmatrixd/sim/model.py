@@ -207,6 +207,10 @@ class Host(ApKernel):
     def inject_fault(self, path: str, err: int, count: int = 1) -> None:
         """The next ``count`` writes to ``path`` fail with ``OSError(err)`` and change nothing."""
         self._split(path)
+        if not isinstance(err, int) or isinstance(err, bool) or not 0 < err < 4096:
+            raise oserror(errno.EINVAL, f"errno must be a positive int, not {err!r}")
+        if not isinstance(count, int) or count < 0:
+            raise oserror(errno.EINVAL, f"count must be an int >= 0, not {count!r}")
         queue = self.faults.setdefault(self._norm(path), deque())
         queue.extend([err] * count)
 
@@ -216,6 +220,33 @@ class Host(ApKernel):
             if queue:
                 err = queue.popleft()
                 raise oserror(err)
+
+    # ----------------------------------------------------------------- hot plug (guarded)
+
+    @_guarded
+    def plug_adapter(self, id: int, type: str = "CEX8C") -> None:
+        """Adapter ``id`` of ``type`` enters the LPAR: card and queues added and bound."""
+        super().plug_adapter(id, type)
+
+    @_guarded
+    def unplug_adapter(self, id: int) -> None:
+        """Adapter ``id`` leaves the LPAR: its queues and card are unbound and removed."""
+        super().unplug_adapter(id)
+
+    @_guarded
+    def plug_domain(self, id: int) -> None:
+        """Usage domain ``id`` enters the LPAR's AQM: a queue appears on every card."""
+        super().plug_domain(id)
+
+    @_guarded
+    def unplug_domain(self, id: int) -> None:
+        """Usage domain ``id`` leaves the LPAR's AQM: its queues vanish."""
+        super().unplug_domain(id)
+
+    @_guarded
+    def scan(self) -> None:
+        """One AP bus scan (what ``config_time`` would trigger): may send BINDINGS=complete."""
+        super().scan()
 
     @_guarded
     def mdev_uuids(self) -> list[str]:

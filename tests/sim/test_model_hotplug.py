@@ -122,3 +122,13 @@ def test_unbound_queue_blocks_bindings_complete(host: Host, events: list[Uevent]
     assert host.readlink("devices/ap/card05/05.0004/driver").endswith("/cex4queue")
     host.write("bus/ap/scans", b"1")
     assert events[-1].env == {"BINDINGS": "complete", "COMPLETECOUNT": "2"}
+
+
+@pytest.mark.parametrize("bad", [None, "5", [1], 1.5, -1, 2**70])
+def test_hotplug_with_nonsense_is_oserror(host: Host, bad: object) -> None:
+    for call in (host.plug_adapter, host.unplug_adapter, host.plug_domain, host.unplug_domain):
+        with pytest.raises(OSError):
+            call(bad)  # type: ignore[arg-type]
+    with pytest.raises(OSError):
+        host.inject_fault("bus/ap/apmask", bad)  # type: ignore[arg-type]
+    assert host.internal_errors == []

@@ -1,0 +1,344 @@
+"""The emulated kernel's memory: cards, queue bindings, masks, mdevs, and its uevents.
+
+The store rules live in ``vfio.py`` (mdev core, vfio_ap) and ``apbus.py`` (AP bus, zcrypt);
+``kernel.py`` joins them and documents the choices made where the kernel is unknown.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from apmatrixd.sim.scenario import AdapterSpec, Scenario
+from apmatrixd.sim.vfs import Uevent, UeventListener
+
+Apqn = tuple[int, int]
+MAX_INSTANCES = 256 * 256  # MAX_ZDEV_ENTRIES_EXT
+AP_CONFIG_STRLEN = 201
+CEX4CARD = "cex4card"
+CEX4QUEUE = "cex4queue"
+
+
+def oserror(code: int, what: str = "") -> OSError:
+    """An OSError with the kernel's errno and a readable text."""
+    return OSError(code, what or os.strerror(code))
+
+
+@dataclass
+class Card:
+    """One AP card device (``cardXX``) and its zcrypt state."""
+
+    spec: AdapterSpec
+    config: bool
+    online: bool  # zcrypt's flag; reads as 1 only while configured and not checkstopped
+    chkstop: bool
+    driver: str | None = CEX4CARD
+    offline_queues: set[int] = field(default_factory=set)  # zcrypt queue online flag off
+
+
+@dataclass
+class Mdev:
+    """One mediated device: the assigned masks, as vfio_ap stores them."""
+
+    uuid: str
+    apm: set[int] = field(default_factory=set)
+    aqm: set[int] = field(default_factory=set)
+    adm: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Names:
+    """The names that differ between the two layouts."""
+
+    root: str  # devices/<root>
+    matrix_bus: str  # bus/<matrix_bus>, uevent SUBSYSTEM of the matrix device
+    matrix_driver: str  # driver of the matrix device on that bus
+    mdev_type: str
+    type_name: str
+    queue_driver: str  # the AP-bus driver that takes queues for guests
+    mdev_driver: str
+
+
+UPSTREAM = Names(
+    "vfio_ap",
+    "matrix",
+    "vfio_ap",
+    "vfio_ap-passthrough",
+    "VFIO AP Passthrough Device",
+    "vfio_ap",
+    "vfio_ap_mdev",
+)
+RFC2017 = Names(
+    "ap_matrix",
+    "ap_matrix",
+    "ap_matrix",
+    "ap_matrix-passthrough",
+    "AP Matrix Passthrough Device",
+    "vfio_ap_matrix",
+    "vfio_mdev",
+)
+
+
+class KernelState:
+    """State, queries, uevents and bindings of one emulated LPAR; public methods hold ``lock``."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.layout = scenario.layout
+        self.names = RFC2017 if scenario.layout == "rfc2017" else UPSTREAM
+        self.apxa = scenario.apxa
+        self.max_adapter_id = scenario.max_adapter_id
+        self.max_domain_id = scenario.max_domain_id
+        self.lock = threading.RLock()
+        self.cards: dict[int, Card] = {
+            s.id: Card(s, s.config, s.online, s.chkstop) for s in scenario.adapters
+        }
+        self.usage: set[int] = set(scenario.usage_domains)
+        self.control: set[int] = set(scenario.control_domains)
+        self.apmask: frozenset[int] = scenario.apmask
+        self.aqmask: frozenset[int] = scenario.aqmask
+        # Queue bindings that differ from the natural one (see natural_driver); None = unbound.
+        self.qdrv: dict[Apqn, str | None] = {}
+        # Queues taken from cex4queue: bus state "uninitiated", request_count reads "-".
+        self.uninit: set[Apqn] = set()
+        self.mdevs: dict[str, Mdev] = {}
+        usable = sorted(self.usage & self.aqmask)
+        self.ap_domain = usable[0] if usable else -1
+        self.config_time = 30
+        self.poll_thread = False
+        self.poll_timeout = 250000
+        self.drivers_autoprobe = True
+        self.scans = 1
+        self.bindings_complete_count = 1
+        self.bindings_armed = False
+        self.seqnum = self._boot_event_count()
+        self.listeners: list[UeventListener] = []
+        self.dmesg: deque[str] = deque(maxlen=1000)
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def upstream(self) -> bool:
+        return self.layout == "upstream"
+
+    def queue_exists(self, a: int, d: int) -> bool:
+        return a in self.cards and d in self.usage
+
+    def in_pool(self, a: int, d: int) -> bool:
+        """Host pool: apmask x aqmask (the rfc2017 layout has no masks: nothing is pooled)."""
+        return self.upstream and a in self.apmask and d in self.aqmask
+
+    def held(self, a: int, d: int) -> Mdev | None:
+        """The mdev whose APM x AQM contains the APQN, if any."""
+        for m in self.mdevs.values():
+            if a in m.apm and d in m.aqm:
+                return m
+        return None
+
+    def natural_driver(self, a: int, d: int) -> str:
+        """The driver a probe picks: the host pool's upstream, cex4queue in a booted rfc2017."""
+        if self.upstream:
+            return CEX4QUEUE if self.in_pool(a, d) else self.names.queue_driver
+        return CEX4QUEUE
+
+    def queue_driver(self, a: int, d: int) -> str | None:
+        key = (a, d)
+        if key in self.qdrv:
+            return self.qdrv[key]
+        return self.natural_driver(a, d)
+
+    def queue_count(self) -> int:
+        return len(self.cards) * len(self.usage)
+
+    def unbound_queue_count(self) -> int:
+        return sum(1 for v in self.qdrv.values() if v is None)
+
+    def guest_view(self, m: Mdev) -> tuple[set[int], set[int], set[int]]:
+        """vfio_ap's shadow APCB (kernel-facts §1.5), recomputed from the current state."""
+        host_apm = {a for a, c in self.cards.items() if c.config}
+        aqm = m.aqm & self.usage
+        apm = {
+            a
+            for a in m.apm & host_apm
+            if all(self.queue_driver(a, d) == self.names.queue_driver for d in aqm)
+        }
+        return apm, aqm, m.adm & self.control
+
+    def queue_status(self, a: int, d: int) -> str:
+        """vfio_ap ``status``: no guest is ever attached here, so never ``in use``."""
+        return "assigned" if self.held(a, d) is not None else "unassigned"
+
+    def card_env(self, a: int) -> dict[str, str]:
+        hw = self.cards[a].spec.hwtype
+        return {
+            "DEV_TYPE": f"{hw:04X}",
+            "MODALIAS": f"ap:t{hw:02X}",
+            "MODE": self.cards[a].spec.uevent_mode,
+        }
+
+    def queue_env(self, a: int) -> dict[str, str]:
+        return {"MODE": self.cards[a].spec.uevent_mode}
+
+    # ----------------------------------------------------------------- uevents
+
+    def subscribe(self, listener: UeventListener) -> Callable[[], None]:
+        """Deliver every later uevent to ``listener``, synchronously, in kernel order."""
+        with self.lock:
+            self.listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self.lock:
+                if listener in self.listeners:
+                    self.listeners.remove(listener)
+
+        return unsubscribe
+
+    def emit(
+        self,
+        action: str,
+        devpath: str,
+        subsystem: str,
+        devtype: str | None = None,
+        driver: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.seqnum += 1
+        event = Uevent(action, devpath, subsystem, self.seqnum, devtype, driver, env or {})
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception as exc:  # a listener's bug must not corrupt the kernel state
+                self.dmesg.append(f"uevent listener failed: {exc!r}")
+
+    def emit_card(self, action: str, a: int, extra: dict[str, str] | None = None) -> None:
+        env = dict(extra or {})
+        env.update(self.card_env(a))
+        self.emit(action, f"/devices/ap/card{a:02x}", "ap", "ap_card", self.cards[a].driver, env)
+
+    def emit_queue(self, action: str, a: int, d: int, extra: dict[str, str] | None = None) -> None:
+        env = dict(extra or {})
+        env.update(self.queue_env(a))
+        drv = self.queue_driver(a, d) if self.queue_exists(a, d) else None
+        path = f"/devices/ap/card{a:02x}/{a:02x}.{d:04x}"
+        self.emit(action, path, "ap", "ap_queue", drv, env)
+
+    def emit_root(self, env: dict[str, str]) -> None:
+        self.emit("change", "/devices/ap", "ap", env=env)
+
+    def matrix_devpath(self) -> str:
+        return f"/devices/{self.names.root}/matrix"
+
+    def emit_mdev(self, action: str, uuid: str, bound: bool) -> None:
+        drv = self.names.mdev_driver if bound else None
+        self.emit(action, f"{self.matrix_devpath()}/{uuid}", "mdev", driver=drv)
+
+    def _boot_event_count(self) -> int:
+        return len(self.scenario.adapters) * (2 + 2 * len(self.scenario.usage_domains)) + 5
+
+    def boot_uevents(self) -> Iterator[Uevent]:
+        """The coldplug story of the scenario's boot, seqnums 1..N (generated on demand).
+
+        Cards and queues are added and bound by the first bus scan, then ``INITSCAN=done``
+        and ``BINDINGS=complete``; then vfio_ap loads: the matrix device is added, bound,
+        and registered as mdev parent (``MDEV_STATE=registered``).
+        """
+        sc = self.scenario
+        seq = 0
+        domains = sorted(sc.usage_domains)
+
+        def mk(action: str, path: str, sub: str, dt: str | None, drv: str | None,
+               env: dict[str, str]) -> Uevent:  # fmt: skip
+            nonlocal seq
+            seq += 1
+            return Uevent(action, path, sub, seq, dt, drv, env)
+
+        for spec in sc.adapters:
+            a, hw = spec.id, spec.hwtype
+            cenv = {"DEV_TYPE": f"{hw:04X}", "MODALIAS": f"ap:t{hw:02X}", "MODE": spec.uevent_mode}
+            cpath = f"/devices/ap/card{a:02x}"
+            yield mk("add", cpath, "ap", "ap_card", None, cenv)
+            yield mk("bind", cpath, "ap", "ap_card", CEX4CARD, cenv)
+            qenv = {"MODE": spec.uevent_mode}
+            for d in domains:
+                qpath = f"{cpath}/{a:02x}.{d:04x}"
+                pooled = not self.upstream or (a in sc.apmask and d in sc.aqmask)
+                drv = CEX4QUEUE if pooled else self.names.queue_driver
+                yield mk("add", qpath, "ap", "ap_queue", None, qenv)
+                yield mk("bind", qpath, "ap", "ap_queue", drv, qenv)
+        yield mk("change", "/devices/ap", "ap", None, None, {"INITSCAN": "done"})
+        done = {"BINDINGS": "complete", "COMPLETECOUNT": "1"}
+        yield mk("change", "/devices/ap", "ap", None, None, done)
+        mpath, mbus, mdrv = self.matrix_devpath(), self.names.matrix_bus, self.names.matrix_driver
+        yield mk("add", mpath, mbus, None, None, {})
+        yield mk("bind", mpath, mbus, None, mdrv, {})
+        yield mk("change", mpath, mbus, None, mdrv, {"MDEV_STATE": "registered"})
+
+    # ----------------------------------------------------------------- queue binding
+
+    def set_queue_driver(self, a: int, d: int, drv: str | None) -> None:
+        """Record a binding; the override map only holds bindings that differ from natural."""
+        key = (a, d)
+        if drv == self.natural_driver(a, d):
+            self.qdrv.pop(key, None)
+        else:
+            self.qdrv[key] = drv
+        if drv == CEX4QUEUE:
+            self.uninit.discard(key)
+            self.cards[a].offline_queues.discard(d)  # zcrypt probe sets online = 1
+
+    def unbind_queue(self, a: int, d: int) -> None:
+        was = self.queue_driver(a, d)
+        if was is None:
+            return
+        self.set_queue_driver(a, d, None)
+        if was == CEX4QUEUE:
+            self.uninit.add((a, d))
+        self.emit_queue("unbind", a, d)
+
+    def bind_queue(self, a: int, d: int, drv: str) -> None:
+        self.set_queue_driver(a, d, drv)
+        self.bindings_armed = True
+        self.emit_queue("bind", a, d)
+
+    def probe_driver(self, a: int, d: int) -> str:
+        """What an automatic probe of a driverless queue binds it to."""
+        if not self.upstream and self.held(a, d) is not None:
+            return self.names.queue_driver
+        return self.natural_driver(a, d)
+
+    def scan_done(self) -> None:
+        """End of a bus scan: announce ``BINDINGS=complete`` once per transition."""
+        if self.bindings_armed and self.unbound_queue_count() == 0:
+            self.bindings_armed = False
+            self.bindings_complete_count += 1
+            self.emit_root(
+                {"BINDINGS": "complete", "COMPLETECOUNT": str(self.bindings_complete_count)}
+            )
+
+    def scan(self) -> None:
+        """A bus scan (``scans`` write, config_time tick): only the bindings check is left."""
+        with self.lock:
+            self.scans += 1
+            self.scan_done()
+
+
+def parse_device_name(name: str) -> tuple[int, int | None] | None:
+    """``card05`` -> (5, None), ``05.00ab`` -> (5, 0xab); only the kernel's exact spelling."""
+    try:
+        if name.startswith("card") and len(name) == 6:
+            a = int(name[4:], 16)
+            return (a, None) if name == f"card{a:02x}" else None
+        if len(name) == 7 and name[2] == ".":
+            a, d = int(name[:2], 16), int(name[3:], 16)
+            return (a, d) if name == f"{a:02x}.{d:04x}" else None
+    except ValueError:
+        return None
+    return None
+
+
+def sorted_ids(ids: Iterable[int], limit: int) -> list[int]:
+    """Ascending ids up to ``limit``: the order every show() function iterates."""
+    return sorted(i for i in ids if i <= limit)
