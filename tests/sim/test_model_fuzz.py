@@ -158,3 +158,36 @@ def test_non_bytes_and_non_str_inputs_are_oserror() -> None:
         with contextlib.suppress(OSError):
             host.write("bus/ap/apmask", data)  # type: ignore[arg-type]
     assert host.internal_errors == []
+
+
+def test_threads_share_one_host_safely() -> None:
+    """The FUSE face is multithreaded: every public method serialises on ``Host.lock``."""
+    import threading
+
+    host = fresh("default")
+    m1, m2 = (host.mdev_dir(u) for u in UUIDS[:2])
+    seen: list[int] = []
+    host.subscribe(lambda e: seen.append(e.seqnum))
+
+    def churn(n: int) -> None:
+        for i in range(200):
+            for path, data in (
+                ("bus/ap/apmask", b"-5" if i % 2 else b"+5"),
+                (f"{(m1, m2)[n % 2]}/assign_domain", b"0x47"),
+                (f"{(m1, m2)[n % 2]}/assign_adapter", b"5"),
+                (f"{(m1, m2)[n % 2]}/unassign_adapter", b"5"),
+                ("bus/ap/drivers/cex4queue/unbind", b"06.0004"),
+                ("bus/ap/drivers_probe", b"06.0004"),
+            ):
+                with contextlib.suppress(OSError):
+                    host.write(path, data)
+            host.listdir("bus/ap/drivers/vfio_ap")
+            host.read(f"{m1}/guest_matrix")
+
+    threads = [threading.Thread(target=churn, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == sorted(seen) and len(seen) == len(set(seen))
+    check_invariants(host)
