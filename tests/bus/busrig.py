@@ -64,7 +64,7 @@ class PrivateBus:
         d.chmod(0o755)  # nobody must reach the socket: pytest's tmp_path is 0700
         conf = d / "bus.conf"
         conf.write_text(
-            (HERE / "testbus.conf.in")
+            (REPO / "tools" / "private-bus.conf.in")
             .read_text()
             .replace("@SOCKET@", str(d / "bus.sock"))
             .replace("@POLICY@", str(POLICY))
