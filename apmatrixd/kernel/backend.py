@@ -202,14 +202,25 @@ class Kernel:
         return HostPool(queues=queues)
 
     def read_adapters(self) -> dict[int, AdapterInfo]:
+        # One listing per queue driver instead of one readlink per queue: a 256 x 256 host
+        # has 65,536 queues, and the driver directories name every bound one.
+        bound = {
+            driver: self._bound_to(driver) for driver in (self._layout.vfio_driver, HOST_DRIVER)
+        }
         out: dict[int, AdapterInfo] = {}
         for name in self._listdir(AP_DEVICES):
             m = _CARD_RE.fullmatch(name)
             if m and self.io.is_dir(f"{AP_DEVICES}/{name}"):
-                out[int(m[1], 16)] = self._read_adapter(int(m[1], 16))
+                out[int(m[1], 16)] = self._read_adapter(int(m[1], 16), bound)
         return out
 
-    def _read_adapter(self, adapter: int) -> AdapterInfo:
+    def _bound_to(self, driver: str) -> frozenset[str]:
+        path = f"{AP_BUS}/drivers/{driver}"
+        if not self.io.exists(path):
+            return frozenset()
+        return frozenset(n for n in self._listdir(path) if _QUEUE_RE.fullmatch(n))
+
+    def _read_adapter(self, adapter: int, bound: Mapping[str, frozenset[str]]) -> AdapterInfo:
         card = f"{AP_DEVICES}/card{adapter:02x}"
         kind = ""
         if self.io.exists(f"{card}/type"):
@@ -228,10 +239,9 @@ class Kernel:
                 continue
             domain = int(m[2], 16)
             present.add(domain)
-            driver = self._driver_of(f"{card}/{name}")
-            if driver == self._layout.vfio_driver:
+            if name in bound[self._layout.vfio_driver]:
                 guest.add(domain)
-            elif driver == HOST_DRIVER:
+            elif name in bound[HOST_DRIVER]:
                 host.add(domain)
         return AdapterInfo(
             id=adapter,
