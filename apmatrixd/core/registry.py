@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from apmatrixd.core.apqn import Apqn, cross
+from apmatrixd.core.apqn import MAX_ID, Apqn, cross
 from apmatrixd.core.errors import (
     HOST,
     AlreadyExists,
@@ -199,6 +199,14 @@ class Registry:
         domains: frozenset[int],
         control_domains: frozenset[int],
     ) -> Decision:
+        for what, ids in (
+            ("adapter", adapters),
+            ("domain", domains),
+            ("control domain", control_domains),
+        ):
+            bad = [i for i in ids if type(i) is not int or i < 0]
+            if bad:
+                return Decision(change, invalid=f"{what} id must be a number >= 0, not {bad[0]!r}")
         rng = self.limits.violations(adapters, domains, control_domains)
         # The whole cross product, as the kernel checks it: an adopted matrix that already
         # breaks a rule must not get more on the strength of its older APQNs.
@@ -235,6 +243,11 @@ class Registry:
 
     def _decide_pool(self, change: SetHostPool) -> Decision:
         new, old = change.pool, self.pool
+        if not isinstance(new, HostPool):
+            return Decision(change, invalid="not a host pool")
+        for ids in (new.adapters, new.domains):
+            if any(type(i) is not int or not 0 <= i <= MAX_ID for i in ids):
+                return Decision(change, invalid="host pool ids must be within 0..255")
         if new.per_queue != old.per_queue:
             return Decision(change, invalid="the host pool cannot change between masks and queues")
         busy: list[Clash] = []

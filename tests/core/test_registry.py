@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apmatrixd.core import (
     AlreadyExists,
+    ApmatrixError,
     Apqn,
     Busy,
     Change,
@@ -195,3 +198,25 @@ def test_no_sequence_of_changes_breaks_an_invariant(
         else:
             assert (dict(reg.matrices), reg.pool) == before
         assert reg.violations() == []
+
+
+junk = st.one_of(
+    st.integers(-(2**70), 2**70), st.text(max_size=3), st.none(), st.floats(), st.booleans()
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(junk, max_size=3), st.lists(junk, max_size=3), st.lists(junk, max_size=3))
+def test_bad_input_only_ever_gives_a_named_refusal(
+    a: list[object], d: list[object], c: list[object]
+) -> None:
+    reg = Registry(limits=Limits(63, 15))
+    try:
+        m = Matrix(U1, frozenset(a), frozenset(d), frozenset(c))  # type: ignore[arg-type]
+    except TypeError:
+        return  # unhashable: the D-Bus layer never builds such a thing
+    for change in (DefineMatrix(m), SetHostPool(HostPool(m.adapters, m.domains))):
+        with contextlib.suppress(ApmatrixError):  # the only thing bad input may raise
+            reg.apply(change)
+        assert reg.violations() == []
+    assert all(type(i) is int and i >= 0 for apqn in reg.owners() for i in apqn)
