@@ -1,21 +1,27 @@
-"""The one path every change takes: decide in the registry, apply to the kernel, signal.
+"""The one path every change takes: decide in the registry, apply to the kernel, store, signal.
 
 Every public method is synchronous and runs on the daemon's single asyncio thread, so two
 callers can never interleave between a decision and its kernel writes: no APQN can get
 two owners by a race. A refused change touches nothing; a kernel refusal half-way through
 is undone by the kernel backend and the registry is only updated after the kernel agreed.
+With a :class:`~apmatrixd.store.Store`, a change returns (and the D-Bus caller hears of it)
+only once it is durable; if the store cannot be written, the kernel and registry changes are
+undone and :class:`~apmatrixd.store.StoreError` is raised. Start-up is :meth:`Service.load`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import uuid as uuidlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from apmatrixd import __version__
+from apmatrixd import __version__, mdevctl
 from apmatrixd.core import (
+    AlreadyExists,
+    ApmatrixError,
     Apqn,
     Clash,
     DefineMatrix,
@@ -28,8 +34,18 @@ from apmatrixd.core import (
     SetHostPool,
     UpdateMatrix,
 )
+from apmatrixd.core.errors import _ClashError
 from apmatrixd.core.matrix import id_set, normalize_uuid
-from apmatrixd.kernel import AdapterInfo, HostSnapshot, Kernel
+from apmatrixd.kernel import AdapterInfo, HostSnapshot, Kernel, KernelError
+from apmatrixd.store import (
+    Contents,
+    Reservations,
+    Store,
+    StoredMatrix,
+    StoreError,
+    atomic_write,
+    fsync_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +137,15 @@ Listener = Callable[[Changes], None]
 class Service:
     """The daemon's state and its operations; D-Bus, udev and storage sit around it."""
 
-    def __init__(self, kernel: Kernel, version: str = __version__) -> None:
+    def __init__(
+        self, kernel: Kernel, version: str = __version__, store: Store | None = None
+    ) -> None:
         self.kernel = kernel
         self.version = version
+        self.store = store
+        self._on_disk: dict[str, StoredMatrix] = {}  # what the store holds, as last written
+        self._reservations = Reservations()
+        self._on_disk_reservations = Reservations()
         self.registry = Registry()
         self._meta: dict[str, _Meta] = {}
         self._adapters: dict[int, AdapterView] = {}
@@ -134,29 +156,149 @@ class Service:
 
     # -- start-up -----------------------------------------------------------------------
     def load(self) -> None:
-        """Build the registry from what the kernel holds now; live mdevs are adopted."""
+        """Start-up: registry from the kernel and the store; reservations, autostart.
+
+        In this order: (1) every live mdev enters the registry (a stored UUID is that
+        matrix; an unknown one is adopted, and stored only once changed through us); (2) the
+        stored reservations are applied to the host pool (after a reboot the masks are back at
+        their boot values); (3) every stored definition: a live one that differs from its file
+        (a call interrupted by a crash) is taken back to the stored definition, the others
+        enter as ``defined``; a definition that clashes with a live mdev stays on disk but is
+        not loaded (logged); (4) every autostart matrix whose APQNs are all present is started
+        (:meth:`start_waiting` starts the rest when hot-plug brings them). The registry
+        the kernel cannot see (1) must come first: nothing can be decided without it.
+        """
         snap = self.kernel.read_host()
         self.registry = Registry(limits=snap.limits, pool=snap.pool)
         self._meta.clear()
+        contents = self.store.load() if self.store is not None else Contents()
+        self._on_disk = dict(contents.matrices)
+        self._reservations = self._on_disk_reservations = contents.reservations
+        self._take_inventory(snap)
         for mdev in sorted(snap.mdevs.values(), key=lambda m: m.uuid):
+            sm = contents.matrices.get(mdev.uuid)
             m = Matrix(
                 mdev.uuid,
                 frozenset(mdev.adapters),
                 frozenset(mdev.domains),
                 frozenset(mdev.control_domains),
+                name=sm.name if sm else "",
+                autostart=sm.autostart if sm else False,
             )
             problems = self.registry.decide(DefineMatrix(m)).error(ORDER)
             if problems is not None:
                 log.warning("adopting %s although it breaks a rule: %s", m.uuid, problems)
             self.registry.restore(DefineMatrix(m))
-            usage_as_control = m.domains <= m.control_domains
             self._meta[m.uuid] = _Meta(
                 live=True,
-                adopted=True,
-                control_usage_domains=usage_as_control,
+                adopted=sm is None,
+                control_usage_domains=sm.control_usage_domains
+                if sm
+                else m.domains <= m.control_domains,
                 guest=tuple(sorted(mdev.guest_apqns)),
             )
+        self._restore_pool()
+        for sm in sorted(contents.matrices.values(), key=lambda m: m.uuid):
+            self._load_stored(sm)
+        snap = self.kernel.read_host()
         self._take_inventory(snap)
+        for uuid, meta in self._meta.items():
+            if meta.live and uuid in snap.mdevs:
+                meta.guest = tuple(sorted(snap.mdevs[uuid].guest_apqns))
+        self.start_waiting()
+
+    def _restore_pool(self) -> None:
+        r = self._reservations
+        pool = self.registry.pool
+        reserved = self._reserved_pool(pool, r.reserved_adapters, r.reserved_domains)
+        target = self._released_pool(reserved, r.released_adapters, r.released_domains)
+        for new in (target, reserved):
+            decision = self.registry.decide(SetHostPool(new))
+            if decision.noop:
+                return
+            if not decision.accepted:
+                log.warning("stored reservations: %s", decision.error(ORDER))
+                continue
+            try:
+                self.kernel.set_pool(pool, new)
+            except KernelError as err:
+                log.error("stored reservations not applied: %s", err)
+                continue
+            self.registry.apply(SetHostPool(new), ORDER)
+            log.info("stored reservations applied: host pool %s", self._pool_text(new))
+            return
+
+    def _pool_text(self, pool: HostPool) -> str:
+        if pool.queues is not None:
+            return f"{len(pool.queues)} queues"
+        return f"adapters {sorted(pool.adapters)} x domains {sorted(pool.domains)}"
+
+    def _load_stored(self, sm: StoredMatrix) -> None:
+        want = Matrix(
+            sm.uuid,
+            sm.adapters,
+            sm.domains,
+            sm.control_domains,
+            name=sm.name,
+            autostart=sm.autostart,
+        )
+        live = self.registry.matrices.get(sm.uuid)
+        if live is None:
+            err = self.registry.decide(DefineMatrix(want)).error(ORDER)
+            if err is not None:
+                log.error("stored matrix %s not loaded (its file is kept): %s", sm.uuid, err)
+                return
+            self.registry.apply(DefineMatrix(want), ORDER)
+            self._meta[sm.uuid] = _Meta(control_usage_domains=sm.control_usage_domains)
+            return
+        if live == want:
+            return
+        # Live but not as stored: a change that never returned to its caller. Undo it.
+        change = UpdateMatrix(
+            sm.uuid, sm.adapters, sm.domains, sm.control_domains, sm.name, sm.autostart
+        )
+        err = self.registry.decide(change).error(ORDER)
+        try:
+            if err is not None:
+                raise err
+            self.kernel.apply_matrix(sm.uuid, live, want)
+        except ApmatrixError as why:
+            log.warning(
+                "matrix %s is live but differs from its stored definition: %s", sm.uuid, why
+            )
+            return
+        self.registry.apply(change, ORDER)
+        self._meta[sm.uuid].guest = self._guest(sm.uuid)
+        log.info("matrix %s taken back to its stored definition (an interrupted change)", sm.uuid)
+
+    def start_waiting(self) -> list[str]:
+        """Start every autostart matrix that is not live and whose APQNs are all present.
+
+        Called at start-up and by the hot-plug path once it has refreshed the inventory
+        (``_take_inventory``). Returns the UUIDs started; one Changes batch is emitted.
+        A kernel refusal leaves that matrix ``defined`` (logged) and the others go on.
+        """
+        changes = Changes()
+        started: list[str] = []
+        for uuid in sorted(self.registry.matrices):
+            m, meta = self.registry.matrices[uuid], self._meta[uuid]
+            if not m.autostart or meta.live or not set(m.apqns()) <= self._queues:
+                continue
+            try:
+                self.kernel.apply_matrix(uuid, None, m)
+            except KernelError as err:
+                log.warning("autostart of matrix %s failed: %s", m.label, err)
+                continue
+            meta.live, meta.guest = True, self._guest(uuid)
+            started.append(uuid)
+            changes.matrices_changed.add(uuid)
+            self._touch_adapters(changes, m.adapters)
+        if started:
+            log.info(
+                "started %d autostart matri%s", len(started), "x" if len(started) == 1 else "ces"
+            )
+        self._emit(changes)
+        return started
 
     def _take_inventory(self, snap: HostSnapshot) -> None:
         self._queues = frozenset(Apqn(a.id, d) for a in snap.adapters.values() for d in a.domains)
@@ -276,6 +418,14 @@ class Service:
         self._meta[uuid] = _Meta(
             live=start, control_usage_domains=control_usage_domains, guest=guest
         )
+
+        def undo() -> None:
+            self.registry.restore(RemoveMatrix(uuid))
+            del self._meta[uuid]
+            if start:
+                self._kernel_undo(uuid, m, None)
+
+        self._durable(undo, write=[uuid])
         changes = Changes(matrices_added={uuid})
         self._touch_adapters(changes, a)
         self._emit(changes)
@@ -327,11 +477,20 @@ class Service:
             return
         new = m.with_sets(change.adapters, change.domains, change.control_domains)
         meta = self._meta[m.uuid]
+        before = replace(meta)
         if meta.live:
             self.kernel.apply_matrix(m.uuid, m, new)
-        self.registry.apply(change, ORDER)
+        back = self.registry.apply(change, ORDER)
         if meta.live:
             meta.guest = self._guest(m.uuid)
+
+        def undo() -> None:
+            self.registry.restore(back)
+            self._meta[m.uuid] = before
+            if before.live:
+                self._kernel_undo(m.uuid, new, m)
+
+        self._durable(undo, write=[m.uuid])
         changes = Changes(matrices_changed={m.uuid})
         self._touch_adapters(changes, m.adapters | new.adapters)
         self._emit(changes)
@@ -361,10 +520,20 @@ class Service:
     def remove(self, uuid: str) -> None:
         m = self.registry.get(self._uuid(uuid))
         self.registry.decide(RemoveMatrix(m.uuid)).raise_if_refused(ORDER)
-        if self._meta[m.uuid].live:
+        meta = self._meta[m.uuid]
+        if meta.live:
             self.kernel.apply_matrix(m.uuid, m, None)
         self.registry.apply(RemoveMatrix(m.uuid))
         del self._meta[m.uuid]
+
+        def undo() -> None:
+            self.registry.restore(DefineMatrix(m))
+            self._meta[m.uuid] = meta
+            if meta.live:
+                self._kernel_undo(m.uuid, None, m)
+                meta.guest = self._guest(m.uuid)
+
+        self._durable(undo, remove=[m.uuid])
         changes = Changes(matrices_removed={m.uuid})
         self._touch_adapters(changes, m.adapters)
         self._emit(changes)
@@ -374,7 +543,15 @@ class Service:
         if m.autostart == autostart:
             return
         change = UpdateMatrix(m.uuid, m.adapters, m.domains, m.control_domains, autostart=autostart)
-        self.registry.apply(change, ORDER)
+        back = self.registry.apply(change, ORDER)
+        meta = self._meta[m.uuid]
+        adopted = meta.adopted
+
+        def undo() -> None:
+            self.registry.restore(back)
+            meta.adopted = adopted
+
+        self._durable(undo, write=[m.uuid])
         self._emit(Changes(matrices_changed={m.uuid}))
 
     def check(self, adapters: Iterable[int], domains: Iterable[int], uuid: str = "") -> list[Clash]:
@@ -390,34 +567,57 @@ class Service:
     def reserve(self, adapters: Iterable[int], domains: Iterable[int]) -> None:
         """Take these adapters and domains from the host's drivers, for guests."""
         a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
-        pool = self.registry.pool
-        if pool.queues is not None:
-            new = HostPool(
-                queues=frozenset(q for q in pool.queues if q.adapter not in a and q.domain not in d)
-            )
-        else:
-            new = HostPool(pool.adapters - a, pool.domains - d)
-        self._set_pool(new)
+        new = self._reserved_pool(self.registry.pool, a, d)
+        self._set_pool(new, self._reservations.reserve(a, d))
 
     def release(self, adapters: Iterable[int], domains: Iterable[int]) -> None:
         """Give these adapters and domains back to the host's drivers."""
         a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
-        pool = self.registry.pool
+        new = self._released_pool(self.registry.pool, a, d)
+        self._set_pool(new, self._reservations.release(a, d))
+
+    @staticmethod
+    def _reserved_pool(pool: HostPool, a: frozenset[int], d: frozenset[int]) -> HostPool:
+        if pool.queues is not None:
+            return HostPool(
+                queues=frozenset(q for q in pool.queues if q.adapter not in a and q.domain not in d)
+            )
+        return HostPool(pool.adapters - a, pool.domains - d)
+
+    def _released_pool(self, pool: HostPool, a: frozenset[int], d: frozenset[int]) -> HostPool:
         if pool.queues is not None:
             back = {q for q in self._queues if q.adapter in a or q.domain in d}
-            new = HostPool(queues=pool.queues | back)
-        else:
-            new = HostPool(pool.adapters | a, pool.domains | d)
-        self._set_pool(new)
+            return HostPool(queues=pool.queues | back)
+        return HostPool(pool.adapters | a, pool.domains | d)
 
-    def _set_pool(self, new: HostPool) -> None:
+    def _set_pool(self, new: HostPool, reservations: Reservations) -> None:
         change = SetHostPool(new)
         decision = self.registry.decide(change)
         decision.raise_if_refused(ORDER)
+        old_reservations = self._reservations
         if decision.noop:
+            if reservations != old_reservations:  # the intent is kept even if the masks agree
+                self._reservations = reservations
+
+                def forget() -> None:
+                    self._reservations = old_reservations
+
+                self._durable(forget, reservations=True)
             return
-        self.kernel.set_pool(self.registry.pool, new)
+        old = self.registry.pool
+        self.kernel.set_pool(old, new)
         self.registry.apply(change, ORDER)
+        self._reservations = reservations
+
+        def undo() -> None:
+            self._reservations = old_reservations
+            self.registry.restore(SetHostPool(old))
+            try:
+                self.kernel.set_pool(new, old)
+            except KernelError as err:
+                log.error("undo failed, sysfs may now differ from the registry: %s", err)
+
+        self._durable(undo, reservations=True)
         snap = self.kernel.read_host()
         changes = Changes(host_changed=True)
         self._take_inventory(snap)
@@ -429,6 +629,169 @@ class Service:
                     meta.guest = guest
                     changes.matrices_changed.add(u)
         self._emit(changes)
+
+    # -- mdevctl ---------------------------------------------------------------------------
+    def import_mdevctl(self, config_dir: str) -> list[str]:
+        """Define every matrix of mdevctl's ``<config_dir>/matrix/<uuid>`` files; all or none.
+
+        The definitions are judged together, against each other and against every matrix
+        and the host pool: the first refusal names the file. A UUID that is live here only
+        because it was adopted, with the same sets, becomes ours (stored) instead. Imported
+        matrices are ``defined``; ``start: auto`` becomes ``autostart``. Returns the UUIDs.
+        """
+        defs = mdevctl.read_dir(config_dir)
+        scratch = copy.deepcopy(self.registry)
+        claims: list[mdevctl.Definition] = []
+        news: list[Matrix] = []
+        for d in defs:
+            m = Matrix(d.uuid, d.adapters, d.domains, d.control_domains, autostart=d.autostart)
+            have = scratch.matrices.get(d.uuid)
+            if have is not None:
+                meta = self._meta.get(d.uuid)
+                same = (have.adapters, have.domains, have.control_domains) == (
+                    m.adapters,
+                    m.domains,
+                    m.control_domains,
+                )
+                if meta is not None and meta.adopted and d.uuid not in self._on_disk and same:
+                    claims.append(d)
+                    continue
+                raise AlreadyExists(f"{d.source}: matrix {d.uuid} already exists")
+            err = scratch.decide(DefineMatrix(m)).error(ORDER)
+            if isinstance(err, _ClashError):
+                raise type(err)(err.clashes, d.source)
+            if err is not None:
+                raise type(err)(f"{d.source}: {err}")
+            scratch.apply(DefineMatrix(m), ORDER)
+            news.append(m)
+        backs = []
+        for m in news:
+            backs.append(self.registry.apply(DefineMatrix(m), ORDER))
+            self._meta[m.uuid] = _Meta(control_usage_domains=m.domains <= m.control_domains)
+        for d in claims:
+            have = self.registry.get(d.uuid)
+            change = UpdateMatrix(
+                d.uuid, have.adapters, have.domains, have.control_domains, autostart=d.autostart
+            )
+            backs.append(self.registry.apply(change, ORDER))
+
+        def undo() -> None:
+            for back in reversed(backs):
+                self.registry.restore(back)
+            for m in news:
+                del self._meta[m.uuid]
+
+        uuids = [d.uuid for d in defs]
+        self._durable(undo, write=uuids)
+        log.info("imported %d mdevctl definition(s) from %s", len(uuids), config_dir)
+        changes = Changes(matrices_added={m.uuid for m in news})
+        changes.matrices_changed |= {d.uuid for d in claims}
+        for m in news:
+            self._touch_adapters(changes, m.adapters)
+        self._emit(changes)
+        return uuids
+
+    def export_mdevctl(self, config_dir: str) -> list[str]:
+        """Write every stored matrix as mdevctl would, to ``<config_dir>/matrix/<uuid>``.
+
+        Files of other UUIDs there are left alone. Each file is written crash-safe.
+        """
+        base = mdevctl.definitions_dir(config_dir)
+        kind = mdevctl.TYPES[0] if self._layout == "upstream" else mdevctl.TYPES[1]
+        uuids = [u for u in sorted(self.registry.matrices) if u in self._on_disk]
+        try:
+            if not base.is_dir():
+                base.mkdir(mode=0o755)
+                fsync_dir(base.parent)
+            for u in uuids:
+                m = self.registry.get(u)
+                data = mdevctl.format_definition(
+                    m.adapters, m.domains, m.control_domains, m.autostart, kind
+                )
+                atomic_write(base / u, data)
+        except OSError as err:
+            raise StoreError(f"cannot write mdevctl definitions to {base}: {err.strerror}") from err
+        log.info("exported %d matri%s to %s", len(uuids), "x" if len(uuids) == 1 else "ces", base)
+        return uuids
+
+    # -- durability -------------------------------------------------------------------------
+    def _record(self, uuid: str) -> StoredMatrix:
+        m, meta = self.registry.get(uuid), self._meta[uuid]
+        return StoredMatrix(
+            m.uuid,
+            m.name,
+            m.adapters,
+            m.domains,
+            m.control_domains,
+            m.autostart,
+            meta.control_usage_domains,
+        )
+
+    def _durable(
+        self,
+        undo: Callable[[], None],
+        *,
+        write: Iterable[str] = (),
+        remove: Iterable[str] = (),
+        reservations: bool = False,
+    ) -> None:
+        """Make the change just applied durable, or undo it and raise StoreError."""
+        write, remove = list(write), list(remove)
+        if self.store is not None:
+            self._write_store(self.store, undo, write, remove, reservations)
+        for uuid in write:
+            self._meta[uuid].adopted = False  # stored: ours from now on
+
+    def _write_store(
+        self,
+        store: Store,
+        undo: Callable[[], None],
+        write: list[str],
+        remove: list[str],
+        reservations: bool,
+    ) -> None:
+        done: list[tuple[str, StoredMatrix | None]] = []
+        old_res = self._on_disk_reservations if reservations else None
+        try:
+            for uuid in write:
+                record = self._record(uuid)
+                if self._on_disk.get(uuid) != record:
+                    done.append((uuid, self._on_disk.get(uuid)))
+                    store.write_matrix(record)
+                    self._on_disk[uuid] = record
+            for uuid in remove:
+                done.append((uuid, self._on_disk.get(uuid)))
+                store.remove_matrix(uuid)
+                self._on_disk.pop(uuid, None)
+            if reservations:
+                store.write_reservations(self._reservations)
+                self._on_disk_reservations = self._reservations
+        except StoreError as err:
+            log.error("%s; undoing the change", err)
+            for uuid, was in reversed(done):  # best effort: the store as it was
+                try:
+                    if was is None:
+                        store.remove_matrix(uuid)
+                        self._on_disk.pop(uuid, None)
+                    else:
+                        store.write_matrix(was)
+                        self._on_disk[uuid] = was
+                except StoreError as again:
+                    log.error("could not restore the stored %s: %s", uuid, again)
+            if old_res is not None:
+                try:
+                    store.write_reservations(old_res)
+                    self._on_disk_reservations = old_res
+                except StoreError as again:
+                    log.error("could not restore the stored reservations: %s", again)
+            undo()
+            raise
+
+    def _kernel_undo(self, uuid: str, old: Matrix | None, new: Matrix | None) -> None:
+        try:
+            self.kernel.apply_matrix(uuid, old, new)
+        except KernelError as err:
+            log.error("undo failed, sysfs may now differ from the registry: %s", err)
 
     # -- helpers --------------------------------------------------------------------------
     def _uuid(self, uuid: str) -> str:

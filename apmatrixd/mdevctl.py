@@ -1,0 +1,167 @@
+"""mdevctl's definition files for vfio_ap matrices: read them in, write ours out.
+
+mdevctl keeps one JSON file per mediated device, ``<config dir>/<parent>/<uuid>`` (parent
+``matrix`` for vfio_ap, config dir ``/etc/mdevctl.d``)::
+
+    {
+      "mdev_type": "vfio_ap-passthrough",
+      "start": "auto",
+      "attrs": [
+        {"assign_adapter": "5"},
+        {"assign_domain": "0xab"},
+        {"assign_control_domain": "0xab"}
+      ]
+    }
+
+``attrs`` are sysfs writes replayed in order when mdevctl starts the device; their values are
+what the kernel's ``kstrtoul(buf, 0)`` accepts: decimal, ``0x`` hex or leading-``0`` octal.
+Only the three ``assign_*`` attributes are understood; anything else is refused by name, as
+is a file that is not such a definition. This module only parses and formats: the service
+decides whether the definitions fit together and with ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apmatrixd.core.apqn import MAX_ID
+from apmatrixd.core.errors import InvalidArgument, NotFound
+from apmatrixd.core.matrix import normalize_uuid
+
+PARENT = "matrix"
+TYPES = ("vfio_ap-passthrough", "ap_matrix-passthrough")
+ATTRS = {
+    "assign_adapter": "adapters",
+    "assign_domain": "domains",
+    "assign_control_domain": "control_domains",
+}
+MAX_FILE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Definition:
+    """One mdevctl definition of a matrix, and the file it came from."""
+
+    uuid: str
+    adapters: frozenset[int]
+    domains: frozenset[int]
+    control_domains: frozenset[int]
+    autostart: bool
+    source: str = ""
+
+
+def kstrtoul(text: str) -> int:
+    """The kernel's ``kstrtoul(s, 0)``: ``+``? then 0x-hex, 0-octal or decimal, one ``\\n``."""
+    s = text[:-1] if text.endswith("\n") else text
+    if s.startswith("+"):
+        s = s[1:]
+    if s[:2].lower() == "0x" and s[2:3] and s[2] in string.hexdigits:
+        base, digits = 16, s[2:]
+    elif s.startswith("0"):
+        base, digits = 8, s
+    else:
+        base, digits = 10, s
+    allowed = string.hexdigits if base == 16 else string.digits[:base]
+    if not digits or any(c not in allowed for c in digits):
+        raise ValueError(f"not a number for kstrtoul: {text!r}")
+    return int(digits, base)
+
+
+def _fail(path: Path, what: str) -> InvalidArgument:
+    return InvalidArgument(f"{path}: {what}")
+
+
+def parse_file(path: Path, data: bytes) -> Definition:
+    """One definition file; InvalidArgument names the file and the entry at fault."""
+    try:
+        uuid = normalize_uuid(path.name)
+    except InvalidArgument:
+        raise _fail(path, "file name is not a UUID (mdevctl names files by UUID)") from None
+    try:
+        obj: Any = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _fail(path, f"not valid JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, "not a JSON object")
+    if obj.get("mdev_type") not in TYPES:
+        raise _fail(path, f"mdev_type {obj.get('mdev_type')!r} is not {TYPES[0]}")
+    start = obj.get("start", "manual")
+    if start not in ("auto", "manual"):
+        raise _fail(path, f"start {start!r} is neither 'auto' nor 'manual'")
+    attrs = obj.get("attrs", [])
+    if not isinstance(attrs, list):
+        raise _fail(path, "attrs is not a list")
+    sets: dict[str, set[int]] = {"adapters": set(), "domains": set(), "control_domains": set()}
+    for i, entry in enumerate(attrs):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise _fail(path, f"attrs[{i}] is not an object with one attribute")
+        ((key, value),) = entry.items()
+        target = ATTRS.get(key)
+        if target is None:
+            raise _fail(path, f"attrs[{i}]: attribute {key!r} is not supported")
+        try:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            n = kstrtoul(value)
+        except ValueError:
+            raise _fail(path, f"attrs[{i}]: {key} value {value!r} is not a number") from None
+        if n > MAX_ID:
+            raise _fail(path, f"attrs[{i}]: {key} {value!r} is above {MAX_ID}")
+        sets[target].add(n)
+    return Definition(
+        uuid,
+        frozenset(sets["adapters"]),
+        frozenset(sets["domains"]),
+        frozenset(sets["control_domains"]),
+        start == "auto",
+        str(path),
+    )
+
+
+def definitions_dir(config_dir: str) -> Path:
+    if not isinstance(config_dir, str) or not os.path.isabs(config_dir):
+        raise InvalidArgument(f"want an absolute directory path, not {config_dir!r}")
+    if not os.path.isdir(config_dir):
+        raise NotFound(f"no directory {config_dir}")
+    return Path(config_dir) / PARENT
+
+
+def read_dir(config_dir: str) -> list[Definition]:
+    """Every definition under ``<config_dir>/matrix``, sorted by UUID; all must parse."""
+    base = definitions_dir(config_dir)
+    if not base.is_dir():
+        raise NotFound(f"no {PARENT}/ directory in {config_dir} (mdevctl's vfio_ap parent)")
+    out: list[Definition] = []
+    for name in sorted(os.listdir(base)):
+        path = base / name
+        if name.startswith(".") or not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE + 1)
+        except OSError as err:
+            raise _fail(path, f"unreadable: {err.strerror}") from None
+        if len(data) > MAX_FILE:
+            raise _fail(path, "larger than 1 MiB")
+        out.append(parse_file(path, data))
+    return sorted(out, key=lambda d: d.uuid)
+
+
+def format_definition(
+    adapters: frozenset[int] | tuple[int, ...],
+    domains: frozenset[int] | tuple[int, ...],
+    control_domains: frozenset[int] | tuple[int, ...],
+    autostart: bool,
+    mdev_type: str = TYPES[0],
+) -> bytes:
+    """The file mdevctl would write for this matrix (ids in the kernel's hex widths)."""
+    attrs: list[dict[str, str]] = [{"assign_adapter": f"0x{a:02x}"} for a in sorted(adapters)]
+    attrs += [{"assign_domain": f"0x{d:04x}"} for d in sorted(domains)]
+    attrs += [{"assign_control_domain": f"0x{d:04x}"} for d in sorted(control_domains)]
+    obj = {"mdev_type": mdev_type, "start": "auto" if autostart else "manual", "attrs": attrs}
+    return (json.dumps(obj, indent=2) + "\n").encode()

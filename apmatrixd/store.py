@@ -1,0 +1,443 @@
+"""The state directory: matrix definitions and host reservations that survive a crash or reboot.
+
+Layout (``--state-dir``, default ``$STATE_DIRECTORY`` or ``/var/lib/apmatrixd``)::
+
+    <state-dir>/host.json                 the host reservations (what Reserve/Release asked for)
+    <state-dir>/matrices/<uuid>.json      one file per matrix definition
+
+Both are JSON objects, indented, keys sorted, ids as decimal integers. A matrix file::
+
+    {
+      "adapters": [5, 6],
+      "autostart": true,
+      "control_domains": [4],
+      "control_usage_domains": true,
+      "domains": [4],
+      "format": "apmatrixd-matrix",
+      "name": "guest1",
+      "uuid": "11111111-1111-4111-8111-111111111111",
+      "version": 1
+    }
+
+``control_usage_domains``: every usage domain is also a control domain (CreateMatrix's option
+of that name). The host file::
+
+    {
+      "format": "apmatrixd-host",
+      "released_adapters": [], "released_domains": [],
+      "reserved_adapters": [5, 6], "reserved_domains": [4, 71],
+      "version": 1
+    }
+
+``reserved_*`` are the ids Reserve took from the host pool (and no Release gave back since),
+``released_*`` those Release gave back; at start-up the daemon applies both to the boot masks.
+
+Every write is crash-safe: a temp file in the same directory, write, fsync, rename over the
+target, fsync of the directory. A removal is unlink + fsync of the directory. A file that
+cannot be used (truncated, not JSON, wrong fields, a ``version`` from the future) is renamed
+to ``<name>.broken-<UTC timestamp>`` with one log line naming it and why; the rest loads.
+``version`` is 1; a newer daemon that changes the format bumps it and upgrades older files
+on load. Leftover temp files (``.<name>.tmp-<pid>``) of a crashed write are deleted on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apmatrixd.core.apqn import MAX_ID
+from apmatrixd.core.errors import ApmatrixError
+from apmatrixd.core.matrix import normalize_uuid
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+MATRIX_FORMAT = "apmatrixd-matrix"
+HOST_FORMAT = "apmatrixd-host"
+MATRICES = "matrices"
+HOST_FILE = "host.json"
+SUFFIX = ".json"
+KILL_ENV = "APMATRIXD_TEST_KILL_AT"
+"""Test hook: SIGKILL the daemon itself at the Nth store step (write, fsync, rename, ...)."""
+
+Fault = Callable[[str], None]
+"""Called before every step of a store write with the step's name; may not return (tests)."""
+
+
+class StoreError(ApmatrixError):
+    """The state directory could not be written: the change was undone (D-Bus ``Storage``)."""
+
+    name = "Storage"
+
+
+class Damaged(ValueError):
+    """A state file that cannot be used; the text says why."""
+
+
+def _ids(value: object, what: str) -> frozenset[int]:
+    if not isinstance(value, list) or not all(type(i) is int and 0 <= i <= MAX_ID for i in value):
+        raise Damaged(f"{what!r} must be a list of ids 0..{MAX_ID}")
+    return frozenset(value)
+
+
+def _sorted(ids: Iterable[int]) -> list[int]:
+    return sorted(ids)
+
+
+@dataclass(frozen=True)
+class StoredMatrix:
+    """One matrix definition as kept on disk."""
+
+    uuid: str
+    name: str = ""
+    adapters: frozenset[int] = frozenset()
+    domains: frozenset[int] = frozenset()
+    control_domains: frozenset[int] = frozenset()
+    autostart: bool = False
+    control_usage_domains: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MATRIX_FORMAT,
+            "version": VERSION,
+            "uuid": self.uuid,
+            "name": self.name,
+            "adapters": _sorted(self.adapters),
+            "domains": _sorted(self.domains),
+            "control_domains": _sorted(self.control_domains),
+            "autostart": self.autostart,
+            "control_usage_domains": self.control_usage_domains,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> StoredMatrix:
+        obj = _check_header(data, MATRIX_FORMAT)
+        try:
+            uuid = normalize_uuid(obj.get("uuid"))  # type: ignore[arg-type]
+        except ApmatrixError as err:
+            raise Damaged(str(err)) from None
+        name = obj.get("name", "")
+        if not isinstance(name, str) or len(name) > 255 or "\n" in name:
+            raise Damaged("'name' must be one line of at most 255 characters")
+        flags = {
+            k: obj.get(k, d) for k, d in (("autostart", False), ("control_usage_domains", True))
+        }
+        for k, val in flags.items():
+            if not isinstance(val, bool):
+                raise Damaged(f"{k!r} must be true or false")
+        return cls(
+            uuid=uuid,
+            name=name,
+            adapters=_ids(obj.get("adapters"), "adapters"),
+            domains=_ids(obj.get("domains"), "domains"),
+            control_domains=_ids(obj.get("control_domains"), "control_domains"),
+            autostart=flags["autostart"],
+            control_usage_domains=flags["control_usage_domains"],
+        )
+
+
+@dataclass(frozen=True)
+class Reservations:
+    """What Reserve and Release asked for, relative to the host's boot masks."""
+
+    reserved_adapters: frozenset[int] = frozenset()
+    reserved_domains: frozenset[int] = frozenset()
+    released_adapters: frozenset[int] = frozenset()
+    released_domains: frozenset[int] = frozenset()
+
+    def reserve(self, adapters: Iterable[int], domains: Iterable[int]) -> Reservations:
+        a, d = frozenset(adapters), frozenset(domains)
+        return Reservations(
+            self.reserved_adapters | a,
+            self.reserved_domains | d,
+            self.released_adapters - a,
+            self.released_domains - d,
+        )
+
+    def release(self, adapters: Iterable[int], domains: Iterable[int]) -> Reservations:
+        a, d = frozenset(adapters), frozenset(domains)
+        return Reservations(
+            self.reserved_adapters - a,
+            self.reserved_domains - d,
+            self.released_adapters | a,
+            self.released_domains | d,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": HOST_FORMAT,
+            "version": VERSION,
+            "reserved_adapters": _sorted(self.reserved_adapters),
+            "reserved_domains": _sorted(self.reserved_domains),
+            "released_adapters": _sorted(self.released_adapters),
+            "released_domains": _sorted(self.released_domains),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Reservations:
+        obj = _check_header(data, HOST_FORMAT)
+        keys = ("reserved_adapters", "reserved_domains", "released_adapters", "released_domains")
+        sets = [_ids(obj.get(k, []), k) for k in keys]
+        return cls(*sets)
+
+
+def _check_header(data: object, fmt: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise Damaged("not a JSON object")
+    if data.get("format") != fmt:
+        raise Damaged(f"'format' is {data.get('format')!r}, want {fmt!r}")
+    version = data.get("version")
+    if type(version) is not int or version < 1:
+        raise Damaged(f"'version' is {version!r}, want a positive integer")
+    if version > VERSION:
+        raise Damaged(f"version {version} is from a newer apmatrixd (this one reads {VERSION})")
+    return data
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+# -- crash-safe file operations -------------------------------------------------------------------
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _no_fault(_step: str) -> None:
+    pass
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, fault: Fault = _no_fault) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    fault("open")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            half = len(view) // 2  # a step in the middle: a crash here leaves half a temp file
+            fault("write")
+            os.write(fd, view[:half])
+            fault("write-more")
+            while half < len(view):
+                half += os.write(fd, view[half:])
+            fault("fsync")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fault("rename")
+        os.rename(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fault("fsync-dir")
+    fsync_dir(target.parent)
+
+
+def durable_unlink(path: str | os.PathLike[str], fault: Fault = _no_fault) -> bool:
+    """Remove ``path`` (False if it was not there) and make that durable."""
+    fault("unlink")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fault("fsync-dir")
+    fsync_dir(Path(path).parent)
+    return True
+
+
+def kill_fault_from_env() -> Fault | None:
+    """The test hook of :data:`KILL_ENV`: a fault that SIGKILLs this process at step N."""
+    text = os.environ.get(KILL_ENV, "")
+    if not text:
+        return None
+    left = int(text)
+    log.warning("%s=%d: this daemon will kill itself at store step %d", KILL_ENV, left, left)
+
+    def fault(step: str) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            os.kill(os.getpid(), 9)
+
+    return fault
+
+
+# -- the store ------------------------------------------------------------------------------------
+@dataclass
+class Contents:
+    """Everything the state directory held at load."""
+
+    matrices: dict[str, StoredMatrix] = field(default_factory=dict)
+    reservations: Reservations = field(default_factory=Reservations)
+    set_aside: list[str] = field(default_factory=list)
+
+
+class Store:
+    """One state directory. Not thread-safe: the service calls it from its one thread."""
+
+    def __init__(self, root: str | os.PathLike[str], fault: Fault | None = None) -> None:
+        self.root = Path(root)
+        self.fault: Fault = fault or _no_fault
+
+    @property
+    def matrices_dir(self) -> Path:
+        return self.root / MATRICES
+
+    def matrix_path(self, uuid: str) -> Path:
+        return self.matrices_dir / f"{uuid}{SUFFIX}"
+
+    @property
+    def host_path(self) -> Path:
+        return self.root / HOST_FILE
+
+    def _prepare(self) -> None:
+        for d in (self.root, self.matrices_dir):
+            try:
+                d.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            fsync_dir(d.parent)
+
+    # -- loading ----------------------------------------------------------------------------
+    def load(self) -> Contents:
+        """Read every definition; damaged files are set aside and logged, never fatal.
+
+        Raises OSError only if the directory itself cannot be created or listed.
+        """
+        self._prepare()
+        out = Contents()
+        for d in (self.root, self.matrices_dir):
+            for name in sorted(os.listdir(d)):
+                if name.startswith(".") and ".tmp-" in name:
+                    log.info("removing %s, left by an interrupted write", d / name)
+                    with contextlib.suppress(OSError):
+                        os.unlink(d / name)
+        if self.host_path.exists():
+            try:
+                out.reservations = Reservations.from_json(self._read_json(self.host_path))
+            except Damaged as why:
+                out.set_aside.append(self._set_aside(self.host_path, str(why)))
+        for name in sorted(os.listdir(self.matrices_dir)):
+            path = self.matrices_dir / name
+            if name.startswith(".") or ".broken-" in name or not path.is_file():
+                continue
+            try:
+                if not name.endswith(SUFFIX):
+                    raise Damaged(f"not named <uuid>{SUFFIX}")
+                m = StoredMatrix.from_json(self._read_json(path))
+                if name != f"{m.uuid}{SUFFIX}":
+                    raise Damaged(f"holds matrix {m.uuid}, but is named {name}")
+            except Damaged as why:
+                out.set_aside.append(self._set_aside(path, str(why)))
+                continue
+            out.matrices[m.uuid] = m
+        return out
+
+    @staticmethod
+    def _read_json(path: Path) -> object:
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise Damaged(f"unreadable: {err.strerror}") from None
+        if not raw.strip():
+            raise Damaged("empty (truncated)")
+        try:
+            return json.loads(raw)
+        except UnicodeDecodeError:
+            raise Damaged("not UTF-8 text") from None
+        except json.JSONDecodeError as err:
+            raise Damaged(f"not valid JSON (truncated?): {err}") from None
+
+    def _set_aside(self, path: Path, why: str) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = path.with_name(f"{path.name}.broken-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.broken-{stamp}-{n}")
+        try:
+            os.rename(path, target)
+            fsync_dir(path.parent)
+        except OSError as err:
+            log.error(
+                "state file %s is damaged (%s) and could not be set aside: %s", path, why, err
+            )
+            return str(path)
+        log.error("state file %s is damaged (%s): set aside as %s", path, why, target.name)
+        return str(target)
+
+    # -- writing ----------------------------------------------------------------------------
+    def _guard(self, what: str, op: Callable[[], object]) -> None:
+        try:
+            self._prepare()
+            op()
+        except OSError as err:
+            text = err.strerror or errno.errorcode.get(err.errno or 0, str(err))
+            raise StoreError(f"cannot store {what} in {self.root}: {text}") from err
+
+    def write_matrix(self, m: StoredMatrix) -> None:
+        data = encode(m.to_json())
+        self._guard(
+            f"matrix {m.uuid}", lambda: atomic_write(self.matrix_path(m.uuid), data, self.fault)
+        )
+
+    def remove_matrix(self, uuid: str) -> None:
+        self._guard(
+            f"the removal of matrix {uuid}",
+            lambda: durable_unlink(self.matrix_path(uuid), self.fault),
+        )
+
+    def write_reservations(self, r: Reservations) -> None:
+        data = encode(r.to_json())
+        self._guard("the host reservations", lambda: atomic_write(self.host_path, data, self.fault))
+
+
+def stored(
+    uuid: str,
+    name: str,
+    adapters: Iterable[int],
+    domains: Iterable[int],
+    control_domains: Iterable[int],
+    autostart: bool,
+    control_usage_domains: bool,
+) -> StoredMatrix:
+    return StoredMatrix(
+        uuid,
+        name,
+        frozenset(adapters),
+        frozenset(domains),
+        frozenset(control_domains),
+        autostart,
+        control_usage_domains,
+    )
+
+
+__all__ = [
+    "KILL_ENV",
+    "VERSION",
+    "Contents",
+    "Damaged",
+    "Reservations",
+    "Store",
+    "StoreError",
+    "StoredMatrix",
+    "atomic_write",
+    "durable_unlink",
+    "kill_fault_from_env",
+    "stored",
+]
