@@ -1,7 +1,9 @@
 """``apmatrixd``: wiring only. Pick the kernel, load the service, export, own the name, READY.
 
 Start-up order is the contract of spec §3: READY=1 goes out only once the registry matches
-the kernel (``Service.load``), every object is exported and the bus name is ours. SIGTERM and
+the kernel and the state directory (``Service.load``: stored reservations re-applied, autostart
+matrices started, live mdevs reconciled), every object is exported and the bus name is ours.
+A damaged state file is set aside and logged, never fatal. SIGTERM and
 SIGINT send STOPPING=1, release the name and exit 0. User errors (bus unreachable, name
 taken, no AP matrix device, unknown scenario) are one line on stderr and exit 1.
 """
@@ -29,11 +31,15 @@ from apmatrixd.bus.tree import ObjectTree
 if TYPE_CHECKING:
     from apmatrixd.kernel import Kernel
     from apmatrixd.service import Changes, Service
+    from apmatrixd.store import Store
 
 log = logging.getLogger("apmatrixd")
 
 S390_LOCK = "/run/lock/s390apconfig.lock"
 """s390-tools (ap-check, chzdev) serialise AP configuration changes with this lock."""
+
+
+DEFAULT_STATE_DIR = "/var/lib/apmatrixd"
 
 
 class StartupError(Exception):
@@ -62,7 +68,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="use the system bus (the default; honours DBUS_SYSTEM_BUS_ADDRESS)",
     )
-    p.add_argument("--state-dir", metavar="DIR", help="where matrix definitions are kept")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where matrix definitions and reservations are kept (default: $STATE_DIRECTORY "
+        f"or {DEFAULT_STATE_DIR}; with --simulate: none unless given)",
+    )
     p.add_argument("--sysfs-root", metavar="DIR", help="sysfs root (default /sys)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -117,6 +128,19 @@ def make_kernel(args: argparse.Namespace) -> Kernel:
         raise StartupError(str(err)) from None
 
 
+def make_store(args: argparse.Namespace) -> Store | None:
+    """The state directory. An emulated host keeps none unless asked: its definitions must
+    never land in the real host's /var/lib/apmatrixd."""
+    from apmatrixd.store import Store, kill_fault_from_env
+
+    if args.state_dir is None and args.simulate is None:
+        args.state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR
+    if args.state_dir is None:
+        log.debug("no --state-dir: matrix definitions on the emulated host are not kept")
+        return None
+    return Store(args.state_dir, fault=kill_fault_from_env())
+
+
 def make_bus(args: argparse.Namespace) -> tuple[ApmatrixBus, str]:
     if args.bus_address:
         return ApmatrixBus(bus_address=args.bus_address), args.bus_address
@@ -141,13 +165,13 @@ async def run(args: argparse.Namespace) -> int:
     from apmatrixd.service import Service
 
     kernel = make_kernel(args)
-    service = Service(kernel)
-    if args.state_dir:
-        log.warning("--state-dir %s: matrix definitions are not stored yet", args.state_dir)
+    service = Service(kernel, store=make_store(args))
     try:
         service.load()
     except KernelError as err:
         raise StartupError(f"reading the AP configuration: {err}") from None
+    except OSError as err:
+        raise StartupError(f"state directory {args.state_dir}: {err.strerror}") from None
 
     bus, where = make_bus(args)
     try:

@@ -17,9 +17,19 @@ OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 
 ERROR_PREFIX = "org.apmatrix.Apmatrix1.Error."
 ERRORS = frozenset(
-    {"Conflict", "HostOwned", "InvalidArgument", "NotFound", "AlreadyExists", "Busy", "Kernel"}
+    {
+        "Conflict",
+        "HostOwned",
+        "InvalidArgument",
+        "NotFound",
+        "AlreadyExists",
+        "Busy",
+        "Kernel",
+        "Storage",
+    }
 )
-"""The error suffixes of spec §2; each core/kernel error class carries one as ``name``."""
+"""The error suffixes of spec §2 (and ``Storage``, ours: the state directory could not be
+written, the change was undone); each core/kernel/store error class carries one as ``name``."""
 FAILED = ERROR_PREFIX + "Failed"
 """Our extension: an unexpected failure inside the daemon (details go to the log, not the bus)."""
 

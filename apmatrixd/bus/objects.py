@@ -26,6 +26,7 @@ Str = DBusStr
 Path = DBusObjectPath
 U32 = DBusUInt32
 Ids = Annotated[list[int], DBusSignature("au")]
+Paths = Annotated[list[str], DBusSignature("ao")]
 Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 Clashes = Annotated[list[list[Any]], DBusSignature("a(uus)")]
 DriftArgs = Annotated[list[str], DBusSignature("os")]
@@ -139,6 +140,15 @@ class Manager(Exported):
     @call
     def Release(self, adapters: Ids, domains: Ids) -> None:
         self._service.release(adapters, domains)
+
+    @call
+    def ImportMdevctl(self, dir: Str) -> Paths:
+        uuids = self._service.import_mdevctl(dir)
+        return [self._tree.ensure_matrix(u) for u in uuids]
+
+    @call
+    def ExportMdevctl(self, dir: Str) -> None:
+        self._service.export_mdevctl(dir)
 
     @dbus_signal()
     def Drift(self, matrix: str, what: str) -> DriftArgs:
