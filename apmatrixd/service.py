@@ -36,7 +36,7 @@ from apmatrixd.core import (
 )
 from apmatrixd.core.errors import _ClashError
 from apmatrixd.core.matrix import id_set, normalize_uuid
-from apmatrixd.kernel import AdapterInfo, HostSnapshot, Kernel, KernelError
+from apmatrixd.kernel import AdapterInfo, HostSnapshot, Kernel, KernelError, MdevInfo
 from apmatrixd.store import (
     Contents,
     Reservations,
@@ -129,6 +129,9 @@ class _Meta:
     adopted: bool = False
     control_usage_domains: bool = True
     guest: tuple[Apqn, ...] = ()
+    # What sysfs holds when it drifted to sets the registry cannot accept (see hotplug.py):
+    # shown in the properties, while the registry keeps its last valid sets.
+    truth: MdevInfo | None = None
 
 
 Listener = Callable[[Changes], None]
@@ -152,6 +155,7 @@ class Service:
         self._listeners: list[Listener] = []
         self._layout = kernel.layout
         self._queues: frozenset[Apqn] = frozenset()
+        self._infos: dict[int, AdapterInfo] = {}  # the last read of each card (hotplug.py)
         self.settling = False
 
     # -- start-up -----------------------------------------------------------------------
@@ -303,6 +307,7 @@ class Service:
     def _take_inventory(self, snap: HostSnapshot) -> None:
         self._queues = frozenset(Apqn(a.id, d) for a in snap.adapters.values() for d in a.domains)
         self._adapters = {a.id: self._adapter_view(a) for a in snap.adapters.values()}
+        self._infos = dict(snap.adapters)
 
     def _owners_of(self, adapter: int) -> dict[int, str]:
         owners = self.registry.owners()
@@ -358,7 +363,8 @@ class Service:
     def matrix(self, uuid: str) -> MatrixView:
         m = self.registry.get(self._uuid(uuid))
         meta = self._meta[m.uuid]
-        apqns = tuple(m.apqns())
+        sets = meta.truth.matrix() if meta.truth is not None and meta.live else m
+        apqns = tuple(sets.apqns())
         if not meta.live:
             state = "defined"
         elif set(meta.guest) >= set(apqns):
@@ -368,9 +374,9 @@ class Service:
         return MatrixView(
             uuid=m.uuid,
             name=m.name,
-            adapters=tuple(sorted(m.adapters)),
-            domains=tuple(sorted(m.domains)),
-            control_domains=tuple(sorted(m.control_domains)),
+            adapters=tuple(sorted(sets.adapters)),
+            domains=tuple(sorted(sets.domains)),
+            control_domains=tuple(sorted(sets.control_domains)),
             apqns=apqns,
             guest_apqns=meta.guest if meta.live else (),
             state=state,
@@ -387,6 +393,12 @@ class Service:
             return self._adapters[id]
         except KeyError:
             raise NotFound(f"no adapter {id:#04x} on this host") from None
+
+    def set_settling(self, settling: bool) -> None:
+        """The Manager's ``Settling``: true while a burst of uevents is being absorbed."""
+        if settling != self.settling:
+            self.settling = settling
+            self._emit(Changes(host_changed=True))
 
     # -- matrix operations ----------------------------------------------------------------
     def create_matrix(

@@ -220,8 +220,27 @@ class Kernel:
             return frozenset()
         return frozenset(n for n in self._listdir(path) if _QUEUE_RE.fullmatch(n))
 
-    def _read_adapter(self, adapter: int, bound: Mapping[str, frozenset[str]]) -> AdapterInfo:
+    def read_adapter(self, adapter: int) -> AdapterInfo | None:
+        """One card and its queues, or None once it is gone (hot plug: one link per queue)."""
         card = f"{AP_DEVICES}/card{adapter:02x}"
+        if not self.io.is_dir(card):
+            return None
+        bound: dict[str, set[str]] = {self._layout.vfio_driver: set(), HOST_DRIVER: set()}
+        for name in self._listdir(card):
+            if _QUEUE_RE.fullmatch(name):
+                driver = self._driver_of(f"{card}/{name}")
+                if driver in bound:
+                    bound[driver].add(name)
+        return self._read_adapter(adapter, {k: frozenset(v) for k, v in bound.items()})
+
+    def read_card(self, adapter: int) -> tuple[str, bool, bool] | None:
+        """A card's type, online and configured state without its queues; None if gone."""
+        card = f"{AP_DEVICES}/card{adapter:02x}"
+        if not self.io.is_dir(card):
+            return None
+        return self._card_state(card)
+
+    def _card_state(self, card: str) -> tuple[str, bool, bool]:
         kind = ""
         if self.io.exists(f"{card}/type"):
             kind = formats.single_line(self._read(f"{card}/type"), f"{card}/type")
@@ -230,6 +249,11 @@ class Kernel:
             online = formats.parse_bool(self._read(f"{card}/online"), f"{card}/online")
         if self.io.exists(f"{card}/config"):
             configured = formats.parse_bool(self._read(f"{card}/config"), f"{card}/config")
+        return kind, online, configured
+
+    def _read_adapter(self, adapter: int, bound: Mapping[str, frozenset[str]]) -> AdapterInfo:
+        card = f"{AP_DEVICES}/card{adapter:02x}"
+        kind, online, configured = self._card_state(card)
         present: set[int] = set()
         guest: set[int] = set()
         host: set[int] = set()
@@ -275,6 +299,27 @@ class Kernel:
         devices = f"{self._layout.type_dir}/devices"
         names = self._listdir(devices)
         return sorted(n for n in names if _UUID_RE.fullmatch(n))
+
+    def read_mdevs(self, adapters: Mapping[int, AdapterInfo] | None = None) -> dict[str, MdevInfo]:
+        """Every mdev of our type. ``adapters`` (the caller's current view) spares a re-read
+        where the guest view is computed here; an mdev removed while reading is left out."""
+        out: dict[str, MdevInfo] = {}
+        usage: frozenset[int] | None = None
+        for uuid in self.list_mdevs():
+            computed = self._layout.name != "upstream" or not self.io.exists(
+                f"{self.mdev_path(uuid)}/guest_matrix"
+            )
+            if computed and adapters is None:
+                adapters = self.read_adapters()
+                usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
+            elif computed and usage is None:
+                usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
+            try:
+                out[uuid] = self._read_mdev(uuid, adapters or {}, usage)
+            except KernelError as err:
+                if err.errno != errno.ENOENT:
+                    raise
+        return out
 
     def mdev_exists(self, uuid: str) -> bool:
         return self.io.exists(self.mdev_path(uuid))

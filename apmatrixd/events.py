@@ -1,0 +1,336 @@
+"""Kernel uevents as typed events on the asyncio loop, absorbed in batches.
+
+Two sources feed one :class:`EventPump`, and everything after the pump is the same code:
+
+- :class:`UdevSource`: a pyudev monitor on ``source='udev'`` (what udevd re-broadcasts after
+  processing; ``source='kernel'`` cannot be fed by anything but the kernel), filtered in the
+  kernel's BPF to the AP bus, the vfio_ap matrix device (``matrix``, ``ap_matrix`` on the 2017
+  layout) and mdevs, read from the loop with ``add_reader``: no thread, no polling.
+- :class:`SimSource`: the in-process emulator's uevents (``--simulate``). The emulator calls
+  its listeners synchronously in whatever thread wrote (a FUSE thread under ``--sim-mount``), so
+  the listener only appends to a deque and wakes the loop through a pipe.
+
+The pump drains everything readable, then waits a short settle window after the last event
+(capped, so a never-ending stream still gets processed) and hands the whole burst to one
+handler call. While a large burst is being absorbed, ``on_settling(True)`` is called once, and
+``on_settling(False)`` once the burst has been handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger(__name__)
+
+SUBSYSTEMS = ("ap", "matrix", "ap_matrix", "mdev")
+"""What the monitor lets through: the AP bus, the matrix device (both layouts), mdevs."""
+
+RECEIVE_BUFFER = 128 * 1024 * 1024
+"""Socket buffer for storms (udevd uses the same); needs CAP_NET_ADMIN to exceed rmem_max."""
+
+Kind = Literal["bus", "card", "queue", "matrix", "mdev"]
+
+
+@dataclass(frozen=True, slots=True)
+class ApEvent:
+    """One uevent, reduced to what the daemon acts on."""
+
+    action: str  # add | remove | change | bind | unbind | ...
+    kind: Kind
+    devpath: str
+    adapter: int | None = None  # card and queue events
+    domain: int | None = None  # queue events
+    uuid: str | None = None  # mdev events
+    config: bool | None = None  # CONFIG=0/1
+    online: bool | None = None  # ONLINE=0/1
+    driver: str | None = None  # DRIVER= while bound
+    mask: bool = False  # APMASK= / AQMASK= on the bus root: the host pool moved
+    mdev_state: str | None = None  # MDEV_STATE= on the matrix device (vfio_ap (un)loaded)
+    seqnum: int = 0
+
+
+def _flag(value: str | None) -> bool | None:
+    if value == "1":
+        return True
+    if value == "0":
+        return False
+    return None
+
+
+def _hex(text: str) -> int | None:
+    try:
+        return int(text, 16)
+    except ValueError:
+        return None
+
+
+def classify(props: Mapping[str, str]) -> ApEvent | None:
+    """A uevent's properties (pyudev's ``Device.properties`` or the emulator's) as an event.
+
+    None for anything that is not ours (another subsystem, a devpath we do not know).
+    """
+    action = props.get("ACTION") or ""
+    devpath = props.get("DEVPATH") or ""
+    subsystem = props.get("SUBSYSTEM") or ""
+    seq = props.get("SEQNUM") or "0"
+    seqnum = int(seq) if seq.isdigit() else 0
+    name = devpath.rsplit("/", 1)[-1]
+    if subsystem == "ap":
+        if devpath == "/devices/ap":
+            mask = "APMASK" in props or "AQMASK" in props
+            return ApEvent(action, "bus", devpath, mask=mask, seqnum=seqnum)
+        common: dict[str, Any] = {
+            "config": _flag(props.get("CONFIG")),
+            "online": _flag(props.get("ONLINE")),
+            "driver": props.get("DRIVER") or None,
+            "seqnum": seqnum,
+        }
+        if len(name) == 6 and name.startswith("card") and (a := _hex(name[4:])) is not None:
+            return ApEvent(action, "card", devpath, adapter=a, **common)
+        if len(name) == 7 and name[2] == ".":
+            a, d = _hex(name[:2]), _hex(name[3:])
+            if a is not None and d is not None:
+                return ApEvent(action, "queue", devpath, adapter=a, domain=d, **common)
+        return None
+    if subsystem in ("matrix", "ap_matrix") and name == "matrix":
+        state = props.get("MDEV_STATE") or None
+        return ApEvent(action, "matrix", devpath, mdev_state=state, seqnum=seqnum)
+    if subsystem == "mdev" and len(name) == 36:
+        return ApEvent(action, "mdev", devpath, uuid=name.lower(), seqnum=seqnum)
+    return None
+
+
+Handler = Callable[[list[ApEvent], bool], None]
+"""Called with one burst of events and whether events were lost (resynchronise fully)."""
+
+
+class EventPump:
+    """Collects events from any source and hands them over one burst at a time.
+
+    ``received`` counts every event accepted, ``handled`` every event given to the handler,
+    ``ignored`` the uevents that were not ours, ``batches`` the handler calls and ``overflows``
+    the times the kernel said events were lost (ENOBUFS).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handler: Handler,
+        *,
+        settle: float = 0.05,
+        max_delay: float = 2.0,
+        storm: int = 64,
+        on_settling: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.handler = handler
+        self.settle = settle
+        self.max_delay = max_delay
+        self.storm = storm
+        self.on_settling = on_settling
+        self.pending: list[ApEvent] = []
+        self.lost = False
+        self.settling = False
+        self.received = 0
+        self.handled = 0
+        self.ignored = 0
+        self.batches = 0
+        self.overflows = 0
+        self.largest = 0
+        self._first = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, props: Mapping[str, str]) -> None:
+        """One uevent; call :meth:`arm` after a round of adds."""
+        event = classify(props)
+        if event is None:
+            self.ignored += 1
+            return
+        if not self.pending and not self.lost:
+            self._first = self.loop.time()
+        self.pending.append(event)
+        self.received += 1
+
+    def overflow(self) -> None:
+        """The source lost events: the next burst resynchronises everything."""
+        if not self.pending and not self.lost:
+            self._first = self.loop.time()
+        self.lost = True
+        self.overflows += 1
+        log.warning("uevents were lost (receive buffer overflow): a full rescan follows")
+
+    def arm(self) -> None:
+        """After a drain: (re)start the settle timer, and say Settling if this is a storm."""
+        if not self.pending and not self.lost:
+            return
+        now = self.loop.time()
+        if not self.settling and (
+            len(self.pending) >= self.storm or now - self._first > self.settle
+        ):
+            self._set_settling(True)
+        deadline = min(now + self.settle, self._first + self.max_delay)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(deadline, self.flush)
+
+    def flush(self) -> None:
+        """Hand the burst over now (the timer's job; tests may call it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, lost = self.pending, self.lost
+        self.pending, self.lost = [], False
+        if batch or lost:
+            started = time.monotonic()
+            try:
+                self.handler(batch, lost)
+            except Exception:
+                log.exception("handling %d uevents failed", len(batch))
+            self.handled += len(batch)
+            self.batches += 1
+            self.largest = max(self.largest, len(batch))
+            took = time.monotonic() - started
+            level = logging.INFO if len(batch) >= self.storm or lost else logging.DEBUG
+            log.log(
+                level,
+                "absorbed %d uevents in one batch (%.3f s; %d received, %d handled, %d batches)",
+                len(batch),
+                took,
+                self.received,
+                self.handled,
+                self.batches,
+            )
+        if self.settling and not self.pending:
+            self._set_settling(False)
+
+    def _set_settling(self, value: bool) -> None:
+        self.settling = value
+        if self.on_settling is not None:
+            try:
+                self.on_settling(value)
+            except Exception:
+                log.exception("settling listener failed")
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "received": self.received,
+            "handled": self.handled,
+            "ignored": self.ignored,
+            "batches": self.batches,
+            "overflows": self.overflows,
+            "largest": self.largest,
+            "pending": len(self.pending),
+        }
+
+
+class Source(Protocol):
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class UdevSource:
+    """The real path: a pyudev netlink monitor read from the loop."""
+
+    def __init__(self, pump: EventPump) -> None:
+        import pyudev
+
+        self.pump = pump
+        self.monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
+        for subsystem in SUBSYSTEMS:
+            self.monitor.filter_by(subsystem)
+        try:
+            self.monitor.set_receive_buffer_size(RECEIVE_BUFFER)
+        except OSError as err:  # not root: the default buffer, and ENOBUFS handling
+            log.debug("cannot enlarge the uevent buffer: %s", err)
+        self._fd = -1
+
+    def start(self) -> None:
+        self.monitor.start()
+        self._fd = self.monitor.fileno()
+        self.pump.loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                device = self.monitor.poll(timeout=0)
+            except OSError as err:
+                if err.errno == errno.ENOBUFS:
+                    self.pump.overflow()
+                    continue
+                log.error("reading uevents: %s", err)
+                break
+            if device is None:
+                break
+            self.pump.add(device.properties)
+        self.pump.arm()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.pump.loop.remove_reader(self._fd)
+            self._fd = -1
+
+
+class _Uevent(Protocol):
+    def properties(self) -> dict[str, str]: ...
+
+
+class _Subscribable(Protocol):
+    def subscribe(self, listener: Callable[[Any], None]) -> Callable[[], None]: ...
+
+
+class SimSource:
+    """The emulator's uevents, from any thread, into the loop through a deque and a pipe."""
+
+    def __init__(self, pump: EventPump, host: _Subscribable) -> None:
+        self.pump = pump
+        self.host = host
+        self._queue: collections.deque[_Uevent] = collections.deque()
+        self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._woken = False
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        self.pump.loop.add_reader(self._rfd, self._readable)
+        self._unsubscribe = self.host.subscribe(self._on_uevent)
+
+    def _on_uevent(self, uevent: _Uevent) -> None:
+        """The emulator's listener: any thread, must be quick and never raise."""
+        self._queue.append(uevent)
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wfd, b"\0")
+
+    def _readable(self) -> None:
+        self._woken = False  # before draining: a later append wakes us again
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self._rfd, 4096)
+        queue, add = self._queue, self.pump.add
+        while queue:
+            add(queue.popleft().properties())
+        self.pump.arm()
+
+    def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._rfd >= 0:
+            self.pump.loop.remove_reader(self._rfd)
+            os.close(self._rfd)
+            os.close(self._wfd)
+            self._rfd = self._wfd = -1

@@ -1,0 +1,403 @@
+"""Hot plug, degrade/restore, drift and storms on the in-process emulator.
+
+The daemon's own pieces: the emulator's uevents go through :class:`SimSource` (deque + pipe +
+``add_reader``), the pump batches them, :class:`HotPlug` re-reads and the service emits one
+Changes per burst. The same path as ``--simulate``; the pyudev path is in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from apmatrixd.core import Apqn
+from apmatrixd.events import ApEvent, EventPump, SimSource, classify
+from apmatrixd.hotplug import HotPlug, drift_text, scope_of
+from apmatrixd.kernel import Kernel, MdevInfo, TreeSysfs
+from apmatrixd.service import Changes, Service
+from apmatrixd.sim.model import Host
+
+G1 = "11111111-1111-4111-8111-111111111111"
+G2 = "22222222-2222-4222-8222-222222222222"
+X = "99999999-9999-4999-8999-999999999999"
+
+
+class Rig:
+    def __init__(self, host: Host, **kw: Any) -> None:
+        self.host = host
+        self.svc = Service(Kernel(TreeSysfs(host)))
+        self.svc.load()
+        self.seen: list[Changes] = []
+        self.svc.subscribe(self.seen.append)
+        self.loop = asyncio.get_running_loop()
+        kw.setdefault("settle", 0.02)
+        kw.setdefault("rescan_interval", 0)
+        self.hp = HotPlug(self.svc, self.loop, **kw)
+        self.source = SimSource(self.hp.pump, host)
+        self.hp.start(self.source)
+
+    def write(self, path: str, value: str) -> None:
+        self.host.write(path, value.encode())
+
+    async def idle(self, timeout: float = 10.0) -> None:
+        """Until every uevent so far has been handled and nothing is pending."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            p = self.hp.pump
+            if not p.pending and not p.lost and not self.source._queue and not p.settling:
+                await asyncio.sleep(p.settle * 2)
+                if not p.pending and not self.source._queue:
+                    return
+        raise AssertionError(f"not idle: {self.hp.stats()}")
+
+    def drifts(self) -> list[tuple[str, str]]:
+        return [d for c in self.seen for d in c.drift]
+
+    def close(self) -> None:
+        self.hp.close()
+
+
+def run(scenario: str, body: Callable[[Rig], Awaitable[None]], **kw: Any) -> None:
+    async def go() -> None:
+        rig = Rig(Host.from_name(scenario), **kw)
+        try:
+            await body(rig)
+        finally:
+            rig.close()
+
+    asyncio.run(go())
+
+
+def two_guests(svc: Service) -> None:
+    svc.reserve([5, 6], [4, 0x47])
+    svc.create_matrix(G1, adapters=[5, 6], domains=[4], name="g1")
+    svc.create_matrix(G2, adapters=[6], domains=[0x47], name="g2")
+
+
+# -- typed events ---------------------------------------------------------------------------------
+def test_classify() -> None:
+    e = classify({"ACTION": "change", "DEVPATH": "/devices/ap/card05", "SUBSYSTEM": "ap",
+                  "CONFIG": "0", "SEQNUM": "7"})  # fmt: skip
+    assert e == ApEvent("change", "card", "/devices/ap/card05", adapter=5, config=False, seqnum=7)
+    q = classify({"ACTION": "bind", "DEVPATH": "/devices/ap/card05/05.00ab", "SUBSYSTEM": "ap",
+                  "DRIVER": "vfio_ap"})  # fmt: skip
+    assert q is not None
+    assert (q.kind, q.adapter, q.domain, q.driver) == ("queue", 5, 0xAB, "vfio_ap")
+    root = classify({"ACTION": "change", "DEVPATH": "/devices/ap", "SUBSYSTEM": "ap",
+                     "APMASK": "0x00\n"})  # fmt: skip
+    assert root is not None and root.kind == "bus" and root.mask
+    m = classify({"ACTION": "add", "DEVPATH": f"/devices/vfio_ap/matrix/{G1}", "SUBSYSTEM": "mdev"})
+    assert m is not None and m.uuid == G1
+    rfc = classify({"ACTION": "change", "DEVPATH": "/devices/ap_matrix/matrix",
+                    "SUBSYSTEM": "ap_matrix", "MDEV_STATE": "registered"})  # fmt: skip
+    assert rfc is not None and rfc.kind == "matrix" and rfc.mdev_state == "registered"
+    assert classify({"ACTION": "add", "DEVPATH": "/devices/pci0/usb1", "SUBSYSTEM": "usb"}) is None
+    assert classify({"ACTION": "add", "DEVPATH": "/devices/ap/cardzz", "SUBSYSTEM": "ap"}) is None
+
+
+def test_scope() -> None:
+    def ev(action: str, path: str, **props: str) -> ApEvent:
+        e = classify({"ACTION": action, "DEVPATH": path, "SUBSYSTEM": "ap", **props})
+        assert e is not None
+        return e
+
+    s = scope_of([
+        ev("change", "/devices/ap/card05", ONLINE="1"),
+        ev("change", "/devices/ap/card05/05.0004", ONLINE="1"),
+        ev("change", "/devices/ap/card07/07.0004", CONFIG="0"),
+        ev("remove", "/devices/ap/card06/06.0004"),
+    ])  # fmt: skip
+    assert (s.cards, s.queues, s.everything, s.pool) == ({5, 7}, {6}, False, False)
+    assert scope_of([ev("change", "/devices/ap", AQMASK="0x0\n")]).pool
+    assert scope_of([], lost=True).everything
+
+
+def test_drift_text() -> None:
+    from apmatrixd.core import Matrix
+
+    k = MdevInfo(G1, frozenset({5, 6, 7}), frozenset({4}), frozenset({4}))
+    r = Matrix(G1, frozenset({5, 6}), frozenset({4}), frozenset({4}))
+    assert drift_text(k, r) == "adapters: kernel 05,06,07 vs registry 05,06"
+
+
+# -- hot plug -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scenario", ["default", "rfc2017"])
+def test_card_config_off_and_on_degrades_and_restores(scenario: str) -> None:
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        assert r.svc.matrix(G1).state == "active"
+        r.seen.clear()
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        g1 = r.svc.matrix(G1)
+        assert g1.state == "degraded"
+        assert g1.guest_apqns == (Apqn(6, 4),)  # the whole adapter 05 left the guest
+        assert r.svc.matrix(G2).state == "active"
+        assert not r.svc.adapter(5).configured
+        assert G1 in set().union(*(c.matrices_changed for c in r.seen))
+        assert 5 in set().union(*(c.adapters_changed for c in r.seen))
+        assert r.drifts() == []
+        r.write("devices/ap/card05/config", "1")
+        await r.idle()
+        assert r.svc.matrix(G1).state == "active"
+        assert set(r.svc.matrix(G1).guest_apqns) == {Apqn(5, 4), Apqn(6, 4)}
+        assert r.svc.adapter(5).configured
+        assert r.drifts() == []
+        assert r.hp.pump.received == r.hp.pump.handled > 0
+
+    run(scenario, body)
+
+
+@pytest.mark.parametrize("scenario", ["default", "rfc2017"])
+def test_adapter_unplugged_and_plugged_back(scenario: str) -> None:
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.seen.clear()
+        r.host.unplug_adapter(5)
+        await r.idle()
+        assert [a.id for a in r.svc.adapters()] == [6]
+        assert r.svc.matrix(G1).state == "degraded"
+        assert any(5 in c.adapters_removed for c in r.seen)
+        r.host.plug_adapter(5, "CEX5C")
+        await r.idle()
+        assert [a.id for a in r.svc.adapters()] == [5, 6]
+        five = r.svc.adapter(5)
+        assert (five.type, five.mode, five.online, five.configured) == (
+            "CEX5C",
+            "CCA-Coproc",
+            True,
+            True,
+        )
+        assert r.svc.matrix(G1).state == "active"
+        assert r.svc.registry.violations() == []
+        assert r.drifts() == []
+
+    run(scenario, body)
+
+
+def test_new_adapter_shows_up() -> None:
+    async def body(r: Rig) -> None:
+        r.host.plug_adapter(0x0B, "CEX8P")
+        await r.idle()
+        b = r.svc.adapter(0x0B)
+        assert (b.type, b.mode, b.online, b.configured) == ("CEX8P", "EP11-Coproc", True, True)
+        assert b.domains == (4, 0x47, 0xAB, 0xFF)
+        r.write("devices/ap/card0b/online", "0")
+        await r.idle()
+        assert not r.svc.adapter(0x0B).online
+
+    run("default", body)
+
+
+def test_domain_unplugged_shrinks_the_guest_view() -> None:
+    async def body(r: Rig) -> None:
+        r.svc.reserve([5, 6], [4, 0x47])
+        r.svc.create_matrix(G1, adapters=[5], domains=[4, 0x47])
+        r.host.unplug_domain(0x47)
+        await r.idle()
+        g1 = r.svc.matrix(G1)
+        assert g1.state == "degraded" and g1.guest_apqns == (Apqn(5, 4),)
+        r.host.plug_domain(0x47)
+        await r.idle()
+        assert r.svc.matrix(G1).state == "active"
+
+    run("default", body)
+
+
+def test_autostart_hook_runs_after_hot_plug() -> None:
+    async def body(r: Rig) -> None:
+        called: list[int] = []
+        r.svc.start_waiting = lambda: called.append(1) or []  # type: ignore[method-assign]
+        r.host.plug_adapter(0x0C)
+        await r.idle()
+        assert called
+
+    run("default", body)
+
+
+# -- drift ----------------------------------------------------------------------------------------
+def test_matrix_changed_by_hand_is_drift_and_adopted() -> None:
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.svc.reserve([7], [])
+        r.seen.clear()
+        r.write(f"devices/vfio_ap/matrix/{G1}/assign_adapter", "7")  # no uevent at all
+        r.hp.rescan()
+        g1 = r.svc.matrix(G1)
+        assert g1.adapters == (5, 6, 7)
+        assert r.svc.registry.get(G1).adapters == {5, 6, 7}  # adopted: it is valid
+        assert r.drifts() == [(G1, "adapters: kernel 05,06,07 vs registry 05,06")]
+        r.hp.rescan()
+        assert len(r.drifts()) == 1  # said once
+        assert r.svc.registry.violations() == []
+
+    run("default", body)
+
+
+def test_drift_that_breaks_a_rule_is_shown_not_adopted() -> None:
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.svc.reserve([], [0xAB])
+        r.svc.create_matrix(X, adapters=[5], domains=[0xAB], start=False)  # only defined
+        r.seen.clear()
+        r.write(f"devices/vfio_ap/matrix/{G1}/assign_domain", "0xab")  # the kernel allows it
+        r.hp.rescan()
+        g1 = r.svc.matrix(G1)
+        assert g1.domains == (4, 0xAB)  # the truth is shown
+        assert r.svc.registry.get(G1).domains == {4}  # the registry stays valid
+        ((uuid, what),) = r.drifts()
+        assert uuid == G1 and what.startswith("domains: kernel 0004,00ab vs registry 0004")
+        assert "not adopted" in what
+        assert r.svc.registry.violations() == []
+        r.write(f"devices/vfio_ap/matrix/{G1}/unassign_domain", "0xab")  # put back
+        r.hp.rescan()
+        assert r.svc.matrix(G1).domains == (4,)
+        assert len(r.drifts()) == 1
+
+    run("default", body)
+
+
+def test_mdev_created_and_removed_outside() -> None:
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.svc.reserve([], [0xAB])
+        t = "devices/vfio_ap/matrix/mdev_supported_types/vfio_ap-passthrough/create"
+        r.write(t, X)
+        r.write(f"devices/vfio_ap/matrix/{X}/assign_adapter", "5")
+        r.write(f"devices/vfio_ap/matrix/{X}/assign_domain", "0xab")
+        await r.idle()  # the mdev add event, then the re-read
+        x = r.svc.matrix(X)
+        assert x.adopted and x.adapters == (5,) and x.domains == (0xAB,)
+        r.write(f"devices/vfio_ap/matrix/{G2}/remove", "1")
+        await r.idle()
+        assert r.svc.matrix(G2).state == "defined"
+        texts = dict(r.drifts())
+        assert texts[X].startswith("created outside apmatrixd")
+        assert "removed outside" in texts[G2]
+        assert r.svc.registry.violations() == []
+
+    run("default", body)
+
+
+def test_host_pool_changed_by_hand() -> None:
+    async def body(r: Rig) -> None:
+        r.write("bus/ap/apmask", "-0x10")
+        await r.idle()
+        assert 0x10 not in r.svc.host.host_adapters
+        ((uuid, what),) = r.drifts()
+        assert uuid == "" and what.startswith("host adapters: kernel")
+
+    run("default", body)
+
+
+def test_own_changes_are_not_drift() -> None:
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.svc.unassign(G1, "adapter", 6)
+        r.svc.stop(G2)
+        r.svc.start(G2)
+        r.svc.remove(G2)
+        r.svc.release([], [0x47])
+        await r.idle()
+        r.hp.rescan()
+        assert r.drifts() == []
+
+    run("default", body)
+    run("rfc2017", body)
+
+
+def test_rescan_timer_finds_drift() -> None:
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        await r.idle()
+        rescans = r.hp.rescans
+        r.write(f"devices/vfio_ap/matrix/{G1}/unassign_adapter", "6")
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if r.drifts():
+                break
+        assert r.drifts() and r.hp.rescans > rescans
+
+    run("default", body, rescan_interval=0.05)
+
+
+# -- storms ---------------------------------------------------------------------------------------
+def test_storm_of_65536_queues_coming_online() -> None:
+    """All 65,536 queues of a 256x256 host come online (plus 256 card events), written from
+    another thread while the loop absorbs: none lost, one Changes per burst, bounded."""
+    host = Host.from_name("big")
+    for a in range(256):
+        host.write(f"devices/ap/card{a:02x}/online", b"0")
+
+    async def body(r: Rig) -> None:
+        settles: list[bool] = []
+        r.svc.subscribe(lambda _c: settles.append(r.svc.settling))
+        emitted: list[int] = []
+        host.subscribe(lambda _e: emitted.append(1))
+        t0 = time.monotonic()
+
+        def writer() -> None:
+            for a in range(256):
+                host.write(f"devices/ap/card{a:02x}/online", b"1")
+
+        th = threading.Thread(target=writer)
+        th.start()
+        while th.is_alive():
+            await asyncio.sleep(0.01)
+        await r.idle(30)
+        took = time.monotonic() - t0
+        stats = r.hp.stats()
+        assert len(emitted) == 256 * 257
+        assert stats["received"] == stats["handled"] == len(emitted), stats
+        assert all(a.online for a in r.svc.adapters())
+        changed = [c for c in r.seen if c.adapters_changed]
+        # one signal per object per burst: every adapter appears in exactly one batch
+        per_adapter = sum(len(c.adapters_changed) for c in changed)
+        assert per_adapter == 256, per_adapter
+        assert len(r.seen) <= 2 * stats["batches"] + 2
+        assert True in settles and r.svc.settling is False
+        print(f"storm: {len(emitted)} uevents, {stats}, {len(r.seen)} batches out, {took:.2f} s")
+
+    async def go() -> None:
+        rig = Rig(host, settle=0.05)
+        try:
+            await body(rig)
+        finally:
+            rig.close()
+
+    asyncio.run(go())
+
+
+def test_pump_batches_and_settling() -> None:
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        batches: list[int] = []
+        flags: list[bool] = []
+        pump = EventPump(
+            loop, lambda b, lost: batches.append(len(b)), settle=0.02, storm=10,
+            on_settling=flags.append,
+        )  # fmt: skip
+        for i in range(25):
+            pump.add({"ACTION": "change", "DEVPATH": f"/devices/ap/card{i:02x}",
+                      "SUBSYSTEM": "ap", "ONLINE": "1"})  # fmt: skip
+        pump.add({"ACTION": "add", "DEVPATH": "/devices/virtual/x", "SUBSYSTEM": "usb"})
+        pump.arm()
+        await asyncio.sleep(0.1)
+        assert batches == [25] and flags == [True, False]
+        assert pump.stats()["ignored"] == 1
+        pump.add({"ACTION": "change", "DEVPATH": "/devices/ap/card01", "SUBSYSTEM": "ap"})
+        pump.arm()
+        await asyncio.sleep(0.1)
+        assert batches == [25, 1] and flags == [True, False]  # one event is no storm
+        pump.overflow()
+        pump.arm()
+        await asyncio.sleep(0.1)
+        assert batches == [25, 1, 0]
+
+    asyncio.run(go())
