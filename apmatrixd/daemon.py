@@ -29,8 +29,10 @@ from apmatrixd.bus.base import ApmatrixBus
 from apmatrixd.bus.tree import ObjectTree
 
 if TYPE_CHECKING:
+    from apmatrixd.hotplug import HotPlug
     from apmatrixd.kernel import Kernel
     from apmatrixd.service import Changes, Service
+    from apmatrixd.sim.fuse import Mount
     from apmatrixd.store import Store
 
 log = logging.getLogger("apmatrixd")
@@ -75,9 +77,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"or {DEFAULT_STATE_DIR}; with --simulate: none unless given)",
     )
     p.add_argument("--sysfs-root", metavar="DIR", help="sysfs root (default /sys)")
+    p.add_argument(
+        "--sim-mount",
+        metavar="DIR",
+        help="with --simulate: also mount the emulated sysfs at DIR (FUSE), so the hardware "
+        "can be played from a shell (echo 0 > DIR/devices/ap/card05/config)",
+    )
+    p.add_argument(
+        "--rescan-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="re-read every matrix this often to catch changes made behind the daemon's back "
+        "(the kernel sends no uevent for them; default 30, 0 = never)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
+    if args.sim_mount and args.simulate is None:
+        p.error("--sim-mount needs --simulate")
+    if args.rescan_interval < 0:
+        p.error("--rescan-interval must be >= 0")
     if args.simulate is not None and args.sysfs_root:
         p.error("--simulate and --sysfs-root exclude each other")
     return args
@@ -166,13 +186,61 @@ async def run(args: argparse.Namespace) -> int:
 
     kernel = make_kernel(args)
     service = Service(kernel, store=make_store(args))
-    try:
-        service.load()
-    except KernelError as err:
-        raise StartupError(f"reading the AP configuration: {err}") from None
-    except OSError as err:
-        raise StartupError(f"state directory {args.state_dir}: {err.strerror}") from None
+    with contextlib.ExitStack() as cleanup:
+        # Listen before reading: nothing that happens during the enumeration is missed.
+        cleanup.callback(start_events(args, kernel, service).close)
+        try:
+            service.load()
+        except KernelError as err:
+            raise StartupError(f"reading the AP configuration: {err}") from None
+        except OSError as err:
+            raise StartupError(f"state directory {args.state_dir}: {err.strerror}") from None
+        if args.sim_mount:
+            cleanup.callback(mount_sim(kernel, args.sim_mount).stop)
+        return await _connect_and_serve(args, service)
 
+
+def start_events(args: argparse.Namespace, kernel: Kernel, service: Service) -> HotPlug:
+    """Uevents from udev (real host) or from the emulator (--simulate), and the rescan timer.
+
+    Without a udev monitor (no netlink here) the daemon still works, on the timer alone.
+    """
+    from apmatrixd.events import SimSource, UdevSource
+    from apmatrixd.hotplug import HotPlug
+    from apmatrixd.kernel import TreeSysfs
+
+    hotplug = HotPlug(service, asyncio.get_running_loop(), rescan_interval=args.rescan_interval)
+    if isinstance(kernel.io, TreeSysfs):
+        hotplug.start(SimSource(hotplug.pump, kernel.io.tree))
+        return hotplug
+    try:
+        source = UdevSource(hotplug.pump)
+        hotplug.start(source)
+    except (OSError, ImportError) as err:
+        log.warning("no udev monitor (%s): hot plug is seen by the rescan timer only", err)
+    return hotplug
+
+
+def mount_sim(kernel: Kernel, where: str) -> Mount:
+    """The in-process emulator, also as FUSE at ``where`` (--sim-mount)."""
+    from apmatrixd.kernel import TreeSysfs
+
+    assert isinstance(kernel.io, TreeSysfs)
+    if not os.path.isdir(where):
+        raise StartupError(f"--sim-mount {where}: not a directory")
+    try:
+        from apmatrixd.sim.fuse import mount
+    except (ImportError, OSError) as err:
+        raise StartupError(f"--sim-mount needs mfusepy and libfuse3: {err}") from None
+    try:
+        mounted = mount(kernel.io.tree, where, foreground=False)
+    except (RuntimeError, OSError) as err:
+        raise StartupError(f"--sim-mount {where}: {err}") from None
+    log.info("emulated sysfs mounted at %s", where)
+    return mounted
+
+
+async def _connect_and_serve(args: argparse.Namespace, service: Service) -> int:
     bus, where = make_bus(args)
     try:
         await bus.connect()

@@ -118,5 +118,5 @@ class ObjectTree(_Tree):
             self._sync_adapter(aid)
         if ch.host_changed:
             self.manager.refresh(manager_values(self._service.host))
-        for uuid, what in ch.drift:
-            self.manager.Drift(names.matrix_path(uuid), what)
+        for uuid, what in ch.drift:  # no uuid: the host pool drifted (see hotplug.py)
+            self.manager.Drift(names.matrix_path(uuid) if uuid else names.MANAGER_PATH, what)
