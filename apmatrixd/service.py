@@ -34,6 +34,7 @@ from apmatrixd.core import (
     SetHostPool,
     UpdateMatrix,
 )
+from apmatrixd.core.apqn import cross
 from apmatrixd.core.errors import _ClashError
 from apmatrixd.core.matrix import id_set, normalize_uuid
 from apmatrixd.kernel import AdapterInfo, HostSnapshot, Kernel, KernelError, MdevInfo
@@ -201,25 +202,32 @@ class Service:
                 else m.domains <= m.control_domains,
                 guest=tuple(sorted(mdev.guest_apqns)),
             )
-        self._restore_pool()
+        written = self._restore_pool(contents.matrices.values())
         for sm in sorted(contents.matrices.values(), key=lambda m: m.uuid):
-            self._load_stored(sm)
-        snap = self.kernel.read_host()
-        self._take_inventory(snap)
-        for uuid, meta in self._meta.items():
-            if meta.live and uuid in snap.mdevs:
-                meta.guest = tuple(sorted(snap.mdevs[uuid].guest_apqns))
+            written |= self._load_stored(sm)
+        if written:  # the guest views and the inventory follow the host pool
+            snap = self.kernel.read_host()
+            self._take_inventory(snap)
+            for uuid, meta in self._meta.items():
+                if meta.live and uuid in snap.mdevs:
+                    meta.guest = tuple(sorted(snap.mdevs[uuid].guest_apqns))
         self.start_waiting()
 
-    def _restore_pool(self) -> None:
+    def _restore_pool(self, stored: Iterable[StoredMatrix]) -> bool:
         r = self._reservations
         pool = self.registry.pool
         reserved = self._reserved_pool(pool, r.reserved_adapters, r.reserved_domains)
         target = self._released_pool(reserved, r.released_adapters, r.released_domains)
+        if target.queues is not None:
+            # Queue by queue, Reserve and Release do not commute (Release(domain) gives back
+            # queues of reserved adapters); the net record cannot tell the order, so a queue a
+            # stored matrix holds is never given back (it was not when that was stored).
+            held = {q for sm in stored for q in cross(sm.adapters, sm.domains)}
+            target = HostPool(queues=target.queues - held)
         for new in (target, reserved):
             decision = self.registry.decide(SetHostPool(new))
             if decision.noop:
-                return
+                return False
             if not decision.accepted:
                 log.warning("stored reservations: %s", decision.error(ORDER))
                 continue
@@ -230,14 +238,16 @@ class Service:
                 continue
             self.registry.apply(SetHostPool(new), ORDER)
             log.info("stored reservations applied: host pool %s", self._pool_text(new))
-            return
+            return True
+        return False
 
     def _pool_text(self, pool: HostPool) -> str:
         if pool.queues is not None:
             return f"{len(pool.queues)} queues"
         return f"adapters {sorted(pool.adapters)} x domains {sorted(pool.domains)}"
 
-    def _load_stored(self, sm: StoredMatrix) -> None:
+    def _load_stored(self, sm: StoredMatrix) -> bool:
+        """Enter one stored definition; True if the kernel was written."""
         want = Matrix(
             sm.uuid,
             sm.adapters,
@@ -251,12 +261,12 @@ class Service:
             err = self.registry.decide(DefineMatrix(want)).error(ORDER)
             if err is not None:
                 log.error("stored matrix %s not loaded (its file is kept): %s", sm.uuid, err)
-                return
+                return False
             self.registry.apply(DefineMatrix(want), ORDER)
             self._meta[sm.uuid] = _Meta(control_usage_domains=sm.control_usage_domains)
-            return
+            return False
         if live == want:
-            return
+            return False
         # Live but not as stored: a change that never returned to its caller. Undo it.
         change = UpdateMatrix(
             sm.uuid, sm.adapters, sm.domains, sm.control_domains, sm.name, sm.autostart
@@ -270,10 +280,11 @@ class Service:
             log.warning(
                 "matrix %s is live but differs from its stored definition: %s", sm.uuid, why
             )
-            return
+            return False
         self.registry.apply(change, ORDER)
         self._meta[sm.uuid].guest = self._guest(sm.uuid)
         log.info("matrix %s taken back to its stored definition (an interrupted change)", sm.uuid)
+        return True
 
     def start_waiting(self) -> list[str]:
         """Start every autostart matrix that is not live and whose APQNs are all present.

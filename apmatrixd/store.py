@@ -357,7 +357,7 @@ class Store:
         if not raw.strip():
             raise Damaged("empty (truncated)")
         try:
-            return json.loads(raw)
+            return json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise Damaged("not UTF-8 text") from None
         except json.JSONDecodeError as err:

@@ -1,0 +1,256 @@
+"""kill -9 anywhere, in process: a stream of changes, killed at hundreds of points inside calls.
+
+A kill point is any store step (open, half a write, the rest, fsync, rename, fsync of the
+directory, unlink) or any single sysfs write, chosen by the test: after every restart the
+next kill is armed 1..14 points ahead, so kills land inside kernel transactions, between the
+kernel and the store, inside the store, during start-up itself, and between calls. A "kill"
+raises a BaseException that no ``except Exception`` catches, the service object is dropped,
+and a new one starts on the same state directory: half the time on the same emulated host
+(a daemon crash: live mdevs and masks survive, possibly half-written), half the time on a
+fresh one (a reboot). After each restart:
+
+- the store parses (nothing set aside, no temp file left),
+- it holds every acknowledged change: exactly the acknowledged state, or that state plus
+  the one change in flight at the kill (which was never acknowledged, so either is right),
+- no APQN has two owners: the registry's invariants hold, and the kernel agrees (no APQN in
+  two live mdevs or in a mdev and the host pool), every live matrix is in the kernel as the
+  registry has it, and after a reboot every autostart matrix is active, the rest defined.
+
+APMATRIXD_LONG=1 kills ten times as often. Real process kills: tests/bus/test_bus_kill.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from apmatrixd.core import ApmatrixError, Apqn
+from apmatrixd.kernel import Kernel, TreeSysfs
+from apmatrixd.service import Service
+from apmatrixd.sim.model import Host
+from apmatrixd.store import Reservations, Store, StoredMatrix
+
+KILLS = 2000 if os.environ.get("APMATRIXD_LONG") else 200
+UUIDS = [f"{i}{i}{i}{i}{i}{i}{i}{i}-{i}{i}{i}{i}-4{i}{i}{i}-8{i}{i}{i}-{i * 12}" for i in "12345"]
+ADAPTERS = [5, 6]
+DOMAINS = [4, 0x47, 0xAB, 0xFF]
+
+
+class Killed(BaseException):
+    """kill -9: unwinds everything, nothing catches it."""
+
+
+class Killer:
+    def __init__(self) -> None:
+        self.left = 0
+        self.kills = 0
+        self.where: dict[str, int] = {}
+
+    def step(self, what: str) -> None:
+        if self.left <= 0:
+            return
+        self.left -= 1
+        if self.left == 0:
+            self.kills += 1
+            self.where[what] = self.where.get(what, 0) + 1
+            raise Killed(what)
+
+
+class KillingSysfs(TreeSysfs):
+    def __init__(self, host: Host, killer: Killer) -> None:
+        super().__init__(host)
+        self.killer = killer
+
+    def write(self, path: str, data: str) -> None:
+        self.killer.step("sysfs write")
+        super().write(path, data)
+
+
+State = tuple[dict[str, StoredMatrix], Reservations]
+Op = tuple[str, Callable[[Service], object], Callable[[State], State]]
+
+
+def some(rng: random.Random, ids: list[int], most: int = 2) -> list[int]:
+    return sorted(rng.sample(ids, rng.randint(0, most)))
+
+
+def make_op(rng: random.Random, state: State) -> Op:
+    """One random change and what it does to the stored state if it is accepted."""
+    matrices, res = state
+    u = rng.choice(UUIDS)
+    have = matrices.get(u)
+    kind = rng.choice(
+        [
+            *("reserve", "reserve", "release", "create", "create", "update", "assign"),
+            *("unassign", "start", "stop", "remove", "autostart"),
+        ]
+    )
+
+    def put(sm: StoredMatrix) -> Callable[[State], State]:
+        return lambda s: ({**s[0], sm.uuid: sm}, s[1])
+
+    same: Callable[[State], State] = lambda s: s  # noqa: E731
+    if kind in ("reserve", "release"):
+        a, d = some(rng, ADAPTERS, 1), some(rng, DOMAINS, 2)
+        if kind == "reserve":
+            return kind, lambda svc: svc.reserve(a, d), lambda s: (s[0], s[1].reserve(a, d))
+        return kind, lambda svc: svc.release(a, d), lambda s: (s[0], s[1].release(a, d))
+    if kind == "create" or have is None:
+        a, d, c = some(rng, ADAPTERS), some(rng, DOMAINS), some(rng, [1, 2], 1)
+        cud, auto, start = rng.random() < 0.8, rng.random() < 0.6, rng.random() < 0.7
+        control = frozenset(c) | (frozenset(d) if cud else frozenset())
+        sm = StoredMatrix(u, "", frozenset(a), frozenset(d), control, auto, cud)
+        return (
+            "create",
+            lambda svc: svc.create_matrix(
+                u,
+                adapters=a,
+                domains=d,
+                control_domains=c,
+                autostart=auto,
+                start=start,
+                control_usage_domains=cud,
+            ),
+            put(sm),
+        )
+    if kind == "update":
+        a, d, c = some(rng, ADAPTERS), some(rng, DOMAINS), some(rng, [1, 2], 1)
+        control = frozenset(c) | (frozenset(d) if have.control_usage_domains else frozenset())
+        sm = replace(have, adapters=frozenset(a), domains=frozenset(d), control_domains=control)
+        return kind, lambda svc: svc.update(u, a, d, c), put(sm)
+    if kind in ("assign", "unassign"):
+        what = rng.choice(["adapter", "domain", "control_domain"])
+        i = rng.choice(ADAPTERS if what == "adapter" else DOMAINS)
+        sets = {
+            "adapter": set(have.adapters),
+            "domain": set(have.domains),
+            "control_domain": set(have.control_domains),
+        }
+        targets = [what] + (
+            ["control_domain"] if what == "domain" and have.control_usage_domains else []
+        )
+        for t in targets:
+            (sets[t].add if kind == "assign" else sets[t].discard)(i)
+        sm = replace(
+            have,
+            adapters=frozenset(sets["adapter"]),
+            domains=frozenset(sets["domain"]),
+            control_domains=frozenset(sets["control_domain"]),
+        )
+        call = (
+            (lambda svc: svc.assign(u, what, i))
+            if kind == "assign"
+            else (lambda svc: svc.unassign(u, what, i))
+        )  # type: ignore[arg-type]
+        return kind, call, put(sm)
+    if kind == "start":
+        return kind, lambda svc: svc.start(u), same
+    if kind == "stop":
+        return kind, lambda svc: svc.stop(u), same
+    if kind == "remove":
+        return (
+            kind,
+            lambda svc: svc.remove(u),
+            lambda s: ({k: v for k, v in s[0].items() if k != u}, s[1]),
+        )
+    auto = not have.autostart
+    return kind, lambda svc: svc.set_autostart(u, auto), put(replace(have, autostart=auto))
+
+
+def stored_view(svc: Service) -> dict[str, StoredMatrix]:
+    """What the running service says it holds, for the matrices it did not merely adopt."""
+    return {m.uuid: svc._record(m.uuid) for m in svc.matrices() if not m.adopted}
+
+
+def check_kernel(svc: Service, rebooted: bool, state: State) -> None:
+    assert svc.registry.violations() == []
+    snap = svc.kernel.read_host()
+    seen: dict[Apqn, str] = {}
+    for mdev in snap.mdevs.values():
+        for apqn in (Apqn(a, d) for a in mdev.adapters for d in mdev.domains):
+            assert apqn not in seen, f"{apqn} in {seen[apqn]} and {mdev.uuid}"
+            seen[apqn] = mdev.uuid
+            assert not snap.pool.owns(apqn), f"{apqn} of {mdev.uuid} is in the host pool"
+    for m in svc.matrices():
+        if m.state == "defined":
+            assert m.uuid not in snap.mdevs
+        else:
+            live = snap.mdevs[m.uuid]
+            assert (set(live.adapters), set(live.domains)) == (set(m.adapters), set(m.domains))
+    assert set(snap.mdevs) <= set(svc.registry.matrices)
+    if rebooted:
+        for u, sm in state[0].items():
+            want = "active" if sm.autostart else "defined"
+            assert svc.matrix(u).state == want, (u, sm)
+
+
+@pytest.mark.parametrize("scenario", ["default", "rfc2017"])
+def test_kill_anywhere(tmp_path: Path, scenario: str) -> None:
+    rng = random.Random(f"kill-anywhere-{scenario}")
+    killer = Killer()
+    host = Host.from_name(scenario)
+    acked: State = ({}, Reservations())
+    target = KILLS if scenario == "default" else KILLS // 2
+    restarts = ops = acks = 0
+    svc: Service | None = None
+    in_flight: Callable[[State], State] | None = None
+    rebooted = True
+    while killer.kills < target:
+        if svc is None:
+            # Restart: the store must hold the acknowledged state (plus, maybe, the change
+            # that was in flight), parse cleanly, and the service must agree with it.
+            contents = Store(tmp_path).load()
+            assert contents.set_aside == []
+            got: State = (contents.matrices, contents.reservations)
+            candidates = [acked] + ([in_flight(acked)] if in_flight else [])
+            assert got in candidates, f"restart {restarts}: store lost an acknowledged change"
+            acked, in_flight = got, None
+            leftovers = [n for n in os.listdir(tmp_path / "matrices") if n.startswith(".")]
+            assert leftovers == []
+            rebooted = rng.random() < 0.5
+            if rebooted:
+                host = Host.from_name(scenario)
+            killer.left = rng.randint(1, 14)
+            fresh = Service(
+                Kernel(KillingSysfs(host, killer)), store=Store(tmp_path, fault=killer.step)
+            )
+            try:
+                fresh.load()
+            except Killed:
+                restarts += 1
+                continue  # killed during start-up: start again (no reboot needed)
+            svc = fresh
+            restarts += 1
+            assert stored_view(svc) == acked[0]
+            check_kernel(svc, rebooted, acked)
+            for m in svc.matrices():  # an unacknowledged create may leave a live mdev behind:
+                if m.adopted:  # the admin removes it (with no kill armed)
+                    left, killer.left = killer.left, 0
+                    svc.remove(m.uuid)
+                    killer.left = left
+        name, call, effect = make_op(rng, acked)
+        ops += 1
+        try:
+            call(svc)
+        except Killed:
+            svc, in_flight = None, effect
+            continue
+        except ApmatrixError:
+            assert stored_view(svc) == acked[0], name  # a refusal changes nothing
+            continue
+        acked = effect(acked)
+        acks += 1
+        assert stored_view(svc) == acked[0], name
+        assert svc._reservations == acked[1]
+    print(
+        f"{scenario}: {killer.kills} kills, {restarts} restarts, {ops} calls, {acks} acked,",
+        f"killed at {killer.where}",
+    )
+    assert acks > killer.kills // 3  # the stream really changed things between kills
+    assert killer.where.get("sysfs write", 0) > target // 10
+    assert killer.where.get("rename", 0) > target // 40

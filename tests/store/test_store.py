@@ -1,0 +1,300 @@
+"""The state directory: format, crash-safe writes, damaged files set aside; the service on it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from apmatrixd.core import Apqn, Conflict
+from apmatrixd.kernel import Kernel, TreeSysfs
+from apmatrixd.service import Service
+from apmatrixd.sim.model import Host
+from apmatrixd.store import (
+    Reservations,
+    Store,
+    StoredMatrix,
+    StoreError,
+    atomic_write,
+)
+
+G1 = "11111111-1111-4111-8111-111111111111"
+G2 = "22222222-2222-4222-8222-222222222222"
+G3 = "33333333-3333-4333-8333-333333333333"
+SM = StoredMatrix(G1, "guest1", frozenset({5, 6}), frozenset({4}), frozenset({4, 1}), True, True)
+
+
+class Boom(BaseException):
+    """A crash in the middle of a store step (stands for kill -9)."""
+
+
+def test_round_trip_and_the_documented_format(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.write_matrix(SM)
+    s.write_reservations(Reservations().reserve([5, 6], [4, 0x47]).release([6], []))
+    data = json.loads((tmp_path / "matrices" / f"{G1}.json").read_text())
+    assert data == {
+        "format": "apmatrixd-matrix",
+        "version": 1,
+        "uuid": G1,
+        "name": "guest1",
+        "adapters": [5, 6],
+        "domains": [4],
+        "control_domains": [1, 4],
+        "autostart": True,
+        "control_usage_domains": True,
+    }
+    host = json.loads((tmp_path / "host.json").read_text())
+    assert host["reserved_adapters"] == [5] and host["released_adapters"] == [6]
+    assert host["reserved_domains"] == [4, 71]
+    assert (tmp_path / "matrices" / f"{G1}.json").stat().st_mode & 0o777 == 0o600
+    got = Store(tmp_path).load()
+    assert got.matrices == {G1: SM} and got.set_aside == []
+    assert got.reservations == Reservations(
+        frozenset({5}), frozenset({4, 71}), frozenset({6}), frozenset()
+    )
+    s.remove_matrix(G1)
+    s.remove_matrix(G1)  # idempotent
+    assert Store(tmp_path).load().matrices == {}
+
+
+@pytest.mark.parametrize("step", ["open", "write", "write-more", "fsync", "rename", "fsync-dir"])
+def test_a_crash_at_any_step_leaves_the_old_or_the_new_file(tmp_path: Path, step: str) -> None:
+    target = tmp_path / "f.json"
+    target.write_text("old\n")
+
+    def fault(at: str) -> None:
+        if at == step:
+            raise Boom(at)
+
+    with pytest.raises(Boom):
+        atomic_write(target, b"new\n", fault)
+    want = "new\n" if step == "fsync-dir" else "old\n"
+    assert target.read_text() == want
+    assert sorted(os.listdir(tmp_path)) == ["f.json"]  # the temp file went with the crash
+
+
+def test_a_temp_file_left_by_a_real_kill_is_cleaned_on_load(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.write_matrix(SM)
+    leftover = tmp_path / "matrices" / f".{G2}.json.tmp-4242"
+    leftover.write_text('{"format": "apmatrixd-ma')  # a half-written temp file
+    got = s.load()
+    assert list(got.matrices) == [G1] and got.set_aside == []
+    assert not leftover.exists()
+
+
+def damage(path: Path, how: str) -> str:
+    good = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+        return "not valid JSON"
+    if how == "empty":
+        path.write_bytes(b"")
+        return "empty"
+    if how == "invalid":
+        path.write_bytes(b"\x00\xff garbage")
+        return "not UTF-8"
+    if how == "future":
+        data = json.loads(good)
+        data["version"] = 7
+        path.write_text(json.dumps(data))
+        return "version 7 is from a newer apmatrixd"
+    if how == "fields":
+        data = json.loads(good)
+        key = "adapters" if "adapters" in data else "reserved_adapters"
+        data[key] = ["5"]
+        path.write_text(json.dumps(data))
+        return f"{key!r} must be a list of ids"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "invalid", "future", "fields"])
+def test_a_damaged_file_is_set_aside_and_logged_the_rest_loads(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(tmp_path)
+    s.write_matrix(SM)
+    s.write_matrix(StoredMatrix(G2, "guest2", frozenset({5}), frozenset({0x47})))
+    s.write_reservations(Reservations().reserve([5], [4]))
+    bad = tmp_path / "matrices" / f"{G2}.json"
+    why = damage(bad, how)
+    damage(tmp_path / "host.json", how)
+    with caplog.at_level(logging.ERROR, logger="apmatrixd.store"):
+        got = Store(tmp_path).load()
+    assert list(got.matrices) == [G1]
+    assert got.reservations == Reservations()
+    assert len(got.set_aside) == 2
+    assert not bad.exists()
+    aside = [n for n in os.listdir(tmp_path / "matrices") if ".broken-" in n]
+    assert len(aside) == 1 and aside[0].startswith(f"{G2}.json.broken-")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert str(bad) in lines[1] and why in lines[1] and "set aside as" in lines[1]
+    assert "host.json" in lines[0]
+    # Set aside once: the next load is clean and keeps what is there.
+    caplog.clear()
+    again = Store(tmp_path).load()
+    assert list(again.matrices) == [G1] and again.set_aside == [] and not caplog.records
+
+
+def test_a_file_named_for_another_uuid_is_set_aside(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.write_matrix(SM)
+    os.rename(tmp_path / "matrices" / f"{G1}.json", tmp_path / "matrices" / f"{G2}.json")
+    (tmp_path / "matrices" / "notes.txt").write_text("hello")
+    got = Store(tmp_path).load()
+    assert got.matrices == {} and len(got.set_aside) == 2
+
+
+# -- the service on a store ----------------------------------------------------------------------
+def service(host: Host, path: Path, **kw: object) -> Service:
+    s = Service(Kernel(TreeSysfs(host)), store=Store(path, **kw))  # type: ignore[arg-type]
+    s.load()
+    return s
+
+
+@pytest.fixture(params=["default", "rfc2017"])
+def scenario(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_definitions_come_back_after_a_reboot(tmp_path: Path, scenario: str) -> None:
+    svc = service(Host.from_name(scenario), tmp_path)
+    svc.reserve([5, 6], [4, 0x47, 0xAB])
+    svc.create_matrix(G1, adapters=[5, 6], domains=[4], name="one", autostart=True)
+    svc.create_matrix(G2, adapters=[5], domains=[0x47], name="two", autostart=False)
+    svc.create_matrix(G3, adapters=[6], domains=[0xAB], autostart=True, start=False)
+    before = {m.uuid: m for m in svc.matrices()}
+    # A reboot: the kernel starts fresh, the store is all that is left.
+    svc2 = service(Host.from_name(scenario), tmp_path)
+    after = {m.uuid: m for m in svc2.matrices()}
+    assert after[G1].state == after[G3].state == "active"
+    assert after[G2].state == "defined"
+    for u in (G1, G2, G3):
+        assert not after[u].adopted
+        assert (after[u].name, after[u].apqns, after[u].control_domains) == (
+            before[u].name,
+            before[u].apqns,
+            before[u].control_domains,
+        )
+    assert svc2.kernel.read_mdev(G3).adapters == {6}
+    assert set(svc2.host.host_adapters).isdisjoint({5, 6}) or scenario == "rfc2017"
+    with pytest.raises(Conflict):  # a defined matrix still holds its APQNs
+        svc2.create_matrix(adapters=[5], domains=[0x47])
+
+
+def test_a_restart_without_reboot_finds_its_matrices_live_not_adopted(tmp_path: Path) -> None:
+    host = Host.from_name("default")
+    svc = service(host, tmp_path)
+    svc.reserve([5], [4, 0x47])
+    svc.create_matrix(G1, adapters=[5], domains=[4], name="one")
+    svc.create_matrix(G2, adapters=[5], domains=[0x47], start=False)
+    svc2 = service(host, tmp_path)
+    m1, m2 = svc2.matrix(G1), svc2.matrix(G2)
+    assert (m1.state, m1.adopted, m1.name) == ("active", False, "one")
+    assert (m2.state, m2.adopted) == ("defined", False)
+
+
+def test_an_interrupted_update_is_taken_back_to_the_stored_definition(tmp_path: Path) -> None:
+    host = Host.from_name("default")
+    svc = service(host, tmp_path)
+    svc.reserve([5, 6], [4])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    # The kernel got the update, the daemon died before the store did.
+    kernel = svc.kernel
+    kernel.assign(G1, "adapter", 6)
+    svc2 = service(host, tmp_path)
+    assert svc2.matrix(G1).adapters == (5,)
+    assert kernel.read_mdev(G1).adapters == {5}
+
+
+def test_an_unknown_live_mdev_is_adopted_and_stored_once_changed(tmp_path: Path) -> None:
+    host = Host.from_name("default")
+    svc = service(host, tmp_path)
+    svc.reserve([5], [4])
+    svc.kernel.create_mdev(G2)
+    svc.kernel.assign(G2, "adapter", 5)
+    svc2 = service(host, tmp_path)
+    assert svc2.matrix(G2).adopted
+    assert not (tmp_path / "matrices" / f"{G2}.json").exists()
+    svc2.assign(G2, "domain", 4)
+    assert not svc2.matrix(G2).adopted
+    assert json.loads((tmp_path / "matrices" / f"{G2}.json").read_text())["domains"] == [4]
+
+
+def test_a_store_failure_undoes_the_change(tmp_path: Path, scenario: str) -> None:
+    host = Host.from_name(scenario)
+    armed: list[str] = []
+
+    def fault(step: str) -> None:
+        if armed and step == armed[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    svc = service(host, tmp_path, fault=fault)
+    svc.reserve([5, 6], [4])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+
+    def snapshot() -> object:
+        snap = svc.kernel.read_host()
+        views = [(m.uuid, m.apqns, m.state, m.autostart) for m in svc.matrices()]
+        return (
+            snap.pool,
+            dict(snap.mdevs),
+            views,
+            svc.host,
+            sorted(os.listdir(tmp_path / "matrices")),
+        )
+
+    calls = {
+        "create": lambda: svc.create_matrix(G2, adapters=[6], domains=[4]),
+        "update": lambda: svc.update(G1, [5, 6], [4], []),
+        "autostart": lambda: svc.set_autostart(G1, True),
+        "reserve": lambda: svc.reserve([], [0x47]),
+        "release": lambda: svc.release([6], []),
+        "remove": lambda: svc.remove(G1),
+    }
+    for name, call in calls.items():
+        for step in (
+            ("unlink", "fsync-dir") if name == "remove" else ("write", "rename", "fsync-dir")
+        ):
+            before = snapshot()
+            armed[:] = [step]
+            with pytest.raises(StoreError, match="No space left on device"):
+                call()
+            armed.clear()
+            assert snapshot() == before, (name, step)
+            assert svc.registry.violations() == []
+    # What is on disk is what was acknowledged: a restart on the same host changes nothing.
+    before = snapshot()
+    svc = service(host, tmp_path)
+    assert snapshot() == before
+
+
+def test_autostart_waits_for_its_adapter_then_hot_plug_starts_it(tmp_path: Path) -> None:
+    svc = service(Host.from_name("default"), tmp_path)
+    svc.reserve([5, 6], [4])
+    svc.create_matrix(G1, adapters=[5, 6], domains=[4], autostart=True)
+    host = Host.from_name("default")
+    host.unplug_adapter(6)  # booted without adapter 06
+    svc2 = service(host, tmp_path)
+    assert svc2.matrix(G1).state == "defined"
+    assert svc2.start_waiting() == []
+    host.plug_adapter(6, "CEX5A")
+    svc2._take_inventory(svc2.kernel.read_host())  # what the hot-plug path does first
+    assert svc2.start_waiting() == [G1]
+    assert svc2.matrix(G1).state == "active"
+    assert set(svc2.matrix(G1).guest_apqns) == {Apqn(5, 4), Apqn(6, 4)}
+
+
+def test_without_a_store_nothing_is_written(tmp_path: Path) -> None:
+    svc = Service(Kernel(TreeSysfs(Host.from_name("default"))))
+    svc.load()
+    svc.reserve([5], [4])
+    svc.create_matrix(G1, adapters=[5], domains=[4], autostart=True)
+    assert svc.matrix(G1).state == "active"
+    assert list(tmp_path.iterdir()) == []
