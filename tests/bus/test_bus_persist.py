@@ -1,0 +1,283 @@
+"""The daemon process and its state directory: kill -9, restart, a fresh simulated host each time.
+
+Every ``--simulate`` start is a fresh boot: the masks are back at their boot values and no
+mdev exists, so whatever comes back comes from the state directory.
+
+The kill-anywhere test here uses real process kills: the daemon is started with
+``APMATRIXD_TEST_KILL_AT=N`` and SIGKILLs itself at the Nth store step (open, half a write,
+the rest, fsync, rename, fsync of the directory, unlink) while a client streams changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+from busrig import MANAGER, MATRIX, ROOT, Client, Daemon, arun, start_daemon
+from conftest import DaemonFactory
+from dbus_fast import Variant
+
+from apmatrixd.store import KILL_ENV, Store
+
+UUIDS = [
+    "11111111-1111-4111-8111-111111111111",
+    "22222222-2222-4222-8222-222222222222",
+    "33333333-3333-4333-8333-333333333333",
+    "44444444-4444-4444-8444-444444444444",
+]
+GONE = {
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.Disconnected",
+}
+REAL_KILLS = 60 if os.environ.get("APMATRIXD_LONG") else 6
+
+
+def path_of(uuid: str) -> str:
+    return f"{ROOT}/matrices/{uuid.replace('-', '_')}"
+
+
+def opts(**kw: Any) -> dict[str, Variant]:
+    sigs = {"name": "s", "autostart": "b", "start": "b"}
+    return {k: Variant(sigs.get(k, "au"), val) for k, val in kw.items()}
+
+
+def kill9(d: Daemon) -> None:
+    d.proc.send_signal(signal.SIGKILL)
+    assert d.proc.wait(5) == -signal.SIGKILL
+
+
+def test_three_autostart_matrices_come_back_after_kill_9(
+    start: DaemonFactory, tmp_path: Path
+) -> None:
+    state = str(tmp_path / "state")
+    d = start("--simulate", "--state-dir", state)
+
+    async def setup() -> None:
+        c = await Client.connect(d.address)
+        await c.ok(ROOT, MANAGER, "Reserve", "auau", [[5, 6], [4, 0x47, 0xAB, 0xFF]])
+        for uuid, dom in zip(UUIDS[:3], (4, 0x47, 0xAB), strict=True):
+            await c.ok(
+                ROOT,
+                MANAGER,
+                "CreateMatrix",
+                "sa{sv}",
+                [uuid, opts(adapters=[5, 6], domains=[dom], autostart=True, name=f"g{dom}")],
+            )
+        await c.ok(
+            ROOT,
+            MANAGER,
+            "CreateMatrix",
+            "sa{sv}",
+            [UUIDS[3], opts(adapters=[5, 6], domains=[0xFF], name="manual")],
+        )
+        c.close()
+
+    arun(setup())
+    kill9(d)
+    d2 = start("--simulate", "--state-dir", state)  # a fresh host: a reboot
+
+    async def check() -> None:
+        c = await Client.connect(d2.address)
+        host = await c.props(ROOT, MANAGER)
+        assert 5 not in host["HostAdapters"] and 6 not in host["HostAdapters"]
+        assert not {4, 0x47, 0xAB, 0xFF} & set(host["HostDomains"])
+        for uuid, dom in zip(UUIDS[:3], (4, 0x47, 0xAB), strict=True):
+            p = await c.props(path_of(uuid), MATRIX)
+            assert p["State"] == "active" and p["Autostart"] and not p["Adopted"]
+            assert p["Name"] == f"g{dom}" and p["GuestApqns"] == [[5, dom], [6, dom]]
+        p = await c.props(path_of(UUIDS[3]), MATRIX)
+        assert p["State"] == "defined" and p["Apqns"] == [[5, 0xFF], [6, 0xFF]]
+        c.close()
+
+    arun(check())
+    assert d2.wait_for("STATUS=serving 4 matrices (upstream layout)", 1)
+
+
+def test_a_damaged_state_file_is_set_aside_and_logged(start: DaemonFactory, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    d = start("--simulate", "--state-dir", str(state))
+
+    async def setup() -> None:
+        c = await Client.connect(d.address)
+        await c.ok(ROOT, MANAGER, "Reserve", "auau", [[5], [4, 0x47]])
+        for uuid, dom in ((UUIDS[0], 4), (UUIDS[1], 0x47)):
+            await c.ok(
+                ROOT, MANAGER, "CreateMatrix", "sa{sv}", [uuid, opts(adapters=[5], domains=[dom])]
+            )
+        c.close()
+
+    arun(setup())
+    kill9(d)
+    bad = state / "matrices" / f"{UUIDS[1]}.json"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    d2 = start("--simulate", "--state-dir", str(state))
+    log = d2.stderr()
+    lines = [ln for ln in log.splitlines() if "damaged" in ln]
+    assert len(lines) == 1, log
+    assert str(bad) in lines[0] and "not valid JSON" in lines[0] and "set aside as" in lines[0]
+    assert d2.wait_for("STATUS=serving 1 matrix (upstream layout)", 1)
+    assert [n for n in os.listdir(state / "matrices") if ".broken-" in n]
+
+
+def test_mdevctl_import_and_export_over_dbus(start: DaemonFactory, tmp_path: Path) -> None:
+    d = start("--simulate", "--state-dir", str(tmp_path / "state"))
+    src = tmp_path / "etc"
+    (src / "matrix").mkdir(parents=True)
+    for uuid, attrs in (
+        (UUIDS[0], [{"assign_adapter": "5"}, {"assign_domain": "0x47"}]),
+        (UUIDS[1], [{"assign_adapter": "5"}, {"assign_domain": "71"}]),  # the same APQN
+    ):
+        obj = {"mdev_type": "vfio_ap-passthrough", "start": "auto", "attrs": attrs}
+        (src / "matrix" / uuid).write_text(json.dumps(obj, indent=2))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    async def go() -> None:
+        c = await Client.connect(d.address)
+        await c.ok(ROOT, MANAGER, "Reserve", "auau", [[5], [0x47]])
+        name, text = await c.error(ROOT, MANAGER, "ImportMdevctl", "s", [str(src)])
+        assert name == "org.apmatrix.Apmatrix1.Error.Conflict", text
+        assert UUIDS[1] in text and "05.0047" in text
+        (src / "matrix" / UUIDS[1]).unlink()
+        (paths,) = await c.ok(ROOT, MANAGER, "ImportMdevctl", "s", [str(src)])
+        assert paths == [path_of(UUIDS[0])]
+        p = await c.props(paths[0], MATRIX)
+        assert (p["State"], p["Autostart"], p["Apqns"]) == ("defined", True, [[5, 0x47]])
+        await c.ok(ROOT, MANAGER, "ExportMdevctl", "s", [str(out)])
+        name, _ = await c.error(ROOT, MANAGER, "ExportMdevctl", "s", ["relative/dir"])
+        assert name == "org.apmatrix.Apmatrix1.Error.InvalidArgument"
+        c.close()
+
+    arun(go())
+    exported = json.loads((out / "matrix" / UUIDS[0]).read_text())
+    assert exported == {
+        "mdev_type": "vfio_ap-passthrough",
+        "start": "auto",
+        "attrs": [
+            {"assign_adapter": "0x05"},
+            {"assign_domain": "0x0047"},
+        ],  # control domains exactly as imported: the file had none
+    }
+
+
+# -- kill -9 anywhere, for real -------------------------------------------------------------------
+async def stream(c: Client, rng: random.Random, acked: dict[str, Any]) -> None:
+    """Changes until the daemon dies; ``acked`` records each one the daemon returned."""
+    for _ in range(5000):
+        u = rng.choice(UUIDS)
+        kind = rng.choice(["reserve", "create", "create", "update", "remove", "release"])
+        if kind in ("reserve", "release"):
+            a, d = sorted(rng.sample([5, 6], 1)), sorted(rng.sample([4, 0x47, 0xAB, 0xFF], 2))
+            reply = await c.call(ROOT, MANAGER, kind.title(), "auau", [a, d])
+            if reply.error_name is None:
+                key = "reserved" if kind == "reserve" else "released"
+                other = "released" if kind == "reserve" else "reserved"
+                for which, ids in (("a", a), ("d", d)):
+                    acked[f"{key}_{which}"] |= set(ids)
+                    acked[f"{other}_{which}"] -= set(ids)
+        elif kind == "create":
+            a, d = sorted(rng.sample([5, 6], 1)), sorted(rng.sample([4, 0x47, 0xAB, 0xFF], 1))
+            auto = rng.random() < 0.5
+            reply = await c.call(
+                ROOT,
+                MANAGER,
+                "CreateMatrix",
+                "sa{sv}",
+                [u, opts(adapters=a, domains=d, autostart=auto)],
+            )
+            if reply.error_name is None:
+                acked["matrices"][u] = (a, d, auto)
+        elif kind == "update":
+            a, d = sorted(rng.sample([5, 6], 2)), sorted(rng.sample([4, 0x47, 0xAB, 0xFF], 1))
+            reply = await c.call(path_of(u), MATRIX, "Update", "auauau", [a, d, []])
+            if reply.error_name is None:
+                acked["matrices"][u] = (a, d, acked["matrices"][u][2])
+        else:
+            reply = await c.call(path_of(u), MATRIX, "Remove")
+            if reply.error_name is None:
+                del acked["matrices"][u]
+        if reply.error_name in GONE:
+            return  # NoReply / Disconnected: the daemon is gone
+    raise AssertionError("the daemon never reached its kill point")
+
+
+def test_kill_anywhere_real_process(system_bus: str, polkit: Any, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    rng = random.Random("real-kills")
+    acked: dict[str, Any] = {"matrices": {}} | {
+        f"{k}_{w}": set() for k in ("reserved", "released") for w in "ad"
+    }
+    points: list[int] = []
+    for _ in range(REAL_KILLS):
+        n = rng.randint(1, 40)
+        points.append(n)
+        os.environ[KILL_ENV] = str(n)
+        try:
+            d = start_daemon(system_bus, ("--simulate", "--state-dir", str(state)))
+        finally:
+            del os.environ[KILL_ENV]
+        try:
+
+            async def run() -> None:
+                c = await Client.connect(system_bus)
+                try:
+                    await stream(c, rng, acked)
+                finally:
+                    c.close()
+
+            arun(run())
+            assert d.proc.wait(10) == -signal.SIGKILL, d.stderr()
+            assert "Traceback" not in d.stderr()
+        finally:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+            d.close()
+        # Every acknowledged change is on disk, and the store parses. The one change in flight
+        # may or may not be there: take what the store says as the new truth for it.
+        contents = Store(state).load()
+        assert contents.set_aside == []
+        got = {
+            u: (sorted(m.adapters), sorted(m.domains), m.autostart)
+            for u, m in contents.matrices.items()
+        }
+        diff = {
+            u for u in set(got) | set(acked["matrices"]) if got.get(u) != acked["matrices"].get(u)
+        }
+        r = contents.reservations
+        res = {
+            "reserved_a": set(r.reserved_adapters),
+            "reserved_d": set(r.reserved_domains),
+            "released_a": set(r.released_adapters),
+            "released_d": set(r.released_domains),
+        }
+        res_diff = any(acked[k] != v for k, v in res.items())
+        assert len(diff) + res_diff <= 1, (diff, got, acked)  # only the change in flight
+        acked["matrices"] = got
+        acked.update(res)
+    # A last, unkilled start on a fresh host: no APQN has two owners, every autostart is up.
+    d = start_daemon(system_bus, ("--simulate", "--state-dir", str(state)))
+    try:
+
+        async def check() -> None:
+            c = await Client.connect(system_bus)
+            owners: dict[tuple[int, int], str] = {}
+            for u, (_a, _d, auto) in acked["matrices"].items():
+                p = await c.props(path_of(u), MATRIX)
+                assert p["State"] == ("active" if auto else "defined"), (u, p)
+                for apqn in p["Apqns"]:
+                    assert tuple(apqn) not in owners
+                    owners[tuple(apqn)] = u
+            c.close()
+
+        arun(check())
+    finally:
+        d.terminate()
+        d.close()
+    assert len(points) == REAL_KILLS
