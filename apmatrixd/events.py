@@ -173,9 +173,10 @@ class EventPump:
         if not self.pending and not self.lost:
             return
         now = self.loop.time()
-        if not self.settling and (
-            len(self.pending) >= self.storm or now - self._first > self.settle
-        ):
+        # A handful of events is over in milliseconds: flipping Settling for it would only
+        # add signals. A storm is many events, or a burst still going after half max_delay.
+        long = now - self._first > self.max_delay / 2
+        if not self.settling and (len(self.pending) >= self.storm or long):
             self._set_settling(True)
         deadline = min(now + self.settle, self._first + self.max_delay)
         if self._timer is not None:
