@@ -301,6 +301,7 @@
                 sw.style.setProperty("--owner", cols.get(m.Uuid).colour);
                 return el("li", {}, sw, label(m));
             }),
+            ...(table.querySelector("td.missing") ? [el("li", {}, el("span", { class: "swatch owned missing" }), "lost by its guest")] : []),
             ...(preview && preview.clashes.size ? [el("li", {}, el("span", { class: "swatch clash" }), "clash")] : []));
     }
 
@@ -653,14 +654,17 @@
             const m = matrices[args[0]];
             alert("warning", `${m ? label(m) : args[0]} changed behind apmatrixd's back`, args[1]);
         });
-        client.addEventListener("owner", (ev, owner) => {
-            if (owner === null) {
+        /* The daemon stopped: what is shown is stale. A new one started: its objects may
+           differ in every way, so start afresh rather than patch up the proxies. */
+        let owner = undefined;
+        client.addEventListener("owner", (ev, now) => {
+            if (now === null) {
+                $("app").classList.add("stale");
                 daemonGone("apmatrixd is not running");
-            } else if (daemonAlert) {
-                daemonAlert.remove();
-                daemonAlert = null;
+            } else if (owner !== undefined && now !== owner) {
+                window.location.reload();
             }
-            scheduleRender();
+            owner = now;
         });
         client.addEventListener("close", (ev, options) => {
             alert("danger", "Lost the connection to the system bus", cockpit.message(options), options.problem, true);

@@ -123,11 +123,20 @@ class Cockpit:
 @dataclass
 class Stack:
     bus: str
-    daemon: Daemon
+    daemons: list[Daemon]
     cockpit: Cockpit
     browser: Browser
     page: Page
     dir: Path
+
+    @property
+    def daemon(self) -> Daemon:
+        return self.daemons[-1]
+
+    def start_daemon(self, *args: str) -> Daemon:
+        """Another apmatrixd on the same bus (after the last one stopped)."""
+        self.daemons.append(start_daemon(self.bus, args or ("--simulate",)))
+        return self.daemon
 
     @property
     def url(self) -> str:
@@ -157,14 +166,16 @@ def start_stack(cleanups: list[Callable[[], None]], *daemon_args: str) -> Stack:
     bus = PrivateBus.start()
     cleanups.append(bus.stop)
     daemon = start_daemon(bus.address, daemon_args or ("--simulate",))
+    daemons = [daemon]
 
-    def stop_daemon() -> None:
-        rc = daemon.terminate()
-        err = daemon.stderr()
-        daemon.close()
-        assert rc == 0 and "Traceback" not in err, err
+    def stop_daemons() -> None:
+        for dmn in daemons:
+            rc = dmn.terminate()
+            err = dmn.stderr()
+            dmn.close()
+            assert rc == 0 and "Traceback" not in err, err
 
-    cleanups.append(stop_daemon)
+    cleanups.append(stop_daemons)
     cockpit = Cockpit.start(bus.address, d)
     cleanups.append(cockpit.stop)
     browser = Browser.launch(d / "profile")
@@ -174,4 +185,4 @@ def start_stack(cleanups: list[Callable[[], None]], *daemon_args: str) -> Stack:
         "Emulation.setDeviceMetricsOverride",
         {"width": 1360, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
     )
-    return Stack(bus.address, daemon, cockpit, browser, page, d)
+    return Stack(bus.address, daemons, cockpit, browser, page, d)

@@ -194,6 +194,20 @@ def test_page_shows_the_host_and_manages_matrices(cockpit_stack: StackFactory) -
     assert r.returncode == 0, r.stderr
     paths = [p for p in r.stdout.split() if "/matrices/" in p]
     assert paths == [f"{ROOT}/matrices/{G1.replace('-', '_')}"]
+
+    # The daemon stops: the page says so and greys out; a new one starts: the page starts afresh.
+    stack.daemon.terminate()
+    page.wait("!!document.getElementById('daemon-alert')", what="'not running'")
+    assert "apmatrixd is not running" in page.text("#daemon-alert")
+    assert page.eval("document.getElementById('app').classList.contains('stale')")
+    stack.start_daemon()  # no --state-dir: a freshly booted host, no matrices
+    page.wait(
+        "document.getElementById('app')?.dataset.ready === 'true'"
+        " && !document.getElementById('daemon-alert')"
+        " && document.querySelectorAll('#matrices tbody tr').length === 0",
+        what="the page reloaded from the new daemon",
+    )
+    wait_cells(stack, dict.fromkeys(apqns, "host"), "the new daemon's host")
     assert page.console() == [], page.console()
     assert time.monotonic() - t0 < 45
 
@@ -239,6 +253,19 @@ def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory
         cell = '#grid td[data-apqn="05.0004"]'
         page.wait(f"document.querySelector('{cell}').classList.contains('missing')")
         assert "1 of 2" in page.text(f"{row(G1)} td.guest")
+        page.screenshot(stack.dir / "degraded.png")
+        if os.environ.get("APMATRIXD_SCREENSHOT"):
+            page.screenshot(SCREENSHOT.with_name("cockpit-degraded.png"))
+        assert page.text('#adapters tr[data-adapter="05"] td.configured') == "no"
+        assert page.eval("document.querySelector('#grid th.adapter.down')?.textContent") == (
+            "05CEX5C"
+        )
+
+        # Plugged back: active again, nothing missing.
+        (mount / "devices" / "ap" / "card05" / "config").write_text("1\n")
+        page.until(lambda: state_of(stack, G1) == "active", what="guest1 active again", timeout=15)
+        page.wait("!document.querySelector('#grid td.missing')", what="nothing missing")
+        assert page.console() == [], page.console()
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
         mount.rmdir()
