@@ -1,0 +1,332 @@
+"""The wire: one connection to apmatrixd, calls that turn D-Bus errors into one-line refusals,
+and a snapshot of everything the daemon exports (GetManagedObjects + the Manager's properties).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusFastError, InvalidAddressError
+
+from apmatrixd.bus import names
+
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+CALL_TIMEOUT = 120.0
+"""Long enough for a polkit agent to ask for a password."""
+
+NOT_RUNNING = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+}
+HOW_TO_START = (
+    "start it with 'systemctl start apmatrixd' "
+    "(or try it out: 'sudo tools/demo', then --address unix:path=/run/apmatrixd-demo/bus)"
+)
+
+
+class CtlError(Exception):
+    """What apmatrixctl prints as one line before exiting with ``code``.
+
+    ``proposal`` (adapters, domains, matrix UUID or "") lets the caller draw the refused change.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: int = 1,
+        name: str = "",
+        proposal: tuple[frozenset[int], frozenset[int], str] | None = None,
+    ) -> None:
+        super().__init__(" ".join(message.split()))
+        self.code = code
+        self.name = name
+        self.proposal = proposal
+        self.picture: list[str] = []
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which bus: an address, the session bus, or the system bus (default)."""
+
+    address: str | None = None
+    session: bool = False
+
+    def describe(self) -> str:
+        if self.address:
+            return f"the bus at {self.address}"
+        return "the session bus" if self.session else "the system bus"
+
+
+def unvariant(value: Any) -> Any:
+    if isinstance(value, Variant):
+        return unvariant(value.value)
+    if isinstance(value, list | tuple):
+        return [unvariant(x) for x in value]
+    if isinstance(value, dict):
+        return {k: unvariant(x) for k, x in value.items()}
+    return value
+
+
+class Connection:
+    """An open connection to the bus; every call goes to apmatrixd."""
+
+    def __init__(self, bus: MessageBus, target: Target) -> None:
+        self.bus = bus
+        self.target = target
+
+    @classmethod
+    async def open(cls, target: Target) -> Connection:
+        try:
+            if target.address:
+                bus = MessageBus(bus_address=target.address)
+            else:
+                bus = MessageBus(bus_type=BusType.SESSION if target.session else BusType.SYSTEM)
+        except InvalidAddressError as err:
+            raise CtlError(f"bad bus address {target.address!r}: {err}", code=2) from None
+        try:
+            await asyncio.wait_for(bus.connect(), 15)
+        except (OSError, DBusFastError, TimeoutError, ValueError) as err:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise CtlError(
+                f"cannot reach {target.describe()} ({why or type(err).__name__}); "
+                f"apmatrixd is not running there: {HOW_TO_START}"
+            ) from None
+        return cls(bus, target)
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+    async def call(
+        self,
+        path: str,
+        iface: str,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        proposal: tuple[frozenset[int], frozenset[int], str] | None = None,
+    ) -> list[Any]:
+        msg = Message(
+            destination=names.BUS_NAME,
+            path=path,
+            interface=iface,
+            member=member,
+            signature=signature,
+            body=list(body),
+            flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION,
+        )
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)
+        except (TimeoutError, OSError, EOFError, DBusFastError) as err:
+            raise CtlError(f"no answer from apmatrixd ({err or type(err).__name__})") from None
+        if reply is None:
+            raise CtlError("the connection to the bus was lost")
+        if reply.message_type == MessageType.ERROR:
+            raise self._error(str(reply.error_name), reply.body, proposal)
+        return list(reply.body)
+
+    def _error(
+        self,
+        name: str,
+        body: list[Any],
+        proposal: tuple[frozenset[int], frozenset[int], str] | None,
+    ) -> CtlError:
+        text = str(body[0]) if body and isinstance(body[0], str) else ""
+        if name in NOT_RUNNING or name.startswith("org.freedesktop.DBus.Error.Spawn"):
+            return CtlError(
+                f"apmatrixd is not running ({names.BUS_NAME} has no owner on "
+                f"{self.target.describe()}): {HOW_TO_START}",
+                name=name,
+            )
+        short = name.rsplit(".", 1)[-1]
+        return CtlError(f"{short}: {text}" if text else short, name=name, proposal=proposal)
+
+    async def props(self, path: str, iface: str) -> dict[str, Any]:
+        (values,) = await self.call(path, PROPS_IFACE, "GetAll", "s", [iface])
+        return {k: unvariant(v) for k, v in values.items()}
+
+    async def snapshot(self) -> Snapshot:
+        host = await self.props(names.MANAGER_PATH, names.MANAGER_IFACE)
+        (objs,) = await self.call(
+            names.MANAGER_PATH, names.OBJECT_MANAGER_IFACE, "GetManagedObjects"
+        )
+        snap = Snapshot(HostInfo.of(host))
+        for path, ifaces in objs.items():
+            if names.MATRIX_IFACE in ifaces:
+                m = MatrixInfo.of(path, unvariant(ifaces[names.MATRIX_IFACE]))
+                snap.matrices[m.uuid] = m
+            if names.ADAPTER_IFACE in ifaces:
+                a = AdapterInfo.of(path, unvariant(ifaces[names.ADAPTER_IFACE]))
+                snap.adapters[a.id] = a
+        return snap
+
+
+# -- what the daemon exports, as plain values -----------------------------------------------------
+def _pairs(value: Any) -> frozenset[tuple[int, int]]:
+    return frozenset((int(a), int(d)) for a, d in value)
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    version: str
+    layout: str
+    max_adapter_id: int
+    max_domain_id: int
+    host_adapters: frozenset[int]
+    host_domains: frozenset[int]
+    settling: bool
+
+    @classmethod
+    def of(cls, p: dict[str, Any]) -> HostInfo:
+        return cls(
+            version=str(p.get("Version", "")),
+            layout=str(p.get("Layout", "")),
+            max_adapter_id=int(p.get("MaxAdapterId", 255)),
+            max_domain_id=int(p.get("MaxDomainId", 255)),
+            host_adapters=frozenset(p.get("HostAdapters", ())),
+            host_domains=frozenset(p.get("HostDomains", ())),
+            settling=bool(p.get("Settling", False)),
+        )
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "layout": self.layout,
+            "max_adapter_id": self.max_adapter_id,
+            "max_domain_id": self.max_domain_id,
+            "host_adapters": sorted(self.host_adapters),
+            "host_domains": sorted(self.host_domains),
+            "settling": self.settling,
+        }
+
+
+@dataclass(frozen=True)
+class MatrixInfo:
+    path: str
+    uuid: str
+    name: str
+    adapters: frozenset[int]
+    domains: frozenset[int]
+    control_domains: frozenset[int]
+    apqns: frozenset[tuple[int, int]]
+    guest_apqns: frozenset[tuple[int, int]]
+    state: str
+    autostart: bool
+    adopted: bool
+    sysfs_path: str
+
+    @classmethod
+    def of(cls, path: str, p: dict[str, Any]) -> MatrixInfo:
+        return cls(
+            path=path,
+            uuid=str(p.get("Uuid", names.uuid_of_path(path) or "")),
+            name=str(p.get("Name", "")),
+            adapters=frozenset(p.get("Adapters", ())),
+            domains=frozenset(p.get("Domains", ())),
+            control_domains=frozenset(p.get("ControlDomains", ())),
+            apqns=_pairs(p.get("Apqns", ())),
+            guest_apqns=_pairs(p.get("GuestApqns", ())),
+            state=str(p.get("State", "")),
+            autostart=bool(p.get("Autostart", False)),
+            adopted=bool(p.get("Adopted", False)),
+            sysfs_path=str(p.get("SysfsPath", "")),
+        )
+
+    @property
+    def label(self) -> str:
+        """``guest1 (1111...)`` or the bare UUID."""
+        return f"{self.name} ({self.uuid})" if self.name else self.uuid
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "state": self.state,
+            "adapters": sorted(self.adapters),
+            "domains": sorted(self.domains),
+            "control_domains": sorted(self.control_domains),
+            "apqns": [list(x) for x in sorted(self.apqns)],
+            "guest_apqns": [list(x) for x in sorted(self.guest_apqns)],
+            "autostart": self.autostart,
+            "adopted": self.adopted,
+            "sysfs_path": self.sysfs_path,
+            "path": self.path,
+        }
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    path: str
+    id: int
+    type: str
+    mode: str
+    online: bool
+    configured: bool
+    domains: frozenset[int]
+    guest_domains: frozenset[int]
+    owners: dict[int, str] = field(hash=False)
+
+    @classmethod
+    def of(cls, path: str, p: dict[str, Any]) -> AdapterInfo:
+        return cls(
+            path=path,
+            id=int(p.get("Id", 0)),
+            type=str(p.get("Type", "")),
+            mode=str(p.get("Mode", "")),
+            online=bool(p.get("Online", False)),
+            configured=bool(p.get("Configured", False)),
+            domains=frozenset(p.get("Domains", ())),
+            guest_domains=frozenset(p.get("GuestDomains", ())),
+            owners={int(d): str(u) for d, u in dict(p.get("Owners", {})).items()},
+        )
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "mode": self.mode,
+            "online": self.online,
+            "configured": self.configured,
+            "domains": sorted(self.domains),
+            "guest_domains": sorted(self.guest_domains),
+            "owners": [[d, u] for d, u in sorted(self.owners.items())],
+            "path": self.path,
+        }
+
+
+@dataclass
+class Snapshot:
+    host: HostInfo
+    matrices: dict[str, MatrixInfo] = field(default_factory=dict)
+    adapters: dict[int, AdapterInfo] = field(default_factory=dict)
+
+    def sorted_matrices(self) -> list[MatrixInfo]:
+        """Named ones first, by name; then the unnamed, by UUID."""
+        return sorted(self.matrices.values(), key=lambda m: (m.name == "", m.name, m.uuid))
+
+    def owner_label(self, owner: str) -> str:
+        m = self.matrices.get(owner)
+        return m.label if m is not None else owner
+
+    def resolve(self, ref: str) -> MatrixInfo:
+        """A matrix by name, UUID or unique UUID prefix."""
+        by_name = [m for m in self.matrices.values() if m.name and m.name == ref]
+        if by_name:
+            return by_name[0]
+        low = ref.strip().lower()
+        if low in self.matrices:
+            return self.matrices[low]
+        hits = [m for m in self.sorted_matrices() if low and m.uuid.startswith(low)]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            which = ", ".join(m.label for m in hits)
+            raise CtlError(f"{ref!r} is ambiguous: it starts {which}", code=2)
+        raise CtlError(
+            f"NotFound: no matrix named {ref!r} (give a name, a UUID or a unique UUID prefix)",
+            name=names.error_name("NotFound"),
+        )

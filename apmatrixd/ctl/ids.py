@@ -1,0 +1,79 @@
+"""Adapter and domain ids as a Z admin types and reads them: hex, like lszcrypt and chzdev.
+
+Grammar (every number is hexadecimal, with or without ``0x``)::
+
+    IDS   = ITEM *("," ITEM)          e.g. 5   05   0x05   4-7   4,0x47   00-3f,ff
+    ITEM  = ID / ID "-" ID            a range includes both ends and must not run backwards
+    ID    = ["0x"] 1*4HEXDIG          value 00 .. ff
+
+``none`` is the empty set (for ``update``). A bare ``47`` is 0x47 = 71, as lszcrypt prints it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from apmatrixd.core.apqn import MAX_ID
+
+_ID = re.compile(r"(?:0[xX])?([0-9a-fA-F]{1,4})")
+NONE = "none"
+
+
+class IdError(ValueError):
+    """A malformed id list (a usage error: exit 2)."""
+
+
+def parse_id(text: str) -> int:
+    m = _ID.fullmatch(text.strip())
+    if m is None:
+        raise IdError(f"not a hex id: {text.strip()!r} (write 5, 05 or 0x05)")
+    value = int(m.group(1), 16)
+    if value > MAX_ID:
+        raise IdError(f"id {text.strip()!r} is above ff")
+    return value
+
+
+def parse_ids(text: str, allow_none: bool = False) -> frozenset[int]:
+    """``4-7,0x47`` -> {4, 5, 6, 7, 0x47}. Raises :class:`IdError`."""
+    if allow_none and text.strip().lower() == NONE:
+        return frozenset()
+    out: set[int] = set()
+    for item in text.split(","):
+        lo, sep, hi = item.partition("-")
+        first = parse_id(lo)
+        last = parse_id(hi) if sep else first
+        if last < first:
+            raise IdError(f"range runs backwards: {item.strip()!r}")
+        out.update(range(first, last + 1))
+    return frozenset(out)
+
+
+def runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Consecutive runs: [4, 5, 6, 9] -> [(4, 6), (9, 9)]."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(set(ids)):
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+def format_ids(ids: Iterable[int]) -> str:
+    """``04-07,47`` (two hex digits; runs of three or more as ranges); ``-`` if empty."""
+    parts: list[str] = []
+    for lo, hi in runs(ids):
+        if hi - lo >= 2:
+            parts.append(f"{lo:02x}-{hi:02x}")
+        else:
+            parts.extend(f"{i:02x}" for i in range(lo, hi + 1))
+    return ",".join(parts) or "-"
+
+
+def format_apqn(adapter: int, domain: int) -> str:
+    return f"{adapter:02x}.{domain:04x}"
+
+
+def format_apqns(apqns: Iterable[tuple[int, int]]) -> str:
+    return " ".join(format_apqn(a, d) for a, d in sorted(apqns)) or "-"

@@ -1,0 +1,202 @@
+"""Verbs on matrices: list, show, create, remove, start, stop, assign, unassign, update."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dbus_fast import Variant
+
+from apmatrixd.bus import names
+from apmatrixd.ctl.client import Connection, CtlError, MatrixInfo
+from apmatrixd.ctl.ids import format_ids
+from apmatrixd.ctl.output import Output, matrix_block
+
+Sub = Any  # argparse's private _SubParsersAction
+
+
+def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any, idtype_none: Any) -> None:
+    p = sub.add_parser("list", parents=[common], help="list the matrices")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", parents=[common], help="show one matrix")
+    p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser(
+        "create",
+        parents=[common],
+        help="define a matrix and start it (a refused one is drawn)",
+        description="Define a matrix and, unless --no-start, make it live at once. All or "
+        "nothing; a refused proposal is drawn over the host's picture with the clashes marked.",
+    )
+    p.add_argument("name", metavar="NAME", nargs="?", default="", help="the admin's name for it")
+    p.add_argument("--uuid", default="", help="the mdev UUID (default: a new one)")
+    _sets(p, idtype)
+    p.add_argument("--autostart", action="store_true", help="start it when the daemon starts")
+    p.add_argument("--no-start", action="store_true", help="only define it (State 'defined')")
+    p.add_argument(
+        "--no-control-usage-domains",
+        action="store_true",
+        help="do not make every usage domain a control domain too",
+    )
+    p.set_defaults(func=cmd_create)
+
+    for verb, what in (
+        ("remove", "stop if live, then forget a matrix"),
+        ("start", "make a defined matrix live in the kernel"),
+        ("stop", "take a live matrix out of the kernel, keeping its definition"),
+    ):
+        p = sub.add_parser(verb, parents=[common], help=what)
+        p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
+        p.set_defaults(func=cmd_lifecycle, verb=verb)
+
+    for verb, what in (
+        ("assign", "add adapters, domains, control domains (all at once, or none)"),
+        (
+            "unassign",
+            "drop adapters, domains, control domains (a usage domain dropped is "
+            "dropped as a control domain too)",
+        ),
+        ("update", "replace the given sets (atomic); 'none' empties a set"),
+    ):
+        p = sub.add_parser(
+            verb, parents=[common], help=what, description=what[0].upper() + what[1:] + "."
+        )
+        p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
+        _sets(p, idtype_none if verb == "update" else idtype)
+        p.set_defaults(func=cmd_change, verb=verb)
+
+
+def _sets(p: argparse.ArgumentParser, idtype: Any) -> None:
+    p.add_argument("-a", "--adapters", type=idtype, metavar="IDS", help="adapter ids (hex)")
+    p.add_argument("-d", "--domains", type=idtype, metavar="IDS", help="usage domain ids (hex)")
+    p.add_argument(
+        "-c", "--control-domains", type=idtype, metavar="IDS", help="control domain ids (hex)"
+    )
+
+
+def _ids(x: frozenset[int] | None) -> list[int]:
+    return sorted(x or ())
+
+
+def print_matrix(out: Output, m: MatrixInfo) -> None:
+    if out.as_json:
+        out.json(m.json())
+    else:
+        out.lines(matrix_block(m))
+
+
+async def cmd_list(conn: Connection, args: argparse.Namespace, out: Output) -> int:
+    snap = await conn.snapshot()
+    ms = snap.sorted_matrices()
+    if out.as_json:
+        out.json({"matrices": [m.json() for m in ms]})
+        return 0
+    if not ms:
+        out.line("no matrices (create one with: apmatrixctl create NAME -a IDS -d IDS)")
+        return 0
+    out.table(
+        ["NAME", "UUID", "STATE", "ADAPTERS", "DOMAINS", "CONTROL", "APQNS", "GUEST"],
+        [
+            [
+                m.name or "-",
+                m.uuid,
+                m.state,
+                format_ids(m.adapters),
+                format_ids(m.domains),
+                format_ids(m.control_domains),
+                str(len(m.apqns)),
+                str(len(m.guest_apqns)),
+            ]
+            for m in ms
+        ],
+    )
+    return 0
+
+
+async def cmd_show(conn: Connection, args: argparse.Namespace, out: Output) -> int:
+    snap = await conn.snapshot()
+    print_matrix(out, snap.resolve(args.matrix))
+    return 0
+
+
+async def cmd_create(conn: Connection, args: argparse.Namespace, out: Output) -> int:
+    opts: dict[str, Variant] = {
+        "adapters": Variant("au", _ids(args.adapters)),
+        "domains": Variant("au", _ids(args.domains)),
+        "control_domains": Variant("au", _ids(args.control_domains)),
+        "name": Variant("s", args.name),
+        "autostart": Variant("b", bool(args.autostart)),
+        "start": Variant("b", not args.no_start),
+        "control_usage_domains": Variant("b", not args.no_control_usage_domains),
+    }
+    proposal = (frozenset(args.adapters or ()), frozenset(args.domains or ()), "")
+    (path,) = await conn.call(
+        names.MANAGER_PATH,
+        names.MANAGER_IFACE,
+        "CreateMatrix",
+        "sa{sv}",
+        [args.uuid, opts],
+        proposal=proposal,
+    )
+    snap = await conn.snapshot()
+    m = next((x for x in snap.matrices.values() if x.path == path), None)
+    if m is None:
+        raise CtlError(f"created {path}, but it is already gone")
+    print_matrix(out, m)
+    return 0
+
+
+async def cmd_lifecycle(conn: Connection, args: argparse.Namespace, out: Output) -> int:
+    snap = await conn.snapshot()
+    m = snap.resolve(args.matrix)
+    await conn.call(m.path, names.MATRIX_IFACE, args.verb.capitalize())
+    if args.verb == "remove":
+        if out.as_json:
+            out.json({"removed": m.json()})
+        else:
+            out.line(f"removed {m.label}")
+        return 0
+    after = (await conn.snapshot()).matrices.get(m.uuid, m)
+    if out.as_json:
+        out.json(after.json())
+    else:
+        out.line(f"{after.label}: {after.state}")
+    return 0
+
+
+async def cmd_change(conn: Connection, args: argparse.Namespace, out: Output) -> int:
+    if args.adapters is None and args.domains is None and args.control_domains is None:
+        raise CtlError(
+            f"{args.verb}: give at least one of --adapters, --domains, --control-domains", code=2
+        )
+    snap = await conn.snapshot()
+    m = snap.resolve(args.matrix)
+    a0, d0, c0 = set(m.adapters), set(m.domains), set(m.control_domains)
+    a, d, c = (
+        args.adapters or frozenset(),
+        args.domains or frozenset(),
+        args.control_domains or frozenset(),
+    )
+    if args.verb == "assign":
+        new = (a0 | a, d0 | d, c0 | c)
+    elif args.verb == "unassign":
+        new = (a0 - a, d0 - d, c0 - c - d)
+    else:
+        new = (
+            set(a0 if args.adapters is None else a),
+            set(d0 if args.domains is None else d),
+            set(c0 if args.control_domains is None else c),
+        )
+    await conn.call(
+        m.path,
+        names.MATRIX_IFACE,
+        "Update",
+        "auauau",
+        [sorted(new[0]), sorted(new[1]), sorted(new[2])],
+        proposal=(frozenset(new[0]), frozenset(new[1]), m.uuid),
+    )
+    after = (await conn.snapshot()).matrices.get(m.uuid, m)
+    print_matrix(out, after)
+    return 0

@@ -1,0 +1,60 @@
+"""The shipped bash completion and man page are generated from the parser and up to date."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from apmatrixd.ctl.docs import bash_completion, man_page
+from apmatrixd.ctl.main import build_parser
+
+REPO = Path(__file__).resolve().parent.parent.parent
+REGEN = "run tools/gen-ctl-docs"
+
+
+def test_completion_is_up_to_date() -> None:
+    shipped = (REPO / "ctl" / "apmatrixctl.bash").read_text()
+    assert shipped == bash_completion(build_parser()), REGEN
+
+
+def test_man_page_is_up_to_date() -> None:
+    shipped = (REPO / "ctl" / "apmatrixctl.1").read_text()
+    assert shipped == man_page(build_parser()), REGEN
+
+
+def test_every_command_is_documented_and_completed() -> None:
+    parser = build_parser()
+    comp, man = bash_completion(parser), man_page(parser)
+    for cmd in ("list", "show", "create", "assign", "check", "picture", "monitor",
+                "import-mdevctl", "export-mdevctl"):  # fmt: skip
+        assert f"        {cmd}) opts=" in comp
+        assert f"\\fB{cmd.replace('-', chr(92) + '-')}\\fR" in man
+
+
+def test_completion_works_in_bash() -> None:
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = (
+        f"source {REPO / 'ctl' / 'apmatrixctl.bash'}\n"
+        "COMP_WORDS=(apmatrixctl as); COMP_CWORD=1; _apmatrixctl; echo ${COMPREPLY[@]}\n"
+        "COMP_WORDS=(apmatrixctl assign x --ad); COMP_CWORD=3; _apmatrixctl; echo ${COMPREPLY[@]}\n"
+    )
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10)
+    assert r.stdout.splitlines() == ["assign", "--address --adapters"], r.stderr
+
+
+def test_man_page_renders() -> None:
+    if shutil.which("man") is None:
+        pytest.skip("no man")
+    r = subprocess.run(
+        ["man", "-l", str(REPO / "ctl" / "apmatrixctl.1")],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin", "MANPAGER": "cat", "PAGER": "cat"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "EXIT STATUS" in r.stdout and "a bare 47 is 0x47" in r.stdout
