@@ -641,17 +641,36 @@ class Service:
                 log.error("undo failed, sysfs may now differ from the registry: %s", err)
 
         self._durable(undo, reservations=True)
-        snap = self.kernel.read_host()
         changes = Changes(host_changed=True)
-        self._take_inventory(snap)
-        changes.adapters_changed |= set(self._adapters)
+        touched = self._touched_by(old, new)
+        if touched is None or len(touched) > 8:  # one card at a time costs a link per queue
+            self._take_inventory(self.kernel.read_host())
+            changes.adapters_changed |= set(self._adapters)
+        else:
+            # Only these cards' queues moved: re-read them, not a whole 256 x 256 host.
+            for a in sorted(touched & self._infos.keys()):
+                info = self.kernel.read_adapter(a)
+                if info is not None:
+                    self._infos[a] = info
+                    self._adapters[a] = self._adapter_view(info)
+                    changes.adapters_changed.add(a)
+        mdevs = self.kernel.read_mdevs(self._infos)
         for u, meta in self._meta.items():
-            if meta.live and u in snap.mdevs:
-                guest = tuple(sorted(snap.mdevs[u].guest_apqns))
+            if meta.live and u in mdevs:
+                guest = tuple(sorted(mdevs[u].guest_apqns))
                 if guest != meta.guest:
                     meta.guest = guest
                     changes.matrices_changed.add(u)
         self._emit(changes)
+
+    @staticmethod
+    def _touched_by(old: HostPool, new: HostPool) -> frozenset[int] | None:
+        """The adapters whose queues a pool change can move; None when it may be any."""
+        if old.queues is not None and new.queues is not None:
+            return frozenset(q.adapter for q in old.queues ^ new.queues)
+        if old.domains == new.domains:
+            return old.adapters ^ new.adapters
+        return None
 
     # -- mdevctl ---------------------------------------------------------------------------
     def import_mdevctl(self, config_dir: str) -> list[str]:
