@@ -107,7 +107,21 @@ class ObjectTree(_Tree):
         try:
             self._apply(changes)
         except Exception:
-            log.exception("could not publish a change batch; objects may be stale")
+            log.exception("could not publish a change batch (%s); re-syncing every object", changes)
+            self._resync_all()
+
+    def _resync_all(self) -> None:
+        """Bring every exported object back in step with the service after a failed batch."""
+        try:
+            wanted_m = {m.uuid for m in self._service.matrices()}
+            wanted_a = {a.id for a in self._service.adapters()}
+            for uuid in sorted(wanted_m | self.matrices.keys()):
+                self._sync_matrix(uuid)
+            for aid in sorted(wanted_a | self.adapters.keys()):
+                self._sync_adapter(aid)
+            self.manager.refresh(manager_values(self._service.host))
+        except Exception:
+            log.exception("re-sync failed too; clients may see stale objects")
 
     def _apply(self, ch: Changes) -> None:
         # Ask the service about every object named, whatever the set: that covers a
