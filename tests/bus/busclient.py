@@ -1,6 +1,6 @@
 """D-Bus method calls from a separate process, as any user: JSON in (argv[1]), JSON out.
 
-Runs under Debian's /usr/bin/python3 with the venv's site-packages on PYTHONPATH, so that
+Runs under Debian's /usr/bin/python3 with a world-readable copy of dbus-fast on PYTHONPATH, so that
 ``setpriv`` can run it as nobody (the pyenv interpreter under /root is unreadable to nobody).
 Variants travel as ``{"$v": [signature, value]}``.
 Prints ``{"error": name-or-null, "body": [...]}``.

@@ -6,6 +6,8 @@ SIGTERM). Measured recipes: /work/shared/spec/dbus-rig.md §0b, §1, §4, §5.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import json
 import os
 import shutil
@@ -14,7 +16,6 @@ import socket
 import struct
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid as uuidlib
@@ -32,7 +33,6 @@ POLICY = REPO / "dbus" / "org.apmatrix.Apmatrix1.conf"
 XML = REPO / "dbus" / "org.apmatrix.Apmatrix1.xml"
 UNIT = REPO / "systemd" / "apmatrixd.service"
 CLIENT = HERE / "busclient.py"
-SITE = sysconfig.get_paths()["purelib"]
 SYSTEM_PYTHON = "/usr/bin/python3"
 NOBODY = 65534
 
@@ -258,12 +258,31 @@ def spec(
     }
 
 
+@functools.cache
+def world_readable_client() -> tuple[str, str]:
+    """The client script and dbus-fast copied where any uid can read them.
+
+    The checkout or the venv may sit below a 0700 directory (/root): nobody could not even
+    import the client from there. Returns (script, PYTHONPATH).
+    """
+    import dbus_fast
+
+    d = Path(tempfile.mkdtemp(prefix="apm-client-", dir="/tmp"))
+    shutil.copytree(Path(dbus_fast.__file__).parent, d / "dbus_fast")
+    shutil.copy(CLIENT, d / CLIENT.name)
+    for path in (d, *d.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    atexit.register(shutil.rmtree, d, True)
+    return str(d / CLIENT.name), str(d)
+
+
 def run_client(uid: int, specs: Any) -> Any:
     """Calls from another process as ``uid`` (Debian python + dbus-fast): one spec or a list."""
-    env = dict(os.environ, PYTHONPATH=SITE)
+    script, site = world_readable_client()
+    env = dict(os.environ, PYTHONPATH=site)
     pre = [] if uid == 0 else as_user(uid)
     r = subprocess.run(
-        [*pre, SYSTEM_PYTHON, str(CLIENT), json.dumps(specs)],
+        [*pre, SYSTEM_PYTHON, script, json.dumps(specs)],
         capture_output=True,
         text=True,
         env=env,
