@@ -280,7 +280,7 @@ async def _serve(bus: ApmatrixBus, service: Service) -> int:
             notify.notify(status)
 
     service.subscribe(on_changes)
-    notify.notify("READY=1", status)
+    notify.notify("READY=1", status, wait=5.0)
     log.info("serving %s on %s: %s", names.BUS_NAME, bus.unique_name, status[7:])
 
     tasks = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(bus.wait_for_disconnect())]  # type: ignore[no-untyped-call]
@@ -291,9 +291,9 @@ async def _serve(bus: ApmatrixBus, service: Service) -> int:
         t.cancel()
     if not stop.is_set():
         log.error("lost the bus connection")
-        notify.notify("STOPPING=1", "STATUS=lost the bus connection")
+        notify.notify("STOPPING=1", "STATUS=lost the bus connection", wait=5.0)
         return 1
-    notify.notify("STOPPING=1", "STATUS=stopping")
+    notify.notify("STOPPING=1", "STATUS=stopping", wait=5.0)
     log.info("stopping")
     with contextlib.suppress(DBusError, OSError, EOFError):
         await bus.release_name(names.BUS_NAME)

@@ -12,6 +12,9 @@ lines): it handles abstract ``@`` sockets correctly, but
 (sdnotify 0.3.2 swallows everything with a bare ``except``; python-systemd needs a C build.)
 Here: unset socket = no-op; a path or ``@abstract`` socket gets one datagram per call;
 errors are logged, never raised, because a daemon must not die for its supervisor's sake.
+Nor hang for it: a send never blocks the event loop (``wait`` bounds it, for READY=1 and
+STOPPING=1), so a supervisor that stops reading its socket (a full datagram queue) costs a
+dropped STATUS=, never a daemon frozen in ``send`` (found by tests/reliability).
 """
 
 from __future__ import annotations
@@ -23,8 +26,17 @@ import socket
 log = logging.getLogger(__name__)
 
 
-def notify(*lines: str) -> bool:
-    """Send ``lines`` (``READY=1``, ``STATUS=...``) as one datagram; False if not sent."""
+_dropping = False
+"""The last send failed: log the next failure only once it worked again in between."""
+
+
+def notify(*lines: str, wait: float = 0.0) -> bool:
+    """Send ``lines`` (``READY=1``, ``STATUS=...``) as one datagram; False if not sent.
+
+    Never blocks longer than ``wait`` seconds (0: not at all) when the receiver's queue is
+    full; the datagram is then dropped.
+    """
+    global _dropping
     addr = os.environ.get("NOTIFY_SOCKET", "")
     if not addr:
         return False
@@ -35,11 +47,19 @@ def notify(*lines: str) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            if wait > 0:
+                sock.settimeout(wait)
+            else:
+                sock.setblocking(False)
             sock.connect(addr)
             sock.sendall("\n".join(lines).encode())
     except OSError as exc:
-        log.warning("sd_notify %s failed: %s", lines[0] if lines else "", exc)
+        if not _dropping:
+            why = "the receiver is not reading" if isinstance(exc, BlockingIOError) else exc
+            log.warning("sd_notify %s failed: %s", lines[0] if lines else "", why)
+        _dropping = True
         return False
+    _dropping = False
     return True
 
 

@@ -45,6 +45,32 @@ def test_notify_unset_is_a_noop_and_errors_do_not_raise(
     assert notify.notify("READY=1") is False
 
 
+def test_notify_never_hangs_on_a_receiver_that_stops_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full datagram queue drops the message at once (or after ``wait``): the daemon's loop
+    must not freeze in send() while its supervisor is busy (found by tests/reliability)."""
+    import time
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        sent = 0
+        t0 = time.monotonic()
+        while notify.notify(f"STATUS=serving {sent} matrices"):
+            sent += 1
+            assert sent < 100_000
+        assert sent > 0 and time.monotonic() - t0 < 5
+        t0 = time.monotonic()
+        assert notify.notify("STATUS=full") is False
+        assert time.monotonic() - t0 < 0.1
+        t0 = time.monotonic()
+        assert notify.notify("STOPPING=1", wait=0.2) is False
+        assert 0.15 < time.monotonic() - t0 < 2
+        assert sock.recv(100) == b"STATUS=serving 0 matrices"
+        assert notify.notify("STATUS=room again")
+
+
 def test_watchdog_interval_honours_pid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "30000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
