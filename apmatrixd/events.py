@@ -318,9 +318,12 @@ class SimSource:
                 os.write(self._wfd, b"\0")
 
     def _readable(self) -> None:
-        self._woken = False  # before draining: a later append wakes us again
+        # Empty the pipe first, then re-arm, then drain. Re-arming before the read lost
+        # wake-ups: an event between the two wrote a byte the read then swallowed, leaving
+        # the flag set with nothing in the pipe, and every later event sat in the queue.
         with contextlib.suppress(BlockingIOError, OSError):
             os.read(self._rfd, 4096)
+        self._woken = False  # before draining: an append from now on wakes us again
         queue, add = self._queue, self.pump.add
         while queue:
             add(queue.popleft().properties())

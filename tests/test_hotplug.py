@@ -8,6 +8,8 @@ Changes per burst. The same path as ``--simulate``; the pyudev path is in tests/
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -401,3 +403,43 @@ def test_pump_batches_and_settling() -> None:
         assert batches == [25, 1, 0]
 
     asyncio.run(go())
+
+
+def test_sim_source_never_loses_a_wake_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event that arrives while the loop empties the pipe must not leave later events
+    stranded in the queue (a lost wake-up once stalled the storm test for minutes)."""
+    from apmatrixd.sim.vfs import Uevent
+
+    added: list[str] = []
+
+    class Pump:
+        loop = None
+
+        def add(self, props: dict[str, str]) -> None:
+            added.append(props["DEVPATH"])
+
+        def arm(self) -> None:
+            pass
+
+    src = SimSource(Pump(), Host.from_name("default"))  # type: ignore[arg-type]
+
+    def ev(name: str) -> Uevent:
+        return Uevent("change", f"/devices/ap/{name}", "ap", 1)
+
+    real_read = os.read
+
+    def read_while_an_event_arrives(fd: int, n: int) -> bytes:
+        src._on_uevent(ev("b"))  # another thread, between the loop's wake-up and its read
+        return real_read(fd, n)
+
+    src._on_uevent(ev("a"))
+    with monkeypatch.context() as m:
+        m.setattr(os, "read", read_while_an_event_arrives)
+        src._readable()
+    assert added == ["/devices/ap/a", "/devices/ap/b"]
+    src._on_uevent(ev("c"))  # must wake the loop: the pipe has to be readable now
+    assert select.select([src._rfd], [], [], 0)[0] == [src._rfd]
+    src._readable()
+    assert added[-1] == "/devices/ap/c"
+    os.close(src._rfd)
+    os.close(src._wfd)
