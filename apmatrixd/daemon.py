@@ -134,13 +134,20 @@ def make_kernel(args: argparse.Namespace) -> Kernel:
 
     try:
         if args.simulate is not None:
-            from apmatrixd.sim.model import Host
+            from apmatrixd.sim.model import FAULT_ENV, Host
 
             try:
                 host = Host.from_name(args.simulate)
             except (ValueError, KeyError, OSError) as err:
                 msg = str(err).strip("'\"") or repr(err)
                 raise StartupError(f"scenario {args.simulate!r}: {msg}") from None
+            faults = os.environ.get(FAULT_ENV, "")
+            if faults:  # test-only: kernel writes that will fail (see FAULT_ENV)
+                try:
+                    armed = host.inject_faults_from_env(faults)
+                except (ValueError, OSError) as err:
+                    raise StartupError(str(err)) from None
+                log.warning("%s: emulated kernel writes will fail: %s", FAULT_ENV, armed)
             return Kernel(TreeSysfs(host))
         root = args.sysfs_root or "/sys"
         return Kernel(OsSysfs(root), lock_path=None if args.sysfs_root else S390_LOCK)

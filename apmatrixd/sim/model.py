@@ -25,6 +25,14 @@ R = TypeVar("R")
 
 PAGE_SIZE = 4096
 MAX_SYMLINKS = 40
+FAULT_ENV = "APMATRIXD_TEST_FAULTS"
+"""Test hook of ``apmatrixd --simulate``: kernel writes that fail, as :meth:`Host.inject_fault`.
+
+``PATH:ERRNO[:COUNT]`` entries separated by ``;``, e.g.
+``devices/vfio_ap/matrix/<uuid>/assign_domain:EBUSY;bus/ap/aqmask:5:2``: the next COUNT
+(default 1) writes to PATH (relative to the sysfs root) fail with ERRNO (a name or a number)
+and change nothing. Test-only, like ``APMATRIXD_TEST_KILL_AT`` (store.py): the real kernel
+is never touched by it."""
 
 
 def _guarded(func: Callable[P, R]) -> Callable[P, R]:
@@ -213,6 +221,19 @@ class Host(ApKernel):
             raise oserror(errno.EINVAL, f"count must be an int >= 0, not {count!r}")
         queue = self.faults.setdefault(self._norm(path), deque())
         queue.extend([err] * count)
+
+    def inject_faults_from_env(self, text: str) -> list[str]:
+        """Arm the faults of a :data:`FAULT_ENV` value; the entries armed (ValueError if bad)."""
+        armed = []
+        for entry in filter(None, (e.strip() for e in text.split(";"))):
+            path, _, rest = entry.partition(":")
+            code, _, count = rest.partition(":")
+            num = int(code) if code.isdigit() else getattr(errno, code, None)
+            if not path or not isinstance(num, int) or not (count or "1").isdigit():
+                raise ValueError(f"{FAULT_ENV}: bad entry {entry!r} (want PATH:ERRNO[:COUNT])")
+            self.inject_fault(path, num, int(count or 1))
+            armed.append(entry)
+        return armed
 
     def _take_fault(self, canonical: str, path: str) -> None:
         for key in (canonical, self._norm(path)):

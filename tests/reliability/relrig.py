@@ -1,0 +1,266 @@
+"""What every reliability test needs: the three views of the truth and the rules they obey.
+
+- the registry, as clients see it: ``GetManagedObjects`` and the Manager's properties;
+- the kernel, as the emulator holds it, read through its FUSE face (``--sim-mount``) with a
+  few lines of parsing of our own (not the daemon's readers): ``bus/ap/apmask``, ``aqmask``
+  and every mdev's ``matrix`` and ``control_domains``;
+- the state directory, read as files.
+
+:func:`violations` lists every broken rule: no APQN has two owners, no matrix holds a
+host-pool APQN, the registry equals the kernel (live matrices as mdevs with the same sets,
+defined ones absent, the host pool equal to the masks) and the state directory holds exactly
+the registry's non-adopted matrices. Upstream layout only (the masks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from busrig import MANAGER, MATRIX, ROOT, Client, Daemon, unvariant
+from dbus_fast import Message, MessageType
+
+LONG = bool(os.environ.get("APMATRIXD_LONG"))
+ERR = "org.apmatrix.Apmatrix1.Error."
+OURS = frozenset(
+    ERR + n
+    for n in (
+        "Conflict",
+        "HostOwned",
+        "InvalidArgument",
+        "NotFound",
+        "AlreadyExists",
+        "Busy",
+        "Kernel",
+        "Storage",
+    )
+)
+"""Our named errors; ``Error.Failed`` (an unexpected exception) is never acceptable here."""
+MATRIX_DIR = "devices/vfio_ap/matrix"
+APQN_RE = re.compile(r"\b([0-9a-f]{2})\.([0-9a-f]{4})\b")
+
+Sets = tuple[frozenset[int], frozenset[int], frozenset[int]]
+
+
+def long_mode() -> bool:
+    return bool(os.environ.get("APMATRIXD_LONG"))
+
+
+@dataclass
+class Sim:
+    """One daemon on an emulated host, its FUSE mount and its state directory."""
+
+    daemon: Daemon
+    mnt: Path
+    state: Path
+    _dirs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.daemon.address
+
+    def alive(self) -> bool:
+        return self.daemon.proc.poll() is None
+
+    # -- the kernel, through FUSE ------------------------------------------------------------
+    def read(self, rel: str) -> str:
+        return (self.mnt / rel).read_text()
+
+    def write(self, rel: str, text: str) -> None:
+        with open(self.mnt / rel, "w") as f:
+            f.write(text)
+
+    def _dir(self, rel: str) -> int:
+        """A directory of the mount, kept open: each FUSE lookup is a trip into the daemon."""
+        fd = self._dirs.get(rel)
+        if fd is None:
+            fd = self._dirs[rel] = os.open(self.mnt / rel, os.O_RDONLY | os.O_DIRECTORY)
+        return fd
+
+    def _read_at(self, rel: str, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY, dir_fd=self._dir(rel))
+        try:
+            return os.read(fd, 65536).decode()
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    def kernel(self) -> dict[str, Any]:
+        """``{"pool": (adapters, domains), "mdevs": {uuid: (adapters, domains, control)}}``."""
+        pool = (mask(self._read_at("bus/ap", "apmask")), mask(self._read_at("bus/ap", "aqmask")))
+        mdevs: dict[str, Sets] = {}
+        for name in os.listdir(self._dir(MATRIX_DIR)):
+            if not re.fullmatch(r"[0-9a-f-]{36}", name):
+                continue
+            try:
+                a, d = matrix_file(self._read_at(MATRIX_DIR, f"{name}/matrix"))
+                c = frozenset(
+                    int(x, 16) for x in self._read_at(MATRIX_DIR, f"{name}/control_domains").split()
+                )
+            except FileNotFoundError:  # removed between listdir and read
+                continue
+            mdevs[name] = (a, d, c)
+        return {"pool": pool, "mdevs": mdevs}
+
+    # -- the state directory -----------------------------------------------------------------
+    def stored(self) -> dict[str, Any]:
+        """Every file of the state directory: name -> parsed JSON (or the raw text)."""
+        out: dict[str, Any] = {}
+        for p in sorted(self.state.rglob("*")):
+            if p.is_file():
+                text = p.read_text()
+                try:
+                    out[str(p.relative_to(self.state))] = json.loads(text)
+                except ValueError:
+                    out[str(p.relative_to(self.state))] = text
+        return out
+
+    def state_bytes(self) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(self.state)): p.read_bytes()
+            for p in sorted(self.state.rglob("*"))
+            if p.is_file()
+        }
+
+
+SimFactory = Callable[..., Sim]
+
+
+def mask(text: str) -> frozenset[int]:
+    """``0x`` + 64 hex digits, id 0 the leftmost bit."""
+    bits = int(text.strip(), 16)
+    return frozenset(i for i in range(256) if bits >> (255 - i) & 1)
+
+
+def matrix_file(text: str) -> tuple[frozenset[int], frozenset[int]]:
+    a: set[int] = set()
+    d: set[int] = set()
+    for line in text.split():
+        left, _, right = line.partition(".")
+        if left:
+            a.add(int(left, 16))
+        if right:
+            d.add(int(right, 16))
+    return frozenset(a), frozenset(d)
+
+
+# -- the registry, over D-Bus ---------------------------------------------------------------------
+async def registry(c: Client) -> dict[str, Any]:
+    """``{"pool": (adapters, domains), "matrices": {uuid: props}}`` as clients see it."""
+    (objs,) = await c.ok(ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+    mgr = await c.props(ROOT, MANAGER)
+    matrices = {}
+    for ifaces in objs.values():
+        if MATRIX in ifaces:
+            props = {k: unvariant(v.value) for k, v in ifaces[MATRIX].items()}
+            matrices[props["Uuid"]] = props
+    return {
+        "pool": (frozenset(mgr["HostAdapters"]), frozenset(mgr["HostDomains"])),
+        "matrices": matrices,
+    }
+
+
+async def ping(c: Client, timeout: float = 10) -> float:
+    """Peer.Ping the daemon; the round trip in seconds (raises if it does not answer)."""
+    t0 = time.monotonic()
+    reply = await c.bus.call(
+        Message(
+            destination="org.apmatrix.Apmatrix1",
+            path=ROOT,
+            interface="org.freedesktop.DBus.Peer",
+            member="Ping",
+        )
+    )
+    assert reply.message_type == MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+    took = time.monotonic() - t0
+    assert took < timeout, took
+    return took
+
+
+def sets_of(props: dict[str, Any]) -> Sets:
+    return (
+        frozenset(props["Adapters"]),
+        frozenset(props["Domains"]),
+        frozenset(props["ControlDomains"]),
+    )
+
+
+def violations(reg: dict[str, Any], kern: dict[str, Any], stored: dict[str, Any]) -> list[str]:
+    """Every broken rule across the registry, the kernel and the state directory."""
+    out: list[str] = []
+    # the registry: one owner per APQN, none of the host pool, Apqns = adapters x domains
+    pa, pd = reg["pool"]
+    owner: dict[tuple[int, int], str] = {}
+    for u, p in reg["matrices"].items():
+        a, d, _c = sets_of(p)
+        apqns = {(x, y) for x, y in p["Apqns"]}
+        if apqns != {(x, y) for x in a for y in d}:
+            out.append(f"registry: {u} Apqns is not Adapters x Domains")
+        for q in apqns:
+            if q in owner:
+                out.append(f"registry: {q[0]:02x}.{q[1]:04x} owned by {owner[q]} and {u}")
+            owner[q] = u
+            if q[0] in pa and q[1] in pd:
+                out.append(f"registry: {q[0]:02x}.{q[1]:04x} of {u} is in the host pool")
+    # the kernel: the same rules, independently
+    ka, kd = kern["pool"]
+    kowner: dict[tuple[int, int], str] = {}
+    for u, (a, d, _c) in kern["mdevs"].items():
+        for q in ((x, y) for x in a for y in d):
+            if q in kowner:
+                out.append(f"kernel: {q[0]:02x}.{q[1]:04x} in {kowner[q]} and {u}")
+            kowner[q] = u
+            if q[0] in ka and q[1] in kd:
+                out.append(f"kernel: {q[0]:02x}.{q[1]:04x} of {u} is in the host pool")
+    # registry == kernel
+    if (pa, pd) != (ka, kd):
+        out.append(
+            f"host pool: registry {sorted(pa)}x{sorted(pd)} vs masks {sorted(ka)}x{sorted(kd)}"
+        )
+    live = {u for u, p in reg["matrices"].items() if p["State"] != "defined"}
+    if live != set(kern["mdevs"]):
+        out.append(f"live: registry {sorted(live)} vs kernel {sorted(kern['mdevs'])}")
+    for u in live & set(kern["mdevs"]):
+        if sets_of(reg["matrices"][u]) != kern["mdevs"][u]:
+            out.append(f"{u}: registry {sets_of(reg['matrices'][u])} vs kernel {kern['mdevs'][u]}")
+    # the state directory holds exactly the registry's own (non-adopted) matrices
+    files = {k: v for k, v in stored.items() if k.startswith("matrices/")}
+    want = {u for u, p in reg["matrices"].items() if not p["Adopted"]}
+    have = {k[len("matrices/") : -len(".json")] for k in files}
+    if want != have:
+        out.append(f"store: files {sorted(have)} vs registry {sorted(want)}")
+    for u in want & have:
+        f, p = files[f"matrices/{u}.json"], reg["matrices"][u]
+        if not isinstance(f, dict):
+            out.append(f"store: matrices/{u}.json is not JSON")
+            continue
+        disk = (frozenset(f["adapters"]), frozenset(f["domains"]), frozenset(f["control_domains"]))
+        if disk != sets_of(p) or f["name"] != p["Name"] or f["autostart"] != p["Autostart"]:
+            out.append(f"store: {u} on disk {f} vs registry {p}")
+    return out
+
+
+async def check_all(c: Client, sim: Sim) -> tuple[list[str], dict[str, Any]]:
+    """Ping, then every rule (an empty list: all hold); and the registry as read."""
+    await ping(c)
+    reg = await registry(c)
+    return violations(reg, sim.kernel(), sim.stored()), reg
+
+
+def apqns_named(text: str) -> set[tuple[int, int]]:
+    """The APQNs (``05.0004``) an error text names."""
+    return {(int(a, 16), int(d, 16)) for a, d in APQN_RE.findall(text)}
+
+
+def path_of(uuid: str) -> str:
+    return f"{ROOT}/matrices/{uuid.replace('-', '_')}"
