@@ -1,0 +1,121 @@
+"""``python -m bench [--quick] [--only NAME ...]``: run the benchmarks, write RESULTS.md and
+results.json next to this file (or --out DIR)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import BENCH, Row, cpus, load, say
+
+SUITES = ("bus", "hotplug", "mdevctl")
+
+
+def table(rows: list[Row]) -> str:
+    out = [
+        "| figure | ours | floor or peer | ratio | goal | met? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        met = "-" if r.met is None else ("yes" if r.met else "**no**")
+        note = f" ({r.note})" if r.note else ""
+        out.append(f"| {r.figure} | {r.ours}{note} | {r.floor} | {ratio} | {r.goal} | {met} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="few repetitions, small sizes (smoke)")
+    p.add_argument("--only", nargs="+", choices=SUITES, default=list(SUITES))
+    p.add_argument("--out", type=Path, default=BENCH)
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        say("bench: needs root (FUSE, namespaces); run sudo tools/bench")
+        return 1
+    started = time.time()
+    load_before = load()
+    rows: list[Row] = []
+    raw: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="apmatrixd-bench-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        for name in args.only:
+            t = time.monotonic()
+            try:
+                if name == "bus":
+                    from bench import busbench as mod
+                elif name == "hotplug":
+                    from bench import hotbench as mod  # type: ignore[no-redef]
+                else:
+                    from bench import mdevbench as mod  # type: ignore[no-redef]
+                (work / name).mkdir()
+                r, raw[name] = mod.run(args.quick, work / name)
+                rows += r
+            except Exception as err:  # one broken suite must not hide the others
+                import traceback
+
+                traceback.print_exc()
+                errors[name] = f"{type(err).__name__}: {err}"
+            say(f"   ({name}: {time.monotonic() - t:.0f} s)")
+    load_after = load()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
+    ).stdout.strip()
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "duration_s": round(time.time() - started),
+        "commit": commit,
+        "quick": args.quick,
+        "cpus": cpus(),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "rows": [r.as_json() for r in rows], "raw": raw, "errors": errors}
+    (args.out / "results.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmpl = (BENCH / "RESULTS.head.md").read_text() if (BENCH / "RESULTS.head.md").exists() else ""
+    tail = (BENCH / "RESULTS.notes.md").read_text() if (BENCH / "RESULTS.notes.md").exists() else ""
+    busy = (
+        float(load_before.split()[0]) > cpus() * 0.5 or float(load_after.split()[0]) > cpus() * 0.5
+    )
+    md = [
+        "# apmatrixd benchmarks",
+        "",
+        tmpl.strip(),
+        "",
+        f"Run {meta['date']} on commit {commit}, {meta['cpus']} CPUs, Python {meta['python']}, "
+        f"kernel {meta['kernel']}; {meta['duration_s']} s{' (--quick)' if args.quick else ''}. "
+        f"Load average before {load_before}, after {load_after}"
+        + (
+            ": **the machine was busy** (other test suites running); the ratios, measured in "
+            "the same run, are what to read."
+            if busy
+            else "."
+        ),
+        "",
+        table(rows),
+        "",
+    ]
+    if errors:
+        md += ["Suites that failed in this run:", ""]
+        md += [f"- {k}: {v}" for k, v in errors.items()] + [""]
+    md.append(tail.strip())
+    (args.out / "RESULTS.md").write_text("\n".join(md).rstrip() + "\n")
+    say(f"wrote {args.out / 'RESULTS.md'} and {args.out / 'results.json'}")
+    say(table(rows))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

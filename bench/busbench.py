@@ -1,0 +1,335 @@
+"""Benchmarks through the daemon on a private bus (``--simulate``, the in-process emulator):
+AssignAdapter vs Peer.Ping, Check at 10 / 1,000 / 10,000 matrices, start-up vs a bare walk,
+resident memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+from busrig import MANAGER, NAME, ROOT, Daemon, PrivateBus, apmatrixd_argv
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from bench.common import REPO, Row, Stats, now, say, show
+from bench.hosts import big_state
+
+PEER = "org.freedesktop.DBus.Peer"
+MATRIX_IFACE = "org.apmatrix.Apmatrix1.Matrix"
+G1 = "11111111-1111-4111-8111-111111111111"
+P1 = f"{ROOT}/matrices/{G1.replace('-', '_')}"
+
+
+# -- processes timed to READY=1 ------------------------------------------------------------
+def spawn_ready(
+    argv: list[str], address: str | None = None, timeout: float = 300
+) -> tuple[Daemon, float]:
+    """Start ``argv`` as systemd would (NOTIFY_SOCKET) and time it to READY=1."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    name = f"apmatrixd-bench-{uuidlib.uuid4().hex}"
+    sock.bind("\0" + name)
+    env = dict(os.environ, NOTIFY_SOCKET="@" + name)
+    env.pop("JOURNAL_STREAM", None)
+    if address:
+        env["DBUS_SYSTEM_BUS_ADDRESS"] = address
+    err = Path(tempfile.mkstemp(prefix="apmatrixd-bench-", suffix=".log")[1])
+    with open(err, "wb") as f:
+        t0 = now()
+        proc = subprocess.Popen(argv, env=env, stderr=f, stdout=subprocess.PIPE, cwd=REPO)
+    d = Daemon(proc, sock, address or "", err)
+    if d.wait_for("READY=1", timeout) is None:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{argv[0]}: no READY=1 (rc={proc.returncode}): {d.stderr()[-2000:]}")
+    return d, now() - t0
+
+
+def rss_kb(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def stop(d: Daemon) -> None:
+    d.terminate()
+    d.close()
+
+
+# -- a client -------------------------------------------------------------------------------
+async def connect(address: str) -> MessageBus:
+    return await MessageBus(bus_address=address).connect()
+
+
+def msg(
+    path: str, iface: str, member: str, sig: str = "", body: list[Any] | None = None
+) -> Message:
+    return Message(
+        destination=NAME, path=path, interface=iface, member=member, signature=sig, body=body or []
+    )
+
+
+async def ok(bus: MessageBus, m: Message) -> list[Any]:
+    reply = await asyncio.wait_for(bus.call(m), 120)  # a dead daemon must not hang the bench
+    assert reply is not None
+    if reply.message_type != MessageType.METHOD_RETURN:
+        raise RuntimeError(f"{m.member}: {reply.error_name}: {reply.body}")
+    return list(reply.body)
+
+
+async def timed(bus: MessageBus, m: Message) -> float:
+    t = now()
+    await ok(bus, m)
+    return now() - t
+
+
+# -- 1. AssignAdapter vs Ping ----------------------------------------------------------------
+async def _roundtrip(address: str, reps: int, burst_reps: int) -> dict[str, list[float]]:
+    bus = await connect(address)
+    await ok(bus, msg(ROOT, MANAGER, "Reserve", "auau", [list(range(128)), []]))
+    opts = {"adapters": Variant("au", [0]), "domains": Variant("au", [0])}
+    await ok(bus, msg(ROOT, MANAGER, "CreateMatrix", "sa{sv}", [G1, opts]))
+    out: dict[str, list[float]] = {k: [] for k in ("ping", "assign", "unassign")}
+    out |= {"ping100": [], "assign100": [], "unassign100": []}
+    for _ in range(20):  # warm-up
+        await timed(bus, msg(ROOT, PEER, "Ping"))
+    for i in range(reps):  # interleaved, so both sides see the same machine
+        a = 1 + i % 100
+        out["ping"].append(await timed(bus, msg(ROOT, PEER, "Ping")))
+        out["assign"].append(await timed(bus, msg(P1, MATRIX_IFACE, "AssignAdapter", "u", [a])))
+        out["unassign"].append(await timed(bus, msg(P1, MATRIX_IFACE, "UnassignAdapter", "u", [a])))
+
+    async def burst(make: Any) -> float:
+        t = now()
+        await asyncio.gather(*(ok(bus, make(a)) for a in range(1, 101)))
+        return now() - t
+
+    for _ in range(burst_reps):
+        out["ping100"].append(await burst(lambda a: msg(ROOT, PEER, "Ping")))
+        out["assign100"].append(
+            await burst(lambda a: msg(P1, MATRIX_IFACE, "AssignAdapter", "u", [a]))
+        )
+        out["unassign100"].append(
+            await burst(lambda a: msg(P1, MATRIX_IFACE, "UnassignAdapter", "u", [a]))
+        )
+    bus.disconnect()
+    return out
+
+
+def roundtrip(address: str, quick: bool, state_dir: Path) -> tuple[list[Row], dict[str, Any]]:
+    """AssignAdapter / UnassignAdapter on a live matrix of the big host, every change durable
+    (``--state-dir``), against Peer.Ping answered by the same daemon."""
+    reps, burst_reps = (50, 5) if quick else (1000, 40)
+    say(f"== AssignAdapter vs Peer.Ping (state dir {state_dir}, {reps} + {burst_reps}x100)")
+    d, _ = spawn_ready(
+        [*apmatrixd_argv(), "--simulate", "big", "--state-dir", str(state_dir),
+         "--rescan-interval", "0", "--bus-address", address]
+    )  # fmt: skip
+    try:
+        raw = asyncio.run(_roundtrip(address, reps, burst_reps))
+    finally:
+        stop(d)
+    st = {k: Stats.of(v) for k, v in raw.items()}
+    for k, s in st.items():
+        show(k, s)
+    rows = []
+    for ours, floor, label, per in (
+        ("assign", "ping", "AssignAdapter round trip, one client", 1),
+        ("unassign", "ping", "UnassignAdapter round trip, one client", 1),
+        ("assign100", "ping100", "AssignAdapter, 100 calls in flight (per call)", 100),
+    ):
+        r = st[ours].median / st[floor].median
+        rows.append(
+            Row(
+                label,
+                f"{st[ours].median / per * 1e3:.3f} ms (p99 {st[ours].p99 / per * 1e3:.3f})",
+                f"Ping {st[floor].median / per * 1e3:.3f} ms (p99 {st[floor].p99 / per * 1e3:.3f})",
+                r,
+                "<= 1.5x",
+                r <= 1.5,
+                raw={"ours": st[ours].__dict__, "floor": st[floor].__dict__},
+            )
+        )
+    return rows, {k: s.__dict__ for k, s in st.items()}
+
+
+# -- 2. Check at 10 / 1,000 / 10,000 matrices ------------------------------------------------
+CHECK_ADAPTERS = list(range(10))
+CHECK_DOMAINS = [0, *range(50, 57)]  # 80 APQNs; 10 clashes at every size (matrices 0-9)
+
+
+async def _check(address: str, reps: int) -> list[float]:
+    bus = await connect(address)
+    m = msg(ROOT, MANAGER, "Check", "auaus", [CHECK_ADAPTERS, CHECK_DOMAINS, ""])
+    (clashes,) = await ok(bus, m)
+    assert len(clashes) == 10, clashes
+    for _ in range(20):
+        await timed(bus, m)
+    out = [await timed(bus, m) for _ in range(reps)]
+    bus.disconnect()
+    return out
+
+
+def check_inprocess(state: Path, reps: int) -> list[float]:
+    from apmatrixd.kernel import Kernel, TreeSysfs
+    from apmatrixd.service import Service
+    from apmatrixd.sim.model import Host
+    from apmatrixd.store import Store
+
+    service = Service(Kernel(TreeSysfs(Host.from_name("big"))), store=Store(state))
+    service.load()
+    assert len(service.check(CHECK_ADAPTERS, CHECK_DOMAINS)) == 10
+    out = []
+    for _ in range(reps):
+        t = now()
+        service.check(CHECK_ADAPTERS, CHECK_DOMAINS)
+        out.append(now() - t)
+    return out
+
+
+def check_flat(
+    address: str, quick: bool, work: Path, states: dict[int, Path]
+) -> tuple[list[Row], dict[str, Any]]:
+    reps = 100 if quick else 2000
+    say(f"== Check (10 x 8 APQNs, 10 clashes) at {sorted(states)} matrices, {reps} calls each")
+    bus_st: dict[int, Stats] = {}
+    inproc: dict[int, Stats] = {}
+    loads: dict[int, float] = {}
+    for n, state in sorted(states.items()):
+        copy = work / f"check-{n}"
+        shutil.copytree(state, copy)
+        d, took = spawn_ready(
+            [*apmatrixd_argv(), "--simulate", "big", "--state-dir", str(copy),
+             "--rescan-interval", "0", "--bus-address", address], timeout=600
+        )  # fmt: skip
+        loads[n] = took
+        try:
+            bus_st[n] = Stats.of(asyncio.run(_check(address, reps)))
+        finally:
+            stop(d)
+        shutil.rmtree(copy)
+        inproc[n] = Stats.of(check_inprocess(state, reps))
+        show(f"Check over D-Bus, {n} matrices", bus_st[n])
+        show(f"Service.check in-process, {n} matrices", inproc[n], "us", 1e6)
+    rows = []
+    base = min(bus_st)
+    for n in sorted(bus_st)[1:]:
+        r = bus_st[n].median / bus_st[base].median
+        ri = inproc[n].median / inproc[base].median
+        rows.append(
+            Row(
+                f"Check with {n:,} matrices (big host)",
+                f"{bus_st[n].median * 1e3:.3f} ms (p99 {bus_st[n].p99 * 1e3:.3f}); "
+                f"in-process {inproc[n].median * 1e6:.1f} us",
+                f"itself at {base}: {bus_st[base].median * 1e3:.3f} ms; "
+                f"in-process {inproc[base].median * 1e6:.1f} us",
+                r,
+                "flat: <= 1.2x",
+                r <= 1.2,
+                note=f"in-process ratio {ri:.2f}x",
+                raw={"bus": bus_st[n].__dict__, "inprocess": inproc[n].__dict__},
+            )
+        )
+    raw = {
+        "bus": {n: s.__dict__ for n, s in bus_st.items()},
+        "inprocess": {n: s.__dict__ for n, s in inproc.items()},
+        "startup_s": loads,
+    }
+    return rows, raw
+
+
+# -- 3. start-up to READY=1 vs a bare walk; 6. memory -----------------------------------------
+def startup(
+    address: str, quick: bool, work: Path, state: Path, n: int
+) -> tuple[list[Row], dict[str, Any]]:
+    reps = 2 if quick else 5
+    cards = 2 if quick else 8
+    say(f"== start-up to READY=1, big host, {n} autostart matrices stored ({reps} runs)")
+    ours: list[float] = []
+    mem: list[dict[str, int]] = []
+    for i in range(reps):
+        copy = work / f"startup-{i}"
+        shutil.copytree(state, copy)
+        d, took = spawn_ready(
+            [*apmatrixd_argv(), "--simulate", "big", "--state-dir", str(copy),
+             "--rescan-interval", "0", "--bus-address", address]
+        )  # fmt: skip
+        mem.append(rss_kb(d.proc.pid))
+        stop(d)
+        shutil.rmtree(copy)
+        ours.append(took)
+    walks: list[float] = []
+    walk_raw: list[dict[str, Any]] = []
+    for _ in range(max(1, reps // 2)):
+        w, took = spawn_ready([sys.executable, "-m", "bench.walk", "big", str(cards)])
+        out, _ = w.proc.communicate(timeout=600)
+        w.close()
+        info = json.loads(out)
+        info["to_ready"] = took
+        # the walker timed its whole run; the cards it did not walk cost what the others did
+        walks.append(took + info["per_card"] * (info["cards"] - info["cards_walked"]))
+        walk_raw.append(info)
+    so, sw = Stats.of(ours), Stats.of(walks)
+    show("apmatrixd start-up to READY=1", so, "s", 1)
+    show("bare walk of every attribute (in-process)", sw, "s", 1)
+    files = walk_raw[0]["files_rest"] + walk_raw[0]["files_per_card"] * walk_raw[0]["cards"]
+    r = so.median / sw.median
+    rows = [
+        Row(
+            f"start-up to READY=1, big host (256x256), {n:,} autostart matrices in --state-dir",
+            f"{so.median:.2f} s (min {so.min:.2f}, max {so.max:.2f})",
+            f"bare walk, in-process, {int(files):,} attributes: {sw.median:.1f} s",
+            r,
+            "<= 3x",
+            r <= 3,
+            note=f"walk of {walk_raw[0]['cards_walked']} of 256 card dirs measured, the rest at "
+            f"the measured per-card cost ({walk_raw[0]['per_card']:.3f} s/card)",
+            raw={"ours": so.__dict__, "floor": sw.__dict__},
+        )
+    ]
+    rss = Stats.of([m["VmRSS"] * 1024 for m in mem])
+    say(f"  RSS after READY=1 (--simulate: emulator included) median {rss.median / 2**20:.1f} MiB")
+    raw = {"ours_s": ours, "walk_s": walks, "walk": walk_raw, "memory_kb": mem}
+    return rows, raw
+
+
+def make_states(work: Path, sizes: list[int]) -> dict[int, Path]:
+    states = {}
+    for n in sizes:
+        t = time.monotonic()
+        states[n] = big_state(work / f"state-{n}", n)
+        say(f"  stored {n} matrices in {time.monotonic() - t:.1f} s")
+    return states
+
+
+def run(quick: bool, work: Path) -> tuple[list[Row], dict[str, Any]]:
+    bus = PrivateBus.start()
+    rows: list[Row] = []
+    raw: dict[str, Any] = {}
+    try:
+        sizes = [10, 100, 1000] if quick else [10, 1000, 10000]
+        states = make_states(work, sorted({*sizes, 1000}))
+        state_dir = work / "roundtrip-state"
+        r, raw["roundtrip"] = roundtrip(bus.address, quick, state_dir)
+        rows += r
+        r, raw["check"] = check_flat(bus.address, quick, work, {n: states[n] for n in sizes})
+        rows += r
+        r, raw["startup"] = startup(bus.address, quick, work, states[1000], 1000)
+        rows += r
+    finally:
+        bus.stop()
+    return rows, raw

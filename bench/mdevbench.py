@@ -1,0 +1,142 @@
+"""Define + start 100 matrices: apmatrixd (real-host mode) vs Debian's mdevctl 1.2, each on a
+fresh FUSE emulator of the big host bound on /sys in a private mount namespace (mdevctl 1.2
+ignores MDEVCTL_ENV_ROOT) with a scratch /etc/mdevctl.d. Both start from the same host: domains
+00-63 taken from the host pool (aqmask) before the clock starts. Matrix k: adapter k x usage and
+control domain k. One process per step on both sides: ``busctl call CreateMatrix`` (define +
+start in one call) vs ``mdevctl define --jsonfile`` + ``mdevctl start``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from busrig import MANAGER, NAME, ROOT, PrivateBus
+from dbus_fast import MessageType, Variant
+
+from bench import nsrig
+from bench.busbench import connect, msg, stop
+from bench.common import REPO, Row, Stats, say, show
+
+AQMASK = "0x" + format((1 << 192) - 1, "064x")  # domains 00-3f off (left bit = id 0)
+
+
+def _uuid(k: int, base: int = 0xABC) -> str:
+    return f"{base:08x}-0000-4000-8000-{k:012x}"
+
+
+def mdevctl_side(n: int, work: Path) -> dict[str, Any]:
+    rig = nsrig.start("big", uevents=False)
+    try:
+        (rig.root / "bus/ap/aqmask").write_text(AQMASK + "\n")
+        scratch = work / "mdevctl.d"
+        for sub in ("scripts.d/callouts", "scripts.d/notifiers"):  # what the package ships
+            (scratch / sub).mkdir(parents=True)
+        env = {"MDEVCTL_SCRATCH": str(scratch)}
+        import os
+
+        done = subprocess.run(
+            rig.argv(sys.executable, "-m", "bench.mdevctl_driver", str(n)),
+            capture_output=True, text=True, cwd=REPO, env=dict(os.environ, **env), timeout=900,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"mdevctl driver: {done.stderr[-2000:]}")
+        out: dict[str, Any] = json.loads(done.stdout)
+        out["files"] = sorted(p.name for p in (scratch / "matrix").glob("*"))[:3]
+        live = list((rig.root / "devices/vfio_ap/matrix").glob("*-*-*-*-*"))
+        out["live_mdevs"] = len(live)
+        return out
+    finally:
+        rig.close()
+
+
+async def _ours(address: str, n: int) -> dict[str, Any]:
+    per: list[float] = []
+    failures: list[str] = []
+    for k in range(n):
+        t0 = time.perf_counter()
+        r = subprocess.run(
+            ["busctl", f"--address={address}", "call", NAME, ROOT, MANAGER, "CreateMatrix",
+             "sa{sv}", _uuid(k), "2", "adapters", "au", "1", str(k), "domains", "au", "1", str(k)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        per.append(time.perf_counter() - t0)
+        if r.returncode != 0:
+            failures.append(r.stderr.strip())
+    bus = await connect(address)
+    inproc: list[float] = []
+    for k in range(n):
+        opts = {"adapters": Variant("au", [100 + k]), "domains": Variant("au", [k])}
+        t0 = time.perf_counter()
+        reply = await asyncio.wait_for(
+            bus.call(msg(ROOT, MANAGER, "CreateMatrix", "sa{sv}", [_uuid(k, 0xBCD), opts])), 60
+        )
+        inproc.append(time.perf_counter() - t0)
+        assert reply is not None
+        if reply.message_type != MessageType.METHOD_RETURN:
+            failures.append(f"inproc {k}: {reply.body}")
+    shared = {}
+    for name, u in (("first", _uuid(1, 0xDEF)), ("second", _uuid(2, 0xDEF))):
+        opts = {"adapters": Variant("au", [150]), "domains": Variant("au", [50])}
+        reply = await bus.call(msg(ROOT, MANAGER, "CreateMatrix", "sa{sv}", [u, opts]))
+        assert reply is not None
+        shared[name] = {"reply": reply.error_name or "ok", "body": [str(x) for x in reply.body]}
+    bus.disconnect()
+    return {"per_matrix": per, "inprocess": inproc, "failures": failures, "shared": shared}
+
+
+def ours_side(n: int, work: Path) -> dict[str, Any]:
+    rig = nsrig.start("big", uevents=False)
+    bus = PrivateBus.start()
+    try:
+        (rig.root / "bus/ap/aqmask").write_text(AQMASK + "\n")
+        d, _ = rig.daemon(bus.address, work / "ours-state")
+        try:
+            return asyncio.run(_ours(bus.address, n))
+        finally:
+            stop(d)
+    finally:
+        bus.stop()
+        rig.close()
+
+
+def run(quick: bool, work: Path) -> tuple[list[Row], dict[str, Any]]:
+    n = 20 if quick else 100
+    if shutil.which("mdevctl") is None:
+        say("== mdevctl is not installed (tools/bench installs it): row skipped")
+        return [
+            Row(f"define + start {n} matrices", "-", "mdevctl missing", None, "faster", None)
+        ], {}
+    say(f"== define + start {n} matrices: apmatrixd vs mdevctl 1.2, big host over FUSE")
+    m = mdevctl_side(n, work)
+    o = ours_side(n, work)
+    sm, so, si = Stats.of(m["per_matrix"]), Stats.of(o["per_matrix"]), Stats.of(o["inprocess"])
+    show("mdevctl define + start, per matrix", sm)
+    show("apmatrixd busctl CreateMatrix, per matrix", so)
+    show("apmatrixd CreateMatrix, in-process client", si)
+    tm, to = sum(m["per_matrix"]), sum(o["per_matrix"])
+    say(
+        f"  total: mdevctl {tm:.2f} s, apmatrixd {to:.2f} s; failures mdevctl "
+        f"{len(m['failures'])}, ours {len(o['failures'])}"
+    )
+    say(f"  shared APQN: mdevctl {json.dumps(m['shared'])}")
+    say(f"  shared APQN: apmatrixd {json.dumps(o['shared'])}")
+    r = to / tm
+    rows = [
+        Row(
+            f"define + start {n} matrices (one process per step)",
+            f"{to:.2f} s total, {so.median * 1e3:.1f} ms/matrix (busctl); in-process client "
+            f"{si.median * 1e3:.1f} ms/matrix",
+            f"mdevctl 1.2: {tm:.2f} s total, {sm.median * 1e3:.1f} ms/matrix",
+            r,
+            "faster than mdevctl (< 1x)",
+            r < 1 and not o["failures"],
+            raw={"ours": so.__dict__, "inprocess": si.__dict__, "mdevctl": sm.__dict__},
+        )
+    ]
+    return rows, {"mdevctl": m, "ours": o}
