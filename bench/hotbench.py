@@ -261,8 +261,10 @@ def storm(quick: bool, work: Path, state1000: Path) -> tuple[list[Row], dict[str
         f"received {received}, handled {handled}, overflows {lost}; signals {raw['signals']}; "
         f"settled after {raw['settled_s']:.2f} s"
     )
-    sent_n = want  # the emulator's own count (sent) also holds the start-up's uevents
-    zero_lost = received == handled == sent_n and lost == 0
+    # Cumulative counts on both ends (the start-up's own uevents included): what the emulator
+    # sent, what the daemon received and handled. The pyudev listener is only a witness.
+    sent_n = sent[0] if sent else want
+    zero_lost = received == handled == sent_n and lost == 0 and (sent is None or sent[1] == 0)
     coalesced = (
         raw["signals"].get("adapter", 0) <= 2 * cards and raw["signals"].get("other", 0) == 0
     )
@@ -272,7 +274,8 @@ def storm(quick: bool, work: Path, state1000: Path) -> tuple[list[Row], dict[str
             f"{handled:,} handled of {received:,} received; {raw['signals'].get('adapter', 0)} "
             f"adapter signals, {raw['signals'].get('settling', 0)} Settling signals; "
             f"settled {raw['settled_s']:.1f} s",
-            f"{sent_n:,} sent by the emulator ({heard:,} heard by a pyudev listener)",
+            f"{sent_n:,} sent by the emulator since the mount (start-up included; "
+            f"{heard:,} of the storm heard by a plain pyudev listener)",
             handled / sent_n if sent_n else None,
             "zero lost; signals coalesced",
             zero_lost and coalesced,

@@ -40,7 +40,7 @@ def main(n: int) -> int:
     for k in range(n):
         u = uuid(k)
         t0 = time.perf_counter()
-        d = define(u, k, k)
+        d = define(u, k, k % 64)
         t1 = time.perf_counter()
         s = mdevctl("start", "-u", u)
         t2 = time.perf_counter()
@@ -49,11 +49,11 @@ def main(n: int) -> int:
         for r in (d, s):
             if r.returncode != 0:
                 failures.append(f"{' '.join(r.args[:2])} {u}: {r.stderr.strip()}")
-    # Two definitions sharing APQN 96.0032 (reserved, free): does mdevctl notice?
+    # Two definitions sharing APQN dc.003c (reserved, free): does mdevctl notice?
     a, b = uuid(1, 0xDEF), uuid(2, 0xDEF)
     shared = {}
     for name, u in (("first", a), ("second", b)):
-        d = define(u, 150, 50)
+        d = define(u, 220, 60)
         s = mdevctl("start", "-u", u)
         shared[name] = {
             "define_rc": d.returncode,
