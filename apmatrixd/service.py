@@ -321,8 +321,7 @@ class Service:
         self._infos = dict(snap.adapters)
 
     def _owners_of(self, adapter: int) -> dict[int, str]:
-        owners = self.registry.owners()
-        return {d: owner for d in range(256) if (owner := owners.get(Apqn(adapter, d))) is not None}
+        return self.registry.owners_of_adapter(adapter)
 
     def _adapter_view(self, a: AdapterInfo) -> AdapterView:
         return AdapterView(

@@ -155,6 +155,19 @@ class Registry:
     def owners(self) -> Mapping[Apqn, str]:
         return MappingProxyType(self._owner)
 
+    def owners_of_adapter(self, adapter: int) -> dict[int, str]:
+        """{domain: matrix UUID} for every APQN of ``adapter`` a matrix holds.
+
+        From the per-adapter index: only the matrices holding the adapter are looked at.
+        """
+        out: dict[int, str] = {}
+        for uuid in self._by_adapter.get(adapter, ()):
+            for d in self._matrices[uuid].domains:
+                owner = self._owner.get(Apqn(adapter, d))
+                if owner is not None:
+                    out[d] = owner
+        return dict(sorted(out.items()))
+
     def by_name(self, name: str) -> Matrix | None:
         for m in self._matrices.values():
             if m.name and m.name == name:

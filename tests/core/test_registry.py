@@ -66,6 +66,17 @@ def test_design_example_2_refused_with_every_clashing_apqn_named(reg: Registry) 
     assert U3 not in reg.matrices
 
 
+def test_owners_of_adapter_from_the_index(reg: Registry) -> None:
+    define(reg, U1, fs(5, 6), fs(4), "guest1")
+    define(reg, U2, fs(5), fs(0x47, 0x10), "guest2")
+    assert reg.owners_of_adapter(5) == {4: U1, 0x10: U2, 0x47: U2}
+    assert list(reg.owners_of_adapter(5)) == [4, 0x10, 0x47]
+    assert reg.owners_of_adapter(6) == {4: U1}
+    assert reg.owners_of_adapter(7) == {}
+    reg.apply(RemoveMatrix(U2))
+    assert reg.owners_of_adapter(5) == {4: U1}
+
+
 def test_host_owned_apqns_are_refused_before_sharing(reg: Registry) -> None:
     define(reg, U1, fs(6), fs(4))
     decision = reg.decide(DefineMatrix(Matrix(U2, fs(6, 7), fs(4))))
@@ -198,6 +209,9 @@ def test_no_sequence_of_changes_breaks_an_invariant(
         else:
             assert (dict(reg.matrices), reg.pool) == before
         assert reg.violations() == []
+        for adapter in range(7):  # the index agrees with a scan of every APQN
+            scan = {q.domain: u for q, u in sorted(reg.owners().items()) if q.adapter == adapter}
+            assert reg.owners_of_adapter(adapter) == scan
 
 
 junk = st.one_of(
