@@ -7,6 +7,11 @@ never a traceback on the bus, never a dead daemon.
 
 Properties are served from a per-object cache of D-Bus-ready values, so PropertiesChanged
 carries exactly the values that differ from what clients last saw.
+
+Floods (tests/reliability/test_abuse.py): dbus-daemon bounds the calls a client may have
+waiting for a reply, but not those sent with NO_REPLY_EXPECTED. A read-only call sent that way
+changes nothing and nobody wants its answer, so it is dropped unread
+(:func:`drop_unwanted_reads`): a client cannot queue up unbounded work for the daemon with it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dbus_fast import DBusError, Message
+from dbus_fast import DBusError, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
@@ -47,6 +52,28 @@ def to_dbus_error(exc: BaseException, member: str) -> DBusError:
     log.error("%s failed unexpectedly", member, exc_info=exc)
     return DBusError(
         names.FAILED, f"internal error in {member} ({type(exc).__name__}); see the apmatrixd log"
+    )
+
+
+_READS = frozenset(
+    {
+        ("org.freedesktop.DBus.Properties", "Get"),
+        ("org.freedesktop.DBus.Properties", "GetAll"),
+        ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
+        ("org.freedesktop.DBus.Introspectable", "Introspect"),
+        ("org.freedesktop.DBus.Peer", "Ping"),
+        ("org.freedesktop.DBus.Peer", "GetMachineId"),
+        (names.MANAGER_IFACE, "Check"),
+    }
+)
+
+
+def drop_unwanted_reads(msg: Message) -> bool:
+    """A message handler: True (handled, nothing to do) for a read nobody wants answered."""
+    return (
+        msg.message_type == MessageType.METHOD_CALL
+        and bool(msg.flags & MessageFlag.NO_REPLY_EXPECTED)
+        and (msg.interface, msg.member) in _READS
     )
 
 
@@ -111,12 +138,17 @@ class Exported(ServiceInterface):
 
 
 class ApmatrixBus(MessageBus):
-    """A MessageBus whose ObjectManager signals are sent from the manager's path.
+    """A MessageBus whose ObjectManager signals are sent from the manager's path, and which
+    drops read-only calls nobody wants answered (:func:`drop_unwanted_reads`).
 
     dbus-fast sends InterfacesAdded/Removed from the new object's own path; clients (GDBus,
     sd-bus) match on the ObjectManager's path and never see them (dbus-rig.md §3). These two
     hooks are private API: dbus-fast is pinned and a test checks the signal path.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_message_handler(drop_unwanted_reads)
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if self._disconnected or not path.startswith(names.MANAGER_PATH + "/"):
@@ -152,4 +184,11 @@ class ApmatrixBus(MessageBus):
         )
 
 
-__all__ = ["ApmatrixBus", "Exported", "call", "prop", "to_dbus_error"]
+__all__ = [
+    "ApmatrixBus",
+    "Exported",
+    "call",
+    "drop_unwanted_reads",
+    "prop",
+    "to_dbus_error",
+]

@@ -151,3 +151,24 @@ def test_polkit_decisions_map_to_the_right_errors() -> None:
     with pytest.raises(DBusError) as e:
         authorise(FakeBus(0, (True, False, {})), "org.apmatrix.Apmatrix1.Manager.NewThing")
     assert e.value.type == "org.freedesktop.DBus.Error.AccessDenied"
+
+
+def test_reads_nobody_wants_answered_are_dropped() -> None:
+    """A flood of read-only calls with NO_REPLY_EXPECTED (which dbus-daemon does not bound)
+    costs nothing; changes and calls that want a reply go through (tests/reliability)."""
+    from apmatrixd.bus.base import drop_unwanted_reads
+
+    def msg(iface: str, member: str, flags: MessageFlag) -> Message:
+        return Message(
+            destination="org.apmatrix.Apmatrix1",
+            path="/org/apmatrix/Apmatrix1",
+            interface=iface,
+            member=member,
+            flags=flags,
+        )
+
+    no_reply = MessageFlag.NO_REPLY_EXPECTED
+    assert drop_unwanted_reads(msg("org.apmatrix.Apmatrix1.Manager", "Check", no_reply))
+    assert drop_unwanted_reads(msg("org.freedesktop.DBus.Properties", "GetAll", no_reply))
+    assert not drop_unwanted_reads(msg("org.apmatrix.Apmatrix1.Manager", "Check", MessageFlag.NONE))
+    assert not drop_unwanted_reads(msg("org.apmatrix.Apmatrix1.Manager", "Reserve", no_reply))
