@@ -846,7 +846,7 @@ class Service:
             return m.uuid
 
     def _guest(self, uuid: str) -> tuple[Apqn, ...]:
-        return tuple(sorted(self.kernel.read_mdev(uuid).guest_apqns))
+        return tuple(sorted(self.kernel.read_guest(uuid)))
 
     def _touch_adapters(self, changes: Changes, adapters: Iterable[int]) -> None:
         for a in adapters:

@@ -333,6 +333,20 @@ class Kernel:
         usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
         return self._read_mdev(uuid, self.read_adapters(), usage)
 
+    def read_guest(self, uuid: str) -> frozenset[Apqn]:
+        """The guest view of one mdev alone: what the daemon re-reads after a write.
+
+        Upstream (6.0+) it is one attribute, ``guest_matrix``; elsewhere it is computed from
+        the whole mdev and the host, as ``read_mdev`` does.
+        """
+        uuid = normalize_uuid(uuid)
+        if self._layout.name == "upstream":
+            path = f"{self.mdev_path(uuid)}/guest_matrix"
+            if self.io.exists(path):
+                guest_a, guest_d = formats.parse_matrix(self._read(path), path)
+                return frozenset(cross(guest_a, guest_d))
+        return self.read_mdev(uuid).guest_apqns
+
     def _read_mdev(
         self, uuid: str, adapters: Mapping[int, AdapterInfo], usage: frozenset[int] | None
     ) -> MdevInfo:

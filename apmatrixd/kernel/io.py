@@ -133,11 +133,20 @@ class TreeSysfs:
 
     Links are resolved here, component by component, as the VFS would do for a mounted
     tree, so ``bus/ap/devices/05.0004/driver`` works whatever the model accepts.
+
+    Each ``kind()`` walks the tree from its root, so a path of depth n cost n walks. The
+    real paths seen not to be links are remembered (``_plain``): in sysfs a name is a link or
+    not for good (it may come and go, never change sides), and a stale entry for a path that
+    went away only skips a check the tree's own operation makes again (ENOENT either way).
+    Links themselves are never cached: their targets move (``driver`` on bind/unbind).
     """
+
+    _PLAIN_MAX = 16384  # forgotten all at once past this (mdevs come and go)
 
     def __init__(self, tree: SysfsTree, root: str = "/sys") -> None:
         self.tree = tree
         self.root = root
+        self._plain: set[str] = set()
 
     def __repr__(self) -> str:
         return f"TreeSysfs({self.tree!r})"
@@ -149,7 +158,13 @@ class TreeSysfs:
         while parts:
             name = parts.pop(0)
             here = f"{done}/{name}" if done else name
-            if (parts or follow_last) and self.tree.kind(here) == "link":
+            if (parts or follow_last) and here not in self._plain:
+                if self.tree.kind(here) != "link":
+                    if len(self._plain) >= self._PLAIN_MAX:
+                        self._plain.clear()
+                    self._plain.add(here)
+                    done = here
+                    continue
                 hops += 1
                 if hops > _MAX_LINKS:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)

@@ -275,6 +275,7 @@ def test_guest_view_follows_the_host(kernel: Kernel, host: object) -> None:
     assert kernel.read_host().adapters[6].guest_domains == {0x47}
     TreeSysfs(host).write(f"bus/ap/drivers/{driver}/bind", "06.0004")  # type: ignore[arg-type]
     assert guest_views(host) == [full, full]
+    assert {u: kernel.read_guest(u) for u in (U1, U2)} == full
 
     # Adapter 05 deconfigured, then domain 47 unplugged.
     TreeSysfs(host).write("devices/ap/card05/config", "0")  # type: ignore[arg-type]
@@ -310,3 +311,26 @@ def test_malformed_sysfs_is_eio_naming_the_file(kernel: Kernel, host: object, at
         broken.read_host()
     assert (info.value.errno, info.value.path) == (errno.EIO, path)
     assert path in str(info.value) and "malformed" in str(info.value)
+
+
+def test_tree_io_remembers_plain_paths_but_never_links(kernel: Kernel, host: object) -> None:
+    """TreeSysfs caches which paths are not links: gone paths still fail, links still move."""
+    reserve_two_guests(kernel)
+    kernel.apply_matrix(U1, None, GUEST1)
+    base = kernel.mdev_path(U1)
+    assert kernel.read_guest(U1) == frozenset(GUEST1.apqns())
+    kernel.remove_mdev(U1)
+    assert not kernel.io.exists(f"{base}/control_domains")
+    with pytest.raises(OSError) as exc:
+        kernel.io.read(f"{base}/control_domains")
+    assert exc.value.errno == errno.ENOENT
+    kernel.apply_matrix(U1, None, GUEST1)
+    assert kernel.read_mdev(U1).matrix() == GUEST1
+    link = "bus/ap/devices/06.0004/driver"
+    before = kernel.io.readlink(link)
+    other = TreeSysfs(host)  # type: ignore[arg-type]
+    other.write(f"bus/ap/drivers/{kernel.vfio_driver}/unbind", "06.0004")
+    assert not kernel.io.exists(f"{link}/unbind") or kernel.io.readlink(link) != before
+    other.write(f"bus/ap/drivers/{kernel.vfio_driver}/bind", "06.0004")
+    assert kernel.io.readlink(link) == before
+    assert kernel.io.exists(f"{link}/bind")
