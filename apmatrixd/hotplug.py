@@ -32,7 +32,9 @@ our type. What differs from the registry raises ``Drift(matrix, what)`` once, an
   layout): adopted when the registry accepts it, with a Drift on the Manager's path.
 
 The daemon never writes sysfs to undo a drift; only re-reserving a returning queue on the
-2017 layout writes, and only what a definition already says.
+2017 layout writes, and only what a definition already says. An adopted drift of a stored
+matrix is written to the state directory, so that a restart does not take the kernel back to
+the old definition (which would undo the admin's change after all).
 """
 
 from __future__ import annotations
@@ -298,11 +300,28 @@ class HostSync:
             svc.registry.apply(change)
             meta.truth = None
             svc._touch_adapters(changes, m.adapters | info.adapters)
+            self._store_adopted(m.uuid)
         else:
             meta.truth = info
             what += f" (not adopted: {err})"
         changes.matrices_changed.add(m.uuid)
         self._drift(changes, m.uuid, what)
+
+    def _store_adopted(self, uuid: str) -> None:
+        """A stored matrix whose drift was adopted is stored as adopted: otherwise the next
+        start-up would take the kernel back to the old file, undoing the admin's change."""
+        from apmatrixd.store import StoreError
+
+        svc = self.svc
+        if svc.store is None or uuid not in svc._on_disk:
+            return
+        record = svc._record(uuid)
+        try:
+            svc.store.write_matrix(record)
+        except StoreError as err:
+            log.error("drift of matrix %s adopted but not stored: %s", uuid, err)
+            return
+        svc._on_disk[uuid] = record
 
     def _adopt(self, changes: Changes, info: MdevInfo) -> None:
         from apmatrixd.service import _Meta

@@ -13,6 +13,7 @@ import select
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from apmatrixd.hotplug import HotPlug, drift_text, scope_of
 from apmatrixd.kernel import Kernel, MdevInfo, TreeSysfs
 from apmatrixd.service import Changes, Service
 from apmatrixd.sim.model import Host
+from apmatrixd.store import Store
 
 G1 = "11111111-1111-4111-8111-111111111111"
 G2 = "22222222-2222-4222-8222-222222222222"
@@ -238,6 +240,25 @@ def test_matrix_changed_by_hand_is_drift_and_adopted() -> None:
         r.hp.rescan()
         assert len(r.drifts()) == 1  # said once
         assert r.svc.registry.violations() == []
+
+    run("default", body)
+
+
+def test_adopted_drift_is_stored_so_a_restart_keeps_it(tmp_path: Path) -> None:
+    """Found by tests/reliability: the registry took the kernel's sets but the state directory
+    kept the old ones, so the next start-up wrote the admin's change back out of sysfs."""
+
+    async def body(r: Rig) -> None:
+        r.svc.store = Store(tmp_path)
+        two_guests(r.svc)
+        r.svc.reserve([7], [])
+        r.write(f"devices/vfio_ap/matrix/{G1}/assign_adapter", "7")
+        r.hp.rescan()
+        assert Store(tmp_path).load().matrices[G1].adapters == {5, 6, 7}
+        again = Service(Kernel(TreeSysfs(r.host)), store=Store(tmp_path))
+        again.load()  # a restart on the same host
+        assert again.matrix(G1).adapters == (5, 6, 7)
+        assert "07.0004" in r.host.read(f"devices/vfio_ap/matrix/{G1}/matrix").decode()
 
     run("default", body)
 
