@@ -12,8 +12,11 @@ Two sources feed one :class:`EventPump`, and everything after the pump is the sa
 
 The pump drains everything readable, then waits a short settle window after the last event
 (capped, so a never-ending stream still gets processed) and hands the whole burst to one
-handler call. While a large burst is being absorbed, ``on_settling(True)`` is called once, and
-``on_settling(False)`` once the burst has been handled.
+handler call. The window adapts: as long as the burst has lasted so far, between
+``settle_min`` (5 ms: a card's uevents come back to back) and ``settle`` (50 ms, reached
+once a storm has been going for that long), so a small burst is handled at once and a storm
+is still absorbed in few batches. While a large burst is being absorbed,
+``on_settling(True)`` is called once, and ``on_settling(False)`` once it has been handled.
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ class EventPump:
         handler: Handler,
         *,
         settle: float = 0.05,
+        settle_min: float = 0.005,
         max_delay: float = 2.0,
         storm: int = 64,
         on_settling: Callable[[bool], None] | None = None,
@@ -134,6 +138,7 @@ class EventPump:
         self.loop = loop
         self.handler = handler
         self.settle = settle
+        self.settle_min = min(settle_min, settle)
         self.max_delay = max_delay
         self.storm = storm
         self.on_settling = on_settling
@@ -178,10 +183,20 @@ class EventPump:
         long = now - self._first > self.max_delay / 2
         if not self.settling and (len(self.pending) >= self.storm or long):
             self._set_settling(True)
-        deadline = min(now + self.settle, self._first + self.max_delay)
+        deadline = min(now + self.window(now), self._first + self.max_delay)
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.loop.call_at(deadline, self.flush)
+
+    def window(self, now: float) -> float:
+        """The quiet time to wait for: as long as the burst has lasted, within bounds.
+
+        A small burst (one card: its uevents are sent back to back) is over in a few ms and
+        waits ``settle_min``; a storm still going after ``settle`` waits the full ``settle``.
+        A burst split by a pause longer than the window costs a second batch, not a wrong
+        state: each batch resynchronises from sysfs, and unchanged objects send nothing.
+        """
+        return min(self.settle, max(self.settle_min, now - self._first))
 
     def flush(self) -> None:
         """Hand the burst over now (the timer's job; tests may call it)."""

@@ -368,12 +368,18 @@ class HotPlug:
         *,
         rescan_interval: float = 30.0,
         settle: float = 0.05,
+        settle_min: float = 0.005,
         storm: int = 64,
     ) -> None:
         self.service = service
         self.sync = HostSync(service)
         self.pump = EventPump(
-            loop, self.on_batch, settle=settle, storm=storm, on_settling=service.set_settling
+            loop,
+            self.on_batch,
+            settle=settle,
+            settle_min=settle_min,
+            storm=storm,
+            on_settling=service.set_settling,
         )
         self.rescan_interval = rescan_interval
         self.sources: list[Source] = []

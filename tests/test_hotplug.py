@@ -426,6 +426,28 @@ def test_pump_batches_and_settling() -> None:
     asyncio.run(go())
 
 
+def test_settle_window_grows_with_the_burst() -> None:
+    """A small burst waits settle_min; a burst going on for settle waits the full settle."""
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        batches: list[int] = []
+        pump = EventPump(loop, lambda b, lost: batches.append(len(b)), settle=0.05)
+        assert pump.settle_min == 0.005
+        pump.add({"ACTION": "change", "DEVPATH": "/devices/ap/card01", "SUBSYSTEM": "ap"})
+        t0 = pump._first
+        assert pump.window(t0) == 0.005
+        assert pump.window(t0 + 0.003) == 0.005
+        assert pump.window(t0 + 0.02) == pytest.approx(0.02)
+        assert pump.window(t0 + 0.5) == 0.05
+        pump.arm()
+        await asyncio.sleep(0.2)
+        assert batches == [1]
+        assert EventPump(loop, pump.handler, settle=0.02, settle_min=0.1).settle_min == 0.02
+
+    asyncio.run(go())
+
+
 def test_sim_source_never_loses_a_wake_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """An event that arrives while the loop empties the pipe must not leave later events
     stranded in the queue (a lost wake-up once stalled the storm test for minutes)."""
