@@ -97,6 +97,7 @@ class Kernel:
     ) -> None:
         self.io = io
         self.lock_path = lock_path
+        self._sets: dict[frozenset[int], frozenset[int]] = {}
         self._layout = LAYOUTS[layout] if layout else self._detect()
 
     # -- layout -----------------------------------------------------------------------------
@@ -273,10 +274,18 @@ class Kernel:
             mode=_MODES.get(kind[-1:], "Unknown"),
             online=online,
             configured=configured,
-            domains=frozenset(present),
-            guest_domains=frozenset(guest),
-            host_domains=frozenset(host),
+            domains=self._shared(present),
+            guest_domains=self._shared(guest),
+            host_domains=self._shared(host),
         )
+
+    def _shared(self, ids: set[int]) -> frozenset[int]:
+        """One frozenset per distinct set of ids: on a 256 x 256 host every adapter has the
+        same domains, and 3 x 256 copies of a 256-entry set were ~8 MiB of the daemon."""
+        key = frozenset(ids)
+        if len(self._sets) > 4096:
+            self._sets.clear()
+        return self._sets.setdefault(key, key)
 
     def read_host(self) -> HostSnapshot:
         limits = self.read_limits()

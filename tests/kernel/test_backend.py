@@ -334,3 +334,10 @@ def test_tree_io_remembers_plain_paths_but_never_links(kernel: Kernel, host: obj
     other.write(f"bus/ap/drivers/{kernel.vfio_driver}/bind", "06.0004")
     assert kernel.io.readlink(link) == before
     assert kernel.io.exists(f"{link}/bind")
+
+
+def test_equal_domain_sets_are_one_object() -> None:
+    """The inventory keeps one frozenset per distinct set (memory on a 256 x 256 host)."""
+    adapters = Kernel(TreeSysfs(model.Host.from_name("big"))).read_adapters()  # type: ignore[arg-type]
+    assert len({id(a.domains) for a in adapters.values()}) < len(adapters) // 8
+    assert all(a.domains == adapters[0].domains for a in adapters.values())
