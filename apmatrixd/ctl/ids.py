@@ -40,7 +40,9 @@ def parse_ids(text: str, allow_none: bool = False) -> frozenset[int]:
         return frozenset()
     out: set[int] = set()
     for item in text.split(","):
-        lo, sep, hi = item.partition("-")
+        lo, sep, hi = item.strip().partition("-")
+        if sep and (lo != lo.rstrip() or hi != hi.lstrip()):
+            raise IdError(f"no spaces inside a range: {item.strip()!r} (write 4-7)")
         first = parse_id(lo)
         last = parse_id(hi) if sep else first
         if last < first:
