@@ -266,6 +266,7 @@ async def _connect_and_serve(args: argparse.Namespace, service: Service) -> int:
             raise StartupError(
                 f"{names.BUS_NAME} is already owned on {where} (is another apmatrixd running?)"
             )
+        bus.announce = True  # from now on object changes are news worth a signal
         return await _serve(bus, service)
     finally:
         bus.disconnect()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import socket
 import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -146,12 +147,28 @@ class ApmatrixBus(MessageBus):
     hooks are private API: dbus-fast is pinned and a test checks the signal path.
     """
 
+    SNDBUF = 4 << 20
+    """Socket send buffer. dbus-fast 5.2.0 drops the connection when a send would block
+    (EAGAIN in its writer is taken for a fatal error), so a burst of signals must fit."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_message_handler(drop_unwanted_reads)
+        # Before the name is ours nobody can be watching our objects: the start-up export
+        # of thousands of matrices sends no InterfacesAdded flood (it overran the socket).
+        self.announce = False
+
+    async def connect(self) -> ApmatrixBus:
+        await super().connect()
+        try:
+            if self._sock is not None:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SNDBUF)
+        except OSError as err:  # capped by net.core.wmem_max for non-root: fine
+            log.debug("cannot enlarge the bus socket's send buffer: %s", err)
+        return self
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
-        if self._disconnected or not path.startswith(names.MANAGER_PATH + "/"):
+        if not self.announce or self._disconnected or not path.startswith(names.MANAGER_PATH + "/"):
             return
 
         def send(iface: ServiceInterface, result: Any, _user: Any, err: Exception | None) -> None:
@@ -171,7 +188,7 @@ class ApmatrixBus(MessageBus):
         ServiceInterface._get_all_property_values(interface, send)
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
-        if self._disconnected or not path.startswith(names.MANAGER_PATH + "/"):
+        if not self.announce or self._disconnected or not path.startswith(names.MANAGER_PATH + "/"):
             return
         self.send(
             Message.new_signal(
