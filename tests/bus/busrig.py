@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,3 +427,7 @@ def dump_tree(tree: Any, root: Path, path: str = "") -> None:
             target.write_bytes(tree.read(path))
         except OSError:
             target.write_bytes(b"")  # write-only attribute
+
+
+DaemonFactory = Callable[..., Daemon]
+"""What the ``start`` fixture yields: ``start(*daemon_args, **kw) -> Daemon``."""

@@ -25,6 +25,7 @@ from busrig import (
     XML,
     Client,
     Daemon,
+    DaemonFactory,
     PolkitMock,
     arun,
     busctl,
@@ -36,7 +37,6 @@ from busrig import (
     start_daemon,
     v,
 )
-from conftest import DaemonFactory
 from dbus_fast import Variant
 
 GUEST1 = "11111111-1111-4111-8111-111111111111"

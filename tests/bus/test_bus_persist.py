@@ -17,8 +17,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from busrig import MANAGER, MATRIX, ROOT, Client, Daemon, arun, start_daemon
-from conftest import DaemonFactory
+from busrig import MANAGER, MATRIX, ROOT, Client, Daemon, DaemonFactory, arun, start_daemon
 from dbus_fast import Variant
 
 from apmatrixd.store import KILL_ENV, Store

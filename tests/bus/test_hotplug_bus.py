@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from busrig import MANAGER, MATRIX, NAME, ROOT, Client, Daemon, arun, unvariant
-from conftest import DaemonFactory
+from busrig import MANAGER, MATRIX, NAME, ROOT, Client, Daemon, DaemonFactory, arun, unvariant
 from dbus_fast import Variant
 from rigs import force_unmount, fuse_missing, is_mount
 

@@ -1,5 +1,5 @@
-"""Fixtures of the reliability tests: the D-Bus rig of tests/bus (a private bus with our shipped
-policy, the polkit mock, the daemon started as systemd would), here always with ``--simulate
+"""Fixtures of the reliability tests: the D-Bus rig of tests/conftest.py (a private bus with our
+shipped policy, the polkit mock, the daemon started as systemd would), here always with ``--simulate
 --sim-mount DIR --state-dir DIR`` so the kernel (the emulator, through FUSE) and the state
 directory can be read from outside the daemon after every call.
 
@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bus"))
-
-from busrig import PolkitMock, PrivateBus, start_daemon
+from busrig import PolkitMock, start_daemon
 from relrig import Sim, SimFactory
 from rigs import force_unmount, fuse_missing
 
@@ -39,44 +35,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--long", default=False):
         os.environ["APMATRIXD_LONG"] = "1"
-
-
-def _need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} not installed")
-
-
-@pytest.fixture(scope="session")
-def system_bus() -> Iterator[str]:
-    _need("dbus-daemon")
-    _need("busctl")
-    bus = PrivateBus.start()
-    yield bus.address
-    bus.stop()
-
-
-@pytest.fixture(scope="session")
-def polkit_mock(system_bus: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolkitMock]:
-    if os.geteuid() != 0:
-        pytest.skip("the polkit mock must own org.freedesktop.PolicyKit1: root only")
-    if os.system("/usr/bin/python3 -c 'import dbusmock' 2>/dev/null") != 0:
-        pytest.skip("python3-dbusmock not installed")
-    mock = PolkitMock(system_bus, tmp_path_factory.mktemp("polkit") / "polkit.log")
-    mock.start()
-    yield mock
-    mock.stop()
-
-
-@pytest.fixture
-def polkit(polkit_mock: PolkitMock) -> Iterator[PolkitMock]:
-    """The mock, denying everything."""
-    if polkit_mock.proc is None:
-        polkit_mock.start()
-    polkit_mock.allow()
-    yield polkit_mock
-    if polkit_mock.proc is None:
-        polkit_mock.start()
-    polkit_mock.allow()
 
 
 @pytest.fixture
