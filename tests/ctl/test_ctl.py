@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from busrig import Daemon
 from ctlrig import CTL, ctl, ctl_exe, ok
 
@@ -301,9 +300,7 @@ def test_mdevctl_export_then_import(start: object, tmp_path: Path) -> None:
     d = start("--simulate", "--state-dir", str(tmp_path / "state"))  # type: ignore[operator]
     a = d.address
     probe = ctl(a, "export-mdevctl", str(tmp_path / "missing"))
-    if "UnknownMethod" in probe.err:
-        assert probe.rc == 1 and len(probe.err.splitlines()) == 1
-        pytest.skip("the daemon has no ExportMdevctl yet (persistence, issue 5)")
+    assert "UnknownMethod" not in probe.err, probe.err  # the daemon has ExportMdevctl
     two_guests(a)
     out = tmp_path / "mdevctl.d"
     out.mkdir()
