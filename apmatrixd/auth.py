@@ -90,18 +90,22 @@ class Authority:
     async def install(self) -> None:
         """Track calls and forget callers that leave the bus (their unique name is dead)."""
         self._bus.add_message_handler(self._on_message)
-        reply = await self._bus.call(
+        reply = await self._bus_daemon("AddMatch", _NAME_LOST_MATCH)
+        if reply.message_type == MessageType.ERROR:
+            raise RuntimeError(f"AddMatch failed: {reply.error_name}: {reply.body}")
+
+    async def _bus_daemon(self, member: str, arg: str) -> Message:
+        """One call to the bus daemon itself (every one we make takes a single string)."""
+        return await self._bus.call(
             Message(
                 destination="org.freedesktop.DBus",
                 path="/org/freedesktop/DBus",
                 interface="org.freedesktop.DBus",
-                member="AddMatch",
+                member=member,
                 signature="s",
-                body=[_NAME_LOST_MATCH],
+                body=[arg],
             )
         )
-        if reply.message_type == MessageType.ERROR:
-            raise RuntimeError(f"AddMatch failed: {reply.error_name}: {reply.body}")
 
     def _on_message(self, msg: Message) -> bool:
         if msg.message_type == MessageType.METHOD_CALL:
@@ -120,16 +124,7 @@ class Authority:
         uid = self._uids.get(sender)
         if uid is not None:
             return uid
-        reply = await self._bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="GetConnectionUnixUser",
-                signature="s",
-                body=[sender],
-            )
-        )
+        reply = await self._bus_daemon("GetConnectionUnixUser", sender)
         if reply.message_type == MessageType.ERROR:
             raise denied(f"cannot tell who {sender} is")
         uid = int(reply.body[0])
