@@ -11,8 +11,9 @@ Two sources feed one :class:`EventPump`, and everything after the pump is the sa
   the listener only appends to a deque and wakes the loop through a pipe.
 
 The pump drains everything readable, then waits a short settle window after the last event
-(capped, so a never-ending stream still gets processed) and hands the whole burst to one
-handler call. The window adapts: as long as the burst has lasted so far, between
+(capped, so a never-ending stream still gets processed) and hands the burst to one handler
+call as a :class:`Scope` (the cards, the queues and the flags it names), built as the events
+arrive: no list of events is kept, so a storm costs memory per card touched, not per event. The window adapts: as long as the burst has lasted so far, between
 ``settle_min`` (5 ms: a card's uevents come back to back) and ``settle`` (50 ms, reached
 once a storm has been going for that long), so a small burst is handled at once and a storm
 is still absorbed in few batches. While a large burst is being absorbed,
@@ -29,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,69 @@ def classify(props: Mapping[str, str]) -> ApEvent | None:
     return None
 
 
-Handler = Callable[[list[ApEvent], bool], None]
-"""Called with one burst of events and whether events were lost (resynchronise fully)."""
+QUEUE_LIMIT = 16
+"""Beyond this many queues of one card named in a burst, the whole card is read again."""
+
+_QUEUE_ACTIONS = frozenset({"add", "remove", "bind", "unbind"})
+
+
+@dataclass(slots=True)
+class Scope:
+    """What a burst may have changed, so only that is read again.
+
+    Built event by event as they arrive (:meth:`add`), so a storm of 65,792 uevents is a few
+    sets of small ints, not 65,792 objects held until the burst is handled.
+    """
+
+    cards: set[int] = field(default_factory=set)  # the card's type, online, config
+    whole: set[int] = field(default_factory=set)  # the card with every queue and driver
+    named: dict[int, set[int]] = field(default_factory=dict)  # card -> queues added/bound/...
+    everything: bool = False  # events were lost, or vfio_ap itself changed
+    pool: bool = False  # the host pool (masks, or queues between drivers) may have moved
+    events: int = 0  # how many events this scope sums up
+
+    def add(self, e: ApEvent) -> None:
+        """One event into the scope. What an event does not say precisely (an action we do
+        not know on a card or a queue) costs a read of its whole card, never a miss."""
+        self.events += 1
+        a = e.adapter
+        if e.kind == "card" and a is not None:
+            if e.action == "change":
+                self.cards.add(a)
+            else:  # add, remove, bind, unbind, or anything else: the card and its queues
+                self._whole(a)
+        elif e.kind == "queue" and a is not None and e.domain is not None:
+            if e.action in _QUEUE_ACTIONS:
+                if a not in self.whole:
+                    named = self.named.setdefault(a, set())
+                    named.add(e.domain)
+                    if len(named) > QUEUE_LIMIT:
+                        self._whole(a)
+            elif e.action == "change":
+                if e.config is not None:
+                    self.cards.add(a)
+                # ONLINE on a queue shows in no property: the card's own event covers it
+            else:
+                self._whole(a)
+        elif e.kind == "bus" and e.mask:
+            self.pool = True
+        elif e.kind == "matrix":  # vfio_ap (un)loaded or re-registered
+            self.everything = self.pool = True
+
+    def lose(self) -> None:
+        """Events were lost: only a read of everything can be trusted."""
+        self.everything = self.pool = True
+
+    def _whole(self, a: int) -> None:
+        self.whole.add(a)
+        self.named.pop(a, None)
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.everything)
+
+
+Handler = Callable[[Scope], None]
+"""Called with the scope of one burst (``everything`` when events were lost)."""
 
 
 class EventPump:
@@ -142,7 +204,7 @@ class EventPump:
         self.max_delay = max_delay
         self.storm = storm
         self.on_settling = on_settling
-        self.pending: list[ApEvent] = []
+        self.scope = Scope()
         self.lost = False
         self.settling = False
         self.received = 0
@@ -152,6 +214,7 @@ class EventPump:
         self.overflows = 0
         self.largest = 0
         self._first = 0.0
+        self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, props: Mapping[str, str]) -> None:
@@ -160,18 +223,28 @@ class EventPump:
         if event is None:
             self.ignored += 1
             return
+        now = self.loop.time()
         if not self.pending and not self.lost:
-            self._first = self.loop.time()
-        self.pending.append(event)
+            self._first = now
+        self._last = now
+        self.scope.add(event)
         self.received += 1
 
     def overflow(self) -> None:
         """The source lost events: the next burst resynchronises everything."""
+        now = self.loop.time()
         if not self.pending and not self.lost:
-            self._first = self.loop.time()
+            self._first = now
+        self._last = now
         self.lost = True
+        self.scope.lose()
         self.overflows += 1
         log.warning("uevents were lost (receive buffer overflow): a full rescan follows")
+
+    @property
+    def pending(self) -> int:
+        """Events received and not handled yet."""
+        return self.scope.events
 
     def arm(self) -> None:
         """After a drain: (re)start the settle timer, and say Settling if this is a storm."""
@@ -181,7 +254,7 @@ class EventPump:
         # A handful of events is over in milliseconds: flipping Settling for it would only
         # add signals. A storm is many events, or a burst still going after half max_delay.
         long = now - self._first > self.max_delay / 2
-        if not self.settling and (len(self.pending) >= self.storm or long):
+        if not self.settling and (self.pending >= self.storm or long):
             self._set_settling(True)
         deadline = min(now + self.window(now), self._first + self.max_delay)
         if self._timer is not None:
@@ -203,27 +276,32 @@ class EventPump:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, lost = self.pending, self.lost
-        self.pending, self.lost = [], False
-        if batch or lost:
+        scope, lost = self.scope, self.lost
+        self.scope, self.lost = Scope(), False
+        n = scope.events
+        if n or lost:
             started = time.monotonic()
+            waited = self.loop.time() - self._last
             try:
-                self.handler(batch, lost)
+                self.handler(scope)
             except Exception:
-                log.exception("handling %d uevents failed", len(batch))
-            self.handled += len(batch)
+                log.exception("handling %d uevents failed", n)
+            self.handled += n
             self.batches += 1
-            self.largest = max(self.largest, len(batch))
+            self.largest = max(self.largest, n)
             took = time.monotonic() - started
-            level = logging.INFO if len(batch) >= self.storm or lost else logging.DEBUG
+            level = logging.INFO if n >= self.storm or lost else logging.DEBUG
             log.log(
                 level,
-                "absorbed %d uevents in one batch (%.3f s; %d received, %d handled, %d batches)",
-                len(batch),
+                "absorbed %d uevents in one batch (%.3f s; %d received, %d handled, %d batches)"
+                "; burst %.1f ms, settle wait %.1f ms after the last",
+                n,
                 took,
                 self.received,
                 self.handled,
                 self.batches,
+                (self._last - self._first) * 1e3,
+                waited * 1e3,
             )
         if self.settling and not self.pending:
             self._set_settling(False)
@@ -249,7 +327,7 @@ class EventPump:
             "batches": self.batches,
             "overflows": self.overflows,
             "largest": self.largest,
-            "pending": len(self.pending),
+            "pending": self.pending,
         }
 
 

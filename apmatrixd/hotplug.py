@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from apmatrixd.core import Apqn, DefineMatrix, HostPool, Matrix, SetHostPool, UpdateMatrix
-from apmatrixd.events import ApEvent, EventPump, Source
+from apmatrixd.events import ApEvent, EventPump, Scope, Source
 from apmatrixd.kernel import AdapterInfo, KernelError, MdevInfo
 
 if TYPE_CHECKING:
@@ -58,36 +59,23 @@ MANAGER = ""
 """The ``uuid`` of a Drift that concerns the host pool (sent on the Manager's path)."""
 
 FULL_READ = 16
-"""Beyond this many cards with queue changes, one read of the whole bus is cheaper."""
-
-
-@dataclass
-class Scope:
-    """What a burst may have changed, so only that is read again."""
-
-    cards: set[int] = field(default_factory=set)  # type, online, configured
-    queues: set[int] = field(default_factory=set)  # the card's queues and their drivers too
-    everything: bool = False
-    pool: bool = False
+"""Beyond this many cards to read with their queues, one read of the whole bus is cheaper."""
 
 
 def scope_of(events: Iterable[ApEvent], lost: bool = False) -> Scope:
-    """The re-reads a burst calls for. Every mdev is re-read in any case (drift)."""
-    s = Scope(everything=lost, pool=lost)
+    """The re-reads a list of events calls for (the pump builds the same as they arrive).
+    Every mdev is re-read in any case (drift)."""
+    s = Scope()
     for e in events:
-        if e.kind == "card" and e.adapter is not None:
-            (s.cards if e.action == "change" else s.queues).add(e.adapter)
-        elif e.kind == "queue" and e.adapter is not None:
-            if e.action != "change":  # add, remove, bind, unbind
-                s.queues.add(e.adapter)
-            elif e.config is not None:
-                s.cards.add(e.adapter)
-            # ONLINE on a queue shows in no property: the card's own event covers the card
-        elif e.kind == "bus" and e.mask:
-            s.pool = True
-        elif e.kind == "matrix":  # vfio_ap (un)loaded or re-registered
-            s.everything = s.pool = True
+        s.add(e)
+    if lost:
+        s.lose()
     return s
+
+
+def _present(infos: Mapping[int, AdapterInfo], q: Apqn) -> bool:
+    info = infos.get(q.adapter)
+    return info is not None and q.domain in info.domains
 
 
 def _ids(ids: Iterable[int], width: int) -> str:
@@ -123,47 +111,70 @@ class HostSync:
 
     def __init__(self, service: Service) -> None:
         self.svc = service
+        self.phases: dict[str, float] = {}  # seconds spent in each step of the last resync
 
     def resync(
         self,
         *,
         cards: Iterable[int] = (),
-        queues: Iterable[int] = (),
+        whole: Iterable[int] = (),
+        named: Mapping[int, Iterable[int]] | None = None,
         everything: bool = False,
         pool: bool = False,
     ) -> Changes:
-        """Re-read ``cards`` (state), ``queues`` (cards with their queues), ``everything``,
-        the host ``pool`` if asked, and every mdev; publish what changed as one batch."""
+        """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues
+        of cards (card -> domains), ``everything``, the host ``pool`` if asked, and every
+        mdev; publish what changed as one batch."""
         from apmatrixd.service import Changes
 
         changes = Changes()
-        q = set(queues)
-        before = self.svc._queues
-        self._sync_adapters(changes, set(cards), q, everything)
-        if pool or everything or (self.svc.kernel.layout != "upstream" and q):
+        w = set(whole)
+        n = {a: set(d) for a, d in (named or {}).items() if a not in w}
+        before = self.svc._infos
+        t0 = time.perf_counter()
+        self._sync_adapters(changes, set(cards), w, n, everything)
+        t1 = time.perf_counter()
+        if pool or everything or (self.svc.kernel.layout != "upstream" and (w or n)):
             self._sync_pool(changes, before)
+        t2 = time.perf_counter()
         self._sync_mdevs(changes)
+        t3 = time.perf_counter()
         self.svc._emit(changes)
+        t4 = time.perf_counter()
+        self.phases = {"adapters": t1 - t0, "pool": t2 - t1, "mdevs": t3 - t2, "emit": t4 - t3}
         return changes
 
     # -- adapters -----------------------------------------------------------------------------
     def _sync_adapters(
-        self, changes: Changes, cards: set[int], queues: set[int], everything: bool
+        self,
+        changes: Changes,
+        cards: set[int],
+        whole: set[int],
+        named: dict[int, set[int]],
+        everything: bool,
     ) -> None:
         svc, k = self.svc, self.svc.kernel
-        if not (cards or queues or everything):
+        if not (cards or whole or named or everything):
             return
-        if everything or len(queues) > FULL_READ:
+        if everything or len(whole) > FULL_READ:
             fresh = k.read_adapters()
         else:
             fresh = dict(svc._infos)
-            for a in sorted(queues | (cards - fresh.keys())):
+            # A card we do not know yet is read whole, whatever its events named.
+            whole = whole | ((cards | named.keys()) - fresh.keys())
+            for a in sorted(whole):
                 info = k.read_adapter(a)
                 if info is None:
                     fresh.pop(a, None)
                 else:
                     fresh[a] = info
-            for a in sorted(cards - queues):
+            for a in sorted(named.keys() - whole):
+                part = k.read_queues(fresh[a], named[a])
+                if part is None:
+                    fresh.pop(a, None)
+                else:
+                    fresh[a] = part
+            for a in sorted(cards - whole):
                 if a not in fresh:
                     continue
                 state = k.read_card(a)
@@ -190,10 +201,9 @@ class HostSync:
                 changes.adapters_changed.add(a)
             svc._adapters[a] = view
         svc._infos = fresh
-        svc._queues = frozenset(Apqn(a.id, d) for a in fresh.values() for d in a.domains)
 
     # -- host pool ----------------------------------------------------------------------------
-    def _sync_pool(self, changes: Changes, before: frozenset[Apqn]) -> None:
+    def _sync_pool(self, changes: Changes, before: Mapping[int, AdapterInfo]) -> None:
         svc, k = self.svc, self.svc.kernel
         new = k.read_pool(svc._infos)
         if new.queues is not None:
@@ -214,7 +224,7 @@ class HostSync:
             log.warning("drift: %s", what)
             changes.drift.append((MANAGER, what))
 
-    def _pool_drift(self, old: HostPool, new: HostPool, before: frozenset[Apqn]) -> str:
+    def _pool_drift(self, old: HostPool, new: HostPool, before: Mapping[int, AdapterInfo]) -> str:
         """The part of a pool change that hot plug does not explain; '' if none."""
         if old.queues is None or new.queues is None:
             parts = []
@@ -229,9 +239,12 @@ class HostSync:
                     f" {_ids(old.domains, 4)}"
                 )
             return "; ".join(parts)
+        now = self.svc._infos
         # Queues that appeared or vanished are hot plug; a queue present before and after
         # that changed sides was moved by someone (bind/unbind by hand).
-        moved = sorted((old.queues ^ new.queues) & before & self.svc._queues)
+        moved = sorted(
+            q for q in old.queues ^ new.queues if _present(before, q) and _present(now, q)
+        )
         if not moved:
             return ""
         more = f" (+{len(moved) - 16} more)" if len(moved) > 16 else ""
@@ -398,9 +411,10 @@ class HotPlug:
         if self.rescan_interval > 0 and self._timer is None:
             self._timer = asyncio.ensure_future(self._rescan_loop())
 
-    def on_batch(self, events: Sequence[ApEvent], lost: bool) -> None:
-        s = scope_of(events, lost)
-        self._resync(cards=s.cards, queues=s.queues, everything=s.everything, pool=s.pool)
+    def on_batch(self, s: Scope) -> None:
+        self._resync(
+            cards=s.cards, whole=s.whole, named=s.named, everything=s.everything, pool=s.pool
+        )
 
     def rescan(self) -> None:
         """The slow timer: the host pool and every mdev (the changes no uevent announces)."""
@@ -419,9 +433,12 @@ class HotPlug:
                 log.error("cannot re-read the AP configuration: %s", again)
                 return
         self.drifts += len(changes.drift)
+        t0 = time.perf_counter()
         if changes.adapters_added or changes.adapters_changed:
             # Resources may have become present: autostart matrices waiting for them.
             self.service.start_waiting()
+        phases = self.sync.phases | {"start_waiting": time.perf_counter() - t0}
+        log.debug("resync: %s", ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in phases.items()))
 
     async def _rescan_loop(self) -> None:
         while True:

@@ -155,8 +155,9 @@ class Service:
         self._adapters: dict[int, AdapterView] = {}
         self._listeners: list[Listener] = []
         self._layout = kernel.layout
-        self._queues: frozenset[Apqn] = frozenset()
-        self._infos: dict[int, AdapterInfo] = {}  # the last read of each card (hotplug.py)
+        # The last read of each card (hotplug.py); its ``domains`` are the queues present,
+        # one shared set per card, not 65,536 Apqn tuples on a 256 x 256 host.
+        self._infos: dict[int, AdapterInfo] = {}
         self.settling = False
 
     # -- start-up -----------------------------------------------------------------------
@@ -297,7 +298,7 @@ class Service:
         started: list[str] = []
         for uuid in sorted(self.registry.matrices):
             m, meta = self.registry.matrices[uuid], self._meta[uuid]
-            if not m.autostart or meta.live or not set(m.apqns()) <= self._queues:
+            if not m.autostart or meta.live or not all(map(self._present, m.apqns())):
                 continue
             try:
                 self.kernel.apply_matrix(uuid, None, m)
@@ -316,9 +317,13 @@ class Service:
         return started
 
     def _take_inventory(self, snap: HostSnapshot) -> None:
-        self._queues = frozenset(Apqn(a.id, d) for a in snap.adapters.values() for d in a.domains)
         self._adapters = {a.id: self._adapter_view(a) for a in snap.adapters.values()}
         self._infos = dict(snap.adapters)
+
+    def _present(self, q: Apqn) -> bool:
+        """Is this queue on the host (as last read)?"""
+        info = self._infos.get(q.adapter)
+        return info is not None and q.domain in info.domains
 
     def _owners_of(self, adapter: int) -> dict[int, str]:
         return self.registry.owners_of_adapter(adapter)
@@ -608,7 +613,12 @@ class Service:
 
     def _released_pool(self, pool: HostPool, a: frozenset[int], d: frozenset[int]) -> HostPool:
         if pool.queues is not None:
-            back = {q for q in self._queues if q.adapter in a or q.domain in d}
+            back = {
+                Apqn(i.id, x)
+                for i in self._infos.values()
+                for x in i.domains
+                if i.id in a or x in d
+            }
             return HostPool(queues=pool.queues | back)
         return HostPool(pool.adapters | a, pool.domains | d)
 

@@ -117,7 +117,8 @@ def test_scope() -> None:
         ev("change", "/devices/ap/card07/07.0004", CONFIG="0"),
         ev("remove", "/devices/ap/card06/06.0004"),
     ])  # fmt: skip
-    assert (s.cards, s.queues, s.everything, s.pool) == ({5, 7}, {6}, False, False)
+    assert (s.cards, s.whole, s.named) == ({5, 7}, set(), {6: {4}})
+    assert (s.everything, s.pool, s.events) == (False, False, 4)
     assert scope_of([ev("change", "/devices/ap", AQMASK="0x0\n")]).pool
     assert scope_of([], lost=True).everything
 
@@ -212,6 +213,95 @@ def test_domain_unplugged_shrinks_the_guest_view() -> None:
         assert r.svc.matrix(G1).state == "active"
 
     run("default", body)
+
+
+def spy_reads(r: Rig) -> list[tuple[str, Any]]:
+    """Record the kernel's card reads (which ones the resync chose), calling through."""
+    calls: list[tuple[str, Any]] = []
+    k = r.svc.kernel
+    for name in ("read_adapters", "read_adapter", "read_queues", "read_card"):
+        real = getattr(k, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            calls.append((_name, args[0].id if _name == "read_queues" else args[:1]))
+            if _name == "read_queues":
+                calls.append(("domains", frozenset(args[1])))
+            return _real(*args)
+
+        setattr(k, name, spy)
+    return calls
+
+
+def test_only_the_queues_named_by_events_are_read_again() -> None:
+    """A queue that leaves vfio_ap, a domain unplugged and plugged back: each card re-reads
+    the queues its events named, not all of its queues, and ends up as the kernel says."""
+
+    async def body(r: Rig) -> None:
+        r.svc.reserve([5], [])  # every queue of card 05 on vfio_ap
+        await r.idle()
+        assert r.svc.adapter(5).guest_domains == (4, 0x47, 0xAB, 0xFF)
+        calls = spy_reads(r)
+        r.write("bus/ap/drivers/vfio_ap/unbind", "05.0004")  # by hand: no mask moved
+        await r.idle()
+        assert r.svc.adapter(5).guest_domains == (0x47, 0xAB, 0xFF)
+        assert calls == [("read_queues", 5), ("domains", {4})]
+        calls.clear()
+        r.host.unplug_domain(0xAB)
+        await r.idle()
+        assert r.svc.adapter(5).domains == r.svc.adapter(6).domains == (4, 0x47, 0xFF)
+        assert sorted(c for c in calls if c[0] == "read_queues") == [
+            ("read_queues", 5),
+            ("read_queues", 6),
+        ]
+        assert {c for c in calls if c[0] != "read_queues"} == {("domains", frozenset({0xAB}))}
+        calls.clear()
+        r.host.plug_domain(0xAB)
+        await r.idle()
+        assert r.svc.adapter(6).domains == (4, 0x47, 0xAB, 0xFF)
+        assert {c[0] for c in calls} == {"read_queues", "domains"}
+        assert r.svc.registry.violations() == [] and r.drifts() == []
+
+    run("default", body)
+
+
+def test_lost_events_fall_back_to_reading_every_card() -> None:
+    """Events that never arrived (ENOBUFS) name nothing: the overflow reads every card."""
+
+    async def body(r: Rig) -> None:
+        assert r.source._unsubscribe is not None
+        r.source._unsubscribe()  # the uevents of the next change are lost
+        r.host.unplug_domain(0xAB)
+        r.source._unsubscribe = r.host.subscribe(r.source._on_uevent)
+        calls = spy_reads(r)
+        r.hp.pump.overflow()
+        r.hp.pump.arm()
+        await r.idle()
+        assert calls == [("read_adapters", ())]
+        assert r.svc.adapter(5).domains == r.svc.adapter(6).domains == (4, 0x47, 0xFF)
+
+    run("default", body)
+
+
+def test_scope_falls_back_to_the_whole_card() -> None:
+    """Too many queues of one card, an action we do not know, or a card-level event: the
+    whole card is read, and its named queues are forgotten (that read covers them)."""
+
+    def ev(action: str, a: int, d: int | None = None) -> ApEvent:
+        path = f"/devices/ap/card{a:02x}" + ("" if d is None else f"/{a:02x}.{d:04x}")
+        e = classify({"ACTION": action, "DEVPATH": path, "SUBSYSTEM": "ap"})
+        assert e is not None
+        return e
+
+    from apmatrixd.events import QUEUE_LIMIT
+
+    s = scope_of([ev("add", 5, d) for d in range(QUEUE_LIMIT)] + [ev("bind", 6, 1)])
+    assert (s.whole, s.named) == (set(), {5: set(range(QUEUE_LIMIT)), 6: {1}})
+    s = scope_of([ev("add", 5, d) for d in range(QUEUE_LIMIT + 1)] + [ev("add", 5, 99)])
+    assert (s.whole, s.named, s.events) == ({5}, {}, QUEUE_LIMIT + 2)
+    s = scope_of([ev("bind", 5, 1), ev("move", 5, 2), ev("bind", 6, 1), ev("remove", 7)])
+    assert (s.whole, s.named) == ({5, 7}, {6: {1}})
+    s = scope_of([ev("bind", 5, 1)], lost=True)
+    assert s.everything and s.pool
 
 
 def test_autostart_hook_runs_after_hot_plug() -> None:
@@ -403,7 +493,7 @@ def test_pump_batches_and_settling() -> None:
         batches: list[int] = []
         flags: list[bool] = []
         pump = EventPump(
-            loop, lambda b, lost: batches.append(len(b)), settle=0.02, storm=10,
+            loop, lambda s: batches.append(s.events), settle=0.02, storm=10,
             on_settling=flags.append,
         )  # fmt: skip
         for i in range(25):
@@ -432,7 +522,7 @@ def test_settle_window_grows_with_the_burst() -> None:
     async def go() -> None:
         loop = asyncio.get_running_loop()
         batches: list[int] = []
-        pump = EventPump(loop, lambda b, lost: batches.append(len(b)), settle=0.05)
+        pump = EventPump(loop, lambda s: batches.append(s.events), settle=0.05)
         assert pump.settle_min == 0.005
         pump.add({"ACTION": "change", "DEVPATH": "/devices/ap/card01", "SUBSYSTEM": "ap"})
         t0 = pump._first

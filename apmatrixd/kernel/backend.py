@@ -21,9 +21,9 @@ import fcntl
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from apmatrixd.core.apqn import MAX_ID, Apqn, cross
 from apmatrixd.core.errors import InvalidArgument
@@ -233,6 +233,36 @@ class Kernel:
                 if driver in bound:
                     bound[driver].add(name)
         return self._read_adapter(adapter, {k: frozenset(v) for k, v in bound.items()})
+
+    def read_queues(self, info: AdapterInfo, domains: Iterable[int]) -> AdapterInfo | None:
+        """``info`` with these queues of its card read again (present? bound to which
+        driver?) and the others as they were; None once the card is gone.
+
+        What a burst of queue events (add, remove, bind, unbind) calls for: a link per named
+        queue instead of the whole card's (hot plug of one domain on a card with 85)."""
+        card = f"{AP_DEVICES}/card{info.id:02x}"
+        if not self.io.is_dir(card):
+            return None
+        present, guest, host = set(info.domains), set(info.guest_domains), set(info.host_domains)
+        for d in sorted(domains):
+            present.discard(d)
+            guest.discard(d)
+            host.discard(d)
+            queue = f"{card}/{info.id:02x}.{d:04x}"
+            if not self.io.is_dir(queue):
+                continue
+            present.add(d)
+            driver = self._driver_of(queue)
+            if driver == self._layout.vfio_driver:
+                guest.add(d)
+            elif driver == HOST_DRIVER:
+                host.add(d)
+        return replace(
+            info,
+            domains=self._shared(present),
+            guest_domains=self._shared(guest),
+            host_domains=self._shared(host),
+        )
 
     def read_card(self, adapter: int) -> tuple[str, bool, bool] | None:
         """A card's type, online and configured state without its queues; None if gone."""
