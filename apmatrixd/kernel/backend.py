@@ -21,7 +21,7 @@ import fcntl
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -136,6 +136,16 @@ class Kernel:
         except OSError as e:
             raise KernelError.from_oserror(e, path, "reading") from None
 
+    def _read_optional(self, path: str) -> str | None:
+        """An attribute some kernels lack: None if absent. One open instead of a stat and
+        an open (each a round trip through FUSE, and on the hot-plug path)."""
+        try:
+            return self.io.read(path)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise KernelError.from_oserror(e, path, "reading") from None
+
     def _write(self, path: str, data: str) -> None:
         log.debug("write %r to %s", data, path)
         try:
@@ -215,24 +225,32 @@ class Kernel:
                 out[int(m[1], 16)] = self._read_adapter(int(m[1], 16), bound)
         return out
 
-    def _bound_to(self, driver: str) -> frozenset[str]:
+    def _bound_to(self, driver: str) -> dict[int, int]:
+        """The queues bound to ``driver``, as one domain bit mask per card: the listing of a
+        256 x 256 host names 65,536 queues, and a set of their names (kept while every card is
+        read) was a ~8 MiB peak of the start-up; the masks are 256 ints."""
         path = f"{AP_BUS}/drivers/{driver}"
         if not self.io.exists(path):
-            return frozenset()
-        return frozenset(n for n in self._listdir(path) if _QUEUE_RE.fullmatch(n))
+            return {}
+        masks: dict[int, int] = {}
+        for name in self._listdir(path):
+            if _QUEUE_RE.fullmatch(name):
+                a = int(name[:2], 16)
+                masks[a] = masks.get(a, 0) | 1 << int(name[3:], 16)
+        return masks
 
     def read_adapter(self, adapter: int) -> AdapterInfo | None:
         """One card and its queues, or None once it is gone (hot plug: one link per queue)."""
         card = f"{AP_DEVICES}/card{adapter:02x}"
         if not self.io.is_dir(card):
             return None
-        bound: dict[str, set[str]] = {self._layout.vfio_driver: set(), HOST_DRIVER: set()}
+        bound = {self._layout.vfio_driver: {adapter: 0}, HOST_DRIVER: {adapter: 0}}
         for name in self._listdir(card):
             if _QUEUE_RE.fullmatch(name):
                 driver = self._driver_of(f"{card}/{name}")
                 if driver in bound:
-                    bound[driver].add(name)
-        return self._read_adapter(adapter, {k: frozenset(v) for k, v in bound.items()})
+                    bound[driver][adapter] |= 1 << int(name[3:], 16)
+        return self._read_adapter(adapter, bound)
 
     def read_queues(self, info: AdapterInfo, domains: Iterable[int]) -> AdapterInfo | None:
         """``info`` with these queues of its card read again (present? bound to which
@@ -273,18 +291,20 @@ class Kernel:
 
     def _card_state(self, card: str) -> tuple[str, bool, bool]:
         kind = ""
-        if self.io.exists(f"{card}/type"):
-            kind = formats.single_line(self._read(f"{card}/type"), f"{card}/type")
+        if (text := self._read_optional(f"{card}/type")) is not None:
+            kind = formats.single_line(text, f"{card}/type")
         online = configured = True
-        if self.io.exists(f"{card}/online"):
-            online = formats.parse_bool(self._read(f"{card}/online"), f"{card}/online")
-        if self.io.exists(f"{card}/config"):
-            configured = formats.parse_bool(self._read(f"{card}/config"), f"{card}/config")
+        if (text := self._read_optional(f"{card}/online")) is not None:
+            online = formats.parse_bool(text, f"{card}/online")
+        if (text := self._read_optional(f"{card}/config")) is not None:
+            configured = formats.parse_bool(text, f"{card}/config")
         return kind, online, configured
 
-    def _read_adapter(self, adapter: int, bound: Mapping[str, frozenset[str]]) -> AdapterInfo:
+    def _read_adapter(self, adapter: int, bound: Mapping[str, Mapping[int, int]]) -> AdapterInfo:
         card = f"{AP_DEVICES}/card{adapter:02x}"
         kind, online, configured = self._card_state(card)
+        vfio = bound[self._layout.vfio_driver].get(adapter, 0)
+        on_host = bound[HOST_DRIVER].get(adapter, 0)
         present: set[int] = set()
         guest: set[int] = set()
         host: set[int] = set()
@@ -294,9 +314,9 @@ class Kernel:
                 continue
             domain = int(m[2], 16)
             present.add(domain)
-            if name in bound[self._layout.vfio_driver]:
+            if vfio >> domain & 1:
                 guest.add(domain)
-            elif name in bound[HOST_DRIVER]:
+            elif on_host >> domain & 1:
                 host.add(domain)
         return AdapterInfo(
             id=adapter,
@@ -322,7 +342,7 @@ class Kernel:
         adapters = self.read_adapters()
         usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
         control = self._optional_mask(f"{AP_BUS}/ap_control_domain_mask")
-        mdevs = {u: self._read_mdev(u, adapters, usage) for u in self.list_mdevs()}
+        mdevs = {u: self._read_mdev(u, lambda: (adapters, usage)) for u in self.list_mdevs()}
         return HostSnapshot(
             layout=self._layout.name,
             limits=limits,
@@ -343,18 +363,18 @@ class Kernel:
         """Every mdev of our type. ``adapters`` (the caller's current view) spares a re-read
         where the guest view is computed here; an mdev removed while reading is left out."""
         out: dict[str, MdevInfo] = {}
-        usage: frozenset[int] | None = None
+        host: tuple[Mapping[int, AdapterInfo], frozenset[int] | None] | None = None
+
+        def context() -> tuple[Mapping[int, AdapterInfo], frozenset[int] | None]:
+            nonlocal host
+            if host is None:  # read once, and only if some guest view is computed here
+                known = adapters if adapters is not None else self.read_adapters()
+                host = (known, self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask"))
+            return host
+
         for uuid in self.list_mdevs():
-            computed = self._layout.name != "upstream" or not self.io.exists(
-                f"{self.mdev_path(uuid)}/guest_matrix"
-            )
-            if computed and adapters is None:
-                adapters = self.read_adapters()
-                usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
-            elif computed and usage is None:
-                usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
             try:
-                out[uuid] = self._read_mdev(uuid, adapters or {}, usage)
+                out[uuid] = self._read_mdev(uuid, context)
             except KernelError as err:
                 if err.errno != errno.ENOENT:
                     raise
@@ -365,12 +385,10 @@ class Kernel:
 
     def read_mdev(self, uuid: str) -> MdevInfo:
         uuid = normalize_uuid(uuid)
-        if self._layout.name == "upstream" and self.io.exists(
-            f"{self.mdev_path(uuid)}/guest_matrix"
-        ):
-            return self._read_mdev(uuid, {}, None)  # the kernel computes the guest view
-        usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
-        return self._read_mdev(uuid, self.read_adapters(), usage)
+        return self._read_mdev(
+            uuid,
+            lambda: (self.read_adapters(), self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")),
+        )
 
     def read_guest(self, uuid: str) -> frozenset[Apqn]:
         """The guest view of one mdev alone: what the daemon re-reads after a write.
@@ -381,14 +399,18 @@ class Kernel:
         uuid = normalize_uuid(uuid)
         if self._layout.name == "upstream":
             path = f"{self.mdev_path(uuid)}/guest_matrix"
-            if self.io.exists(path):
-                guest_a, guest_d = formats.parse_matrix(self._read(path), path)
+            if (text := self._read_optional(path)) is not None:
+                guest_a, guest_d = formats.parse_matrix(text, path)
                 return frozenset(cross(guest_a, guest_d))
         return self.read_mdev(uuid).guest_apqns
 
     def _read_mdev(
-        self, uuid: str, adapters: Mapping[int, AdapterInfo], usage: frozenset[int] | None
+        self,
+        uuid: str,
+        host: Callable[[], tuple[Mapping[int, AdapterInfo], frozenset[int] | None]],
     ) -> MdevInfo:
+        """One mdev; ``host`` gives the cards and usage domains where the guest view must be
+        computed here (rfc2017, or upstream before 6.0: no ``guest_matrix``)."""
         base = self.mdev_path(uuid)
 
         def ids(name: str, width: int) -> frozenset[int]:
@@ -399,14 +421,14 @@ class Kernel:
             path = f"{base}/matrix"
             assigned_a, assigned_d = formats.parse_matrix(self._read(path), path)
             path = f"{base}/guest_matrix"
-            if self.io.exists(path):
-                guest_a, guest_d = formats.parse_matrix(self._read(path), path)
+            if (text := self._read_optional(path)) is not None:
+                guest_a, guest_d = formats.parse_matrix(text, path)
                 guest = frozenset(cross(guest_a, guest_d))
             else:  # before 6.0: no guest_matrix, compute it as the kernel would
-                guest = self._guest_view(assigned_a, assigned_d, adapters, usage)
+                guest = self._guest_view(assigned_a, assigned_d, *host())
         else:
             assigned_a, assigned_d = ids("adapters", 2), ids("domains", 4)
-            guest = self._guest_view(assigned_a, assigned_d, adapters, usage)
+            guest = self._guest_view(assigned_a, assigned_d, *host())
         return MdevInfo(uuid, assigned_a, assigned_d, control, guest)
 
     def _guest_view(

@@ -250,6 +250,11 @@ class NoGuestMatrix(TreeSysfs):
     def exists(self, path: str) -> bool:
         return not path.endswith("/guest_matrix") and super().exists(path)
 
+    def read(self, path: str) -> str:
+        if path.endswith("/guest_matrix"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return super().read(path)
+
 
 def guest_views(host: object) -> list[dict[str, frozenset[Apqn]]]:
     """The guest views as the kernel shows them and as the backend computes them."""
