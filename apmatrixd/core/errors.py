@@ -7,7 +7,7 @@ APQNs clash and who owns them instead of a bare errno from sysfs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from apmatrixd.core.apqn import Apqn
@@ -16,9 +16,13 @@ HOST = "host"
 """Owner name of APQNs that belong to the host's own crypto drivers."""
 
 
-@dataclass(frozen=True, order=True)
-class Clash:
-    """An APQN a change wants, and who holds it now (a matrix UUID or ``host``)."""
+class Clash(NamedTuple):
+    """An APQN a change wants, and who holds it now (a matrix UUID or ``host``).
+
+    A named tuple, not a dataclass: a whole-host Check answers with 65,536 of them, and a
+    tuple is built, sorted (by APQN, owner, name, as the frozen dataclass was) and unpacked
+    in C, several times faster.
+    """
 
     apqn: Apqn
     owner: str
