@@ -13,10 +13,11 @@ Two sources feed one :class:`EventPump`, and everything after the pump is the sa
 The pump drains everything readable, then waits a short settle window after the last event
 (capped, so a never-ending stream still gets processed) and hands the burst to one handler
 call as a :class:`Scope` (the cards, the queues and the flags it names), built as the events
-arrive: no list of events is kept, so a storm costs memory per card touched, not per event. The window adapts: as long as the burst has lasted so far, between
-``settle_min`` (5 ms: a card's uevents come back to back) and ``settle`` (50 ms, reached
-once a storm has been going for that long), so a small burst is handled at once and a storm
-is still absorbed in few batches. While a large burst is being absorbed,
+arrive: no list of events is kept, so a storm costs memory per card touched, not per event.
+The window adapts: as long as the burst has lasted so far, between ``settle_min`` (5 ms: a
+card's uevents come back to back) and ``settle`` (50 ms, reached once a storm has been going
+for that long), so a small burst is handled at once and a storm is still absorbed in few
+batches. While a large burst is being absorbed,
 ``on_settling(True)`` is called once, and ``on_settling(False)`` once it has been handled.
 """
 
