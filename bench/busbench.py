@@ -35,6 +35,12 @@ def spawn_ready(
     argv: list[str], address: str | None = None, timeout: float = 300
 ) -> tuple[Daemon, float]:
     """Start ``argv`` as systemd would (NOTIFY_SOCKET) and time it to READY=1."""
+    d, t0 = spawn(argv, address)
+    return d, ready(d, t0, timeout)
+
+
+def spawn(argv: list[str], address: str | None = None) -> tuple[Daemon, float]:
+    """Start ``argv`` as systemd would (NOTIFY_SOCKET); the Daemon and its start time."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     name = f"apmatrixd-bench-{uuidlib.uuid4().hex}"
@@ -47,12 +53,16 @@ def spawn_ready(
     with open(err, "wb") as f:
         t0 = now()
         proc = subprocess.Popen(argv, env=env, stderr=f, stdout=subprocess.PIPE, cwd=REPO)
-    d = Daemon(proc, sock, address or "", err)
+    return Daemon(proc, sock, address or "", err), t0
+
+
+def ready(d: Daemon, t0: float, timeout: float = 300) -> float:
+    """Seconds from ``t0`` to the daemon's READY=1 (it is killed if there is none)."""
     if d.wait_for("READY=1", timeout) is None:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{argv[0]}: no READY=1 (rc={proc.returncode}): {d.stderr()[-2000:]}")
-    return d, now() - t0
+        d.proc.kill()
+        d.proc.wait()
+        raise RuntimeError(f"no READY=1 (rc={d.proc.returncode}): {d.stderr()[-2000:]}")
+    return now() - t0
 
 
 def rss_kb(pid: int) -> dict[str, int]:
@@ -91,6 +101,17 @@ async def ok(bus: MessageBus, m: Message) -> list[Any]:
     return list(reply.body)
 
 
+async def settled(bus: MessageBus, timeout: float = 60) -> None:
+    """Wait until the daemon has handled the uevents of a change (Settling false twice)."""
+    get = msg(ROOT, "org.freedesktop.DBus.Properties", "Get", "ss", [MANAGER, "Settling"])
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        (value,) = await ok(bus, get)
+        quiet = 0 if value.value else quiet + 1
+
+
 async def timed(bus: MessageBus, m: Message) -> float:
     t = now()
     await ok(bus, m)
@@ -101,6 +122,7 @@ async def timed(bus: MessageBus, m: Message) -> float:
 async def _roundtrip(address: str, reps: int, burst_reps: int) -> dict[str, list[float]]:
     bus = await connect(address)
     await ok(bus, msg(ROOT, MANAGER, "Reserve", "auau", [list(range(128)), []]))
+    await settled(bus)  # the Reserve's uevents (a queue each) must not land in the samples
     opts = {"adapters": Variant("au", [0]), "domains": Variant("au", [0])}
     await ok(bus, msg(ROOT, MANAGER, "CreateMatrix", "sa{sv}", [G1, opts]))
     out: dict[str, list[float]] = {k: [] for k in ("ping", "assign", "unassign")}
@@ -133,7 +155,9 @@ async def _roundtrip(address: str, reps: int, burst_reps: int) -> dict[str, list
 def roundtrip(address: str, quick: bool, state_dir: Path) -> tuple[list[Row], dict[str, Any]]:
     """AssignAdapter / UnassignAdapter on a live matrix of the big host, every change durable
     (``--state-dir``), against Peer.Ping answered by the same daemon."""
-    reps, burst_reps = (50, 5) if quick else (1000, 40)
+    # 1,000 interleaved single calls give a stable median and a p99 of 10 samples; 20 bursts
+    # of 100 (2,000 calls) a stable median per call (their p99 is the slowest burst).
+    reps, burst_reps = (50, 5) if quick else (1000, 20)
     say(f"== AssignAdapter vs Peer.Ping (state dir {state_dir}, {reps} + {burst_reps}x100)")
     d, _ = spawn_ready(
         [*apmatrixd_argv(), "--simulate", "big", "--state-dir", str(state_dir),
@@ -172,57 +196,91 @@ CHECK_ADAPTERS = list(range(10))
 CHECK_DOMAINS = [0, *range(50, 57)]  # 80 APQNs; 10 clashes at every size (matrices 0-9)
 
 
-async def _check(address: str, reps: int) -> list[float]:
-    bus = await connect(address)
+async def _check(addresses: dict[int, str], reps: int) -> dict[int, list[float]]:
+    """The same Check against every daemon, interleaved round-robin (the order rotates), so
+    the load of the machine falls on every size alike."""
+    buses = {n: await connect(a) for n, a in addresses.items()}
     m = msg(ROOT, MANAGER, "Check", "auaus", [CHECK_ADAPTERS, CHECK_DOMAINS, ""])
-    (clashes,) = await ok(bus, m)
-    assert len(clashes) == 10, clashes
-    for _ in range(20):
-        await timed(bus, m)
-    out = [await timed(bus, m) for _ in range(reps)]
-    bus.disconnect()
+    for n, bus in buses.items():
+        (clashes,) = await ok(bus, m)
+        assert len(clashes) == 10, (n, clashes)
+        for _ in range(20):
+            await timed(bus, m)
+    out: dict[int, list[float]] = {n: [] for n in buses}
+    order = sorted(buses)
+    for i in range(reps):
+        for n in order[i % len(order) :] + order[: i % len(order)]:
+            out[n].append(await timed(buses[n], m))
+    for bus in buses.values():
+        bus.disconnect()
     return out
 
 
-def check_inprocess(state: Path, reps: int) -> list[float]:
+def check_services(states: dict[int, Path]) -> dict[int, Any]:
+    """``Service`` loaded from each state directory, in this process (no bus)."""
     from apmatrixd.kernel import Kernel, TreeSysfs
     from apmatrixd.service import Service
     from apmatrixd.sim.model import Host
     from apmatrixd.store import Store
 
-    service = Service(Kernel(TreeSysfs(Host.from_name("big"))), store=Store(state))
-    service.load()
-    assert len(service.check(CHECK_ADAPTERS, CHECK_DOMAINS)) == 10
-    out = []
-    for _ in range(reps):
-        t = now()
-        service.check(CHECK_ADAPTERS, CHECK_DOMAINS)
-        out.append(now() - t)
+    out = {}
+    for n, state in sorted(states.items()):
+        service = Service(Kernel(TreeSysfs(Host.from_name("big"))), store=Store(state))
+        service.load()
+        assert len(service.check(CHECK_ADAPTERS, CHECK_DOMAINS)) == 10
+        out[n] = service
+    return out
+
+
+def check_inprocess(services: dict[int, Any], reps: int) -> dict[int, list[float]]:
+    """``Service.check`` of each size, interleaved round-robin as over the bus."""
+    out: dict[int, list[float]] = {n: [] for n in services}
+    order = sorted(services)
+    for i in range(reps):
+        for n in order[i % len(order) :] + order[: i % len(order)]:
+            check = services[n].check
+            t = now()
+            check(CHECK_ADAPTERS, CHECK_DOMAINS)
+            out[n].append(now() - t)
     return out
 
 
 def check_flat(
-    address: str, quick: bool, work: Path, states: dict[int, Path]
+    quick: bool, work: Path, states: dict[int, Path]
 ) -> tuple[list[Row], dict[str, Any]]:
+    """One daemon per size, side by side, each on its own private bus; the calls interleaved.
+    The in-process services load while the daemons start (two CPUs; neither is timed)."""
     reps = 100 if quick else 2000
-    say(f"== Check (10 x 8 APQNs, 10 clashes) at {sorted(states)} matrices, {reps} calls each")
-    bus_st: dict[int, Stats] = {}
-    inproc: dict[int, Stats] = {}
+    say(
+        f"== Check (10 x 8 APQNs, 10 clashes) at {sorted(states)} matrices, {reps} calls each, "
+        "interleaved"
+    )
+    buses = {n: PrivateBus.start() for n in states}
+    daemons: dict[int, Daemon] = {}
     loads: dict[int, float] = {}
-    for n, state in sorted(states.items()):
-        copy = work / f"check-{n}"
-        shutil.copytree(state, copy)
-        d, took = spawn_ready(
-            [*apmatrixd_argv(), "--simulate", "big", "--state-dir", str(copy),
-             "--rescan-interval", "0", "--bus-address", address], timeout=600
-        )  # fmt: skip
-        loads[n] = took
-        try:
-            bus_st[n] = Stats.of(asyncio.run(_check(address, reps)))
-        finally:
+    try:
+        started = {}
+        for n, state in sorted(states.items()):
+            copy = work / f"check-{n}"
+            shutil.copytree(state, copy)
+            daemons[n], started[n] = spawn(
+                [*apmatrixd_argv(), "--simulate", "big", "--state-dir", str(copy),
+                 "--rescan-interval", "0", "--bus-address", buses[n].address]
+            )  # fmt: skip
+        services = check_services(states)
+        for n, d in daemons.items():
+            loads[n] = ready(d, started[n], timeout=600)
+        raw_bus = asyncio.run(_check({n: b.address for n, b in buses.items()}, reps))
+    finally:
+        for d in daemons.values():
             stop(d)
-        shutil.rmtree(copy)
-        inproc[n] = Stats.of(check_inprocess(state, reps))
+        for b in buses.values():
+            b.stop()
+    raw_in = check_inprocess(services, reps)
+    del services
+    bus_st = {n: Stats.of(v) for n, v in raw_bus.items()}
+    inproc = {n: Stats.of(v) for n, v in raw_in.items()}
+    for n in sorted(states):
         show(f"Check over D-Bus, {n} matrices", bus_st[n])
         show(f"Service.check in-process, {n} matrices", inproc[n], "us", 1e6)
     rows = []
@@ -235,7 +293,8 @@ def check_flat(
                 f"Check with {n:,} matrices (big host)",
                 f"{bus_st[n].median * 1e3:.3f} ms (p99 {bus_st[n].p99 * 1e3:.3f}); "
                 f"in-process {inproc[n].median * 1e6:.1f} us",
-                f"itself at {base}: {bus_st[base].median * 1e3:.3f} ms; "
+                f"itself at {base}: {bus_st[base].median * 1e3:.3f} ms "
+                f"(p99 {bus_st[base].p99 * 1e3:.3f}); "
                 f"in-process {inproc[base].median * 1e6:.1f} us",
                 r,
                 "flat: <= 1.2x",
@@ -257,7 +316,7 @@ def startup(
     address: str, quick: bool, work: Path, state: Path, n: int
 ) -> tuple[list[Row], dict[str, Any]]:
     reps = 2 if quick else 5
-    cards = 2 if quick else 8
+    cards = 2 if quick else 4  # the per-card cost varies by a few %; the floor is ~20x ours
     say(f"== start-up to READY=1, big host, {n} autostart matrices stored ({reps} runs)")
     ours: list[float] = []
     mem: list[dict[str, int]] = []
@@ -307,29 +366,79 @@ def startup(
     return rows, raw
 
 
-def make_states(work: Path, sizes: list[int]) -> dict[int, Path]:
+def make_states(work: Path, sizes: list[int], autostart: bool) -> dict[int, Path]:
     states = {}
     for n in sizes:
         t = time.monotonic()
-        states[n] = big_state(work / f"state-{n}", n)
-        say(f"  stored {n} matrices in {time.monotonic() - t:.1f} s")
+        kind = "autostart" if autostart else "defined"
+        states[n] = big_state(work / f"state-{kind}-{n}", n, autostart=autostart)
+        say(f"  stored {n} {kind} matrices in {time.monotonic() - t:.1f} s")
     return states
 
 
 def run(quick: bool, work: Path) -> tuple[list[Row], dict[str, Any]]:
-    bus = PrivateBus.start()
     rows: list[Row] = []
-    raw: dict[str, Any] = {}
+    raw: dict[str, Any] = {"seconds": {}}
+    t = time.monotonic()
+
+    def lap(part: str) -> None:
+        nonlocal t
+        raw["seconds"][part] = round(time.monotonic() - t, 1)
+        say(f"   ({part}: {raw['seconds'][part]:.0f} s)")
+        t = time.monotonic()
+
+    bus = PrivateBus.start()
     try:
-        sizes = [10, 100, 1000] if quick else [10, 1000, 10000]
-        states = make_states(work, sorted({*sizes, 1000}))
-        state_dir = work / "roundtrip-state"
-        r, raw["roundtrip"] = roundtrip(bus.address, quick, state_dir)
-        rows += r
-        r, raw["check"] = check_flat(bus.address, quick, work, {n: states[n] for n in sizes})
-        rows += r
-        r, raw["startup"] = startup(bus.address, quick, work, states[1000], 1000)
+        r, raw["roundtrip"] = roundtrip(bus.address, quick, work / "roundtrip-state")
         rows += r
     finally:
         bus.stop()
+    lap("round trips")
+    # Check asks the registry, which holds a defined matrix as it holds a live one; starting
+    # 10,000 in the emulated kernel would only time the emulator (its sharing check walks
+    # every mdev: ~130 s), so the Check sizes are stored definitions without autostart.
+    sizes = [10, 100, 1000] if quick else [10, 1000, 10000]
+    r, raw["check"] = check_flat(quick, work, make_states(work, sizes, autostart=False))
+    rows += r
+    lap("check")
+    bus = PrivateBus.start()
+    try:
+        state = make_states(work, [1000], autostart=True)[1000]
+        r, raw["startup"] = startup(bus.address, quick, work, state, 1000)
+        rows += r
+    finally:
+        bus.stop()
+    lap("start-up")
     return rows, raw
+
+
+# -- where a call's time goes inside the daemon (development, not a figure) -------------------
+def profile(out: Path, reps: int = 300, burst_reps: int = 3) -> None:
+    """The round-trip load (single client, then 100 in flight) against the daemon run under
+    cProfile (``bench.profiled``); prints the top of the profile, keeps the stats in ``out``."""
+    import pstats
+    import tempfile
+
+    bus = PrivateBus.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="apmatrixd-bench-", dir="/var/tmp") as tmp:
+            d, _ = spawn_ready(
+                [sys.executable, "-m", "bench.profiled", str(out), "--simulate", "big",
+                 "--state-dir", tmp, "--rescan-interval", "0", "--bus-address", bus.address]
+            )  # fmt: skip
+            try:
+                raw = asyncio.run(_roundtrip(bus.address, reps, burst_reps))
+            finally:
+                stop(d)
+    finally:
+        bus.stop()
+    for k, v in raw.items():
+        show(k, Stats.of(v))
+    if out.suffix == ".json":
+        for k, v in json.loads(out.read_text()).items():
+            if v:
+                show(f"in the daemon: {k}", Stats.of(v))
+        return
+    stats = pstats.Stats(str(out))
+    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(25)
