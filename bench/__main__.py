@@ -36,11 +36,38 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="few repetitions, small sizes (smoke)")
     p.add_argument("--only", nargs="+", choices=SUITES, default=list(SUITES))
-    p.add_argument("--out", type=Path, default=BENCH)
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="where RESULTS.md and results.json go: bench/ for a full run; a partial run "
+        "(--only, --quick) goes to a directory under /var/tmp unless told, so that "
+        "bench/RESULTS.md always holds one full run",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="STATS",
+        help="no figures: profile the daemon under the round-trip load (cProfile stats to STATS)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         say("bench: needs root (FUSE, namespaces); run sudo tools/bench")
         return 1
+    if args.profile:
+        from bench.busbench import profile
+
+        profile(args.profile)
+        return 0
+    full = not args.quick and set(args.only) == set(SUITES)
+    if args.out is None:
+        args.out = (
+            BENCH
+            if full
+            else Path(tempfile.mkdtemp(prefix="apmatrixd-bench-partial-", dir="/var/tmp"))
+        )
+    if args.out.resolve() == BENCH and not full:
+        say("bench: bench/RESULTS.md holds one full run; give --out DIR for a partial run")
+        return 2
     started = time.time()
     load_before = load()
     rows: list[Row] = []
@@ -70,11 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, cwd=BENCH,
+    ).stdout.strip()  # fmt: skip
+    if dirty:
+        commit += " plus uncommitted changes"
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "duration_s": round(time.time() - started),
         "commit": commit,
         "quick": args.quick,
+        "suites": args.only,
+        "full": full,
         "cpus": cpus(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
@@ -95,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         tmpl.strip(),
         "",
         f"Run {meta['date']} on commit {commit}, {meta['cpus']} CPUs, Python {meta['python']}, "
-        f"kernel {meta['kernel']}; {meta['duration_s']} s{' (--quick)' if args.quick else ''}. "
+        f"kernel {meta['kernel']}; {meta['duration_s']} s"
+        + (
+            ""
+            if full
+            else f" (a partial run: {'--quick, ' if args.quick else ''}suites "
+            f"{', '.join(args.only)} only)"
+        )
+        + ". Every row below is from this one run. "
         f"Load average before {load_before}, after {load_after}"
         + (
             ": **the machine was busy** (other test suites running); the ratios, measured in "
