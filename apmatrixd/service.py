@@ -583,12 +583,24 @@ class Service:
 
     def check(self, adapters: Iterable[int], domains: Iterable[int], uuid: str = "") -> list[Clash]:
         """Every APQN of adapters x domains that someone else holds (a dry run)."""
+        host, held = self.registry.clashes(*self._check_args(adapters, domains, uuid))
+        return sorted(host + held)
+
+    def check_rows(
+        self, adapters: Iterable[int], domains: Iterable[int], uuid: str = ""
+    ) -> list[tuple[int, int, str]]:
+        """:meth:`check` as the Check method answers it, (adapter, domain, owner) rows: one
+        tuple per APQN and no more, as a whole-host query has 65,536 (issue #8 item 5)."""
+        return self.registry.clash_rows(*self._check_args(adapters, domains, uuid))
+
+    def _check_args(
+        self, adapters: Iterable[int], domains: Iterable[int], uuid: str
+    ) -> tuple[frozenset[int], frozenset[int], str | None]:
         a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
         exclude = self._uuid(uuid) if uuid else None
         if exclude is not None:
             self.registry.get(exclude)
-        host, held = self.registry.clashes(a, d, exclude)
-        return sorted(host + held)
+        return a, d, exclude
 
     # -- host pool ------------------------------------------------------------------------
     def reserve(self, adapters: Iterable[int], domains: Iterable[int]) -> None:

@@ -28,7 +28,7 @@ U32 = DBusUInt32
 Ids = Annotated[list[int], DBusSignature("au")]
 Paths = Annotated[list[str], DBusSignature("ao")]
 Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
-Clashes = Annotated[list[list[Any]], DBusSignature("a(uus)")]
+Clashes = Annotated[list[tuple[int, int, str]], DBusSignature("a(uus)")]
 DriftArgs = Annotated[list[str], DBusSignature("os")]
 
 OPTIONS: dict[str, str] = {
@@ -130,8 +130,7 @@ class Manager(Exported):
 
     @call
     def Check(self, adapters: Ids, domains: Ids, uuid: Str) -> Clashes:
-        clashes = self._service.check(adapters, domains, uuid)
-        return [[c.apqn.adapter, c.apqn.domain, c.owner] for c in clashes]
+        return self._service.check_rows(adapters, domains, uuid)  # a(uus) takes the tuples
 
     @call
     def Reserve(self, adapters: Ids, domains: Ids) -> None:

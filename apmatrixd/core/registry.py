@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
+from itertools import product, repeat
 from types import MappingProxyType
 
-from apmatrixd.core.apqn import MAX_ID, Apqn, cross
+from apmatrixd.core.apqn import MAX_ID, Apqn
 from apmatrixd.core.errors import (
     HOST,
     AlreadyExists,
@@ -38,6 +40,13 @@ from apmatrixd.core.errors import (
     RangeViolation,
 )
 from apmatrixd.core.matrix import HostPool, Limits, Matrix
+
+_new_apqn = partial(tuple.__new__, Apqn)
+_new_clash = partial(tuple.__new__, Clash)
+
+
+def _ids(ids: Iterable[int]) -> frozenset[int]:
+    return ids if isinstance(ids, frozenset) else frozenset(ids)
 
 
 @dataclass(frozen=True)
@@ -187,28 +196,54 @@ class Registry:
         the asked cross product. Each matrix APQN found is confirmed in the owner index, so
         the answer is the index's, APQN by APQN, even for a registry that breaks a rule.
         """
-        want_a = adapters if isinstance(adapters, frozenset) else frozenset(adapters)
-        want_d = domains if isinstance(domains, frozenset) else frozenset(domains)
+        want_a, want_d = _ids(adapters), _ids(domains)
         if not want_a or not want_d:
             return [], []
-        return self._host_clashes(want_a, want_d), self._held_clashes(want_a, want_d, exclude)
+        # Built in C (tuple.__new__ is what a named tuple's __new__ calls): a whole-host
+        # query has 65,536 of them.
+        host_apqns = map(_new_apqn, self._host_pairs(want_a, want_d))
+        host = list(map(_new_clash, zip(host_apqns, repeat(HOST), repeat(""), strict=False)))
+        held = [
+            Clash(Apqn(a, d), uuid, name)
+            for a, d, uuid, name in self._held(want_a, want_d, exclude)
+        ]
+        return host, held
 
-    def _host_clashes(self, want_a: frozenset[int], want_d: frozenset[int]) -> list[Clash]:
+    def clash_rows(
+        self, adapters: Iterable[int], domains: Iterable[int], exclude: str | None = None
+    ) -> list[tuple[int, int, str]]:
+        """What :meth:`clashes` finds, host and matrices together, as Check answers it:
+        ``(adapter, domain, owner)`` rows in order.
+
+        One tuple per APQN and nothing more: a whole-host query answers 65,536 of them, and
+        building a Clash and an Apqn for each, then a row from those, cost more than sending.
+        """
+        want_a, want_d = _ids(adapters), _ids(domains)
+        if not want_a or not want_d:
+            return []
+        rows = [(a, d, HOST) for a, d in self._host_pairs(want_a, want_d)]
+        rows += [(a, d, uuid) for a, d, uuid, _ in self._held(want_a, want_d, exclude)]
+        rows.sort()  # two sorted runs: a merge; the order of sorted(Clash), as no owner repeats
+        return rows
+
+    def _host_pairs(
+        self, want_a: frozenset[int], want_d: frozenset[int]
+    ) -> Iterable[tuple[int, int]]:
+        """The asked APQNs the host pool holds, as (adapter, domain) pairs in order."""
         pool = self.pool
         if pool.queues is None:
-            pool_d = sorted(want_d & pool.domains)
-            return [Clash(Apqn(a, d), HOST) for a in sorted(want_a & pool.adapters) for d in pool_d]
+            return product(sorted(want_a & pool.adapters), sorted(want_d & pool.domains))
         queues = pool.queues
         if len(queues) <= len(want_a) * len(want_d):
-            found = [Apqn(a, d) for a, d in queues if a in want_a and d in want_d]
-        else:
-            found = [q for q in cross(want_a, want_d) if q in queues]
-        return [Clash(q, HOST) for q in sorted(found)]
+            return sorted(q for q in queues if q[0] in want_a and q[1] in want_d)
+        return [q for q in product(sorted(want_a), sorted(want_d)) if q in queues]
 
-    def _held_clashes(
+    def _held(
         self, want_a: frozenset[int], want_d: frozenset[int], exclude: str | None
-    ) -> list[Clash]:
-        held: list[Clash] = []
+    ) -> list[tuple[int, int, str, str]]:
+        """(adapter, domain, owner, owner's name) of the asked APQNs other matrices hold,
+        in order; from the per-adapter index, each confirmed in the owner index."""
+        held: list[tuple[int, int, str, str]] = []
         owner_of = self._owner.get
         doms: dict[str, tuple[frozenset[int], str]] = {}  # per matrix: asked domains, name
         by_adapter = self._by_adapter
@@ -221,9 +256,8 @@ class Registry:
                     m = self._matrices[uuid]
                     mine = doms[uuid] = (m.domains & want_d, m.name)
                 for d in mine[0]:
-                    q = Apqn(a, d)
-                    if owner_of(q) == uuid:  # the index's owner: one clash per APQN
-                        held.append(Clash(q, uuid, mine[1]))
+                    if owner_of(Apqn(a, d)) == uuid:  # the index's owner: one per APQN
+                        held.append((a, d, uuid, mine[1]))
         held.sort()
         return held
 

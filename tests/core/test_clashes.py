@@ -98,6 +98,9 @@ def test_fast_clashes_equal_the_cross_product_walk(
     assert (host, held) == (want_host, want_held)
     assert [str(c) for c in host + held] == [str(c) for c in want_host + want_held]
     assert all(type(c) is Clash and type(c.apqn) is Apqn for c in host + held)
+    # Check's reply: the old Service.check's sorted clashes, as the bus layer's rows
+    rows = [(c.apqn.adapter, c.apqn.domain, c.owner) for c in sorted(want_host + want_held)]
+    assert reg.clash_rows(adapters, domains, exclude) == rows
     # the decisions (so their refusals' texts) carry the same clashes, in the same order
     if exclude is not None and exclude in reg.matrices:
         change: DefineMatrix | UpdateMatrix = UpdateMatrix(exclude, adapters, domains, frozenset())
@@ -120,3 +123,6 @@ def test_whole_host_query_on_a_small_registry() -> None:
         f"{a:02x}.{d:04x} owned by g ({UUIDS[0]})" for a in (1, 2) for d in (4, 0x47)
     ]
     assert reg.clashes(every, every, UUIDS[0])[1] == []
+    u = UUIDS[0]
+    assert reg.clash_rows(every, every)[:3] == [(1, 4, u), (1, 0x47, u), (2, 4, u)]
+    assert len(reg.clash_rows(every, every)) == 248 * 256 + 4
