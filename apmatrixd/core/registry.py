@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import product, repeat
 from types import MappingProxyType
+from typing import Any
 
 from apmatrixd.core.apqn import MAX_ID, Apqn
 from apmatrixd.core.errors import (
@@ -221,22 +222,29 @@ class Registry:
         want_a, want_d = _ids(adapters), _ids(domains)
         if not want_a or not want_d:
             return []
-        rows = [(a, d, HOST) for a, d in self._host_pairs(want_a, want_d)]
+        rows: list[tuple[int, int, str]] = list(self._host_pairs(want_a, want_d, HOST))
         rows += [(a, d, uuid) for a, d, uuid, _ in self._held(want_a, want_d, exclude)]
         rows.sort()  # two sorted runs: a merge; the order of sorted(Clash), as no owner repeats
         return rows
 
     def _host_pairs(
-        self, want_a: frozenset[int], want_d: frozenset[int]
-    ) -> Iterable[tuple[int, int]]:
-        """The asked APQNs the host pool holds, as (adapter, domain) pairs in order."""
+        self, want_a: frozenset[int], want_d: frozenset[int], *tail: str
+    ) -> Iterable[tuple[Any, ...]]:
+        """The asked APQNs the host pool holds, as (adapter, domain, *tail) in order.
+
+        For the masks, all built by itertools.product in C.
+        """
         pool = self.pool
         if pool.queues is None:
-            return product(sorted(want_a & pool.adapters), sorted(want_d & pool.domains))
+            pool_a, pool_d = sorted(want_a & pool.adapters), sorted(want_d & pool.domains)
+            return product(pool_a, pool_d, *((t,) for t in tail))
         queues = pool.queues
+        found: list[tuple[int, int]]
         if len(queues) <= len(want_a) * len(want_d):
-            return sorted(q for q in queues if q[0] in want_a and q[1] in want_d)
-        return [q for q in product(sorted(want_a), sorted(want_d)) if q in queues]
+            found = sorted(q for q in queues if q[0] in want_a and q[1] in want_d)
+        else:
+            found = [q for q in product(sorted(want_a), sorted(want_d)) if q in queues]
+        return [(a, d, *tail) for a, d in found]
 
     def _held(
         self, want_a: frozenset[int], want_d: frozenset[int], exclude: str | None
