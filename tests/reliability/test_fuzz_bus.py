@@ -18,13 +18,22 @@ After every call:
   and in the host pool, the registry (GetManagedObjects) equal to the kernel (the emulator
   read through FUSE) and the state directory equal to the registry.
 
-CI: 16 sequences of 20-30 calls. Long mode (``APMATRIXD_LONG=1`` or ``--long``): 100,000
-calls; the figures are printed.
+CI: 10 sequences of 20-30 calls. Long mode (``APMATRIXD_LONG=1`` or ``--long``): 100,000
+calls (``APMATRIXD_LONG_CALLS=N`` for another number) in sequences of 100-200, and the figures
+README quotes are printed: calls by method, refusals by error, checks run, violations, wall
+and CPU time, calls/s of each 1,000 (a run that slows down shows there) and where time went.
+
+Made cheap, not weaker: strategies are built once (not at every draw), long mode draws long
+sequences (hypothesis' cost is per example as much as per call), the host keeps at most
+``MAX_MATRICES`` matrices (each is read through FUSE and listed by GetManagedObjects at every
+check), and :func:`relrig.check_all` pipelines its bus calls and reads the kernel through
+descriptors kept open (``test_kept_descriptors_read_fresh``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections import Counter
@@ -36,11 +45,13 @@ from busrig import MANAGER, MATRIX, ROOT, Client
 from dbus_fast import Message, MessageType, Variant
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from relrig import OURS, SimFactory, check_all, long_mode, path_of, registry
+from relrig import MATRIX_DIR, OURS, Sim, SimFactory, check_all, long_mode, path_of, registry
 
-LONG_CALLS = 100_000
+LONG_CALLS = int(os.environ.get("APMATRIXD_LONG_CALLS", "100000"))
+"""Calls of a long run; ``APMATRIXD_LONG_CALLS=5000`` for a quick measure of its speed."""
 CI_EXAMPLES = 10
 PER_EXAMPLE = (20, 30)
+LONG_PER_EXAMPLE = (100, 200)
 MAX_MATRICES = 8
 
 FIXED_UUIDS = [
@@ -135,21 +146,32 @@ WRONG_VARIANTS = [
 ]
 
 
+# Strategies are built once, here: one made inside a draw is validated anew at every draw, which
+# cost more than the call it drew.
+D10, D6, D8 = st.integers(0, 9), st.integers(0, 5), st.integers(0, 7)
+EXTRA_KEYS = st.lists(st.sampled_from(sorted(KNOWN_OPTIONS)), unique=True, max_size=3)
+ANY_KEY = st.sampled_from(sorted(KNOWN_OPTIONS))
+WRONG_FOR = {
+    k: st.sampled_from([w for w in WRONG_VARIANTS if w.signature != sig])
+    for k, sig in OPTION_SIG.items()
+}
+UNKNOWN_KEY = st.sampled_from(["colour", "", "ADAPTERS", "adapter", "x" * 300])
+
+
 @st.composite
 def options(draw: st.DrawFn) -> dict[str, Any]:
-    keys = [k for k in ("adapters", "domains") if draw(st.integers(0, 9)) < 8]
-    keys += draw(st.lists(st.sampled_from(sorted(KNOWN_OPTIONS)), unique=True, max_size=3))
+    keys = [k for k in ("adapters", "domains") if draw(D10) < 8]
+    keys += draw(EXTRA_KEYS)
     out: dict[str, Any] = {k: ("ok", draw(KNOWN_OPTIONS[k])) for k in keys}
-    if draw(st.integers(0, 5)) == 0:
-        key = draw(st.sampled_from(sorted(KNOWN_OPTIONS)))
-        var = draw(st.sampled_from([w for w in WRONG_VARIANTS if w.signature != OPTION_SIG[key]]))
-        out[key] = ("wrong", var)
-    if draw(st.integers(0, 7)) == 0:
-        key = draw(st.sampled_from(["colour", "", "ADAPTERS", "adapter", "x" * 300]))
-        out[key] = ("unknown", Variant("au", [5]))
+    if draw(D6) == 0:
+        key = draw(ANY_KEY)
+        out[key] = ("wrong", draw(WRONG_FOR[key]))
+    if draw(D8) == 0:
+        out[draw(UNKNOWN_KEY)] = ("unknown", Variant("au", [5]))
     return out
 
 
+OPTIONS = options()
 MATRIX_CALLS = {
     "AssignAdapter": "u",
     "UnassignAdapter": "u",
@@ -188,42 +210,53 @@ WRONG_SIGS = [
 ]
 
 
+KIND = st.sampled_from(
+    ["create"] * 6
+    + ["matrix"] * 8
+    + ["check", "reserve", "reserve", "release", "raw", "raw", "prop", "mdevctl"]
+)
+MATRIX_MEMBER = st.sampled_from(sorted(MATRIX_CALLS))
+TARGET = st.sampled_from(["existing", "existing", "existing", "removed", "bogus"])
+N = st.integers(0, 1000)
+RAW = st.sampled_from(
+    [
+        (iface, member, st.sampled_from([s for s in WRONG_SIGS if s != sig]))
+        for iface, calls in ((MANAGER, MANAGER_CALLS), (MATRIX, MATRIX_CALLS))
+        for member, sig in sorted(calls.items())
+    ]
+)
+PROP_MEMBER = st.sampled_from(["Get", "GetAll", "Set"])
+MDEVCTL = st.sampled_from(["ImportMdevctl", "ExportMdevctl"])
+MDEVCTL_DIR = st.sampled_from(["tmp", "missing", "relative", "", "file"])
+
+
 @st.composite
 def op(draw: st.DrawFn) -> tuple[Any, ...]:
-    kind = draw(
-        st.sampled_from(
-            ["create"] * 6
-            + ["matrix"] * 8
-            + ["check", "reserve", "reserve", "release", "raw", "raw", "prop", "mdevctl"]
-        )
-    )
+    kind = draw(KIND)
     if kind == "create":
-        return ("create", draw(uuid_arg), draw(options()))
+        return ("create", draw(uuid_arg), draw(OPTIONS))
     if kind == "check":
         return ("check", draw(id_list), draw(id_list), draw(uuid_arg))
     if kind in ("reserve", "release"):
         return (kind, draw(id_list), draw(id_list))
     if kind == "matrix":
-        member = draw(st.sampled_from(sorted(MATRIX_CALLS)))
-        target = draw(st.sampled_from(["existing", "existing", "existing", "removed", "bogus"]))
+        member = draw(MATRIX_MEMBER)
+        target = draw(TARGET)
         args = (
             (draw(ids),)
             if MATRIX_CALLS[member] == "u"
             else (draw(id_list), draw(id_list), draw(id_list))
         )
-        return ("matrix", member, target, draw(st.integers(0, 1000)), args)
+        return ("matrix", member, target, draw(N), args)
     if kind == "raw":
-        iface, calls = draw(st.sampled_from([(MANAGER, MANAGER_CALLS), (MATRIX, MATRIX_CALLS)]))
-        member = draw(st.sampled_from(sorted(calls)))
-        sig = draw(st.sampled_from([s for s in WRONG_SIGS if s != calls[member]]))
-        return ("raw", iface, member, sig, draw(st.integers(0, 1000)))
+        iface, member, sigs = draw(RAW)
+        return ("raw", iface, member, draw(sigs), draw(N))
     if kind == "prop":
-        return ("prop", draw(st.sampled_from(["Get", "GetAll", "Set"])), draw(st.integers(0, 1000)))
-    return (
-        "mdevctl",
-        draw(st.sampled_from(["ImportMdevctl", "ExportMdevctl"])),
-        draw(st.sampled_from(["tmp", "missing", "relative", "", "file"])),
-    )
+        return ("prop", draw(PROP_MEMBER), draw(N))
+    return ("mdevctl", draw(MDEVCTL), draw(MDEVCTL_DIR))
+
+
+OP = op()
 
 
 # -- materialising and judging ---------------------------------------------------------------
@@ -267,9 +300,14 @@ class Fuzzer:
     tmp: Path
     removed: list[str] = field(default_factory=list)
     calls: int = 0
+    by_method: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     ok: Counter[str] = field(default_factory=Counter)
+    checks: int = 0
     violations: int = 0
+    spent: Counter[str] = field(default_factory=Counter)
+    marks: list[float] = field(default_factory=list)
+    """The clock at every 1,000th call: a run that slows down as it goes shows here."""
     slowest: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)
 
@@ -301,8 +339,13 @@ class Fuzzer:
     async def send(self, path: str, iface: str, member: str, sig: str, body: list[Any]) -> Message:
         t0 = time.monotonic()
         reply = await self.c.call(path, iface, member, sig, body)
-        self.slowest = max(self.slowest, time.monotonic() - t0)
+        took = time.monotonic() - t0
+        self.slowest = max(self.slowest, took)
+        self.spent["the calls themselves"] += took
         self.calls += 1
+        self.by_method[member] += 1
+        if self.calls % 1000 == 0:
+            self.marks.append(time.monotonic())
         if reply.message_type == MessageType.ERROR:
             self.errors[str(reply.error_name).rsplit(".", 1)[-1]] += 1
         else:
@@ -401,7 +444,8 @@ class Fuzzer:
             assert want is None, (label, "accepted", str(body)[:300])
             if member == "Remove":
                 self.removed.append(path.rsplit("/", 1)[1].replace("_", "-"))
-        problems, self.last = await check_all(self.c, self.sim)
+        problems, self.last = await check_all(self.c, self.sim, self.spent)
+        self.checks += 1
         if problems:
             self.violations += len(problems)
         assert problems == [], (label, str(body)[:300], problems)
@@ -430,51 +474,146 @@ def test_fuzz_bus_api(sim: SimFactory, tmp_path: Path) -> None:
     # a start that lets the fuzzer reach the interesting places: half the host reserved
     loop.run_until_complete(c.ok(ROOT, MANAGER, "Reserve", "auau", [[5, 6], [4, 0x47]]))
     fz.last = loop.run_until_complete(registry(c))
-    n = PER_EXAMPLE[1] + PER_EXAMPLE[0]
-    examples = LONG_CALLS * 2 // n + 1 if long_mode() else CI_EXAMPLES
+    long = long_mode()
+    low, high = LONG_PER_EXAMPLE if long else PER_EXAMPLE
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        phases=[Phase.generate],  # the daemon keeps its state between sequences: no shrinking
-        suppress_health_check=list(HealthCheck),
-        derandomize=not long_mode() and not os.environ.get("APMATRIXD_FUZZ_RANDOM"),
-    )
-    @given(ops=st.lists(op(), min_size=PER_EXAMPLE[0], max_size=PER_EXAMPLE[1]))
-    def sequence(ops: list[tuple[Any, ...]]) -> None:
-        # keep the host small: every check reads each mdev through FUSE, and a long run
-        # would otherwise slow down with every matrix the fuzzer leaves behind
-        for _ in range(len(fz.last.get("matrices", {})) - MAX_MATRICES):
-            loop.run_until_complete(fz.run(("matrix", "Remove", "existing", 0, ())))
-        for o in ops:
-            if long_mode() and fz.calls >= LONG_CALLS:
-                return
-            loop.run_until_complete(fz.run(o))
+    def hypothesis_run(examples: int) -> None:
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],  # the daemon keeps its state between sequences: no shrinking
+            suppress_health_check=list(HealthCheck),
+            derandomize=not long and not os.environ.get("APMATRIXD_FUZZ_RANDOM"),
+        )
+        @given(ops=st.lists(OP, min_size=low, max_size=high))
+        def sequence(ops: list[tuple[Any, ...]]) -> None:
+            for o in ops:
+                if long and fz.calls >= LONG_CALLS:
+                    return
+                # keep the host small: every check reads each mdev through FUSE and every
+                # matrix in GetManagedObjects; a long run would slow down with each matrix it
+                # leaves behind (the Remove is a call like any other, checked after)
+                if len(fz.last.get("matrices", {})) > MAX_MATRICES:
+                    loop.run_until_complete(fz.run(("matrix", "Remove", "existing", 0, ())))
+                loop.run_until_complete(fz.run(o))
 
-    t0 = time.monotonic()
-    import cProfile
-
-    prof = cProfile.Profile()
-    prof.enable()
-    try:
         sequence()
+
+    t0, cpu0 = time.monotonic(), (cpu_seconds(os.getpid()), cpu_seconds(s.daemon.proc.pid))
+    fz.marks.append(t0)
+    try:
+        if long:  # long sequences: hypothesis' cost is per example as much as per draw
+            while fz.calls < LONG_CALLS:
+                hypothesis_run((LONG_CALLS - fz.calls) // ((low + high) // 2) + 1)
+        else:
+            hypothesis_run(CI_EXAMPLES)
     finally:
         c.close()
         loop.close()
     took = time.monotonic() - t0
-    prof.disable()
-    import pstats
-
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
     assert s.alive()
-    print(
-        f"\nfuzz: {fz.calls} calls in {took:.0f} s, slowest {fz.slowest * 1000:.0f} ms, "
-        f"violations {fz.violations}; accepted {sum(fz.ok.values())} {dict(fz.ok)}; "
-        f"refused {sum(fz.errors.values())} {dict(fz.errors)}"
-    )
-    assert fz.calls >= (LONG_CALLS if long_mode() else CI_EXAMPLES * PER_EXAMPLE[0])
+    cpu = (cpu_seconds(os.getpid()) - cpu0[0], cpu_seconds(s.daemon.proc.pid) - cpu0[1])
+    print(report(fz, took, cpu))
+    assert fz.checks == fz.calls  # every call was followed by every check
+    assert fz.calls >= (LONG_CALLS if long else CI_EXAMPLES * PER_EXAMPLE[0])
     assert sum(fz.ok.values()) > fz.calls // 20  # the fuzzer really changed things
     assert fz.ok["CreateMatrix"] and fz.ok["Remove"]
     ours = {"Conflict", "HostOwned", "InvalidArgument", "NotFound", "AlreadyExists", "Busy"}
     assert len(ours & set(fz.errors)) >= 3, fz.errors  # the refusals were of many kinds
+
+
+def windows(marks: list[float]) -> str:
+    rates = [1000 / (b - a) for a, b in itertools.pairwise(marks)]
+    if not rates:
+        return "(under 1,000 calls)"
+    tenth = max(1, len(rates) // 10)
+    return (
+        f"first {rates[0]:.0f}, last {rates[-1]:.0f}, slowest {min(rates):.0f}; by tenths "
+        + " ".join(
+            f"{sum(r) / len(r):.0f}"
+            for r in (rates[i : i + tenth] for i in range(0, len(rates), tenth))
+        )
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: what a run costs whatever else the machine runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def report(fz: Fuzzer, took: float, cpu: tuple[float, float]) -> str:
+    """The figures of a run, as README's Reliability section quotes them."""
+
+    def counts(c: Counter[str]) -> str:
+        return ", ".join(f"{k} {v:,}" for k, v in c.most_common())
+
+    checked = sum(fz.spent.values())
+    spent = dict(fz.spent, **{"drawing (hypothesis) and the rest": max(0.0, took - checked)})
+    return "\n".join(
+        [
+            "",
+            f"fuzz: {fz.calls:,} calls in {took:.0f} s ({fz.calls / took:.0f} calls/s), "
+            f"slowest call {fz.slowest * 1000:.0f} ms",
+            f"  checks after every call (Ping, one owner per APQN, none in the host pool, "
+            f"registry = kernel = state directory): {fz.checks:,}; violations: {fz.violations}",
+            "  kills: 0, faults injected: 0 (see test_kill_anywhere.py and test_faults.py)",
+            f"  calls by method: {counts(fz.by_method)}",
+            f"  accepted {sum(fz.ok.values()):,}: {counts(fz.ok)}",
+            f"  refused {sum(fz.errors.values()):,}: {counts(fz.errors)}",
+            f"  calls/s of each 1,000: {windows(fz.marks)}",
+            f"  kernel reads through FUSE: {fz.sim.fuse_ops:,} "
+            f"({fz.sim.fuse_ops / max(fz.checks, 1):.1f} a check), "
+            f"matrices at the end: {len(fz.last.get('matrices', {}))}",
+            f"  CPU: test process {cpu[0]:.0f} s, daemon {cpu[1]:.0f} s "
+            f"({(cpu[0] + cpu[1]) / max(fz.calls, 1) * 1000:.1f} ms a call)",
+            "  time: "
+            + ", ".join(
+                f"{k} {v:.0f} s ({v / took:.0%})"
+                for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
+            ),
+        ]
+    )
+
+
+def test_kept_descriptors_read_fresh(sim: SimFactory) -> None:
+    """The checks read the kernel through descriptors kept open (one FUSE read each instead of
+    five operations); they must still see every change: a domain assigned by hand, an mdev
+    removed, and one removed and made again under the same UUID with other APQNs between two
+    checks. Each read equals one by a reader that keeps nothing open."""
+    s = sim()
+    loop = asyncio.new_event_loop()
+    c = loop.run_until_complete(Client.connect(s.address))
+    loop.run_until_complete(c.ok(ROOT, MANAGER, "Reserve", "auau", [[5, 6], [4, 0x47]]))
+    c.close()
+    loop.close()
+    uuid, create = FIXED_UUIDS[0], f"{MATRIX_DIR}/mdev_supported_types/vfio_ap-passthrough/create"
+
+    def fresh() -> dict[str, Any]:
+        other = Sim(s.daemon, s.mnt, s.state)
+        try:
+            return other.kernel()
+        finally:
+            other.close()
+
+    def make(adapter: int, domain: int) -> None:
+        s.write(create, uuid)
+        s.write(f"{MATRIX_DIR}/{uuid}/assign_adapter", hex(adapter))
+        s.write(f"{MATRIX_DIR}/{uuid}/assign_domain", hex(domain))
+
+    def look() -> dict[str, Any]:
+        kept = s.kernel()
+        assert kept == fresh()
+        return kept
+
+    look()
+    make(5, 4)
+    assert look()["mdevs"][uuid][:2] == ({5}, {4})
+    s.write(f"{MATRIX_DIR}/{uuid}/assign_domain", "0x47")
+    assert look()["mdevs"][uuid][:2] == ({5}, {4, 0x47})
+    s.write(f"{MATRIX_DIR}/{uuid}/remove", "1")
+    make(6, 0x47)  # no check in between: the descriptors of the old mdev are still open
+    assert look()["mdevs"][uuid][:2] == ({6}, {0x47})
+    s.write(f"{MATRIX_DIR}/{uuid}/remove", "1")
+    assert uuid not in look()["mdevs"]
