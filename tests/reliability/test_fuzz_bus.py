@@ -512,6 +512,7 @@ def test_fuzz_bus_api(sim: SimFactory, tmp_path: Path) -> None:
         c.close()
         loop.close()
     took = time.monotonic() - t0
+    s.drain_notify()
     assert s.alive()
     cpu = (cpu_seconds(os.getpid()) - cpu0[0], cpu_seconds(s.daemon.proc.pid) - cpu0[1])
     print(report(fz, took, cpu))
