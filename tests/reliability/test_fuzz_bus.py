@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -504,8 +505,8 @@ def test_fuzz_bus_api(sim: SimFactory, tmp_path: Path) -> None:
     fz.marks.append(t0)
     try:
         if long:  # long sequences: hypothesis' cost is per example as much as per draw
-            while fz.calls < LONG_CALLS:
-                hypothesis_run((LONG_CALLS - fz.calls) // ((low + high) // 2) + 1)
+            while fz.calls < LONG_CALLS:  # runs of 50 examples: each engine's memory is bounded
+                hypothesis_run(min(50, (LONG_CALLS - fz.calls) // ((low + high) // 2) + 1))
         else:
             hypothesis_run(CI_EXAMPLES)
     finally:
@@ -568,7 +569,8 @@ def report(fz: Fuzzer, took: float, cpu: tuple[float, float]) -> str:
             f"({fz.sim.fuse_ops / max(fz.checks, 1):.1f} a check), "
             f"matrices at the end: {len(fz.last.get('matrices', {}))}",
             f"  CPU: test process {cpu[0]:.0f} s, daemon {cpu[1]:.0f} s "
-            f"({(cpu[0] + cpu[1]) / max(fz.calls, 1) * 1000:.1f} ms a call)",
+            f"({(cpu[0] + cpu[1]) / max(fz.calls, 1) * 1000:.1f} ms a call); largest memory: "
+            f"test process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB",
             "  time: "
             + ", ".join(
                 f"{k} {v:.0f} s ({v / took:.0%})"
