@@ -19,7 +19,7 @@ import json
 import os
 import re
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,7 +307,7 @@ def violations(reg: dict[str, Any], kern: dict[str, Any], stored: dict[str, Any]
 
 
 async def check_all(
-    c: Client, sim: Sim, spent: Counter[str] | None = None
+    c: Client, sim: Sim, spent: defaultdict[str, float] | None = None
 ) -> tuple[list[str], dict[str, Any]]:
     """Ping, then every rule (an empty list: all hold); and the registry as read.
 

@@ -37,7 +37,7 @@ import itertools
 import os
 import resource
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,7 +306,7 @@ class Fuzzer:
     ok: Counter[str] = field(default_factory=Counter)
     checks: int = 0
     violations: int = 0
-    spent: Counter[str] = field(default_factory=Counter)
+    spent: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     marks: list[float] = field(default_factory=list)
     """The clock at every 1,000th call: a run that slows down as it goes shows here."""
     slowest: float = 0.0
