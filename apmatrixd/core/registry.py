@@ -249,13 +249,18 @@ class Registry:
     def _held(
         self, want_a: frozenset[int], want_d: frozenset[int], exclude: str | None
     ) -> list[tuple[int, int, str, str]]:
-        """(adapter, domain, owner, owner's name) of the asked APQNs other matrices hold,
-        in order; from the per-adapter index, each confirmed in the owner index."""
+        """(adapter, domain, owner, owner's name) of the asked APQNs other matrices hold, in
+        order: by the owner index, from whichever side is smaller, the asked APQNs of the
+        adapters some matrix holds or the matrices holding an asked adapter."""
+        by_adapter = self._by_adapter
+        adapters = want_a & by_adapter.keys()
+        visits = sum(len(by_adapter[a]) for a in adapters)
+        if len(adapters) * len(want_d) <= visits:
+            return self._held_by_apqn(adapters, want_d, exclude)
         held: list[tuple[int, int, str, str]] = []
         owner_of = self._owner.get
         doms: dict[str, tuple[frozenset[int], str]] = {}  # per matrix: asked domains, name
-        by_adapter = self._by_adapter
-        for a in want_a & by_adapter.keys():
+        for a in adapters:
             for uuid in by_adapter[a]:
                 if uuid == exclude:
                     continue
@@ -267,6 +272,20 @@ class Registry:
                     if owner_of(Apqn(a, d)) == uuid:  # the index's owner: one per APQN
                         held.append((a, d, uuid, mine[1]))
         held.sort()
+        return held
+
+    def _held_by_apqn(
+        self, adapters: Iterable[int], want_d: frozenset[int], exclude: str | None
+    ) -> list[tuple[int, int, str, str]]:
+        """:meth:`_held` for a small query: look each asked APQN up."""
+        held: list[tuple[int, int, str, str]] = []
+        owner_of, matrices = self._owner.get, self._matrices
+        doms = sorted(want_d)
+        for a in sorted(adapters):
+            for d in doms:
+                owner = owner_of(Apqn(a, d))
+                if owner is not None and owner != exclude:
+                    held.append((a, d, owner, matrices[owner].name))
         return held
 
     # -- deciding -------------------------------------------------------------------------
