@@ -79,6 +79,8 @@ def sim(system_bus: str, polkit: PolkitMock) -> Iterator[SimFactory]:
         for s in made:
             s.close()
             alive = s.daemon.proc.poll() is None
+            # Read the queued STATUS= lines: a full notify socket makes STOPPING=1 wait 5 s.
+            s.drain_notify()
             rc = s.daemon.terminate()
             err = s.daemon.stderr()
             s.daemon.close()
