@@ -144,6 +144,8 @@ class Registry:
     _owner: dict[Apqn, str] = field(default_factory=dict)
     _by_adapter: dict[int, set[str]] = field(default_factory=dict)
     _by_domain: dict[int, set[str]] = field(default_factory=dict)
+    # name -> UUIDs holding it, in insertion order (one, unless restored past the rules)
+    _by_name: dict[str, dict[str, None]] = field(default_factory=dict)
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -180,10 +182,9 @@ class Registry:
         return dict(sorted(out.items()))
 
     def by_name(self, name: str) -> Matrix | None:
-        for m in self._matrices.values():
-            if m.name and m.name == name:
-                return m
-        return None
+        """From an index: a scan per stored definition made loading 10,000 of them O(n^2)."""
+        holders = self._by_name.get(name) if name else None
+        return self._matrices[next(iter(holders))] if holders else None
 
     def clashes(
         self, adapters: Iterable[int], domains: Iterable[int], exclude: str | None = None
@@ -427,6 +428,8 @@ class Registry:
             self._by_adapter.setdefault(a, set()).add(m.uuid)
         for d in m.domains:
             self._by_domain.setdefault(d, set()).add(m.uuid)
+        if m.name:
+            self._by_name.setdefault(m.name, {})[m.uuid] = None
 
     def _drop(self, m: Matrix) -> None:
         del self._matrices[m.uuid]
@@ -440,6 +443,11 @@ class Registry:
                     holders.discard(m.uuid)
                     if not holders:
                         del index[i]
+        named = self._by_name.get(m.name) if m.name else None
+        if named is not None:
+            named.pop(m.uuid, None)
+            if not named:
+                del self._by_name[m.name]
 
     # -- invariants (for tests and self-checks) ---------------------------------------------
     def violations(self) -> list[str]:
@@ -455,4 +463,11 @@ class Registry:
                     out.append(f"{apqn} of {m.uuid} is in the host pool")
         if seen != self._owner:
             out.append("owner index out of step")
+        names: dict[str, dict[str, None]] = {}
+        for m in self._matrices.values():
+            if m.name:
+                names.setdefault(m.name, {})[m.uuid] = None
+        out += [f"name {n!r} held by {', '.join(u)}" for n, u in names.items() if len(u) > 1]
+        if {n: set(u) for n, u in names.items()} != {n: set(u) for n, u in self._by_name.items()}:
+            out.append("name index out of step")
         return out

@@ -181,24 +181,28 @@ ids = st.frozensets(st.integers(0, 7), max_size=4)
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["define", "update", "remove", "pool"]), st.integers(0, 3), ids, ids
+            st.sampled_from(["define", "update", "remove", "pool"]),
+            st.integers(0, 3),
+            ids,
+            ids,
+            st.sampled_from(["", "guest1", "guest2"]),
         ),
         max_size=30,
     )
 )
 def test_no_sequence_of_changes_breaks_an_invariant(
-    ops: list[tuple[str, int, frozenset[int], frozenset[int]]],
+    ops: list[tuple[str, int, frozenset[int], frozenset[int], str]],
 ) -> None:
     """Refused changes leave the registry as it was; accepted ones keep it sound."""
     reg = Registry(limits=Limits(6, 6), pool=HostPool(frozenset({0, 1}), frozenset({0, 1})))
     uuids = [f"{i}{i}{i}{i}{i}{i}{i}{i}-0000-0000-0000-000000000000" for i in range(4)]
-    for op, i, a, d in ops:
+    for op, i, a, d, name in ops:
         before = (dict(reg.matrices), reg.pool)
         change: Change
         if op == "define":
-            change = DefineMatrix(Matrix(uuids[i], a, d))
+            change = DefineMatrix(Matrix(uuids[i], a, d, name=name))
         elif op == "update":
-            change = UpdateMatrix(uuids[i], a, d, frozenset())
+            change = UpdateMatrix(uuids[i], a, d, frozenset(), name=name or None)
         elif op == "remove":
             change = RemoveMatrix(uuids[i])
         else:
@@ -212,6 +216,9 @@ def test_no_sequence_of_changes_breaks_an_invariant(
         for adapter in range(7):  # the index agrees with a scan of every APQN
             scan = {q.domain: u for q, u in sorted(reg.owners().items()) if q.adapter == adapter}
             assert reg.owners_of_adapter(adapter) == scan
+        for n in ("guest1", "guest2"):  # so does the name index
+            named = [m for m in reg.matrices.values() if m.name == n]
+            assert reg.by_name(n) == (named[0] if named else None)
 
 
 junk = st.one_of(
