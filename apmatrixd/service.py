@@ -519,7 +519,12 @@ class Service:
 
         self._durable(undo, write=[m.uuid])
         changes = Changes(matrices_changed={m.uuid})
-        self._touch_adapters(changes, m.adapters | new.adapters)
+        # An adapter's owners change only if it came or went, or if the domains changed:
+        # refreshing all of a 100-adapter matrix per AssignAdapter grew with the matrix.
+        same = m.domains == new.domains
+        self._touch_adapters(
+            changes, m.adapters ^ new.adapters if same else m.adapters | new.adapters
+        )
         self._emit(changes)
 
     def start(self, uuid: str) -> None:

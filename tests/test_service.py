@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from apmatrixd.core import Apqn, Busy, Conflict, HostOwned, InvalidArgument, NotFound
+from apmatrixd.core import ApmatrixError, Apqn, Busy, Conflict, HostOwned, InvalidArgument, NotFound
 from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Changes, Service
 from apmatrixd.sim.model import Host
@@ -124,3 +127,38 @@ def test_host_pool_cannot_take_back_held_apqns(svc: Service) -> None:
     svc.remove(G1)
     svc.release([5], [])
     assert svc.adapter(5).guest_domains == ()
+
+
+@pytest.mark.parametrize("layout", ["default", "rfc2017"])
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["assign", "unassign", "update"]),
+            st.sampled_from([G1, G2]),
+            st.sampled_from(["adapter", "domain"]),
+            st.sampled_from([5, 6, 4, 0x47, 0xAB]),
+        ),
+        max_size=12,
+    )
+)
+def test_adapter_owners_follow_every_change(
+    layout: str, ops: list[tuple[str, str, str, int]]
+) -> None:
+    """Only the adapters a change can affect are refreshed; none may be left stale."""
+    svc = Service(Kernel(TreeSysfs(Host.from_name(layout))))
+    svc.load()
+    svc.reserve([5, 6], [4, 0x47, 0xAB])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    svc.create_matrix(G2, adapters=[6], domains=[0x47])
+    for op, uuid, kind, id in ops:
+        m = svc.registry.get(uuid)
+        with contextlib.suppress(ApmatrixError):
+            if op == "update":
+                a = m.adapters ^ {id} if kind == "adapter" else m.adapters
+                d = m.domains ^ {id} if kind == "domain" else m.domains
+                svc.update(uuid, a, d, m.control_domains)
+            else:
+                getattr(svc, op)(uuid, kind, id)
+        for view in svc.adapters():
+            assert view.owners == svc.registry.owners_of_adapter(view.id), (op, uuid, kind, id)
