@@ -233,12 +233,13 @@ def check_services(states: dict[int, Path]) -> dict[int, Any]:
 
 
 def check_inprocess(services: dict[int, Any], reps: int) -> dict[int, list[float]]:
-    """``Service.check`` of each size, interleaved round-robin as over the bus."""
+    """``Service.check_rows`` (what the Check method replies) of each size, interleaved
+    round-robin as over the bus."""
     out: dict[int, list[float]] = {n: [] for n in services}
     order = sorted(services)
     for i in range(reps):
         for n in order[i % len(order) :] + order[: i % len(order)]:
-            check = services[n].check
+            check = services[n].check_rows
             t = now()
             check(CHECK_ADAPTERS, CHECK_DOMAINS)
             out[n].append(now() - t)
@@ -282,7 +283,7 @@ def check_flat(
     inproc = {n: Stats.of(v) for n, v in raw_in.items()}
     for n in sorted(states):
         show(f"Check over D-Bus, {n} matrices", bus_st[n])
-        show(f"Service.check in-process, {n} matrices", inproc[n], "us", 1e6)
+        show(f"Service.check_rows in-process, {n} matrices", inproc[n], "us", 1e6)
     rows = []
     base = min(bus_st)
     for n in sorted(bus_st)[1:]:
