@@ -2,7 +2,8 @@
 
 While the abuse goes on, a well-behaved client keeps calling (Ping, GetAll, Check, and root
 changes: CreateMatrix + Remove) and every one of its calls must be answered (a call not
-answered within STALL is a stall; the worst latencies are printed). The abusers, on raw sockets (no library to be polite for them):
+answered within STALL is a stall; the worst latencies are printed). The abusers, on raw
+sockets (no library to be polite for them):
 
 - a subscriber to every signal of the daemon that never reads its socket (a tiny receive
   buffer), while the victim's changes make signals;

@@ -147,6 +147,9 @@ def test_fifty_clients_race(sim: SimFactory) -> None:
             assert problems == []
             assert set(reg["matrices"]) == set(want)
             figures["rounds"] += 1
+            for u in want:  # the next round races on an empty host pool again
+                await c.ok(path_of(u), MATRIX, "Remove")
+            assert s.kernel()["mdevs"] == {}
         c.close()
 
     asyncio.run(go())
