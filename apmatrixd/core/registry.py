@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import product, repeat
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from apmatrixd.core.apqn import MAX_ID, Apqn
 from apmatrixd.core.errors import (
@@ -259,7 +259,7 @@ class Registry:
         if len(adapters) * len(want_d) <= visits:
             return self._held_by_apqn(adapters, want_d, exclude)
         held: list[tuple[int, int, str, str]] = []
-        owner_of = self._owner.get
+        owner_of = self._pairs().get
         doms: dict[str, tuple[frozenset[int], str]] = {}  # per matrix: asked domains, name
         for a in adapters:
             for uuid in by_adapter[a]:
@@ -270,21 +270,26 @@ class Registry:
                     m = self._matrices[uuid]
                     mine = doms[uuid] = (m.domains & want_d, m.name)
                 for d in mine[0]:
-                    if owner_of(Apqn(a, d)) == uuid:  # the index's owner: one per APQN
+                    if owner_of((a, d)) == uuid:  # the index's owner: one per APQN
                         held.append((a, d, uuid, mine[1]))
         held.sort()
         return held
+
+    def _pairs(self) -> dict[tuple[int, int], str]:
+        """The owner index probed with plain (adapter, domain) pairs: an Apqn is a tuple (same
+        hash, equal), and building one per probe was most of a small Check."""
+        return cast("dict[tuple[int, int], str]", self._owner)
 
     def _held_by_apqn(
         self, adapters: Iterable[int], want_d: frozenset[int], exclude: str | None
     ) -> list[tuple[int, int, str, str]]:
         """:meth:`_held` for a small query: look each asked APQN up."""
         held: list[tuple[int, int, str, str]] = []
-        owner_of, matrices = self._owner.get, self._matrices
+        owner_of, matrices = self._pairs().get, self._matrices
         doms = sorted(want_d)
         for a in sorted(adapters):
             for d in doms:
-                owner = owner_of(Apqn(a, d))
+                owner = owner_of((a, d))
                 if owner is not None and owner != exclude:
                     held.append((a, d, owner, matrices[owner].name))
         return held
