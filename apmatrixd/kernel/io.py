@@ -73,9 +73,12 @@ class OsSysfs:
             chunks: list[bytes] = []
             while True:
                 chunk = os.read(fd, _READ_CHUNK)
-                if not chunk:
-                    break
                 chunks.append(chunk)
+                # A sysfs attribute is produced by one show() and handed over whole, so a
+                # short read is its end: no second read(2) that only returns 0 (through FUSE
+                # each is a round trip to the server).
+                if len(chunk) < _READ_CHUNK:
+                    break
         except OSError as e:
             raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
         finally:

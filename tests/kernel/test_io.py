@@ -33,6 +33,15 @@ def test_read_write_listdir(root: Path) -> None:
     assert io.readlink("bus/ap/card05") == "../../devices/ap/card05"
 
 
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 * 65536, 524288 + 7])
+def test_read_is_whole_at_every_size(root: Path, size: int) -> None:
+    """A read stops at the first short chunk: a long file (a 256 x 256 guest_matrix is 512 kB)
+    still comes back whole, chunk boundaries included."""
+    text = "".join(f"{i % 256:02x}.{i % 65536:04x}\n" for i in range(size // 8 + 1))[:size]
+    (root / "devices/ap/card05/big").write_text(text)
+    assert OsSysfs(root).read("devices/ap/card05/big") == text
+
+
 @pytest.mark.parametrize("op", ["read", "write", "listdir", "readlink"])
 def test_errno_passthrough(root: Path, op: str) -> None:
     io = OsSysfs(root)
