@@ -32,6 +32,49 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def render(doc: dict[str, Any]) -> str:
+    """RESULTS.md from a run's results.json and the hand-written head and notes (so the notes
+    can be corrected with ``--render`` without running again: the figures stay the run's)."""
+    meta, errors = doc["meta"], doc.get("errors", {})
+    rows = [Row(**r) for r in doc["rows"]]
+    tmpl = (BENCH / "RESULTS.head.md").read_text() if (BENCH / "RESULTS.head.md").exists() else ""
+    tail = (BENCH / "RESULTS.notes.md").read_text() if (BENCH / "RESULTS.notes.md").exists() else ""
+    before, after = meta["loadavg_before"], meta["loadavg_after"]
+    # Only the load before the run says whether others were busy: the bench itself keeps
+    # both CPUs at work, so the load after is always high.
+    busy = float(before.split()[0]) > meta["cpus"] * 0.5
+    quick = "--quick, " if meta["quick"] else ""
+    md = [
+        "# apmatrixd benchmarks",
+        "",
+        tmpl.strip(),
+        "",
+        f"Run {meta['date']} on commit {meta['commit']}, {meta['cpus']} CPUs, Python "
+        f"{meta['python']}, kernel {meta['kernel']}; {meta['duration_s']} s"
+        + (
+            ""
+            if meta["full"]
+            else f" (a partial run: {quick}suites {', '.join(meta['suites'])} only)"
+        )
+        + ". Every row below is from this one run. "
+        f"Load average before {before}, after {after} (the bench's own)"
+        + (
+            ": **the machine was busy** before the run (other work running); the ratios, "
+            "measured in the same run, are what to read."
+            if busy
+            else ": the machine was otherwise idle."
+        ),
+        "",
+        table(rows),
+        "",
+    ]
+    if errors:
+        md += ["Suites that failed in this run:", ""]
+        md += [f"- {k}: {v}" for k, v in errors.items()] + [""]
+    md.append(tail.strip())
+    return "\n".join(md).rstrip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="few repetitions, small sizes (smoke)")
@@ -49,7 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="STATS",
         help="no figures: profile the daemon under the round-trip load (cProfile stats to STATS)",
     )
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="no run: write RESULTS.md again from results.json in --out (default bench/), "
+        "with the current RESULTS.head.md and RESULTS.notes.md",
+    )
     args = p.parse_args(argv)
+    if args.render:
+        out = args.out or BENCH
+        doc = json.loads((out / "results.json").read_text())
+        (out / "RESULTS.md").write_text(render(doc))
+        say(f"wrote {out / 'RESULTS.md'} from {out / 'results.json'}")
+        return 0
     if os.geteuid() != 0:
         say("bench: needs root (FUSE, namespaces); run sudo tools/bench")
         return 1
@@ -119,41 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "rows": [r.as_json() for r in rows], "raw": raw, "errors": errors}
     (args.out / "results.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    tmpl = (BENCH / "RESULTS.head.md").read_text() if (BENCH / "RESULTS.head.md").exists() else ""
-    tail = (BENCH / "RESULTS.notes.md").read_text() if (BENCH / "RESULTS.notes.md").exists() else ""
-    busy = (
-        float(load_before.split()[0]) > cpus() * 0.5 or float(load_after.split()[0]) > cpus() * 0.5
-    )
-    md = [
-        "# apmatrixd benchmarks",
-        "",
-        tmpl.strip(),
-        "",
-        f"Run {meta['date']} on commit {commit}, {meta['cpus']} CPUs, Python {meta['python']}, "
-        f"kernel {meta['kernel']}; {meta['duration_s']} s"
-        + (
-            ""
-            if full
-            else f" (a partial run: {'--quick, ' if args.quick else ''}suites "
-            f"{', '.join(args.only)} only)"
-        )
-        + ". Every row below is from this one run. "
-        f"Load average before {load_before}, after {load_after}"
-        + (
-            ": **the machine was busy** (other test suites running); the ratios, measured in "
-            "the same run, are what to read."
-            if busy
-            else "."
-        ),
-        "",
-        table(rows),
-        "",
-    ]
-    if errors:
-        md += ["Suites that failed in this run:", ""]
-        md += [f"- {k}: {v}" for k, v in errors.items()] + [""]
-    md.append(tail.strip())
-    (args.out / "RESULTS.md").write_text("\n".join(md).rstrip() + "\n")
+    (args.out / "RESULTS.md").write_text(render(doc))
     say(f"wrote {args.out / 'RESULTS.md'} and {args.out / 'results.json'}")
     say(table(rows))
     return 1 if errors else 0
