@@ -16,6 +16,7 @@ changes nothing and nobody wants its answer, so it is dropped unread
 
 from __future__ import annotations
 
+import array
 import functools
 import inspect
 import logging
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbus_fast import DBusError, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
+from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
@@ -138,6 +140,54 @@ class Exported(ServiceInterface):
             self.emit_properties_changed(changed)
 
 
+class PatientWriter(_MessageWriter):
+    """dbus-fast's socket writer, except that a full socket means "wait until writable".
+
+    dbus-fast 5.2.0 (as python-dbus-next, issue #153) takes the BlockingIOError of a
+    non-blocking ``send()`` for a broken connection and drops the bus: a burst of signals
+    larger than the socket buffer (a storm, thousands of matrices) cut the daemon off.
+    Here the message stays where it was, the loop's writer callback stays registered, and the
+    write goes on when the socket drains. Any other error still ends the connection.
+    """
+
+    def write_callback(self, remove_writer: bool = True) -> None:
+        sock, fd = self.sock, self.fd
+        try:
+            if sock is None or fd is None:
+                raise ConnectionError("the bus socket is gone")
+            while True:
+                if self.buf is None:
+                    if not self.messages:
+                        if remove_writer:
+                            self.loop.remove_writer(fd)
+                        return
+                    buf, self.unix_fds, self.fut = self.messages.popleft()
+                    self.buf, self.offset = memoryview(buf), 0
+                try:
+                    if self.unix_fds and self.negotiate_unix_fd:
+                        fds = array.array("i", self.unix_fds)
+                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                        sent = sock.sendmsg([self.buf[self.offset :]], ancdata)
+                        self.unix_fds = None  # only once they are handed over
+                    else:
+                        sent = sock.send(self.buf[self.offset :])
+                except (BlockingIOError, InterruptedError):
+                    return  # schedule_write (or the loop) keeps us registered as the writer
+                self.offset += sent
+                if self.offset < len(self.buf):
+                    return  # the rest when the socket is writable again
+                self.buf = None
+                if self.fut is not None and not self.fut.done():
+                    self.fut.set_result(None)
+        except Exception as err:
+            if self.fut is not None and not self.fut.done():
+                if self.bus._user_disconnect:
+                    self.fut.set_result(None)
+                else:
+                    self.fut.set_exception(err)
+            self.bus._finalize(err)
+
+
 class ApmatrixBus(MessageBus):
     """A MessageBus whose ObjectManager signals are sent from the manager's path, and which
     drops read-only calls nobody wants answered (:func:`drop_unwanted_reads`).
@@ -148,8 +198,8 @@ class ApmatrixBus(MessageBus):
     """
 
     SNDBUF = 4 << 20
-    """Socket send buffer. dbus-fast 5.2.0 drops the connection when a send would block
-    (EAGAIN in its writer is taken for a fatal error), so a burst of signals must fit."""
+    """Socket send buffer: a burst of signals goes out in few writes (a full socket no
+    longer drops the connection: :class:`PatientWriter`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -160,6 +210,8 @@ class ApmatrixBus(MessageBus):
 
     async def connect(self) -> ApmatrixBus:
         await super().connect()
+        if type(self._writer) is _MessageWriter:  # the library's own: make it patient
+            self._writer.__class__ = PatientWriter
         try:
             if self._sock is not None:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SNDBUF)

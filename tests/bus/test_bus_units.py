@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid as uuidlib
@@ -172,3 +173,49 @@ def test_reads_nobody_wants_answered_are_dropped() -> None:
     assert drop_unwanted_reads(msg("org.freedesktop.DBus.Properties", "GetAll", no_reply))
     assert not drop_unwanted_reads(msg("org.apmatrix.Apmatrix1.Manager", "Check", MessageFlag.NONE))
     assert not drop_unwanted_reads(msg("org.apmatrix.Apmatrix1.Manager", "Reserve", no_reply))
+
+
+def test_a_full_socket_makes_the_bus_wait_not_disconnect(system_bus: str) -> None:
+    """dbus-fast 5.2.0 took EAGAIN from send() for a dead connection (python-dbus-next#153):
+    a burst of signals larger than the socket's buffer cut the daemon off the bus."""
+    from apmatrixd.bus.base import ApmatrixBus
+
+    async def go() -> tuple[int, bool]:
+        bus = await ApmatrixBus(bus_address=system_bus).connect()
+        listener = await ApmatrixBus(bus_address=system_bus).connect()
+        heard = 0
+        done = asyncio.Event()
+        n = 300
+
+        def on(msg: Message) -> None:
+            nonlocal heard
+            if msg.member == "Burst":
+                heard += 1
+                if heard == n:
+                    done.set()
+
+        listener.add_message_handler(on)
+        await listener.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[f"type='signal',sender='{bus.unique_name}',member='Burst'"],
+            )
+        )
+        assert bus._sock is not None
+        bus._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the smallest there is
+        payload = "x" * 200_000
+        for _ in range(n):  # 60 MB queued at once: send() must block many times
+            bus.send(Message.new_signal("/t", "org.apmatrix.Test", "Burst", "s", [payload]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 60)
+        alive = bus.connected
+        bus.disconnect()
+        listener.disconnect()
+        return heard, alive
+
+    heard, alive = asyncio.run(go())
+    assert alive and heard == 300
