@@ -1,6 +1,6 @@
 """Hot plug and storms in real-host mode: the unmodified daemon on the FUSE emulator bound on
-/sys in a private network namespace, uevents over netlink through pyudev (the rig of
-tests/bus/test_udev_e2e.py). A pyudev listener in the same namespace times the delivery."""
+/sys in a private network namespace, uevents over netlink through pyudev (``rigs.NsRig``, the
+rig of tests/bus/test_udev_e2e.py). A pyudev listener in the same namespace times the delivery."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 
 from busrig import MANAGER, NAME, ROOT, PrivateBus
 from dbus_fast import Message, MessageType, Variant
+from rigs import NsRig
 
-from bench import nsrig
 from bench.busbench import G1, P1, connect, msg, ok, rss_kb, stop
 from bench.common import REPO, Row, Stats, say, show
 from bench.hosts import big_state, hotplug_scenario
@@ -25,7 +25,7 @@ MATRIX_IFACE = "org.apmatrix.Apmatrix1.Matrix"
 
 
 class Listener:
-    def __init__(self, rig: nsrig.NsRig) -> None:
+    def __init__(self, rig: NsRig) -> None:
         self.proc = subprocess.Popen(
             rig.argv(sys.executable, "-m", "bench.udevlisten"),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, text=True,
@@ -102,7 +102,7 @@ async def _wait(seen: list[tuple[float, str]], want: str, after: int, timeout: f
     raise RuntimeError(f"no State={want} signal")
 
 
-async def _hotplug(address: str, rig: nsrig.NsRig, listener: Listener, reps: int) -> dict[str, Any]:
+async def _hotplug(address: str, rig: NsRig, listener: Listener, reps: int) -> dict[str, Any]:
     bus = await connect(address)
     await ok(bus, msg(ROOT, MANAGER, "Reserve", "auau", [[5], list(range(85))]))
     opts = {"adapters": Variant("au", [5]), "domains": Variant("au", list(range(85)))}
@@ -138,7 +138,7 @@ def hotplug(quick: bool, work: Path) -> tuple[list[Row], dict[str, Any]]:
     reps = 10 if quick else 100
     say(f"== hot plug: card 05 with 85 queues back (config 0 -> 1), netlink + pyudev, {reps} runs")
     scenario = hotplug_scenario(work)
-    rig = nsrig.start(str(scenario))
+    rig = NsRig.start(str(scenario))
     bus = PrivateBus.start()
     try:
         d, _ = rig.daemon(bus.address, work / "hotplug-state")
@@ -171,7 +171,7 @@ def hotplug(quick: bool, work: Path) -> tuple[list[Row], dict[str, Any]]:
 
 
 # -- storm -----------------------------------------------------------------------------------
-async def _storm(address: str, rig: nsrig.NsRig, cards: int) -> dict[str, Any]:
+async def _storm(address: str, rig: NsRig, cards: int) -> dict[str, Any]:
     bus = await connect(address)
     counts: dict[str, int] = {}
 
@@ -216,7 +216,7 @@ async def _storm(address: str, rig: nsrig.NsRig, cards: int) -> dict[str, Any]:
 def storm(quick: bool, work: Path, state1000: Path) -> tuple[list[Row], dict[str, Any]]:
     cards = 16 if quick else 256
     say(f"== storm: {cards} cards of the big host offline (netlink + pyudev); memory")
-    rig = nsrig.start("big")
+    rig = NsRig.start("big")
     bus = PrivateBus.start()
     raw: dict[str, Any] = {}
     rows: list[Row] = []

@@ -18,8 +18,8 @@ from typing import Any
 
 from busrig import MANAGER, NAME, ROOT, PrivateBus
 from dbus_fast import MessageType, Variant
+from rigs import NsRig
 
-from bench import nsrig
 from bench.busbench import connect, msg, stop
 from bench.common import REPO, Row, Stats, say, show
 
@@ -31,18 +31,15 @@ def _uuid(k: int, base: int = 0xABC) -> str:
 
 
 def mdevctl_side(n: int, work: Path) -> dict[str, Any]:
-    rig = nsrig.start("big", uevents=False)
+    rig = NsRig.start("big", uevents=False)
     try:
         (rig.root / "bus/ap/aqmask").write_text(AQMASK + "\n")
         scratch = work / "mdevctl.d"
         for sub in ("scripts.d/callouts", "scripts.d/notifiers"):  # what the package ships
             (scratch / sub).mkdir(parents=True)
-        env = {"MDEVCTL_SCRATCH": str(scratch)}
-        import os
-
         done = subprocess.run(
-            rig.argv(sys.executable, "-m", "bench.mdevctl_driver", str(n)),
-            capture_output=True, text=True, cwd=REPO, env=dict(os.environ, **env), timeout=900,
+            rig.argv(sys.executable, "-m", "bench.mdevctl_driver", str(n), mdevctl_scratch=scratch),
+            capture_output=True, text=True, cwd=REPO, timeout=900,
         )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"mdevctl driver: {done.stderr[-2000:]}")
@@ -92,7 +89,7 @@ async def _ours(address: str, n: int) -> dict[str, Any]:
 
 
 def ours_side(n: int, work: Path) -> dict[str, Any]:
-    rig = nsrig.start("big", uevents=False)
+    rig = NsRig.start("big", uevents=False)
     bus = PrivateBus.start()
     try:
         (rig.root / "bus/ap/aqmask").write_text(AQMASK + "\n")

@@ -13,99 +13,23 @@ through pyudev, on both layouts (test-rigs.md §2.3 and §5(b)).
 - the private dbus-daemon listens on a path socket (abstract sockets are per namespace).
 
 The daemon runs with ``--rescan-interval 0``: whatever it learns, it learns from uevents.
+The rig is ``rigs.NsRig``, shared with the benchmarks (bench/hotbench.py, bench/mdevbench.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import select
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from busrig import MANAGER, MATRIX, ROOT, Client, Daemon, apmatrixd_argv, arun
+from busrig import MANAGER, MATRIX, ROOT, Client, arun
 from dbus_fast import Variant
-from rigs import REPO, force_unmount, fuse_missing, netns_missing
+from rigs import NsRig, fuse_missing, netns_missing
 
 G1 = "11111111-1111-4111-8111-111111111111"
 P1 = f"{ROOT}/matrices/{G1.replace('-', '_')}"
-
-DAEMON_SH = """set -e
-mount --bind "$1" /sys
-mount -t tmpfs -o mode=0755 apmatrixd-test-run /run
-mkdir -p /run/udev /run/lock
-: > /run/udev/control
-shift
-exec "$@"
-"""
-
-
-@dataclass
-class NsRig:
-    top: Path
-    root: Path
-    holder: subprocess.Popen[bytes]
-    fuse: subprocess.Popen[bytes]
-
-    @property
-    def netns(self) -> str:
-        return f"/proc/{self.holder.pid}/ns/net"
-
-    def daemon(self, address: str, *args: str) -> Daemon:
-        sock_path = self.top / "notify.sock"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        sock.bind(str(sock_path))
-        env = dict(os.environ, SYSTEMD_DEVICE_VERIFY_SYSFS="0", NOTIFY_SOCKET=str(sock_path))
-        env.pop("JOURNAL_STREAM", None)
-        err = self.top / "daemon.log"
-        argv = [
-            "nsenter", f"--net={self.netns}", "--",
-            "unshare", "--mount", "--propagation", "private", "--",
-            "sh", "-c", DAEMON_SH, "sh", str(self.root),
-            *apmatrixd_argv(), "-v", "--bus-address", address,
-            "--state-dir", str(self.top / "state"), *args,
-        ]  # fmt: skip
-        with open(err, "wb") as f:
-            proc = subprocess.Popen(argv, env=env, stderr=f)
-        d = Daemon(proc, sock, address, err)
-        if d.wait_for("READY=1", 20) is None:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"no READY=1 (rc={proc.returncode}): {d.stderr()}")
-        return d
-
-
-def _start_fuse(netns: str, root: Path, scenario: str) -> subprocess.Popen[bytes]:
-    rfd, wfd = os.pipe()
-    proc = subprocess.Popen(
-        ["nsenter", f"--net={netns}", "--", sys.executable, "-m", "apmatrixd.sim.cli", "mount",
-         str(root), "--uevents", "netlink", "--scenario", scenario, "--ready-fd", str(wfd)],
-        pass_fds=(wfd,),
-        cwd=REPO,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    os.close(wfd)
-    try:
-        ready = select.select([rfd], [], [], 15)[0]
-        line = os.read(rfd, 200).decode() if ready else ""
-    finally:
-        os.close(rfd)
-    if not line.startswith("mounted"):
-        proc.kill()
-        proc.wait()
-        force_unmount(root)
-        raise AssertionError(f"emulator did not mount: {line!r}")
-    return proc
 
 
 @pytest.fixture(params=["default", "rfc2017"])
@@ -115,31 +39,11 @@ def nsrig(request: pytest.FixtureRequest) -> Iterator[NsRig]:
         reason = "no nsenter (util-linux)"
     if reason:
         pytest.skip(reason)
-    top = Path(tempfile.mkdtemp(prefix="apmatrixd-e2e-"))
-    root = top / "sys"
-    root.mkdir()
-    holder = subprocess.Popen(["unshare", "-n", "--", "sleep", "600"])
-    fuse: subprocess.Popen[bytes] | None = None
+    rig = NsRig.start(request.param, prefix="apmatrixd-e2e-")
     try:
-        mine = os.readlink("/proc/self/ns/net")
-        deadline = time.monotonic() + 5
-        while os.readlink(f"/proc/{holder.pid}/ns/net") == mine:
-            assert time.monotonic() < deadline, "unshare -n did not take"
-            time.sleep(0.01)
-        fuse = _start_fuse(f"/proc/{holder.pid}/ns/net", root, request.param)
-        yield NsRig(top, root, holder, fuse)
+        yield rig
     finally:
-        if fuse is not None:
-            fuse.send_signal(signal.SIGTERM)
-            try:
-                fuse.wait(10)
-            except subprocess.TimeoutExpired:
-                fuse.kill()
-                fuse.wait()
-        holder.kill()
-        holder.wait()
-        force_unmount(root)
-        shutil.rmtree(top, ignore_errors=True)
+        rig.close()
 
 
 async def wait_state(c: Client, want: str, t: float = 10) -> dict[str, object]:
@@ -154,7 +58,7 @@ async def wait_state(c: Client, want: str, t: float = 10) -> dict[str, object]:
 
 @pytest.mark.e2e
 def test_real_host_mode_through_pyudev(nsrig: NsRig, system_bus: str) -> None:
-    daemon = nsrig.daemon(system_bus, "--rescan-interval", "0")
+    daemon, _ = nsrig.daemon(system_bus, nsrig.top / "state", "-v", timeout=20)
     root = nsrig.root
 
     async def go() -> None:
