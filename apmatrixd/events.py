@@ -286,7 +286,10 @@ class EventPump:
             try:
                 self.handler(scope)
             except Exception:
-                log.exception("handling %d uevents failed", n)
+                # What the failed batch had read may be half taken: only the next batch's
+                # reading everything can be trusted (a partial re-read would not repair it).
+                self.scope.lose()
+                log.exception("handling %d uevents failed; the next batch reads everything", n)
             self.handled += n
             self.batches += 1
             self.largest = max(self.largest, n)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from apmatrixd.core import Apqn
-from apmatrixd.events import ApEvent, EventPump, SimSource, classify
+from apmatrixd.events import ApEvent, EventPump, Scope, SimSource, classify
 from apmatrixd.hotplug import HotPlug, drift_text, scope_of
 from apmatrixd.kernel import Kernel, MdevInfo, TreeSysfs
 from apmatrixd.service import Changes, Service
@@ -534,6 +534,30 @@ def test_settle_window_grows_with_the_burst() -> None:
         await asyncio.sleep(0.2)
         assert batches == [1]
         assert EventPump(loop, pump.handler, settle=0.02, settle_min=0.1).settle_min == 0.02
+
+    asyncio.run(go())
+
+
+def test_a_failed_batch_makes_the_next_read_everything() -> None:
+    """A handler that fails half-way may leave a card's state half taken; a later partial
+    re-read (only the queues named) would never repair it."""
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        seen: list[tuple[int, bool]] = []
+
+        def handler(scope: Scope) -> None:
+            seen.append((scope.events, scope.everything))
+            if len(seen) == 1:
+                raise RuntimeError("a bug half-way through a batch")
+
+        pump = EventPump(loop, handler, settle=0.01)
+        queue = {"ACTION": "change", "DEVPATH": "/devices/ap/card05/05.0004", "SUBSYSTEM": "ap"}
+        for _ in range(2):
+            pump.add(queue)
+            pump.arm()
+            await asyncio.sleep(0.1)
+        assert seen == [(1, False), (1, True)]
 
     asyncio.run(go())
 
