@@ -521,6 +521,8 @@ class Service:
         changes = Changes(matrices_changed={m.uuid})
         # An adapter's owners change only if it came or went, or if the domains changed:
         # refreshing all of a 100-adapter matrix per AssignAdapter grew with the matrix.
+        # (Adopted overlapping matrices change nothing here: an update keeping a shared APQN
+        # whose index entry names the other matrix is refused as a Conflict.)
         same = m.domains == new.domains
         self._touch_adapters(
             changes, m.adapters ^ new.adapters if same else m.adapters | new.adapters
