@@ -132,13 +132,19 @@ class HostSync:
         n = {a: set(d) for a, d in (named or {}).items() if a not in w}
         before = self.svc._infos
         t0 = time.perf_counter()
-        self._sync_adapters(changes, set(cards), w, n, everything)
-        t1 = time.perf_counter()
-        if pool or everything or (self.svc.kernel.layout != "upstream" and (w or n)):
-            self._sync_pool(changes, before)
-        t2 = time.perf_counter()
-        self._sync_mdevs(changes)
-        t3 = time.perf_counter()
+        try:
+            self._sync_adapters(changes, set(cards), w, n, everything)
+            t1 = time.perf_counter()
+            if pool or everything or (self.svc.kernel.layout != "upstream" and (w or n)):
+                self._sync_pool(changes, before)
+            t2 = time.perf_counter()
+            self._sync_mdevs(changes)
+            t3 = time.perf_counter()
+        except KernelError:
+            # What was taken before the failure is the service's state now: announce it, or
+            # the caller's full re-read finds nothing new and no signal ever says so.
+            self.svc._emit(changes)
+            raise
         self.svc._emit(changes)
         t4 = time.perf_counter()
         self.phases = {"adapters": t1 - t0, "pool": t2 - t1, "mdevs": t3 - t2, "emit": t4 - t3}
@@ -422,9 +428,11 @@ class HotPlug:
         self._resync(pool=True)
 
     def _resync(self, **scope: Any) -> None:
+        failed = False
         try:
             changes = self.sync.resync(**scope)
         except KernelError as err:
+            failed = True  # the failed read may have taken adapters before it stopped
             # Something vanished while it was read (a card leaving mid-burst): read it all.
             log.warning("re-reading after uevents failed (%s); reading everything", err)
             try:
@@ -434,7 +442,7 @@ class HotPlug:
                 return
         self.drifts += len(changes.drift)
         t0 = time.perf_counter()
-        if changes.adapters_added or changes.adapters_changed:
+        if failed or changes.adapters_added or changes.adapters_changed:
             # Resources may have become present: autostart matrices waiting for them.
             self.service.start_waiting()
         phases = self.sync.phases | {"start_waiting": time.perf_counter() - t0}

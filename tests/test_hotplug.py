@@ -8,6 +8,7 @@ Changes per burst. The same path as ``--simulate``; the pyudev path is in tests/
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import threading
@@ -21,7 +22,7 @@ import pytest
 from apmatrixd.core import Apqn
 from apmatrixd.events import ApEvent, EventPump, Scope, SimSource, classify
 from apmatrixd.hotplug import HotPlug, drift_text, scope_of
-from apmatrixd.kernel import Kernel, MdevInfo, TreeSysfs
+from apmatrixd.kernel import Kernel, KernelError, MdevInfo, TreeSysfs
 from apmatrixd.service import Changes, Service
 from apmatrixd.sim.model import Host
 from apmatrixd.store import Store
@@ -302,6 +303,29 @@ def test_scope_falls_back_to_the_whole_card() -> None:
     assert (s.whole, s.named) == ({5, 7}, {6: {1}})
     s = scope_of([ev("bind", 5, 1)], lost=True)
     assert s.everything and s.pool
+
+
+def test_adapters_taken_before_a_failed_read_are_announced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read failing after the adapters were taken (an mdev vanishing mid-read): the full
+    re-read that follows finds them unchanged, so only the failed attempt can announce them."""
+
+    async def body(r: Rig) -> None:
+        real = r.hp.sync._sync_mdevs
+        calls: list[int] = []
+
+        def flaky(changes: Changes) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise KernelError(errno.ENOENT, "devices/vfio_ap/matrix", "reading")
+            real(changes)
+
+        monkeypatch.setattr(r.hp.sync, "_sync_mdevs", flaky)
+        r.host.plug_adapter(0x0B, "CEX8P")
+        await r.idle()
+        assert len(calls) == 2 and r.svc.adapter(0x0B).type == "CEX8P"
+        assert any(0x0B in c.adapters_added for c in r.seen)
+
+    run("default", body)
 
 
 def test_autostart_hook_runs_after_hot_plug() -> None:
