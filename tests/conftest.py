@@ -8,7 +8,6 @@ polkit mock per session, and a fresh daemon per test (~0.1 s), started as system
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,17 +17,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bus"))
 
 from busrig import Daemon, DaemonFactory, PolkitMock, PrivateBus, start_daemon
-
-
-def _need(tool: str) -> None:
-    if shutil.which(tool) is None and not Path(tool).exists():
-        pytest.skip(f"{tool} not installed")
+from rigs import need_tool, unavailable
 
 
 @pytest.fixture(scope="session")
 def system_bus() -> Iterator[str]:
-    _need("dbus-daemon")
-    _need("busctl")
+    need_tool("dbus-daemon", "dbus-daemon")
+    need_tool("busctl", "systemd")
     bus = PrivateBus.start()
     yield bus.address
     bus.stop()
@@ -37,10 +32,10 @@ def system_bus() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def polkit_mock(system_bus: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolkitMock]:
     if os.geteuid() != 0:
-        pytest.skip("the polkit mock must own org.freedesktop.PolicyKit1: root only")
+        unavailable("the polkit mock must own org.freedesktop.PolicyKit1: root", installable=False)
     r = os.system("/usr/bin/python3 -c 'import dbusmock' 2>/dev/null")
     if r != 0:
-        pytest.skip("python3-dbusmock not installed (apt-get install python3-dbusmock)")
+        unavailable("python3-dbusmock not installed (apt-get install python3-dbusmock)")
     mock = PolkitMock(system_bus, tmp_path_factory.mktemp("polkit") / "polkit.log")
     mock.start()
     yield mock

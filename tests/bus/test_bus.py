@@ -4,7 +4,6 @@ busctl and dbus-fast clients. Fresh daemon per test on the in-process emulator."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import uuid as uuidlib
@@ -38,6 +37,7 @@ from busrig import (
     v,
 )
 from dbus_fast import Variant
+from rigs import need_tool
 
 GUEST1 = "11111111-1111-4111-8111-111111111111"
 GUEST2 = "22222222-2222-4222-8222-222222222222"
@@ -586,8 +586,7 @@ def test_rfc2017_scenario(start: DaemonFactory) -> None:
 def unit(tmp_path: Path) -> Path:
     from busrig import UNIT, apmatrixd_argv
 
-    if not os.path.exists("/usr/bin/systemd-analyze"):
-        pytest.skip("systemd-analyze not installed")
+    need_tool("/usr/bin/systemd-analyze", "systemd")
     exe = apmatrixd_argv()[0]  # verify checks that ExecStart= exists; point it at ours
     out = tmp_path / "apmatrixd.service"
     out.write_text(UNIT.read_text().replace("ExecStart=/usr/bin/apmatrixd", f"ExecStart={exe}"))

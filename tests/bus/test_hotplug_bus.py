@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from busrig import MANAGER, MATRIX, NAME, ROOT, Client, Daemon, DaemonFactory, arun, unvariant
 from dbus_fast import Variant
-from rigs import force_unmount, fuse_missing, is_mount
+from rigs import force_unmount, is_mount, need_fuse
 
 G1 = "11111111-1111-4111-8111-111111111111"
 P1 = f"{ROOT}/matrices/{G1.replace('-', '_')}"
@@ -30,9 +30,7 @@ ADAPTER5 = f"{ROOT}/adapters/05"
 
 @pytest.fixture
 def mnt() -> Iterator[Path]:
-    reason = fuse_missing()
-    if reason:
-        pytest.skip(reason)
+    need_fuse()
     with tempfile.TemporaryDirectory(prefix="apmatrixd-simmount-") as top:
         where = Path(top) / "sys"
         where.mkdir()

@@ -19,14 +19,13 @@ The rig is ``rigs.NsRig``, shared with the benchmarks (bench/hotbench.py, bench/
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator
 
 import pytest
 from busrig import MANAGER, MATRIX, ROOT, Client, arun
 from dbus_fast import Variant
-from rigs import NsRig, fuse_missing, netns_missing
+from rigs import NsRig, need_fuse, need_netns, need_tool
 
 G1 = "11111111-1111-4111-8111-111111111111"
 P1 = f"{ROOT}/matrices/{G1.replace('-', '_')}"
@@ -34,11 +33,9 @@ P1 = f"{ROOT}/matrices/{G1.replace('-', '_')}"
 
 @pytest.fixture(params=["default", "rfc2017"])
 def nsrig(request: pytest.FixtureRequest) -> Iterator[NsRig]:
-    reason = fuse_missing() or netns_missing()
-    if reason is None and shutil.which("nsenter") is None:
-        reason = "no nsenter (util-linux)"
-    if reason:
-        pytest.skip(reason)
+    need_fuse()
+    need_netns()
+    need_tool("nsenter", "util-linux")
     rig = NsRig.start(request.param, prefix="apmatrixd-e2e-")
     try:
         yield rig

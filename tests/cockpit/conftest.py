@@ -3,17 +3,19 @@ test, all stopped afterwards."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
 from cockpitrig import Stack, StackFactory, missing, start_stack
+from rigs import unavailable
 
 
 @pytest.fixture
 def cockpit_stack() -> Iterator[StackFactory]:
     """start(*daemon_args) -> Stack: bus, daemon, cockpit-ws, browser tab; all stopped after."""
     if reason := missing():
-        pytest.skip(reason)
+        unavailable(reason, installable=os.geteuid() == 0)
     cleanups: list[Callable[[], None]] = []
 
     def start(*daemon_args: str) -> Stack:

@@ -74,18 +74,7 @@ def alert_named(stack: Stack, name: str) -> str:
     return stack.page.text(sel)
 
 
-def sim_mount_supported() -> bool:
-    out = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "apmatrixd"), "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    return "--sim-mount" in out
-
-
 def test_page_shows_the_host_and_manages_matrices(cockpit_stack: StackFactory) -> None:
-    t0 = time.monotonic()
     stack = cockpit_stack()
     page = stack.open()
 
@@ -209,13 +198,8 @@ def test_page_shows_the_host_and_manages_matrices(cockpit_stack: StackFactory) -
     )
     wait_cells(stack, dict.fromkeys(apqns, "host"), "the new daemon's host")
     assert page.console() == [], page.console()
-    assert time.monotonic() - t0 < 45
 
 
-@pytest.mark.skipif(
-    not sim_mount_supported(),
-    reason="apmatrixd has no --sim-mount yet (issue 4): cannot unplug an adapter from outside",
-)
 def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory) -> None:
     mount = Path(f"/tmp/apm-sim-{os.getpid()}-{time.monotonic_ns()}")
     mount.mkdir()

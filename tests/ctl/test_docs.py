@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from rigs import need_tool
 
 from apmatrixd.ctl.docs import bash_completion, man_page
 from apmatrixd.ctl.main import build_parser
@@ -35,8 +34,7 @@ def test_every_command_is_documented_and_completed() -> None:
 
 
 def test_completion_works_in_bash() -> None:
-    if shutil.which("bash") is None:
-        pytest.skip("no bash")
+    need_tool("bash", "bash")
     script = (
         f"source {REPO / 'ctl' / 'apmatrixctl.bash'}\n"
         "COMP_WORDS=(apmatrixctl as); COMP_CWORD=1; _apmatrixctl; echo ${COMPREPLY[@]}\n"
@@ -47,8 +45,7 @@ def test_completion_works_in_bash() -> None:
 
 
 def test_man_page_renders() -> None:
-    if shutil.which("man") is None:
-        pytest.skip("no man")
+    need_tool("man", "man-db")
     r = subprocess.run(
         ["man", "-l", str(REPO / "ctl" / "apmatrixctl.1")],
         capture_output=True,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rigs import force_unmount, fuse_missing, is_mount, wait_unmounted
+from rigs import force_unmount, is_mount, need_fuse, wait_unmounted
 
 from apmatrixd.core import HostPool, Matrix
 from apmatrixd.kernel import Kernel, KernelError, OsSysfs
@@ -23,9 +23,7 @@ U2 = "22222222-2222-2222-2222-222222222222"
 
 @pytest.fixture(params=["default", "rfc2017"])
 def mounted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    why = fuse_missing()
-    if why:
-        pytest.skip(why)
+    need_fuse()
     pytest.importorskip("apmatrixd.sim.model")
     mnt = tmp_path / "sys"
     mnt.mkdir()

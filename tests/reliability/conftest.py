@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from busrig import PolkitMock, start_daemon
 from relrig import Sim, SimFactory
-from rigs import force_unmount, fuse_missing
+from rigs import force_unmount, need_fuse
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,9 +44,7 @@ def sim(system_bus: str, polkit: PolkitMock) -> Iterator[SimFactory]:
     ``sim("default", env={...}, rescan=0.2)``. Each is stopped with SIGTERM afterwards and
     must exit 0 with no traceback in its log.
     """
-    reason = fuse_missing()
-    if reason:
-        pytest.skip(reason)
+    need_fuse()
     made: list[Sim] = []
     tops: list[str] = []
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rigs import REPO, force_unmount, fuse_missing, in_netns, is_mount, netns_missing
+from rigs import REPO, force_unmount, in_netns, is_mount, need_fuse, need_netns
 
 from apmatrixd.sim import cli
 from apmatrixd.sim.uevent import decode
@@ -174,9 +174,7 @@ def start_mount(mnt: Path, *args: str) -> subprocess.Popen[str]:
 
 @pytest.fixture
 def sysfs(request: pytest.FixtureRequest) -> Iterator[Mounted]:
-    reason = fuse_missing()
-    if reason:
-        pytest.skip(reason)
+    need_fuse()
     with tempfile.TemporaryDirectory(prefix="apmatrixd-sim-") as top:
         mnt = Path(top) / "sys"
         mnt.mkdir()
@@ -313,9 +311,8 @@ print(json.dumps({"rc": rc, "events": got}))
 
 @pytest.mark.e2e
 def test_config_write_reaches_a_pyudev_monitor_over_netlink() -> None:
-    reason = fuse_missing() or netns_missing()
-    if reason:
-        pytest.skip(reason)
+    need_fuse()
+    need_netns()
     done = in_netns(NETLINK_SCRIPT)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -328,9 +325,7 @@ def test_config_write_reaches_a_pyudev_monitor_over_netlink() -> None:
 
 @pytest.mark.e2e
 def test_umockdev_sockets_get_the_uevent(tmp_path: Path) -> None:
-    reason = fuse_missing()
-    if reason:
-        pytest.skip(reason)
+    need_fuse()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(tmp_path / "event9"))
     listener.settimeout(5)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from fakesysfs import FakeTree
-from rigs import force_unmount, fuse_missing, is_mount
+from rigs import force_unmount, is_mount, need_fuse
 
 from apmatrixd.sim.fuse import PAGE_SIZE, Mount, SysfsOperations, mount
 from apmatrixd.sim.model import Host
@@ -166,9 +166,7 @@ def test_init_turns_every_cache_off(ops: SysfsOperations) -> None:
 # -- a real mount of the fake tree, served from a thread of this process ----------------------
 @pytest.fixture(scope="module")
 def mounted() -> Iterator[tuple[Path, FakeTree]]:
-    reason = fuse_missing()
-    if reason:
-        pytest.skip(reason)
+    need_fuse()
     with tempfile.TemporaryDirectory(prefix="apmatrixd-fuse-") as top:
         os.chmod(top, 0o755)  # pytest's tmp dirs are 0700: nobody could not reach the mount
         mnt = Path(top) / "sys"

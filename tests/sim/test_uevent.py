@@ -13,7 +13,7 @@ import pytest
 from fakesysfs import FakeTree
 from hypothesis import given
 from hypothesis import strategies as st
-from rigs import in_netns, netns_missing
+from rigs import in_netns, need_netns
 
 from apmatrixd.sim.uevent import (
     HEADER_SIZE,
@@ -234,9 +234,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def in_private_netns() -> None:
-    reason = netns_missing()
-    if reason:
-        pytest.skip(reason)
+    need_netns()
 
 
 def _run_monitor(*tags: str) -> dict[str, Any]:
