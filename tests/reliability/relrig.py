@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -43,7 +44,8 @@ OURS = frozenset(
         "Storage",
     )
 )
-"""Our named errors; ``Error.Failed`` (an unexpected exception) is never acceptable here."""
+"""Our named errors, written out from spec §2 rather than imported from apmatrixd.bus.names: the
+fuzzer's oracle must not follow the code it checks. ``Error.Failed`` is never acceptable."""
 MATRIX_DIR = "devices/vfio_ap/matrix"
 APQN_RE = re.compile(r"\b([0-9a-f]{2})\.([0-9a-f]{4})\b")
 UUID_RE = re.compile(r"[0-9a-f-]{36}")
@@ -227,20 +229,18 @@ def _registry(objs_reply: Message, mgr_reply: Message) -> dict[str, Any]:
 
 
 async def ping(c: Client, timeout: float = 10) -> float:
-    """Peer.Ping the daemon; the round trip in seconds (raises if it does not answer)."""
+    """Peer.Ping the daemon; the round trip in seconds. Not answered within ``timeout`` is a
+    stall (TimeoutError), not a slow figure."""
     t0 = time.monotonic()
-    reply = await c.bus.call(
-        Message(
-            destination="org.apmatrix.Apmatrix1",
-            path=ROOT,
-            interface="org.freedesktop.DBus.Peer",
-            member="Ping",
-        )
+    msg = Message(
+        destination="org.apmatrix.Apmatrix1",
+        path=ROOT,
+        interface="org.freedesktop.DBus.Peer",
+        member="Ping",
     )
+    reply = await asyncio.wait_for(c.bus.call(msg), timeout)
     assert reply.message_type == MessageType.METHOD_RETURN, (reply.error_name, reply.body)
-    took = time.monotonic() - t0
-    assert took < timeout, took
-    return took
+    return time.monotonic() - t0
 
 
 def sets_of(props: dict[str, Any]) -> Sets:
@@ -312,18 +312,19 @@ async def check_all(
     """Ping, then every rule (an empty list: all hold); and the registry as read.
 
     The ping and the two registry reads are sent at once (one round trip, answered in order);
-    the ping's reply must come within 10 s, like :func:`ping`'s. ``spent`` adds up the
+    no answer within 10 s is a stall, as in :func:`ping`. ``spent`` adds up the
     seconds of each part (bus, kernel, store, rules) for a long run's figures.
     """
     t0 = time.monotonic()
-    pong, objs_reply, mgr_reply = await asyncio.gather(
-        c.call(ROOT, "org.freedesktop.DBus.Peer", "Ping"),
-        c.call(ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
-        c.call(ROOT, "org.freedesktop.DBus.Properties", "GetAll", "s", [MANAGER]),
+    pong, objs_reply, mgr_reply = await asyncio.wait_for(  # a stall guard, not a speed figure
+        asyncio.gather(
+            c.call(ROOT, "org.freedesktop.DBus.Peer", "Ping"),
+            c.call(ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
+            c.call(ROOT, "org.freedesktop.DBus.Properties", "GetAll", "s", [MANAGER]),
+        ),
+        10,
     )
-    t1 = time.monotonic()
     assert pong.message_type == MessageType.METHOD_RETURN, (pong.error_name, pong.body)
-    assert t1 - t0 < 10, f"no answer to Ping within 10 s ({t1 - t0:.1f} s)"
     reg = _registry(objs_reply, mgr_reply)
     t2 = time.monotonic()
     kern = sim.kernel()
@@ -346,3 +347,42 @@ def apqns_named(text: str) -> set[tuple[int, int]]:
 
 def path_of(uuid: str) -> str:
     return f"{ROOT}/matrices/{uuid.replace('-', '_')}"
+
+
+class Raw:
+    """SASL EXTERNAL + Hello by hand, then whatever we send; reads only if asked to."""
+
+    def __init__(self, address: str, rcvbuf: int = 0) -> None:
+        path = address.split("unix:path=", 1)[1].split(",", 1)[0]
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(path)
+        uid = str(os.getuid()).encode().hex().encode()
+        self.sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\n")
+        reply = b""
+        while b"\r\n" not in reply:
+            reply += self.sock.recv(256)
+        assert reply.startswith(b"OK"), reply
+        self.sock.sendall(b"BEGIN\r\n")
+        self.serial = 0
+        self.send(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="Hello",
+            )
+        )
+
+    def send(self, msg: Message) -> bool:
+        self.serial += 1
+        msg.serial = self.serial
+        try:
+            self.sock.sendall(bytes(msg._marshall(False)))
+        except OSError:  # dbus-daemon threw us out: its limits work
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -38,52 +37,12 @@ from busrig import (
     world_readable_client,
 )
 from dbus_fast import Message, MessageFlag, Variant
-from relrig import SimFactory, check_all, long_mode, path_of
+from relrig import Raw, SimFactory, check_all, long_mode, path_of
 
 # A stall, not a speed figure: answers normally take well under 0.3 s here; a daemon stalled
 # by an abuser does not answer at all (the latencies are printed, not asserted).
 STALL = 10.0
 NAME = "org.apmatrix.Apmatrix1"
-
-
-# -- a raw D-Bus connection ---------------------------------------------------------------------
-class Raw:
-    """SASL EXTERNAL + Hello by hand, then whatever we send; reads only if asked to."""
-
-    def __init__(self, address: str, rcvbuf: int = 0) -> None:
-        path = address.split("unix:path=", 1)[1].split(",", 1)[0]
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if rcvbuf:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.connect(path)
-        uid = str(os.getuid()).encode().hex().encode()
-        self.sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\n")
-        reply = b""
-        while b"\r\n" not in reply:
-            reply += self.sock.recv(256)
-        assert reply.startswith(b"OK"), reply
-        self.sock.sendall(b"BEGIN\r\n")
-        self.serial = 0
-        self.send(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="Hello",
-            )
-        )
-
-    def send(self, msg: Message) -> bool:
-        self.serial += 1
-        msg.serial = self.serial
-        try:
-            self.sock.sendall(bytes(msg._marshall(False)))
-        except OSError:  # dbus-daemon threw us out: its limits work
-            return False
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def subscribe_and_sleep(address: str) -> Raw:

@@ -15,8 +15,6 @@ The guard is a generous liveness bound, not a speed figure (bench/checkbench.py 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import struct
 import threading
 import time
@@ -24,7 +22,7 @@ from collections import Counter
 
 from busrig import MANAGER, ROOT, Client
 from dbus_fast import Message, MessageType
-from relrig import SimFactory
+from relrig import Raw, SimFactory
 
 NAME = "org.apmatrix.Apmatrix1"
 FLOOD = 128  # dbus-daemon's max_replies_per_connection (system bus default)
@@ -32,37 +30,15 @@ GUARD = 20.0  # seconds: answered at all, well before dbus-daemon's 25 s reply t
 EVERY = list(range(256))
 
 
-class Flooder:
+class Flooder(Raw):
     """A raw connection that pipelines calls and counts the replies, parsing headers only."""
 
     def __init__(self, address: str) -> None:
-        path = address.split("unix:path=", 1)[1].split(",", 1)[0]
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        uid = str(os.getuid()).encode().hex().encode()
-        self.sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n")
-        reply = b""
-        while b"\r\n" not in reply:
-            reply += self.sock.recv(1)
-        assert reply.startswith(b"OK"), reply
-        self.serial = 0
+        super().__init__(address)
         self.got: Counter[MessageType] = Counter()
         self.bytes = 0
-        self.send(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="Hello",
-            )
-        )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-
-    def send(self, msg: Message) -> None:
-        self.serial += 1
-        msg.serial = self.serial
-        self.sock.sendall(bytes(msg._marshall(False)))
 
     def _read(self) -> None:
         """Count each message by type once it is all in; skip bodies unparsed, uncopied (a

