@@ -15,31 +15,20 @@ MDEVCTL_DIR = "/etc/mdevctl.d"
 
 
 def register(sub: Sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "import-mdevctl",
-        parents=[common],
-        help="adopt mdevctl's vfio_ap definitions (refused if any clash)",
-    )
-    p.add_argument(
-        "dir",
-        metavar="DIR",
-        nargs="?",
-        default=MDEVCTL_DIR,
-        help=f"mdevctl's configuration directory (default {MDEVCTL_DIR})",
-    )
-    p.set_defaults(func=cmd_import)
-
-    p = sub.add_parser(
-        "export-mdevctl", parents=[common], help="write the matrices as mdevctl definitions"
-    )
-    p.add_argument(
-        "dir",
-        metavar="DIR",
-        nargs="?",
-        default=MDEVCTL_DIR,
-        help=f"mdevctl's configuration directory (default {MDEVCTL_DIR})",
-    )
-    p.set_defaults(func=cmd_export)
+    adopt = "adopt mdevctl's vfio_ap definitions (refused if any clash)"
+    for name, func, text in (
+        ("import-mdevctl", cmd_import, adopt),
+        ("export-mdevctl", cmd_export, "write the matrices as mdevctl definitions"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument(
+            "dir",
+            metavar="DIR",
+            nargs="?",
+            default=MDEVCTL_DIR,
+            help=f"mdevctl's configuration directory (default {MDEVCTL_DIR})",
+        )
+        p.set_defaults(func=func)
 
 
 async def cmd_import(conn: Connection, args: argparse.Namespace, out: Output) -> int:
