@@ -226,7 +226,8 @@ class Service:
             held = {q for sm in stored for q in cross(sm.adapters, sm.domains)}
             target = HostPool(queues=target.queues - held)
         for new in (target, reserved):
-            decision = self.registry.decide(SetHostPool(new))
+            change = SetHostPool(new)
+            decision = self.registry.decide(change)
             if decision.noop:
                 return False
             if not decision.accepted:
@@ -237,7 +238,7 @@ class Service:
             except KernelError as err:
                 log.error("stored reservations not applied: %s", err)
                 continue
-            self.registry.apply(SetHostPool(new), ORDER)
+            self.registry.apply(change, ORDER, decision)
             log.info("stored reservations applied: host pool %s", self._pool_text(new))
             return True
         return False
@@ -436,12 +437,14 @@ class Service:
         if not isinstance(name, str) or len(name) > 255 or "\n" in name:
             raise InvalidArgument("name must be one line of at most 255 characters")
         m = Matrix(uuid, a, d, c, name=name, autostart=autostart)
-        self.registry.decide(DefineMatrix(m)).raise_if_refused(ORDER)
+        define = DefineMatrix(m)
+        decision = self.registry.decide(define)
+        decision.raise_if_refused(ORDER)
         guest: tuple[Apqn, ...] = ()
         if start:
             self.kernel.apply_matrix(uuid, None, m)
             guest = self._guest(uuid)
-        self.registry.apply(DefineMatrix(m), ORDER)
+        self.registry.apply(define, ORDER, decision)
         self._meta[uuid] = _Meta(
             live=start, control_usage_domains=control_usage_domains, guest=guest
         )
@@ -507,7 +510,7 @@ class Service:
         before = replace(meta)
         if meta.live:
             self.kernel.apply_matrix(m.uuid, m, new)
-        back = self.registry.apply(change, ORDER)
+        back = self.registry.apply(change, ORDER, decision)
         if meta.live:
             meta.guest = self._guest(m.uuid)
 
@@ -657,7 +660,7 @@ class Service:
             return
         old = self.registry.pool
         self.kernel.set_pool(old, new)
-        self.registry.apply(change, ORDER)
+        self.registry.apply(change, ORDER, decision)
         self._reservations = reservations
 
         def undo() -> None:

@@ -389,9 +389,18 @@ class Registry:
         return Decision(change, busy=tuple(sorted(busy)), noop=new == old)
 
     # -- applying -------------------------------------------------------------------------
-    def apply(self, change: Change, order: Iterable[str] = ()) -> Change:
-        """Decide, then carry out an accepted change; returns the change that undoes it."""
-        decision = self.decide(change)
+    def apply(
+        self, change: Change, order: Iterable[str] = (), decided: Decision | None = None
+    ) -> Change:
+        """Decide, then carry out an accepted change; returns the change that undoes it.
+
+        ``decided``: this very change's decision, taken on the registry as it still is (the
+        caller checked before writing the kernel): not taken twice, as a whole-host one costs
+        tens of ms.
+        """
+        decision = decided if decided is not None and decided.change is change else None
+        if decision is None:
+            decision = self.decide(change)
         decision.raise_if_refused(order)
         return self._apply(change)
 

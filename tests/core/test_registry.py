@@ -241,3 +241,15 @@ def test_bad_input_only_ever_gives_a_named_refusal(
             reg.apply(change)
         assert reg.violations() == []
     assert all(type(i) is int and i >= 0 for apqn in reg.owners() for i in apqn)
+
+
+def test_apply_reuses_only_this_changes_decision(reg: Registry) -> None:
+    """A decision handed to apply is used only if it was taken for this very change object."""
+    define(reg, U1, fs(5), fs(4))
+    clash = DefineMatrix(Matrix(U2, fs(5), fs(4)))
+    fine = DefineMatrix(Matrix(U3, fs(6), fs(4)))
+    with pytest.raises(Conflict):  # the accepted decision of another change does not count
+        reg.apply(clash, decided=reg.decide(fine))
+    decision = reg.decide(fine)
+    assert reg.apply(fine, decided=decision) == RemoveMatrix(U3)
+    assert reg.violations() == []
