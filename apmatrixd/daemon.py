@@ -27,11 +27,12 @@ from apmatrixd.auth import Authority
 from apmatrixd.bus import names
 from apmatrixd.bus.base import ApmatrixBus
 from apmatrixd.bus.tree import ObjectTree
+from apmatrixd.service import Changes
 
 if TYPE_CHECKING:
     from apmatrixd.hotplug import HotPlug
     from apmatrixd.kernel import Kernel
-    from apmatrixd.service import Changes, Service
+    from apmatrixd.service import Service
     from apmatrixd.sim.fuse import Mount
     from apmatrixd.store import Store
 
@@ -42,6 +43,8 @@ S390_LOCK = "/run/lock/s390apconfig.lock"
 
 
 DEFAULT_STATE_DIR = "/var/lib/apmatrixd"
+STOP_WAIT = 5.0
+"""Seconds a stop waits for queued changes (a change cut short is rolled back at start)."""
 
 
 class StartupError(Exception):
@@ -190,15 +193,21 @@ async def _watchdog(interval: float) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     from apmatrixd.kernel import KernelError
-    from apmatrixd.service import Service
+    from apmatrixd.service import Service, startup
 
     kernel = make_kernel(args)
     service = Service(kernel, store=make_store(args))
+    interval = notify.watchdog_interval()
+    watchdog = asyncio.ensure_future(_watchdog(interval)) if interval else None
     with contextlib.ExitStack() as cleanup:
+        if watchdog is not None:
+            cleanup.callback(watchdog.cancel)
+        cleanup.callback(service.executor.close)
         # Listen before reading: nothing that happens during the enumeration is missed.
         cleanup.callback(start_events(args, kernel, service).close)
         try:
-            service.load()
+            # A command like any other: uevents meanwhile queue their resyncs behind it.
+            await service.submit("start-up", startup.load)
         except KernelError as err:
             raise StartupError(f"reading the AP configuration: {err}") from None
         except OSError as err:
@@ -291,12 +300,12 @@ async def _serve(bus: ApmatrixBus, service: Service) -> int:
     service.subscribe(on_changes)
     notify.notify("READY=1", status, wait=5.0)
     log.info("serving %s on %s: %s", names.BUS_NAME, bus.unique_name, status[7:])
+    if service.startup_drift:  # found before anyone could listen: said once we serve
+        service.emit(Changes(drift=list(service.startup_drift)))
 
     tasks = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(bus.wait_for_disconnect())]  # type: ignore[no-untyped-call]
-    interval = notify.watchdog_interval()
-    watchdog = asyncio.ensure_future(_watchdog(interval)) if interval else None
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for t in [*pending, *([watchdog] if watchdog else [])]:
+    for t in pending:
         t.cancel()
     if not stop.is_set():
         log.error("lost the bus connection")
@@ -304,6 +313,10 @@ async def _serve(bus: ApmatrixBus, service: Service) -> int:
         return 1
     notify.notify("STOPPING=1", "STATUS=stopping", wait=5.0)
     log.info("stopping")
+    if service.executor.busy:  # let the change in flight finish (a crash would be undone)
+        log.info("waiting for %s", service.executor.running or "queued changes")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(service.executor.idle(), STOP_WAIT)
     with contextlib.suppress(DBusError, OSError, EOFError):
         await bus.release_name(names.BUS_NAME)
     return 0

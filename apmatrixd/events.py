@@ -171,12 +171,28 @@ class Scope:
         self.whole.add(a)
         self.named.pop(a, None)
 
+    def merge(self, other: Scope) -> None:
+        """Fold another burst's scope into this one (a resync still waiting its turn)."""
+        self.cards |= other.cards
+        for a in other.whole:
+            self._whole(a)
+        for a, domains in other.named.items():
+            if a not in self.whole:
+                named = self.named.setdefault(a, set())
+                named |= domains
+                if len(named) > QUEUE_LIMIT:
+                    self._whole(a)
+        self.everything |= other.everything
+        self.pool |= other.pool
+        self.events += other.events
+
     def __bool__(self) -> bool:
         return bool(self.events or self.everything)
 
 
-Handler = Callable[[Scope], None]
-"""Called with the scope of one burst (``everything`` when events were lost)."""
+Handler = Callable[[Scope], "asyncio.Future[Any] | None"]
+"""Called with the scope of one burst (``everything`` when events were lost); may return the
+future of the work it queued, and the burst counts as absorbed once that is done."""
 
 
 class EventPump:
@@ -217,6 +233,7 @@ class EventPump:
         self._first = 0.0
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._waiting = 0  # handed-over bursts whose work is not done yet
 
     def add(self, props: Mapping[str, str]) -> None:
         """One uevent; call :meth:`arm` after a round of adds."""
@@ -284,7 +301,10 @@ class EventPump:
             started = time.monotonic()
             waited = self.loop.time() - self._last
             try:
-                self.handler(scope)
+                outcome = self.handler(scope)
+                if isinstance(outcome, asyncio.Future):
+                    self._waiting += 1
+                    outcome.add_done_callback(self._absorbed)
             except Exception:
                 # What the failed batch had read may be half taken: only the next batch's
                 # reading everything can be trusted (a partial re-read would not repair it).
@@ -307,8 +327,18 @@ class EventPump:
                 (self._last - self._first) * 1e3,
                 waited * 1e3,
             )
-        if self.settling and not self.pending:
+        if self.settling and not self.pending and not self._waiting:
             self._set_settling(False)
+
+    def _absorbed(self, _fut: asyncio.Future[Any]) -> None:
+        self._waiting -= 1
+        if self.settling and not self.pending and not self._waiting:
+            self._set_settling(False)
+
+    @property
+    def busy(self) -> bool:
+        """Events wait to be handed over, or handed-over work is not done."""
+        return bool(self.pending or self.lost or self._waiting)
 
     def _set_settling(self, value: bool) -> None:
         self.settling = value

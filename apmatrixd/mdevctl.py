@@ -165,3 +165,17 @@ def format_definition(
     attrs += [{"assign_control_domain": f"0x{d:04x}"} for d in sorted(control_domains)]
     obj = {"mdev_type": mdev_type, "start": "auto" if autostart else "manual", "attrs": attrs}
     return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def write_dir(config_dir: str, files: dict[str, bytes]) -> Path:
+    """Write ``<config_dir>/matrix/<uuid>`` for each of ``files``, each crash-safe; files of
+    other UUIDs are left alone. OSError as it comes."""
+    from apmatrixd.store import atomic_write, fsync_dir
+
+    base = definitions_dir(config_dir)
+    if not base.is_dir():
+        base.mkdir(mode=0o755)
+        fsync_dir(base.parent)
+    for uuid, data in files.items():
+        atomic_write(base / uuid, data)
+    return base

@@ -56,6 +56,7 @@ from typing import Any
 from apmatrixd.core.apqn import MAX_ID
 from apmatrixd.core.errors import ApmatrixError
 from apmatrixd.core.matrix import normalize_uuid
+from apmatrixd.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,7 @@ class Store:
     def __init__(self, root: str | os.PathLike[str], fault: Fault | None = None) -> None:
         self.root = Path(root)
         self.fault: Fault = fault or _no_fault
+        self.journal = Journal(self.root, fault=self.fault)
 
     @property
     def matrices_dir(self) -> Path:

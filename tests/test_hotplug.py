@@ -54,10 +54,10 @@ class Rig:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-            p = self.hp.pump
-            if not p.pending and not p.lost and not self.source._queue and not p.settling:
+            p, ex = self.hp.pump, self.svc.executor
+            if not p.busy and not self.source._queue and not p.settling and not ex.busy:
                 await asyncio.sleep(p.settle * 2)
-                if not p.pending and not self.source._queue:
+                if not p.busy and not self.source._queue and not ex.busy:
                     return
         raise AssertionError(f"not idle: {self.hp.stats()}")
 
@@ -305,33 +305,70 @@ def test_scope_falls_back_to_the_whole_card() -> None:
     assert s.everything and s.pool
 
 
-def test_adapters_taken_before_a_failed_read_are_announced(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A read failing after the adapters were taken (an mdev vanishing mid-read): the full
-    re-read that follows finds them unchanged, so only the failed attempt can announce them."""
+def test_a_failed_read_changes_nothing_and_the_full_read_announces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read failing half-way (an mdev vanishing mid-read) takes nothing: the state changes
+    only after the whole read, and the full re-read that follows announces the new card."""
 
     async def body(r: Rig) -> None:
-        real = r.hp.sync._sync_mdevs
+        real = r.svc.kernel.read_mdevs
         calls: list[int] = []
 
-        def flaky(changes: Changes) -> None:
+        def flaky(*args: Any) -> Any:
             calls.append(1)
             if len(calls) == 1:
                 raise KernelError(errno.ENOENT, "devices/vfio_ap/matrix", "reading")
-            real(changes)
+            return real(*args)
 
-        monkeypatch.setattr(r.hp.sync, "_sync_mdevs", flaky)
+        monkeypatch.setattr(r.svc.kernel, "read_mdevs", flaky)
         r.host.plug_adapter(0x0B, "CEX8P")
         await r.idle()
         assert len(calls) == 2 and r.svc.adapter(0x0B).type == "CEX8P"
-        assert any(0x0B in c.adapters_added for c in r.seen)
+        assert sum(0x0B in c.adapters_added for c in r.seen) == 1
+        assert r.hp.stats()["failures"] == 1
 
     run("default", body)
 
 
-def test_autostart_hook_runs_after_hot_plug() -> None:
+def test_a_resync_that_keeps_failing_is_retried_with_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def body(r: Rig) -> None:
+        real = r.svc.kernel.read_mdevs
+        calls: list[float] = []
+
+        def broken(*args: Any) -> Any:
+            calls.append(time.monotonic())
+            if len(calls) <= 4:  # the batch, its full re-read, the first retry's two
+                raise KernelError(errno.EIO, "devices/vfio_ap/matrix", "reading")
+            return real(*args)
+
+        monkeypatch.setattr(r.svc.kernel, "read_mdevs", broken)
+        r.host.plug_adapter(0x0B, "CEX8P")
+        for _ in range(300):  # no uevent comes: only the retries can pick the card up
+            await asyncio.sleep(0.01)
+            if 0x0B in r.svc.state.adapters:
+                break
+        assert r.svc.adapter(0x0B).type == "CEX8P"
+        assert len(calls) == 5
+        assert calls[2] - calls[1] >= 0.09 and calls[4] - calls[3] >= 0.19  # 0.1 s, then 0.2 s
+
+    run("default", body)
+
+
+def test_autostart_hook_runs_after_hot_plug(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apmatrixd.service import ops
+
     async def body(r: Rig) -> None:
         called: list[int] = []
-        r.svc.start_waiting = lambda: called.append(1) or []  # type: ignore[method-assign]
+        real = ops.start_waiting
+
+        def spy(svc: Service) -> Any:
+            called.append(1)
+            return (yield from real(svc))
+
+        monkeypatch.setattr(ops, "start_waiting", spy)
         r.host.plug_adapter(0x0C)
         await r.idle()
         assert called
@@ -346,12 +383,12 @@ def test_matrix_changed_by_hand_is_drift_and_adopted() -> None:
         r.svc.reserve([7], [])
         r.seen.clear()
         r.write(f"devices/vfio_ap/matrix/{G1}/assign_adapter", "7")  # no uevent at all
-        r.hp.rescan()
+        await r.hp.rescan()
         g1 = r.svc.matrix(G1)
         assert g1.adapters == (5, 6, 7)
         assert r.svc.registry.get(G1).adapters == {5, 6, 7}  # adopted: it is valid
         assert r.drifts() == [(G1, "adapters: kernel 05,06,07 vs registry 05,06")]
-        r.hp.rescan()
+        await r.hp.rescan()
         assert len(r.drifts()) == 1  # said once
         assert r.svc.registry.violations() == []
 
@@ -367,7 +404,7 @@ def test_adopted_drift_is_stored_so_a_restart_keeps_it(tmp_path: Path) -> None:
         two_guests(r.svc)
         r.svc.reserve([7], [])
         r.write(f"devices/vfio_ap/matrix/{G1}/assign_adapter", "7")
-        r.hp.rescan()
+        await r.hp.rescan()
         assert Store(tmp_path).load().matrices[G1].adapters == {5, 6, 7}
         again = Service(Kernel(TreeSysfs(r.host)), store=Store(tmp_path))
         again.load()  # a restart on the same host
@@ -384,7 +421,7 @@ def test_drift_that_breaks_a_rule_is_shown_not_adopted() -> None:
         r.svc.create_matrix(X, adapters=[5], domains=[0xAB], start=False)  # only defined
         r.seen.clear()
         r.write(f"devices/vfio_ap/matrix/{G1}/assign_domain", "0xab")  # the kernel allows it
-        r.hp.rescan()
+        await r.hp.rescan()
         g1 = r.svc.matrix(G1)
         assert g1.domains == (4, 0xAB)  # the truth is shown
         assert r.svc.registry.get(G1).domains == {4}  # the registry stays valid
@@ -393,7 +430,7 @@ def test_drift_that_breaks_a_rule_is_shown_not_adopted() -> None:
         assert "not adopted" in what
         assert r.svc.registry.violations() == []
         r.write(f"devices/vfio_ap/matrix/{G1}/unassign_domain", "0xab")  # put back
-        r.hp.rescan()
+        await r.hp.rescan()
         assert r.svc.matrix(G1).domains == (4,)
         assert len(r.drifts()) == 1
 
@@ -442,7 +479,7 @@ def test_own_changes_are_not_drift() -> None:
         r.svc.remove(G2)
         r.svc.release([], [0x47])
         await r.idle()
-        r.hp.rescan()
+        await r.hp.rescan()
         assert r.drifts() == []
 
     run("default", body)

@@ -17,6 +17,7 @@ changes nothing and nobody wants its answer, so it is dropped unread
 from __future__ import annotations
 
 import array
+import collections.abc
 import functools
 import inspect
 import logging
@@ -81,7 +82,10 @@ def drop_unwanted_reads(msg: Message) -> bool:
 
 
 def call(fn: Handler) -> Any:
-    """Declare a D-Bus method: authorise, then run ``fn`` (synchronous), then map errors.
+    """Declare a D-Bus method: authorise, run ``fn``, then map errors.
+
+    ``fn`` answers a read at once, or returns the future of the command it queued (every
+    change), which is awaited here: the loop serves other calls meanwhile.
 
     dbus-fast reads the D-Bus signature from the annotations (``Annotated`` aliases); they are
     resolved here once, and ``-> None`` is dropped (dbus-fast would take it for a signature).
@@ -93,13 +97,18 @@ def call(fn: Handler) -> Any:
         p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
     ]
     ret = hints.get("return", inspect.Signature.empty)
+    if typing.get_origin(ret) is collections.abc.Awaitable:  # a queued change: what it gives
+        (ret,) = typing.get_args(ret)
 
     @functools.wraps(fn)
     async def wrapper(self: Exported, *args: Any) -> Any:
         key = f"{self.name}.{member}"
         try:
             await self.authority.authorise(key)
-            return fn(self, *args)
+            result = fn(self, *args)
+            if inspect.isawaitable(result):  # a change: queued as a command, await its commit
+                result = await result
+            return result
         except DBusError:
             raise
         except Exception as exc:

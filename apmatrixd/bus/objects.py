@@ -1,13 +1,14 @@
 """The three kinds of exported object: the Manager, one Matrix per matrix, one Adapter per card.
 
-Thin on purpose: each method authorises (via :func:`call`), unpacks D-Bus values, and asks
-the service. The service decides, writes the kernel and reports what changed; the
+Thin on purpose: each method authorises (via :func:`call`), unpacks D-Bus values, and queues
+its change as a command on the service (reads are answered at once). The command decides,
+writes the kernel and the store, and reports what changed; the
 :class:`~apmatrixd.bus.tree.ObjectTree` turns those reports into signals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from dbus_fast import Variant
@@ -17,6 +18,7 @@ from dbus_fast.service import dbus_signal
 from apmatrixd.bus import names
 from apmatrixd.bus.base import Exported, call, prop
 from apmatrixd.core import InvalidArgument
+from apmatrixd.service import ops
 
 if TYPE_CHECKING:
     from apmatrixd.auth import Authority
@@ -60,6 +62,7 @@ def manager_values(host: HostView) -> dict[str, Any]:
         "HostAdapters": _ids(host.host_adapters),
         "HostDomains": _ids(host.host_domains),
         "Settling": bool(host.settling),
+        "Pending": host.pending,
     }
 
 
@@ -121,11 +124,12 @@ class Manager(Exported):
     HostAdapters = prop("HostAdapters", "au")
     HostDomains = prop("HostDomains", "au")
     Settling = prop("Settling", "b")
+    Pending = prop("Pending", "s")
 
     @call
-    def CreateMatrix(self, uuid: Str, options: Options) -> Path:
+    async def CreateMatrix(self, uuid: Str, options: Options) -> Path:
         kwargs = parse_options(options)
-        view = self._service.create_matrix(uuid, **kwargs)
+        view = await self._service.submit("CreateMatrix", ops.create_matrix, uuid, **kwargs)
         return self._tree.ensure_matrix(view.uuid)
 
     @call
@@ -133,21 +137,21 @@ class Manager(Exported):
         return self._service.check_rows(adapters, domains, uuid)  # a(uus) takes the tuples
 
     @call
-    def Reserve(self, adapters: Ids, domains: Ids) -> None:
-        self._service.reserve(adapters, domains)
+    def Reserve(self, adapters: Ids, domains: Ids) -> Awaitable[None]:
+        return self._service.submit("Reserve", ops.reserve, adapters, domains)
 
     @call
-    def Release(self, adapters: Ids, domains: Ids) -> None:
-        self._service.release(adapters, domains)
+    def Release(self, adapters: Ids, domains: Ids) -> Awaitable[None]:
+        return self._service.submit("Release", ops.release, adapters, domains)
 
     @call
-    def ImportMdevctl(self, dir: Str) -> Paths:
-        uuids = self._service.import_mdevctl(dir)
+    async def ImportMdevctl(self, dir: Str) -> Paths:
+        uuids = await self._service.submit("ImportMdevctl", ops.import_mdevctl, dir)
         return [self._tree.ensure_matrix(u) for u in uuids]
 
     @call
-    def ExportMdevctl(self, dir: Str) -> None:
-        self._service.export_mdevctl(dir)
+    async def ExportMdevctl(self, dir: Str) -> None:
+        await self._service.submit("ExportMdevctl", ops.export_mdevctl, dir)
 
     @dbus_signal()
     def Drift(self, matrix: str, what: str) -> DriftArgs:
@@ -176,44 +180,49 @@ class Matrix(Exported):
     SysfsPath = prop("SysfsPath", "s")
 
     @call
-    def AssignAdapter(self, adapter: U32) -> None:
-        self._service.assign(self.uuid, "adapter", adapter)
+    def AssignAdapter(self, adapter: U32) -> Awaitable[None]:
+        return self._change("AssignAdapter", "adapter", adapter, add=True)
 
     @call
-    def UnassignAdapter(self, adapter: U32) -> None:
-        self._service.unassign(self.uuid, "adapter", adapter)
+    def UnassignAdapter(self, adapter: U32) -> Awaitable[None]:
+        return self._change("UnassignAdapter", "adapter", adapter, add=False)
 
     @call
-    def AssignDomain(self, domain: U32) -> None:
-        self._service.assign(self.uuid, "domain", domain)
+    def AssignDomain(self, domain: U32) -> Awaitable[None]:
+        return self._change("AssignDomain", "domain", domain, add=True)
 
     @call
-    def UnassignDomain(self, domain: U32) -> None:
-        self._service.unassign(self.uuid, "domain", domain)
+    def UnassignDomain(self, domain: U32) -> Awaitable[None]:
+        return self._change("UnassignDomain", "domain", domain, add=False)
 
     @call
-    def AssignControlDomain(self, domain: U32) -> None:
-        self._service.assign(self.uuid, "control_domain", domain)
+    def AssignControlDomain(self, domain: U32) -> Awaitable[None]:
+        return self._change("AssignControlDomain", "control_domain", domain, add=True)
 
     @call
-    def UnassignControlDomain(self, domain: U32) -> None:
-        self._service.unassign(self.uuid, "control_domain", domain)
+    def UnassignControlDomain(self, domain: U32) -> Awaitable[None]:
+        return self._change("UnassignControlDomain", "control_domain", domain, add=False)
 
     @call
-    def Update(self, adapters: Ids, domains: Ids, control_domains: Ids) -> None:
-        self._service.update(self.uuid, adapters, domains, control_domains)
+    def Update(self, adapters: Ids, domains: Ids, control_domains: Ids) -> Awaitable[None]:
+        return self._service.submit(
+            "Update", ops.update, self.uuid, adapters, domains, control_domains
+        )
 
     @call
-    def Start(self) -> None:
-        self._service.start(self.uuid)
+    def Start(self) -> Awaitable[None]:
+        return self._service.submit("Start", ops.start, self.uuid)
 
     @call
-    def Stop(self) -> None:
-        self._service.stop(self.uuid)
+    def Stop(self) -> Awaitable[None]:
+        return self._service.submit("Stop", ops.stop, self.uuid)
 
     @call
-    def Remove(self) -> None:
-        self._service.remove(self.uuid)
+    def Remove(self) -> Awaitable[None]:
+        return self._service.submit("Remove", ops.remove, self.uuid)
+
+    def _change(self, what: str, kind: ops.Kind, id: int, *, add: bool) -> Awaitable[None]:
+        return self._service.submit(what, ops.change_one, self.uuid, kind, id, add=add)
 
 
 class Adapter(Exported):

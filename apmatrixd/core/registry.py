@@ -12,9 +12,17 @@ rules and nothing looser:
 - control domains may be shared.
 
 Beyond the kernel, a matrix that is only defined (not live) keeps its APQNs too, so every
-definition can always start. An owner index (APQN -> matrix) and a per-adapter one (adapter
--> matrices) make a decision cost follow the matrices it touches: the same with ten matrices
-as with ten thousand, and a query of the whole host no dearer than its answer.
+definition can always start.
+
+The kernel's truth counts as well. A live matrix whose mdev was changed behind the daemon's
+back to sets the registry could not accept keeps its registry sets, and the APQNs its mdev
+holds beyond them are *claims* (:meth:`Registry.set_truth`); a host pool the kernel holds but
+the registry could not adopt is the *truth pool*. Every decision counts both, so no change is
+refused by the kernel for a reason the registry could have named.
+
+An owner index (APQN -> matrix) and a per-adapter one (adapter -> matrices) make a
+decision cost follow the matrices it touches: the same with ten matrices as with ten
+thousand, and a query of the whole host no dearer than its answer.
 """
 
 from __future__ import annotations
@@ -146,6 +154,10 @@ class Registry:
     _by_domain: dict[int, set[str]] = field(default_factory=dict)
     # name -> UUIDs holding it, in insertion order (one, unless restored past the rules)
     _by_name: dict[str, dict[str, None]] = field(default_factory=dict)
+    # The kernel's truth where it differs from the registry and could not be adopted.
+    _claims: dict[tuple[int, int], str] = field(default_factory=dict)
+    _claimed_by: dict[str, frozenset[tuple[int, int]]] = field(default_factory=dict)
+    truth_pool: HostPool | None = None
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -185,6 +197,38 @@ class Registry:
         """From an index: a scan per stored definition made loading 10,000 of them O(n^2)."""
         holders = self._by_name.get(name) if name else None
         return self._matrices[next(iter(holders))] if holders else None
+
+    # -- the kernel's truth -------------------------------------------------------------
+    def set_truth(self, uuid: str, adapters: Iterable[int], domains: Iterable[int]) -> None:
+        """The mdev of ``uuid`` holds adapters x domains in the kernel: what its registry
+        sets lack is claimed for it in every decision (until :meth:`clear_truth`)."""
+        self.clear_truth(uuid)
+        m = self.get(uuid)
+        extra = frozenset(
+            (a, d) for a in adapters for d in domains if a not in m.adapters or d not in m.domains
+        )
+        if extra:
+            self._claimed_by[uuid] = extra
+            for q in extra:
+                self._claims.setdefault(q, uuid)
+
+    def clear_truth(self, uuid: str) -> None:
+        for q in self._claimed_by.pop(uuid, ()):
+            if self._claims.get(q) == uuid:
+                del self._claims[q]
+                for other, qs in self._claimed_by.items():  # rare: two claims of one APQN
+                    if q in qs:
+                        self._claims[q] = other
+                        break
+
+    def claims(self) -> Mapping[tuple[int, int], str]:
+        """APQN -> the live matrix whose mdev holds it beyond its registry sets."""
+        return MappingProxyType(self._claims)
+
+    def owns_in_host(self, apqn: Apqn) -> bool:
+        """The host pool has ``apqn``, in the registry or in the kernel's truth."""
+        truth = self.truth_pool
+        return self.pool.owns(apqn) or (truth is not None and truth.owns(apqn))
 
     def clashes(
         self, adapters: Iterable[int], domains: Iterable[int], exclude: str | None = None
@@ -233,9 +277,18 @@ class Registry:
     ) -> Iterable[tuple[Any, ...]]:
         """The asked APQNs the host pool holds, as (adapter, domain, *tail) in order.
 
-        For the masks, all built by itertools.product in C.
+        For the masks, all built by itertools.product in C. A truth pool adds its own.
         """
-        pool = self.pool
+        mine = self._pool_pairs(self.pool, want_a, want_d, *tail)
+        if self.truth_pool is None:
+            return mine
+        more = self._pool_pairs(self.truth_pool, want_a, want_d, *tail)
+        return sorted(set(mine) | set(more))
+
+    @staticmethod
+    def _pool_pairs(
+        pool: HostPool, want_a: frozenset[int], want_d: frozenset[int], *tail: str
+    ) -> Iterable[tuple[Any, ...]]:
         if pool.queues is None:
             pool_a, pool_d = sorted(want_a & pool.adapters), sorted(want_d & pool.domains)
             return product(pool_a, pool_d, *((t,) for t in tail))
@@ -253,6 +306,20 @@ class Registry:
         """(adapter, domain, owner, owner's name) of the asked APQNs other matrices hold, in
         order: by the owner index, from whichever side is smaller, the asked APQNs of the
         adapters some matrix holds or the matrices holding an asked adapter."""
+        held = self._held_indexed(want_a, want_d, exclude)
+        if not self._claims:
+            return held
+        matrices = self._matrices
+        more = {
+            (a, d, u, matrices[u].name)
+            for (a, d), u in self._claims.items()
+            if u != exclude and a in want_a and d in want_d
+        }
+        return sorted(set(held) | more) if more else held
+
+    def _held_indexed(
+        self, want_a: frozenset[int], want_d: frozenset[int], exclude: str | None
+    ) -> list[tuple[int, int, str, str]]:
         by_adapter = self._by_adapter
         adapters = want_a & by_adapter.keys()
         visits = sum(len(by_adapter[a]) for a in adapters)
@@ -386,6 +453,10 @@ class Registry:
                     m = self._matrices[uuid]
                     seen.update(Apqn(a, d) for a in m.adapters)
             busy = [Clash(q, self._owner[q], self._matrices[self._owner[q]].name) for q in seen]
+        for (a, d), uuid in self._claims.items():  # held in the kernel: it would say EBUSY
+            q = Apqn(a, d)
+            if new.owns(q) and not old.owns(q) and q not in self._owner:
+                busy.append(Clash(q, uuid, self._matrices[uuid].name))
         return Decision(change, busy=tuple(sorted(busy)), noop=new == old)
 
     # -- applying -------------------------------------------------------------------------
@@ -411,6 +482,7 @@ class Registry:
         if isinstance(change, RemoveMatrix):
             old = self._matrices[change.uuid]
             self._drop(old)
+            self.clear_truth(old.uuid)
             return DefineMatrix(old)
         if isinstance(change, UpdateMatrix):
             old = self._matrices[change.uuid]

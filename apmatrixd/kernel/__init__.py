@@ -12,6 +12,7 @@ from apmatrixd.kernel.backend import (
     Kernel,
     Layout,
     MdevInfo,
+    Write,
 )
 from apmatrixd.kernel.errors import KernelError
 from apmatrixd.kernel.io import OsSysfs, SysfsIO, TreeSysfs
@@ -28,4 +29,5 @@ __all__ = [
     "OsSysfs",
     "SysfsIO",
     "TreeSysfs",
+    "Write",
 ]

@@ -42,6 +42,7 @@ __all__ = [
     "KernelError",
     "Layout",
     "MdevInfo",
+    "Write",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,33 +61,16 @@ _MODES = {"C": "CCA-Coproc", "P": "EP11-Coproc", "A": "Accelerator"}
 
 
 @dataclass(frozen=True)
-class _Write:
+class Write:
+    """One sysfs write and the write that undoes it (None: nothing to undo)."""
+
     path: str
     data: str
     undo_path: str | None = None
     undo_data: str = ""
 
-
-class _Transaction:
-    """Writes with their inverses; on failure the done ones are undone newest first."""
-
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
-        self.done: list[_Write] = []
-
-    def write(self, step: _Write) -> None:
-        self.kernel._write(step.path, step.data)
-        self.done.append(step)
-
-    def rollback(self) -> None:
-        for step in reversed(self.done):
-            if step.undo_path is None:
-                continue
-            try:
-                self.kernel._write(step.undo_path, step.undo_data)
-            except KernelError as e:
-                log.error("undo failed, sysfs may now differ from the registry: %s", e)
-        self.done.clear()
+    def __str__(self) -> str:
+        return f"writing {self.data!r} to {self.path}"
 
 
 class Kernel:
@@ -177,17 +161,34 @@ class Kernel:
         return formats.parse_mask(text, path)
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Serialise with s390-tools when a lock path was given (real /sys only)."""
+    def locked(self) -> Iterator[None]:
+        """Serialise with s390-tools when a lock path was given (real /sys only).
+
+        Blocking: called from the service's worker thread, never from the event loop.
+        """
         if self.lock_path is None:
             yield
             return
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.lock_path, flags, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
+
+    def boot_id(self) -> str:
+        """Which boot of the host this is: a journal entry of another boot says nothing about
+        what the kernel holds now. The emulator's own (each emulated host is a new boot),
+        else the running kernel's; '' if unknown."""
+        tree_boot = getattr(getattr(self.io, "tree", None), "boot_id", None)
+        if isinstance(tree_boot, str):
+            return tree_boot
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                return f.read().strip()
+        except OSError:
+            return ""
 
     # -- reading ----------------------------------------------------------------------------
     def read_limits(self) -> Limits:
@@ -452,11 +453,11 @@ class Kernel:
 
     # -- single writes ----------------------------------------------------------------------
     def create_mdev(self, uuid: str) -> None:
-        with self._locked():
+        with self.locked():
             self._write(f"{self._layout.type_dir}/create", normalize_uuid(uuid))
 
     def remove_mdev(self, uuid: str) -> None:
-        with self._locked():
+        with self.locked():
             self._write(f"{self.mdev_path(uuid)}/remove", "1")
 
     def _attr(self, uuid: str, verb: str, kind: str) -> str:
@@ -466,58 +467,84 @@ class Kernel:
 
     def assign(self, uuid: str, kind: str, id: int) -> None:
         path = self._attr(uuid, "assign", kind)
-        with self._locked():
+        with self.locked():
             self._write(path, formats.format_id(kind, id))
 
     def unassign(self, uuid: str, kind: str, id: int) -> None:
         path = self._attr(uuid, "unassign", kind)
-        with self._locked():
+        with self.locked():
             self._write(path, formats.format_id(kind, id))
 
     # -- all-or-nothing changes -------------------------------------------------------------
     def apply_matrix(self, uuid: str, old: Matrix | None, new: Matrix | None) -> None:
-        """Take one mdev from ``old`` to ``new`` (None = absent), or leave it as it was.
+        """Take one mdev from ``old`` to ``new`` (None = absent), or leave it as it was."""
+        self.run(self.plan_matrix(uuid, old, new))
+
+    def plan_matrix(self, uuid: str, old: Matrix | None, new: Matrix | None) -> list[Write]:
+        """The writes that take one mdev from ``old`` to ``new`` (None = absent).
 
         What goes is unassigned first and what comes assigned after, so every intermediate
         cross product is a subset of ``old`` or of ``new`` and the kernel has no reason to
-        refuse one that it would not refuse at the end.
+        refuse one that it would not refuse at the end. A removal is one write, with no
+        inverse: an mdev is never re-created to undo anything.
         """
         uuid = normalize_uuid(uuid)
         if old is None and new is None:
-            return
+            return []
         base = self.mdev_path(uuid)
         if new is None:
-            with self._locked():
-                self._write(f"{base}/remove", "1")  # one write: nothing to undo
-            return
-        steps: list[_Write] = []
+            return [Write(f"{base}/remove", "1")]
+        steps: list[Write] = []
         if old is None:
-            steps.append(_Write(f"{self._layout.type_dir}/create", uuid, f"{base}/remove", "1"))
+            steps.append(Write(f"{self._layout.type_dir}/create", uuid, f"{base}/remove", "1"))
             old = Matrix(uuid)
         before = (old.adapters, old.domains, old.control_domains)
         after = (new.adapters, new.domains, new.control_domains)
         for kind, was, will in zip(KINDS, before, after, strict=True):
             for i in sorted(was - will):
                 text = formats.format_id(kind, i)
-                steps.append(_Write(f"{base}/unassign_{kind}", text, f"{base}/assign_{kind}", text))
+                steps.append(Write(f"{base}/unassign_{kind}", text, f"{base}/assign_{kind}", text))
         for kind, was, will in zip(KINDS, before, after, strict=True):
             for i in sorted(will - was):
                 text = formats.format_id(kind, i)
-                steps.append(_Write(f"{base}/assign_{kind}", text, f"{base}/unassign_{kind}", text))
-        self._run(steps)
+                steps.append(Write(f"{base}/assign_{kind}", text, f"{base}/unassign_{kind}", text))
+        return steps
+
+    def read_mdev_sets(self, uuid: str) -> Matrix | None:
+        """What one mdev holds now (its assignment, not the guest view); None if absent."""
+        uuid = normalize_uuid(uuid)
+        base = self.mdev_path(uuid)
+        try:
+            control = formats.parse_ids(
+                self._read(f"{base}/control_domains"), f"{base}/control_domains", 4
+            )
+            if self._layout.name == "upstream":
+                a, d = formats.parse_matrix(self._read(f"{base}/matrix"), f"{base}/matrix")
+            else:
+                a = formats.parse_ids(self._read(f"{base}/adapters"), f"{base}/adapters", 2)
+                d = formats.parse_ids(self._read(f"{base}/domains"), f"{base}/domains", 4)
+        except KernelError as err:
+            if err.errno == errno.ENOENT:
+                return None
+            raise
+        return Matrix(uuid, a, d, control)
 
     def set_pool(self, old: HostPool, new: HostPool) -> None:
         """Move APQNs between the host's drivers and vfio, all or nothing."""
+        self.run(self.plan_pool(old, new))
+
+    def plan_pool(self, old: HostPool, new: HostPool) -> list[Write]:
+        """The writes that move the host pool from ``old`` to ``new`` (reads queue drivers on
+        the 2017 layout)."""
         if self._layout.name == "upstream":
             if old.per_queue or new.per_queue:
                 raise InvalidArgument("the upstream host pool is two masks, not a queue list")
-            self._run(self._mask_steps(old, new))
-        else:
-            if old.queues is None or new.queues is None:
-                raise InvalidArgument("the rfc2017 host pool is a queue list, not masks")
-            self._run(self._queue_steps(old.queues, new.queues))
+            return self._mask_steps(old, new)
+        if old.queues is None or new.queues is None:
+            raise InvalidArgument("the rfc2017 host pool is a queue list, not masks")
+        return self._queue_steps(old.queues, new.queues)
 
-    def _mask_steps(self, old: HostPool, new: HostPool) -> list[_Write]:
+    def _mask_steps(self, old: HostPool, new: HostPool) -> list[Write]:
         """Narrow both masks first, then widen: no step can hand back an APQN early.
 
         Writing ``apmask`` before ``aqmask`` when one gains bits and the other loses them
@@ -525,7 +552,7 @@ class Kernel:
         with EBUSY if a matrix holds it. Narrowing first avoids that; a pure reserve or
         release is still one write.
         """
-        steps: list[_Write] = []
+        steps: list[Write] = []
         current = {"apmask": old.adapters, "aqmask": old.domains}
         plan = [
             ("apmask", old.adapters & new.adapters),
@@ -538,16 +565,16 @@ class Kernel:
                 continue
             path = f"{AP_BUS}/{name}"
             steps.append(
-                _Write(path, formats.format_mask(ids), path, formats.format_mask(current[name]))
+                Write(path, formats.format_mask(ids), path, formats.format_mask(current[name]))
             )
             current[name] = ids
         return steps
 
-    def _queue_steps(self, old: frozenset[Apqn], new: frozenset[Apqn]) -> list[_Write]:
+    def _queue_steps(self, old: frozenset[Apqn], new: frozenset[Apqn]) -> list[Write]:
         """Per-queue driver moves: reserve (host -> vfio) first, then release."""
         moves = [(q, self._layout.vfio_driver) for q in sorted(old - new)]
         moves += [(q, HOST_DRIVER) for q in sorted(new - old)]
-        steps: list[_Write] = []
+        steps: list[Write] = []
         for q, target in moves:
             driver = self._driver_of(f"{AP_DEVICES}/card{q.adapter:02x}/{q}")
             if driver == target:
@@ -558,19 +585,38 @@ class Kernel:
                     f"{AP_BUS}/drivers/{driver}/unbind",
                     f"{AP_BUS}/drivers/{driver}/bind",
                 )
-                steps.append(_Write(unbind, name, bind, name))
+                steps.append(Write(unbind, name, bind, name))
             bind, unbind = f"{AP_BUS}/drivers/{target}/bind", f"{AP_BUS}/drivers/{target}/unbind"
-            steps.append(_Write(bind, name, unbind, name))
+            steps.append(Write(bind, name, unbind, name))
         return steps
 
-    def _run(self, steps: list[_Write]) -> None:
+    def write(self, step: Write) -> None:
+        """One write of a plan (the caller holds :meth:`locked`)."""
+        self._write(step.path, step.data)
+
+    def undo(self, done: Iterable[Write]) -> list[KernelError]:
+        """Undo written steps, newest first; the failures (logged), empty if all went back."""
+        failed: list[KernelError] = []
+        for step in reversed(list(done)):
+            if step.undo_path is None:
+                continue
+            try:
+                self._write(step.undo_path, step.undo_data)
+            except KernelError as e:
+                log.error("undo failed, sysfs may now differ from the registry: %s", e)
+                failed.append(e)
+        return failed
+
+    def run(self, steps: list[Write]) -> None:
+        """All of ``steps`` under the lock, or none: the done ones undone on a refusal."""
         if not steps:
             return
-        with self._locked():
-            tx = _Transaction(self)
+        with self.locked():
+            done: list[Write] = []
             try:
                 for step in steps:
-                    tx.write(step)
+                    self.write(step)
+                    done.append(step)
             except KernelError:
-                tx.rollback()
+                self.undo(done)
                 raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -60,6 +61,8 @@ class Host(ApKernel):
     def __init__(self, scenario: Scenario) -> None:
         super().__init__(scenario)
         self.tree = Tree(self)
+        # What /proc/sys/kernel/random/boot_id is to a real host: new at every boot.
+        self.boot_id = str(uuidlib.uuid4())
         self.faults: dict[str, deque[int]] = {}
         self.internal_errors: list[str] = []
 

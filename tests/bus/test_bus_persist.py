@@ -275,7 +275,11 @@ def test_kill_anywhere_real_process(system_bus: str, polkit: Any, tmp_path: Path
                     owners[tuple(apqn)] = u
             c.close()
 
-        arun(check())
+        try:
+            arun(check())
+        except AssertionError:
+            print(d.stderr())
+            raise
     finally:
         d.terminate()
         d.close()

@@ -29,6 +29,8 @@ from typing import Any
 from busrig import MANAGER, MATRIX, ROOT, Client, Daemon, unvariant
 from dbus_fast import Message, MessageType
 
+from apmatrixd.journal import Journal
+
 LONG = bool(os.environ.get("APMATRIXD_LONG"))
 ERR = "org.apmatrix.Apmatrix1.Error."
 OURS = frozenset(
@@ -174,11 +176,15 @@ class Sim:
         return dict(sorted(out.items()))
 
     def state_bytes(self) -> dict[str, bytes]:
-        return {
+        """The state directory's files; the intent journal only as "is an intent pending?"
+        (each change writes and clears it, a refused one too)."""
+        out = {
             str(p.relative_to(self.state)): p.read_bytes()
             for p in sorted(self.state.rglob("*"))
-            if p.is_file()
+            if p.is_file() and p.name != "journal"
         }
+        out["journal"] = repr(Journal(self.state).read()).encode()
+        return out
 
 
 SimFactory = Callable[..., Sim]

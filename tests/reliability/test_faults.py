@@ -25,6 +25,7 @@ from busrig import MANAGER, MATRIX, ROOT, Client, arun
 from dbus_fast import Variant
 from relrig import ERR, SimFactory, check_all, path_of
 
+from apmatrixd.journal import Journal
 from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Service
 from apmatrixd.sim.model import Host
@@ -77,9 +78,14 @@ def everything(host: Host, svc: Service, state: Path) -> dict[str, Any]:
         "masks": [
             host.read(f"bus/ap/{m}") for m in ("apmask", "aqmask") if host.exists(f"bus/ap/{m}")
         ],
+        # The intent journal is written and cleared by every change, a failed one too: what
+        # counts is that no intent is left pending.
         "files": {
-            str(p.relative_to(state)): p.read_bytes() for p in state.rglob("*") if p.is_file()
+            str(p.relative_to(state)): p.read_bytes()
+            for p in state.rglob("*")
+            if p.is_file() and p.name != "journal"
         },
+        "intent": Journal(state).read(),
     }
 
 

@@ -6,11 +6,13 @@ import errno
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from apmatrixd.core import Apqn, Conflict
+from apmatrixd.journal import Journal
 from apmatrixd.kernel import Kernel, TreeSysfs
 from apmatrixd.service import Service
 from apmatrixd.sim.model import Host
@@ -200,17 +202,67 @@ def test_a_restart_without_reboot_finds_its_matrices_live_not_adopted(tmp_path: 
     assert (m2.state, m2.adopted) == ("defined", False)
 
 
-def test_an_interrupted_update_is_taken_back_to_the_stored_definition(tmp_path: Path) -> None:
+class Crash(BaseException):
+    """The daemon dies here (nothing catches it, as nothing runs after a SIGKILL)."""
+
+
+def crashing(armed: list[str]) -> Callable[[str], None]:
+    """A store fault hook: the daemon dies at the store step named in ``armed``."""
+
+    def fault(step: str) -> None:
+        if armed and step == armed[0]:
+            raise Crash(step)
+
+    return fault
+
+
+def test_an_interrupted_update_is_taken_back_by_its_journal_entry(tmp_path: Path) -> None:
     host = Host.from_name("default")
-    svc = service(host, tmp_path)
+    armed: list[str] = []
+    svc = service(host, tmp_path, fault=crashing(armed))
     svc.reserve([5, 6], [4])
     svc.create_matrix(G1, adapters=[5], domains=[4])
-    # The kernel got the update, the daemon died before the store did.
-    kernel = svc.kernel
-    kernel.assign(G1, "adapter", 6)
+    armed[:] = ["write"]  # the kernel got the update, the daemon died before the store did
+    with pytest.raises(Crash):
+        svc.update(G1, [5, 6], [4], [4])
+    assert svc.kernel.read_mdev(G1).adapters == {5, 6}
     svc2 = service(host, tmp_path)
     assert svc2.matrix(G1).adapters == (5,)
-    assert kernel.read_mdev(G1).adapters == {5}
+    assert svc2.kernel.read_mdev(G1).adapters == {5}
+    assert svc2.startup_drift == []  # our own change, undone: no drift
+    assert Journal(tmp_path).read() is None
+
+
+def test_an_admin_edit_while_stopped_is_drift_and_never_written_back(tmp_path: Path) -> None:
+    host = Host.from_name("default")
+    svc = service(host, tmp_path)
+    svc.reserve([5, 6], [4, 0x47])
+    svc.create_matrix(G1, adapters=[5, 6], domains=[4], autostart=True)
+    svc.kernel.assign(G1, "domain", 0x47)  # the daemon is stopped: echo 0x47 > assign_domain
+    svc2 = service(host, tmp_path)
+    assert svc2.kernel.read_mdev(G1).domains == {4, 0x47}  # not written back
+    assert svc2.matrix(G1).domains == (4, 0x47)
+    ((uuid, what),) = svc2.startup_drift
+    assert uuid == G1 and "domains: kernel 0004,0047 vs stored 0004" in what
+    stored = json.loads((tmp_path / "matrices" / f"{G1}.json").read_text())
+    assert stored["domains"] == [4, 0x47]  # adopted: the next restart keeps it too
+    svc3 = service(host, tmp_path)
+    assert svc3.startup_drift == [] and svc3.kernel.read_mdev(G1).domains == {4, 0x47}
+
+
+def test_a_create_cut_by_a_crash_can_be_retried(tmp_path: Path) -> None:
+    host = Host.from_name("default")
+    armed: list[str] = []
+    svc = service(host, tmp_path, fault=crashing(armed))
+    svc.reserve([5, 6], [4])
+    armed[:] = ["write"]  # mdev created and assigned, then the daemon died
+    with pytest.raises(Crash):
+        svc.create_matrix(G1, adapters=[5, 6], domains=[4])
+    assert svc.kernel.mdev_exists(G1)
+    svc2 = service(host, tmp_path)
+    assert not svc2.kernel.mdev_exists(G1)  # rolled back, not adopted as a foreign mdev
+    assert svc2.matrices() == []
+    assert svc2.create_matrix(G1, adapters=[5, 6], domains=[4]).state == "active"
 
 
 def test_an_unknown_live_mdev_is_adopted_and_stored_once_changed(tmp_path: Path) -> None:
@@ -285,7 +337,7 @@ def test_autostart_waits_for_its_adapter_then_hot_plug_starts_it(tmp_path: Path)
     assert svc2.matrix(G1).state == "defined"
     assert svc2.start_waiting() == []
     host.plug_adapter(6, "CEX5A")
-    svc2._take_inventory(svc2.kernel.read_host())  # what the hot-plug path does first
+    svc2.state.take_inventory(dict(svc2.kernel.read_host().adapters))  # as hot plug does first
     assert svc2.start_waiting() == [G1]
     assert svc2.matrix(G1).state == "active"
     assert set(svc2.matrix(G1).guest_apqns) == {Apqn(5, 4), Apqn(6, 4)}

@@ -1,0 +1,269 @@
+"""One queue of commands, run one at a time; their kernel and disk I/O in a worker thread.
+
+A command is a generator: it decides on the state as it is when its turn comes, yields
+:class:`Work` (blocking I/O: sysfs reads and writes, the s390 lock, fsync) and receives each
+result (or the exception, thrown in), then commits to the state and returns. Two drivers run
+the same generators:
+
+- :meth:`Executor.submit` (the daemon): commands wait in a FIFO queue; each Work runs in the
+  worker thread while the event loop goes on answering reads and queueing more commands.
+  Work that takes longer than ``pending_after`` seconds is reported (``on_pending``: the
+  Manager's ``Pending`` property, and the log) until it returns.
+- :meth:`Executor.run_now` (start-up before the loop serves, tests, benchmarks): the Work
+  runs inline in the caller's thread. Refused while a queued command is in flight, so the
+  two can never interleave.
+
+Nothing else changes the state: a command's code after its last ``yield`` runs on the loop
+without awaiting, so a read sees a change whole or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Progress:
+    """What the Work running now is doing; the worker updates it as it goes."""
+
+    text: str = ""
+
+
+@dataclass
+class Work(Generic[T]):
+    """Blocking I/O for the worker: ``fn(progress)``."""
+
+    what: str
+    fn: Callable[[Progress], T]
+
+
+Command = Generator[Work[Any], Any, T]
+
+
+class Worker:
+    """One daemon thread running functions in order (a stuck write never blocks exit)."""
+
+    def __init__(self, name: str = "apmatrixd-io") -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the loop, raised there
+                fut.set_exception(exc)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+@dataclass
+class _Job:
+    what: str
+    factory: Callable[[], Command[Any]]
+    future: asyncio.Future[Any]
+    queued: float = field(default_factory=time.monotonic)
+
+
+class Executor:
+    """The command queue of one service (see the module docstring)."""
+
+    def __init__(
+        self,
+        on_pending: Callable[[str], None] | None = None,
+        pending_after: float = 2.0,
+    ) -> None:
+        self.on_pending = on_pending
+        self.pending_after = pending_after
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._running: _Job | None = None
+        self._inline = False
+        self._task: asyncio.Task[None] | None = None
+        self._worker: Worker | None = None
+        self._pending = ""
+        self.done = 0  # commands finished (for tests and stats)
+
+    @property
+    def busy(self) -> bool:
+        """A command is running or waiting in the queue."""
+        return self._running is not None or bool(self._jobs) or self._inline
+
+    @property
+    def running(self) -> str:
+        """What the command in flight is ('' if none)."""
+        return self._running.what if self._running is not None else ""
+
+    @property
+    def queued(self) -> int:
+        return len(self._jobs)
+
+    # -- inline ------------------------------------------------------------------------------
+    def run_now(self, command: Command[T]) -> T:
+        """Drive ``command`` to its end here, its Work inline (see the module docstring)."""
+        if self._running is not None or self._inline:
+            command.close()
+            raise RuntimeError(f"a command is in flight ({self.running or 'inline'})")
+        self._inline = True
+        try:
+            return self._drive_inline(command)
+        finally:
+            self._inline = False
+
+    @staticmethod
+    def _drive_inline(command: Command[T]) -> T:
+        progress = Progress()
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                work = command.throw(error) if error is not None else command.send(result)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            result, error = None, None
+            try:
+                result = work.fn(progress)
+            except Exception as exc:
+                error = exc
+
+    # -- queued ------------------------------------------------------------------------------
+    def submit(self, what: str, factory: Callable[[], Command[T]]) -> asyncio.Future[T]:
+        """Queue a command; its future has the result once it is committed (or its error).
+
+        ``factory`` is called when the command's turn comes, so it decides on the state as
+        the commands before it left it.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.append(_Job(what, factory, fut))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return fut
+
+    async def _drain(self) -> None:
+        while self._jobs:
+            while self._inline:  # a run_now started from a callback: let it finish
+                await asyncio.sleep(0)
+            job = self._jobs.popleft()
+            if job.future.cancelled():
+                continue
+            self._running = job
+            try:
+                result = await self._drive(job)
+            except asyncio.CancelledError:
+                if not job.future.done():
+                    job.future.cancel()
+                raise
+            except Exception as exc:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            else:
+                if not job.future.done():
+                    job.future.set_result(result)
+            finally:
+                self._running = None
+                self.done += 1
+
+    async def _drive(self, job: _Job) -> Any:
+        command = job.factory()
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                work = command.throw(error) if error is not None else command.send(result)
+            except StopIteration as stop:
+                return stop.value
+            result, error = None, None
+            try:
+                result = await self._off_loop(job, work)
+            except asyncio.CancelledError:
+                command.close()
+                raise
+            except Exception as exc:
+                error = exc
+
+    async def _off_loop(self, job: _Job, work: Work[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._worker = Worker()
+        progress = Progress(work.what)
+        started = time.monotonic()
+        timer = loop.call_later(self.pending_after, self._still_waiting, job, work, progress)
+        try:
+            return await asyncio.wrap_future(self._worker.submit(lambda: work.fn(progress)))
+        finally:
+            timer.cancel()
+            if self._pending:
+                log.info(
+                    "%s: done after %.1f s (%s)", job.what, time.monotonic() - started, work.what
+                )
+                self._set_pending("")
+
+    def _still_waiting(self, job: _Job, work: Work[Any], progress: Progress) -> None:
+        text = f"{job.what}: {progress.text or work.what}"
+        log.warning("still waiting after %.0f s: %s", self.pending_after, text)
+        self._set_pending(text)
+        # Keep the text current while it waits (one write of a transaction may be stuck).
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.0, self._refresh_pending, job, work, progress)
+
+    def _refresh_pending(self, job: _Job, work: Work[Any], progress: Progress) -> None:
+        if not self._pending or self._running is not job:
+            return
+        text = f"{job.what}: {progress.text or work.what}"
+        if text != self._pending:
+            self._set_pending(text)
+        asyncio.get_running_loop().call_later(1.0, self._refresh_pending, job, work, progress)
+
+    def _set_pending(self, text: str) -> None:
+        self._pending = text
+        if self.on_pending is not None:
+            try:
+                self.on_pending(text)
+            except Exception:
+                log.exception("pending listener failed")
+
+    async def idle(self) -> None:
+        """Until every queued command has finished."""
+        while self.busy:
+            task = self._task
+            if task is not None and not task.done():
+                await asyncio.wait([task])
+            else:
+                await asyncio.sleep(0)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for job in self._jobs:
+            if not job.future.done():
+                job.future.cancel()
+        self._jobs.clear()
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None

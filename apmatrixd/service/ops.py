@@ -1,0 +1,529 @@
+"""The operations: each a command that decides, runs one transaction, commits and reports.
+
+Every operation has the same shape: check the arguments and decide in the registry (a
+refusal raises here, before any I/O), build a :class:`~apmatrixd.service.tx.Transaction`,
+``yield from svc.transact(tx)`` (the worker runs it; a failure raises here with nothing left
+of the change), re-read what the guest sees (best effort: a failed read is logged and a
+resync is asked for, the change stays committed), then commit to the state and emit one
+:class:`~apmatrixd.service.state.Changes`. Decisions count the kernel's truth (claims of
+drifted matrices and a host pool the registry could not adopt), so no change reaches the
+kernel only to be refused for a reason the registry could have named.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import uuid as uuidlib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal
+
+from apmatrixd import mdevctl
+from apmatrixd.core import (
+    AlreadyExists,
+    Apqn,
+    DefineMatrix,
+    HostPool,
+    InvalidArgument,
+    Matrix,
+    RemoveMatrix,
+    SetHostPool,
+    UpdateMatrix,
+)
+from apmatrixd.core.errors import _ClashError
+from apmatrixd.core.matrix import id_set, normalize_uuid
+from apmatrixd.kernel import AdapterInfo, KernelError, MdevInfo
+from apmatrixd.service.executor import Command, Work
+from apmatrixd.service.state import Changes, Meta
+from apmatrixd.service.tx import MatrixStep, Transaction
+from apmatrixd.service.views import MatrixView
+from apmatrixd.store import Reservations, StoredMatrix, StoreError
+
+if TYPE_CHECKING:
+    from apmatrixd.service.service import Service
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["adapter", "domain", "control_domain"]
+KINDS: tuple[Kind, ...] = ("adapter", "domain", "control_domain")
+
+# The kernel interfaces check in different orders; the daemon reports the most basic
+# problem first so an admin fixes typos before ownership questions.
+ORDER = ("invalid", "not_found", "exists", "range", "host", "conflict", "busy")
+
+
+# -- matrices ---------------------------------------------------------------------------------
+def create_matrix(
+    svc: Service,
+    uuid: str = "",
+    *,
+    adapters: Iterable[int] = (),
+    domains: Iterable[int] = (),
+    control_domains: Iterable[int] = (),
+    name: str = "",
+    autostart: bool = False,
+    start: bool = True,
+    control_usage_domains: bool = True,
+) -> Command[MatrixView]:
+    st = svc.state
+    uuid = normalize_uuid(uuid) if uuid else str(uuidlib.uuid4())
+    a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
+    c = id_set(control_domains, "control domain")
+    if control_usage_domains:
+        c |= d
+    if not isinstance(name, str) or len(name) > 255 or "\n" in name:
+        raise InvalidArgument("name must be one line of at most 255 characters")
+    m = Matrix(uuid, a, d, c, name=name, autostart=autostart)
+    define = DefineMatrix(m)
+    decision = st.registry.decide(define)
+    decision.raise_if_refused(ORDER)
+    record = st.record(uuid, m, control_usage_domains)
+    tx = Transaction(
+        f"CreateMatrix {uuid}",
+        matrices=[MatrixStep(uuid, None, m)] if start else [],
+        store={uuid: record},
+        stored_before={uuid: None},
+    )
+    yield from svc.transact(tx)
+    guest: tuple[Apqn, ...] = ()
+    if start:
+        guest = (yield from svc.read_guest(uuid)) or ()
+    st.registry.apply(define, ORDER, decision)
+    st.meta[uuid] = Meta(live=start, control_usage_domains=control_usage_domains, guest=guest)
+    _stored(svc, uuid, record)
+    changes = Changes(matrices_added={uuid})
+    st.touch_adapters(changes, a)
+    svc.emit(changes)
+    return svc.matrix(uuid)
+
+
+def change_one(svc: Service, uuid: str, kind: Kind, id: int, *, add: bool) -> Command[None]:
+    """Assign or unassign one adapter, domain or control domain."""
+    if kind not in KINDS:
+        raise InvalidArgument(f"unknown kind {kind!r}")
+    st = svc.state
+    m = st.registry.get(svc.resolve(uuid))
+    meta = st.meta[m.uuid]
+    (one,) = id_set([id], kind.replace("_", " "))
+    # A drifted matrix changes from what the kernel holds: the admin sees and edits those sets.
+    base = meta.truth.matrix() if meta.live and meta.truth is not None else m
+    sets = {
+        "adapter": set(base.adapters),
+        "domain": set(base.domains),
+        "control_domain": set(base.control_domains),
+    }
+    targets = [kind]
+    if kind == "domain" and meta.control_usage_domains:
+        targets.append("control_domain")
+    for t in targets:
+        if add:
+            sets[t].add(one)
+        else:
+            sets[t].discard(one)
+    verb = "Assign" if add else "Unassign"
+    what = f"{verb}{kind.title().replace('_', '')} {id:#x} of {m.uuid}"
+    yield from update_sets(svc, m, sets["adapter"], sets["domain"], sets["control_domain"], what)
+
+
+def update(
+    svc: Service,
+    uuid: str,
+    adapters: Iterable[int],
+    domains: Iterable[int],
+    control_domains: Iterable[int],
+) -> Command[None]:
+    st = svc.state
+    m = st.registry.get(svc.resolve(uuid))
+    a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
+    c = id_set(control_domains, "control domain")
+    if st.meta[m.uuid].control_usage_domains:
+        c |= d
+    yield from update_sets(svc, m, a, d, c, f"Update {m.uuid}")
+
+
+def update_sets(
+    svc: Service, m: Matrix, a: Iterable[int], d: Iterable[int], c: Iterable[int], what: str
+) -> Command[None]:
+    st = svc.state
+    change = UpdateMatrix(m.uuid, frozenset(a), frozenset(d), frozenset(c))
+    decision = st.registry.decide(change)
+    decision.raise_if_refused(ORDER)
+    meta = st.meta[m.uuid]
+    drifted = meta.live and meta.truth is not None
+    if decision.noop and not drifted:
+        return
+    new = m.with_sets(change.adapters, change.domains, change.control_domains)
+    record = st.record(m.uuid, new)
+    tx = Transaction(
+        what,
+        matrices=[MatrixStep(m.uuid, st.kernel_sets(m.uuid), new)] if meta.live else [],
+        store={m.uuid: record},
+        stored_before={m.uuid: st.on_disk.get(m.uuid)},
+    )
+    yield from svc.transact(tx)
+    guest = (yield from svc.read_guest(m.uuid)) if meta.live else ()
+    truth = meta.truth
+    st.registry.apply(change, ORDER, decision)
+    st.set_truth(m.uuid, None)
+    if guest is not None:
+        meta.guest = guest
+    _stored(svc, m.uuid, record)
+    changes = Changes(matrices_changed={m.uuid})
+    # An adapter's owners change only if it came or went, or if the domains changed.
+    old = truth.matrix() if truth is not None else m
+    same = m.domains == new.domains and old.domains == new.domains
+    touched = (m.adapters ^ new.adapters) | (old.adapters ^ new.adapters)
+    st.touch_adapters(changes, touched if same else m.adapters | new.adapters | old.adapters)
+    svc.emit(changes)
+
+
+def start(svc: Service, uuid: str) -> Command[None]:
+    st = svc.state
+    m = st.registry.get(svc.resolve(uuid))
+    meta = st.meta[m.uuid]
+    if meta.live:
+        return
+    # Its own APQNs against everything else, the kernel's truth included: a drifted matrix
+    # or host pool holding one of them is named here, not by the kernel's EADDRINUSE.
+    st.registry.decide(
+        UpdateMatrix(m.uuid, m.adapters, m.domains, m.control_domains)
+    ).raise_if_refused(ORDER)
+    yield from svc.transact(Transaction(f"Start {m.uuid}", matrices=[MatrixStep(m.uuid, None, m)]))
+    guest = (yield from svc.read_guest(m.uuid)) or ()
+    meta.live, meta.guest = True, guest
+    changes = Changes(matrices_changed={m.uuid})
+    st.touch_adapters(changes, m.adapters)
+    svc.emit(changes)
+
+
+def stop(svc: Service, uuid: str) -> Command[None]:
+    st = svc.state
+    m = st.registry.get(svc.resolve(uuid))
+    meta = st.meta[m.uuid]
+    if not meta.live:
+        return
+    step = MatrixStep(m.uuid, st.kernel_sets(m.uuid), None)
+    yield from svc.transact(Transaction(f"Stop {m.uuid}", matrices=[step]))
+    meta.live, meta.guest = False, ()
+    st.set_truth(m.uuid, None)
+    changes = Changes(matrices_changed={m.uuid})
+    st.touch_adapters(changes, m.adapters)
+    svc.emit(changes)
+
+
+def remove(svc: Service, uuid: str) -> Command[None]:
+    st = svc.state
+    m = st.registry.get(svc.resolve(uuid))
+    st.registry.decide(RemoveMatrix(m.uuid)).raise_if_refused(ORDER)
+    meta = st.meta[m.uuid]
+    tx = Transaction(
+        f"Remove {m.uuid}",
+        matrices=[MatrixStep(m.uuid, st.kernel_sets(m.uuid), None)] if meta.live else [],
+        store={m.uuid: None},
+        stored_before={m.uuid: st.on_disk.get(m.uuid)},
+        store_first=True,  # an mdev is never re-created: a store failure must come first
+    )
+    yield from svc.transact(tx)
+    st.registry.apply(RemoveMatrix(m.uuid))
+    del st.meta[m.uuid]
+    st.on_disk.pop(m.uuid, None)
+    changes = Changes(matrices_removed={m.uuid})
+    st.touch_adapters(changes, m.adapters)
+    svc.emit(changes)
+
+
+def set_autostart(svc: Service, uuid: str, autostart: bool) -> Command[None]:
+    st = svc.state
+    m = st.registry.get(svc.resolve(uuid))
+    if m.autostart == autostart:
+        return
+    change = UpdateMatrix(m.uuid, m.adapters, m.domains, m.control_domains, autostart=autostart)
+    record = st.record(m.uuid, Matrix(m.uuid, m.adapters, m.domains, m.control_domains,
+                                      name=m.name, autostart=autostart))  # fmt: skip
+    tx = Transaction(
+        f"Autostart {m.uuid}",
+        store={m.uuid: record},
+        stored_before={m.uuid: st.on_disk.get(m.uuid)},
+    )
+    yield from svc.transact(tx)
+    st.registry.apply(change, ORDER)
+    _stored(svc, m.uuid, record)
+    svc.emit(Changes(matrices_changed={m.uuid}))
+
+
+def _stored(svc: Service, uuid: str, record: StoredMatrix) -> None:
+    """A change written through us: the matrix is ours (no longer merely adopted)."""
+    if svc.store is not None:
+        svc.state.on_disk[uuid] = record
+    svc.state.meta[uuid].adopted = False
+
+
+# -- start what waits ---------------------------------------------------------------------------
+def start_waiting(svc: Service) -> Command[list[str]]:
+    """Start every autostart matrix that is not live and whose APQNs are all present.
+
+    A refusal (its APQNs held in the kernel by a drifted matrix, or by the host) or a kernel
+    failure leaves that matrix ``defined`` (logged) and the others go on; one Changes batch.
+    """
+    st = svc.state
+    changes = Changes()
+    started: list[str] = []
+    for uuid in sorted(st.registry.matrices):
+        m, meta = st.registry.matrices[uuid], st.meta[uuid]
+        if not m.autostart or meta.live or not all(map(st.present, m.apqns())):
+            continue
+        refusal = st.registry.decide(
+            UpdateMatrix(uuid, m.adapters, m.domains, m.control_domains)
+        ).error(ORDER)
+        if refusal is not None:
+            log.warning("autostart of matrix %s refused: %s", m.label, refusal)
+            continue
+        try:
+            yield from svc.transact(
+                Transaction(f"autostart {uuid}", matrices=[MatrixStep(uuid, None, m)])
+            )
+        except KernelError as err:
+            log.warning("autostart of matrix %s failed: %s", m.label, err)
+            continue
+        guest = (yield from svc.read_guest(uuid)) or ()
+        meta.live, meta.guest = True, guest
+        started.append(uuid)
+        changes.matrices_changed.add(uuid)
+        st.touch_adapters(changes, m.adapters)
+    if started:
+        n = len(started)
+        log.info("started %d autostart matri%s", n, "x" if n == 1 else "ces")
+    svc.emit(changes)
+    return started
+
+
+# -- host pool ----------------------------------------------------------------------------------
+def reserved_pool(pool: HostPool, a: frozenset[int], d: frozenset[int]) -> HostPool:
+    if pool.queues is not None:
+        return HostPool(
+            queues=frozenset(q for q in pool.queues if q.adapter not in a and q.domain not in d)
+        )
+    return HostPool(pool.adapters - a, pool.domains - d)
+
+
+def released_pool(
+    infos: dict[int, AdapterInfo], pool: HostPool, a: frozenset[int], d: frozenset[int]
+) -> HostPool:
+    if pool.queues is not None:
+        back = {Apqn(i.id, x) for i in infos.values() for x in i.domains if i.id in a or x in d}
+        return HostPool(queues=pool.queues | back)
+    return HostPool(pool.adapters | a, pool.domains | d)
+
+
+def reserve(svc: Service, adapters: Iterable[int], domains: Iterable[int]) -> Command[None]:
+    """Take these adapters and domains from the host's drivers, for guests."""
+    st = svc.state
+    a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
+    new = reserved_pool(_kernel_pool(svc), a, d)
+    yield from set_pool(svc, new, st.reservations.reserve(a, d), "Reserve")
+
+
+def release(svc: Service, adapters: Iterable[int], domains: Iterable[int]) -> Command[None]:
+    """Give these adapters and domains back to the host's drivers."""
+    st = svc.state
+    a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
+    new = released_pool(st.infos, _kernel_pool(svc), a, d)
+    yield from set_pool(svc, new, st.reservations.release(a, d), "Release")
+
+
+def _kernel_pool(svc: Service) -> HostPool:
+    """The host pool as the kernel holds it: a Reserve moves from there, so an admin's edit
+    that could not be adopted is neither undone nor merged into by it."""
+    reg = svc.state.registry
+    return reg.truth_pool if reg.truth_pool is not None else reg.pool
+
+
+def set_pool(svc: Service, new: HostPool, reservations: Reservations, what: str) -> Command[None]:
+    st = svc.state
+    reg = st.registry
+    change = SetHostPool(new)
+    decision = reg.decide(change)
+    decision.raise_if_refused(ORDER)
+    old = _kernel_pool(svc)
+    if new == old and decision.noop:
+        if reservations != st.reservations:  # the intent is kept even if the masks agree
+            tx = Transaction(
+                what, reservations=reservations, reservations_before=st.on_disk_reservations
+            )
+            yield from svc.transact(tx)
+            st.reservations = reservations
+            if svc.store is not None:
+                st.on_disk_reservations = reservations
+        return
+    tx = Transaction(
+        what,
+        pool=(old, new),
+        reservations=reservations,
+        reservations_before=st.on_disk_reservations,
+    )
+    yield from svc.transact(tx)
+    infos, mdevs = yield from _reread_after_pool(svc, old, new)
+    registry_old = reg.pool
+    reg.apply(change, ORDER, decision)
+    reg.truth_pool = None
+    st.reservations = reservations
+    if svc.store is not None:
+        st.on_disk_reservations = reservations
+    changes = Changes(host_changed=True)
+    if infos is not None:
+        for a, info in infos.items():
+            if info is None:
+                continue
+            st.infos[a] = info
+            view = st.adapter_view(info)
+            if st.adapters.get(a) != view:
+                st.adapters[a] = view
+                changes.adapters_changed.add(a)
+        if _touched_by(registry_old, new) is None:  # a whole read: views of every adapter
+            changes.adapters_changed |= set(st.adapters)
+    if mdevs is not None:
+        for u, meta in st.meta.items():
+            if meta.live and u in mdevs:
+                guest = tuple(sorted(mdevs[u].guest_apqns))
+                if guest != meta.guest:
+                    meta.guest = guest
+                    changes.matrices_changed.add(u)
+    svc.emit(changes)
+
+
+def _reread_after_pool(
+    svc: Service, old: HostPool, new: HostPool
+) -> Command[tuple[dict[int, AdapterInfo | None] | None, dict[str, MdevInfo] | None]]:
+    """The cards whose queues moved and the guest views, best effort."""
+    st = svc.state
+    touched = _touched_by(old, new)
+    known = dict(st.infos)
+    kernel = svc.kernel
+
+    def read(_p: object) -> tuple[dict[int, AdapterInfo | None], dict[str, MdevInfo]]:
+        if touched is None or len(touched) > 8:  # one card at a time costs a link per queue
+            infos: dict[int, AdapterInfo | None] = dict(kernel.read_adapters())
+        else:
+            infos = {a: kernel.read_adapter(a) for a in sorted(touched & known.keys())}
+        fresh = {**known, **{a: i for a, i in infos.items() if i is not None}}
+        return infos, kernel.read_mdevs(fresh)
+
+    try:
+        got: tuple[dict[int, AdapterInfo | None], dict[str, MdevInfo]]
+        got = yield Work("re-reading the host after a host pool change", read)
+        return got
+    except KernelError as err:
+        log.warning("re-reading after a host pool change failed (%s); a resync follows", err)
+        svc.request_resync()
+        return None, None
+
+
+def _touched_by(old: HostPool, new: HostPool) -> frozenset[int] | None:
+    """The adapters whose queues a pool change can move; None when it may be any."""
+    if old.queues is not None and new.queues is not None:
+        return frozenset(q.adapter for q in old.queues ^ new.queues)
+    if old.domains == new.domains:
+        return old.adapters ^ new.adapters
+    return None
+
+
+# -- mdevctl ----------------------------------------------------------------------------------
+def import_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
+    """Define every matrix of mdevctl's ``<config_dir>/matrix/<uuid>`` files; all or none.
+
+    The definitions are judged together, against each other and against every matrix
+    and the host pool: the first refusal names the file. A UUID that is live here only
+    because it was adopted, with the same sets, becomes ours (stored) instead. Imported
+    matrices are ``defined``; ``start: auto`` becomes ``autostart``. Returns the UUIDs.
+    """
+    defs = yield Work(f"reading {config_dir}", lambda _p: mdevctl.read_dir(config_dir))
+    st = svc.state
+    scratch = copy.deepcopy(st.registry)
+    claims: list[mdevctl.Definition] = []
+    news: list[Matrix] = []
+    for d in defs:
+        m = Matrix(d.uuid, d.adapters, d.domains, d.control_domains, autostart=d.autostart)
+        have = scratch.matrices.get(d.uuid)
+        if have is not None:
+            meta = st.meta.get(d.uuid)
+            same = (have.adapters, have.domains, have.control_domains) == (
+                m.adapters,
+                m.domains,
+                m.control_domains,
+            )
+            if meta is not None and meta.adopted and d.uuid not in st.on_disk and same:
+                claims.append(d)
+                continue
+            raise AlreadyExists(f"{d.source}: matrix {d.uuid} already exists")
+        err = scratch.decide(DefineMatrix(m)).error(ORDER)
+        if isinstance(err, _ClashError):
+            raise type(err)(err.clashes, d.source)
+        if err is not None:
+            raise type(err)(f"{d.source}: {err}")
+        scratch.apply(DefineMatrix(m), ORDER)
+        news.append(m)
+    records: dict[str, StoredMatrix | None] = {}
+    for m in news:
+        records[m.uuid] = st.record(m.uuid, m, m.domains <= m.control_domains)
+    for d in claims:
+        have = st.registry.get(d.uuid)
+        cud = st.meta[d.uuid].control_usage_domains
+        records[d.uuid] = st.record(d.uuid, Matrix(d.uuid, have.adapters, have.domains,
+                                    have.control_domains, have.name, d.autostart), cud)  # fmt: skip
+    tx = Transaction(
+        f"ImportMdevctl {config_dir}",
+        store=records,
+        stored_before={u: st.on_disk.get(u) for u in records},
+    )
+    yield from svc.transact(tx)
+    for m in news:
+        st.registry.apply(DefineMatrix(m), ORDER)
+        st.meta[m.uuid] = Meta(control_usage_domains=m.domains <= m.control_domains)
+    for d in claims:
+        have = st.registry.get(d.uuid)
+        change = UpdateMatrix(
+            d.uuid, have.adapters, have.domains, have.control_domains, autostart=d.autostart
+        )
+        st.registry.apply(change, ORDER)
+    for u, rec in records.items():
+        assert rec is not None
+        _stored(svc, u, rec)
+    uuids = [d.uuid for d in defs]
+    log.info("imported %d mdevctl definition(s) from %s", len(uuids), config_dir)
+    changes = Changes(matrices_added={m.uuid for m in news})
+    changes.matrices_changed |= {d.uuid for d in claims}
+    for m in news:
+        st.touch_adapters(changes, m.adapters)
+    svc.emit(changes)
+    return uuids
+
+
+def export_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
+    """Write every stored matrix as mdevctl would, to ``<config_dir>/matrix/<uuid>``.
+
+    Files of other UUIDs there are left alone. Each file is written crash-safe.
+    """
+    st = svc.state
+    kind = mdevctl.TYPES[0] if st.layout == "upstream" else mdevctl.TYPES[1]
+    files: dict[str, bytes] = {}
+    for u in sorted(st.registry.matrices):
+        if u in st.on_disk:
+            m = st.registry.get(u)
+            files[u] = mdevctl.format_definition(
+                m.adapters, m.domains, m.control_domains, m.autostart, kind
+            )
+    mdevctl.definitions_dir(config_dir)  # a bad argument is refused before any I/O
+
+    def write(_p: object) -> str:
+        try:
+            return str(mdevctl.write_dir(config_dir, files))
+        except OSError as err:
+            where = f"{config_dir}/{mdevctl.PARENT}"
+            raise StoreError(
+                f"cannot write mdevctl definitions to {where}: {err.strerror}"
+            ) from err
+
+    base = yield Work(f"writing mdevctl definitions to {config_dir}", write)
+    n = len(files)
+    log.info("exported %d matri%s to %s", n, "x" if n == 1 else "ces", base)
+    return list(files)

@@ -1,0 +1,366 @@
+"""Start-up: finish or roll back the one change the journal names, then take the host as it is.
+
+In this order, before READY=1:
+
+1. The intent journal (:mod:`apmatrixd.journal`). An intent left by a crash names the only
+   change that may be half done. If its stored records are all as it wanted, it was done;
+   if the stored records are neither before nor after, the store has moved on since and the
+   intent is stale. Otherwise it is rolled back: every mdev and the host pool it touched are
+   taken back to what the kernel held before, but only where the kernel still holds
+   something between before and after (anything else is someone else's edit, left alone),
+   and an mdev is never re-created: one that is gone stays gone (a reboot, or the change was
+   our own removal, which is then completed in the store). The stored records go back to
+   their before. The intent is then cleared, durably.
+2. Every live mdev enters the registry with the sets the kernel holds (a stored UUID is that
+   matrix, with its name and autostart; an unknown one is *adopted*).
+3. The stored reservations are applied to the host pool (after a reboot the masks are back at
+   their boot values).
+4. Every stored definition: one that is not live enters as ``defined`` (one that clashes is
+   logged and left on disk); a live one whose mdev differs from its file was changed while
+   the daemon was not running: that is drift, adopted (the file follows the kernel) and sent
+   as a ``Drift`` signal once the daemon serves (``Service.startup_drift``). Nothing an admin
+   did is written back.
+5. Every autostart matrix whose APQNs are all present is started.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from apmatrixd.core import ApmatrixError, Apqn, DefineMatrix, HostPool, Matrix, Registry
+from apmatrixd.core import SetHostPool as SetPool
+from apmatrixd.core.apqn import cross
+from apmatrixd.journal import Intent
+from apmatrixd.kernel import HostSnapshot, Kernel
+from apmatrixd.service import ops
+from apmatrixd.service.executor import Command, Work
+from apmatrixd.service.state import Meta
+from apmatrixd.service.tx import Transaction
+from apmatrixd.store import Contents, Reservations, Store, StoredMatrix
+
+if TYPE_CHECKING:
+    from apmatrixd.service.service import Service
+
+log = logging.getLogger(__name__)
+
+
+def load(svc: Service) -> Command[None]:
+    st = svc.state
+    store = svc.store
+    contents = Contents()
+    if store is not None:
+        contents = yield Work("the state directory", lambda _p: _recover(svc.kernel, store))
+    snap: HostSnapshot = yield Work("reading the AP configuration",
+                                    lambda _p: svc.kernel.read_host())  # fmt: skip
+    st.registry = Registry(limits=snap.limits, pool=snap.pool)
+    st.meta.clear()
+    st.on_disk = dict(contents.matrices)
+    st.reservations = st.on_disk_reservations = contents.reservations
+    st.take_inventory(dict(snap.adapters))
+    for mdev in sorted(snap.mdevs.values(), key=lambda m: m.uuid):
+        sm = contents.matrices.get(mdev.uuid)
+        m = Matrix(
+            mdev.uuid,
+            frozenset(mdev.adapters),
+            frozenset(mdev.domains),
+            frozenset(mdev.control_domains),
+            name=sm.name if sm else "",
+            autostart=sm.autostart if sm else False,
+        )
+        problems = st.registry.decide(DefineMatrix(m)).error(ops.ORDER)
+        if problems is not None:
+            log.warning("adopting %s although it breaks a rule: %s", m.uuid, problems)
+        st.registry.restore(DefineMatrix(m))
+        st.meta[m.uuid] = Meta(
+            live=True,
+            adopted=sm is None,
+            control_usage_domains=(
+                sm.control_usage_domains if sm else m.domains <= m.control_domains
+            ),
+            guest=tuple(sorted(mdev.guest_apqns)),
+        )
+    written = yield from _restore_pool(svc, contents.matrices.values())
+    drift: list[tuple[str, str]] = []
+    adopted: dict[str, StoredMatrix | None] = {}
+    for sm in sorted(contents.matrices.values(), key=lambda m: m.uuid):
+        live = st.registry.matrices.get(sm.uuid)
+        if live is None:
+            want = Matrix(sm.uuid, sm.adapters, sm.domains, sm.control_domains,
+                          name=sm.name, autostart=sm.autostart)  # fmt: skip
+            err = st.registry.decide(DefineMatrix(want)).error(ops.ORDER)
+            if err is not None:
+                log.error("stored matrix %s not loaded (its file is kept): %s", sm.uuid, err)
+                continue
+            st.registry.apply(DefineMatrix(want), ops.ORDER)
+            st.meta[sm.uuid] = Meta(control_usage_domains=sm.control_usage_domains)
+            continue
+        if (live.adapters, live.domains, live.control_domains) != (
+            sm.adapters,
+            sm.domains,
+            sm.control_domains,
+        ):
+            what = _drift_text(live, sm)
+            log.warning("drift: matrix %s changed while apmatrixd was not running: %s",
+                        sm.uuid, what)  # fmt: skip
+            drift.append((sm.uuid, f"changed while apmatrixd was not running: {what}"))
+            adopted[sm.uuid] = st.record(sm.uuid, live, sm.control_usage_domains)
+    if adopted:  # the files follow the kernel: a restart must never take it back
+        tx = Transaction(
+            "storing drift found at start-up",
+            store=adopted,
+            stored_before={u: st.on_disk.get(u) for u in adopted},
+        )
+        try:
+            yield from svc.transact(tx)
+        except ApmatrixError as err:
+            log.error("drift found at start-up adopted but not stored: %s", err)
+        else:
+            for u, rec in adopted.items():
+                if rec is not None:
+                    st.on_disk[u] = rec
+    if written:  # the guest views and the inventory follow the host pool
+        snap = yield Work("re-reading the AP configuration", lambda _p: svc.kernel.read_host())
+        st.take_inventory(dict(snap.adapters))
+        for uuid, meta in st.meta.items():
+            if meta.live and uuid in snap.mdevs:
+                meta.guest = tuple(sorted(snap.mdevs[uuid].guest_apqns))
+    svc.startup_drift = drift
+    yield from ops.start_waiting(svc)
+
+
+def _drift_text(live: Matrix, sm: StoredMatrix) -> str:
+    from apmatrixd.service.sync import drift_text
+
+    return drift_text(live, sm, "stored") + " (adopted)"
+
+
+def _restore_pool(svc: Service, stored: Iterable[StoredMatrix]) -> Command[bool]:
+    st = svc.state
+    r = st.reservations
+    pool = st.registry.pool
+    reserved = ops.reserved_pool(pool, r.reserved_adapters, r.reserved_domains)
+    target = ops.released_pool(st.infos, reserved, r.released_adapters, r.released_domains)
+    if target.queues is not None:
+        # Queue by queue, Reserve and Release do not commute (Release(domain) gives back
+        # queues of reserved adapters); the net record cannot tell the order, so a queue a
+        # stored matrix holds is never given back (it was not when that was stored).
+        held = {q for sm in stored for q in cross(sm.adapters, sm.domains)}
+        target = HostPool(queues=target.queues - held)
+    for new in (target, reserved):
+        change = SetPool(new)
+        decision = st.registry.decide(change)
+        if decision.noop:
+            return False
+        if not decision.accepted:
+            log.warning("stored reservations: %s", decision.error(ops.ORDER))
+            continue
+        try:
+            yield from svc.transact(Transaction("applying the stored reservations",
+                                                pool=(pool, new)))  # fmt: skip
+        except ApmatrixError as err:
+            log.error("stored reservations not applied: %s", err)
+            continue
+        st.registry.apply(change, ops.ORDER, decision)
+        log.info("stored reservations applied: host pool %s", _pool_text(new))
+        return True
+    return False
+
+
+def _pool_text(pool: HostPool) -> str:
+    if pool.queues is not None:
+        return f"{len(pool.queues)} queues"
+    return f"adapters {_runs(pool.adapters, 2)} x domains {_runs(pool.domains, 4)}"
+
+
+def _runs(ids: Iterable[int], width: int) -> str:
+    """``00-04,07-ff``: a mask of 256 ids in a log line."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    text = [f"{a:0{width}x}" if a == b else f"{a:0{width}x}-{b:0{width}x}" for a, b in out]
+    return ",".join(text) or "none"
+
+
+# -- journal recovery (in the worker) ---------------------------------------------------------
+def _sets(value: Any) -> Matrix | None:
+    if value is None:
+        return None
+    return Matrix("", frozenset(value["adapters"]), frozenset(value["domains"]),
+                  frozenset(value["control_domains"]))  # fmt: skip
+
+
+def _triple(m: Matrix | None) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+    if m is None:
+        return (frozenset(), frozenset(), frozenset())
+    return (m.adapters, m.domains, m.control_domains)
+
+
+def _same(a: Matrix | None, b: Matrix | None) -> bool:
+    return (a is None) == (b is None) and _triple(a) == _triple(b)
+
+
+def _within(cur: Matrix | None, before: Matrix | None, after: Matrix | None) -> bool:
+    """Does the kernel hold something a change from ``before`` to ``after`` passes through?"""
+    return all(
+        b & a <= c <= b | a
+        for c, b, a in zip(_triple(cur), _triple(before), _triple(after), strict=True)
+    )
+
+
+def _pool(value: Any) -> HostPool:
+    if "queues" in value:
+        return HostPool(queues=frozenset(Apqn(a, d) for a, d in value["queues"]))
+    return HostPool(frozenset(value["adapters"]), frozenset(value["domains"]))
+
+
+def _pool_within(cur: HostPool, before: HostPool, after: HostPool) -> bool:
+    if cur.queues is not None and before.queues is not None and after.queues is not None:
+        c, b, a = cur.queues, before.queues, after.queues
+        return b & a <= c <= b | a
+    return all(
+        b & a <= c <= b | a
+        for c, b, a in (
+            (cur.adapters, before.adapters, after.adapters),
+            (cur.domains, before.domains, after.domains),
+        )
+    )
+
+
+def _recover(kernel: Kernel, store: Store) -> Contents:
+    """Step 1 of the module docstring; returns the store's contents afterwards."""
+    contents = store.load()
+    intent = store.journal.read()
+    if intent is None:
+        return contents
+    try:
+        changed = _roll(kernel, store, contents, intent)
+    except (ApmatrixError, KeyError, TypeError, ValueError) as err:
+        log.error("rolling back the interrupted change %r failed: %s", intent.what, err)
+        changed = True
+    store.journal.clear_durably()
+    return store.load() if changed else contents
+
+
+def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> bool:
+    """Roll the intent's change back (or complete it); True if the store was written."""
+    stored = {u: i for u, i in intent.matrices.items() if i.get("stored")}
+
+    def now(u: str) -> Any:
+        rec = contents.matrices.get(u)
+        return rec.to_json() if rec is not None else None
+
+    res = intent.reservations
+    res_now = contents.reservations.to_json()
+    at_after = all(now(u) == i["stored_after"] for u, i in stored.items()) and (
+        res is None or res_now == res["after"]
+    )
+    known = all(now(u) in (i["stored_before"], i["stored_after"]) for u, i in stored.items()) and (
+        res is None or res_now in (res["before"], res["after"])
+    )
+    same_boot = bool(intent.boot) and intent.boot == kernel.boot_id()
+    if intent.store_first and at_after and same_boot:
+        _complete_kernel(kernel, intent)
+        return False
+    if intent.writes_store and at_after:
+        log.info("the interrupted change %r was done: nothing to roll back", intent.what)
+        return False
+    if not known:
+        log.warning("journal: the store has moved on since %r: nothing rolled back", intent.what)
+        return False
+    items = {u: i for u, i in intent.matrices.items() if "kernel_before" in i}
+    if not same_boot:
+        # Written in another boot: the kernel then is not the kernel now. Only the store
+        # can still hold a part of the change.
+        log.warning("rolling back the interrupted change %r of an earlier boot", intent.what)
+        return _store_to(store, contents, stored, "stored_before", res["before"] if res else None)
+    found = {u: kernel.read_mdev_sets(u) for u in items}
+    done = all(_same(found[u], _sets(i["kernel_after"])) for u, i in items.items())
+    removals = bool(items) and all(i["kernel_after"] is None for i in items.values())
+    pool_done = True
+    cur_pool: HostPool | None = None
+    if intent.pool is not None:
+        cur_pool = kernel.read_pool()
+        pool_done = cur_pool == _pool(intent.pool["after"])
+    if not intent.writes_store and done and pool_done:
+        log.info("the interrupted change %r was done in the kernel", intent.what)
+        return False
+    if done and removals and intent.pool is None:
+        # Our own removal, done in the kernel: an mdev is never re-created, so complete it.
+        log.info("completing the interrupted change %r (its mdevs are gone)", intent.what)
+        _store_to(store, contents, stored, "stored_after", None)
+        return True
+    log.warning("rolling back the interrupted change %r", intent.what)
+    for u, i in reversed(list(items.items())):
+        before, after = _sets(i["kernel_before"]), _sets(i["kernel_after"])
+        if _take(kernel, u, found[u], before, after, to=before):
+            log.info("matrix %s taken back to what it held before the interrupted change", u)
+    if intent.pool is not None and cur_pool is not None:
+        before_pool, after_pool = _pool(intent.pool["before"]), _pool(intent.pool["after"])
+        if cur_pool != before_pool:
+            if _pool_within(cur_pool, before_pool, after_pool):
+                kernel.set_pool(cur_pool, before_pool)
+                log.info("host pool taken back to what it was before the interrupted change")
+            else:
+                log.warning("host pool: the kernel holds another pool; left as it is")
+    return _store_to(store, contents, stored, "stored_before", res["before"] if res else None)
+
+
+def _complete_kernel(kernel: Kernel, intent: Intent) -> None:
+    """A store-first change (a removal) whose store part was done: do its kernel part."""
+    for u, i in intent.matrices.items():
+        if "kernel_before" not in i:
+            continue
+        before, after = _sets(i["kernel_before"]), _sets(i["kernel_after"])
+        if _take(kernel, u, kernel.read_mdev_sets(u), before, after, to=after):
+            log.info("matrix %s: the interrupted %r completed in the kernel", u, intent.what)
+
+
+def _take(
+    kernel: Kernel,
+    u: str,
+    cur: Matrix | None,
+    before: Matrix | None,
+    after: Matrix | None,
+    *,
+    to: Matrix | None,
+) -> bool:
+    """Take the mdev ``u`` from ``cur`` to ``to`` (``before`` or ``after``), but only if it
+    holds something between the two and is there at all; True if it was written."""
+    if _same(cur, to) or cur is None:
+        return False  # there, or gone (a reboot, or our removal): never re-created
+    if not _within(cur, before, after):
+        log.warning("matrix %s: the kernel holds more than the interrupted change did;"
+                    " left as it is", u)  # fmt: skip
+        return False
+    target = None if to is None else Matrix(u, *_triple(to))
+    kernel.apply_matrix(u, Matrix(u, *_triple(cur)), target)
+    return True
+
+
+def _store_to(
+    store: Store,
+    contents: Contents,
+    stored: dict[str, dict[str, Any]],
+    key: str,
+    reservations: dict[str, Any] | None,
+) -> bool:
+    wrote = False
+    for u, item in stored.items():
+        want = item[key]
+        rec = contents.matrices.get(u)
+        if (rec.to_json() if rec is not None else None) == want:
+            continue
+        if want is None:
+            store.remove_matrix(u)
+        else:
+            store.write_matrix(StoredMatrix.from_json(want))
+        wrote = True
+    if reservations is not None and contents.reservations.to_json() != reservations:
+        store.write_reservations(Reservations.from_json(reservations))
+        wrote = True
+    return wrote

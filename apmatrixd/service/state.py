@@ -1,0 +1,147 @@
+"""The daemon's one state: registry, per-matrix metadata, inventory, host pool, what is stored.
+
+One writer: only a command's commit step (:mod:`apmatrixd.service.executor`) changes it, on
+the event loop, after the command's kernel and store I/O is done. Reads (properties,
+GetManagedObjects, Check) are served from it at any time and see a change whole or not at
+all: a commit step never awaits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from apmatrixd.core import Apqn, Matrix, Registry
+from apmatrixd.kernel import AdapterInfo, MdevInfo
+from apmatrixd.service.views import AdapterView
+from apmatrixd.store import Reservations, StoredMatrix
+
+
+@dataclass
+class Changes:
+    """What one command changed, so the bus layer sends one signal per object."""
+
+    matrices_added: set[str] = field(default_factory=set)
+    matrices_changed: set[str] = field(default_factory=set)
+    matrices_removed: set[str] = field(default_factory=set)
+    adapters_added: set[int] = field(default_factory=set)
+    adapters_changed: set[int] = field(default_factory=set)
+    adapters_removed: set[int] = field(default_factory=set)
+    host_changed: bool = False
+    drift: list[tuple[str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.matrices_added
+            or self.matrices_changed
+            or self.matrices_removed
+            or self.adapters_added
+            or self.adapters_changed
+            or self.adapters_removed
+            or self.host_changed
+            or self.drift
+        )
+
+    def merge(self, other: Changes) -> None:
+        self.matrices_added |= other.matrices_added
+        self.matrices_changed |= other.matrices_changed
+        self.matrices_removed |= other.matrices_removed
+        self.adapters_added |= other.adapters_added
+        self.adapters_changed |= other.adapters_changed
+        self.adapters_removed |= other.adapters_removed
+        self.host_changed |= other.host_changed
+        self.drift += other.drift
+
+
+@dataclass
+class Meta:
+    """What the daemon knows of a matrix beyond its sets."""
+
+    live: bool = False
+    adopted: bool = False
+    control_usage_domains: bool = True
+    guest: tuple[Apqn, ...] = ()
+    # What sysfs holds when it drifted to sets the registry cannot accept: shown in the
+    # properties and claimed in every decision (Registry.set_truth), while the registry
+    # keeps its last valid sets.
+    truth: MdevInfo | None = None
+
+
+@dataclass
+class State:
+    """Everything the daemon holds; see the module docstring for who may change it."""
+
+    layout: str
+    version: str
+    registry: Registry = field(default_factory=Registry)
+    meta: dict[str, Meta] = field(default_factory=dict)
+    # The last read of each card; its ``domains`` are the queues present (one shared set per
+    # card, not 65,536 Apqn tuples on a 256 x 256 host), and the Adapter views built from it.
+    infos: dict[int, AdapterInfo] = field(default_factory=dict)
+    adapters: dict[int, AdapterView] = field(default_factory=dict)
+    reservations: Reservations = field(default_factory=Reservations)
+    on_disk: dict[str, StoredMatrix] = field(default_factory=dict)  # as last written
+    on_disk_reservations: Reservations = field(default_factory=Reservations)
+    settling: bool = False
+    pending: str = ""  # what a command has been waiting on for long (Manager.Pending)
+
+    # -- inventory ------------------------------------------------------------------------
+    def take_inventory(self, infos: dict[int, AdapterInfo]) -> None:
+        self.infos = dict(infos)
+        self.adapters = {a.id: self.adapter_view(a) for a in infos.values()}
+
+    def present(self, q: Apqn) -> bool:
+        """Is this queue on the host (as last read)?"""
+        info = self.infos.get(q.adapter)
+        return info is not None and q.domain in info.domains
+
+    def adapter_view(self, a: AdapterInfo) -> AdapterView:
+        return AdapterView(
+            id=a.id,
+            type=a.type,
+            mode=a.mode,
+            online=a.online,
+            configured=a.configured,
+            domains=tuple(sorted(a.domains)),
+            guest_domains=tuple(sorted(a.guest_domains)),
+            owners=self.registry.owners_of_adapter(a.id),
+        )
+
+    def touch_adapters(self, changes: Changes, adapters: Iterable[int]) -> None:
+        """Refresh the owners of these adapters' views; note the ones that changed."""
+        for a in adapters:
+            view = self.adapters.get(a)
+            if view is None:
+                continue
+            fresh = replace(view, owners=self.registry.owners_of_adapter(a))
+            if fresh != view:
+                self.adapters[a] = fresh
+                changes.adapters_changed.add(a)
+
+    # -- the kernel's truth -----------------------------------------------------------------
+    def kernel_sets(self, uuid: str) -> Matrix | None:
+        """What we believe the kernel holds for ``uuid``: None if no mdev is live."""
+        meta = self.meta[uuid]
+        if not meta.live:
+            return None
+        if meta.truth is not None:
+            return meta.truth.matrix()
+        return self.registry.get(uuid)
+
+    def set_truth(self, uuid: str, truth: MdevInfo | None) -> None:
+        self.meta[uuid].truth = truth
+        if truth is None:
+            self.registry.clear_truth(uuid)
+        else:
+            self.registry.set_truth(uuid, truth.adapters, truth.domains)
+
+    # -- store records ----------------------------------------------------------------------
+    def record(self, uuid: str, m: Matrix | None = None, cud: bool | None = None) -> StoredMatrix:
+        """The store record of ``uuid`` as it is (or with the sets of ``m``)."""
+        m = m if m is not None else self.registry.get(uuid)
+        meta = self.meta.get(uuid)
+        if cud is None:
+            cud = meta.control_usage_domains if meta is not None else True
+        return StoredMatrix(
+            m.uuid, m.name, m.adapters, m.domains, m.control_domains, m.autostart, cud
+        )

@@ -1,0 +1,409 @@
+"""What the kernel did on its own, as a command: re-read, bring the state in step, one signal.
+
+A burst of uevents or the slow rescan becomes :func:`resync`: the worker re-reads what may
+have changed (the cards and queues the burst names, the host pool if asked, every mdev of our
+type), then the state takes it in one step and one
+:class:`~apmatrixd.service.state.Changes` goes out, so every object gets at most one signal.
+
+Hot plug. Cards and queues that appear, vanish or flip ``config``/``online`` are re-read and
+their Adapter objects follow. A matrix's guest view is re-read, so a matrix whose APQNs leave
+the host configuration turns ``degraded`` and returns to ``active`` when they come back. On the
+2017 layout a returning queue may land on ``cex4queue``; one that a matrix holds is taken back
+for it (re-reserved), as the definition says: the only write a resync makes.
+
+Drift. The kernel sends no uevent when a matrix is changed behind the daemon's back, so every
+resync re-reads every mdev. What differs from the registry raises ``Drift(matrix, what)``
+once, and:
+
+- changed sets: the kernel's sets are the truth. If the registry accepts them they are
+  adopted (and stored, so a restart keeps them). If not (they clash with a matrix that is only
+  defined), the registry keeps its last valid sets and the APQNs the mdev holds beyond them
+  are claimed for it in every decision; the properties show the kernel's sets and the Drift
+  text says it was not adopted;
+- an mdev created outside the daemon: adopted (``Adopted`` true); if its sets cannot be
+  accepted it enters the registry empty, with its truth claimed;
+- a live matrix whose mdev was removed outside: it stays as a definition (``defined``) if it
+  is stored; one that was only adopted (never stored) is gone with its mdev;
+- the host pool: adopted when the registry accepts it, with a Drift on the Manager's path;
+  otherwise kept as the truth pool (counted in decisions) and signalled once per distinct
+  pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from apmatrixd.core import (
+    ApmatrixError,
+    Apqn,
+    DefineMatrix,
+    HostPool,
+    Matrix,
+    RemoveMatrix,
+    SetHostPool,
+    UpdateMatrix,
+)
+from apmatrixd.kernel import AdapterInfo, Kernel, KernelError, MdevInfo
+from apmatrixd.service import ops
+from apmatrixd.service.executor import Command, Work
+from apmatrixd.service.state import Changes, Meta
+from apmatrixd.service.tx import Transaction
+from apmatrixd.store import StoredMatrix
+
+if TYPE_CHECKING:
+    from apmatrixd.service.service import Service
+
+log = logging.getLogger(__name__)
+
+MANAGER = ""
+"""The ``uuid`` of a Drift that concerns the host pool (sent on the Manager's path)."""
+
+FULL_READ = 16
+"""Beyond this many cards to read with their queues, one read of the whole bus is cheaper."""
+
+
+def ids_text(ids: Iterable[int], width: int) -> str:
+    return ",".join(f"{i:0{width}x}" for i in sorted(ids)) or "none"
+
+
+def sets_text(m: Matrix | MdevInfo) -> str:
+    return (
+        f"adapters {ids_text(m.adapters, 2)} domains {ids_text(m.domains, 4)}"
+        f" control domains {ids_text(m.control_domains, 4)}"
+    )
+
+
+def drift_text(
+    kernel: MdevInfo | Matrix, ours: Matrix | StoredMatrix, where: str = "registry"
+) -> str:
+    """``adapters: kernel 05,06,07 vs registry 05,06``, one part per differing set."""
+    parts = []
+    for label, width, k, r in (
+        ("adapters", 2, kernel.adapters, ours.adapters),
+        ("domains", 4, kernel.domains, ours.domains),
+        ("control domains", 4, kernel.control_domains, ours.control_domains),
+    ):
+        if k != r:
+            parts.append(f"{label}: kernel {ids_text(k, width)} vs {where} {ids_text(r, width)}")
+    return "; ".join(parts)
+
+
+def _same_sets(a: Matrix | MdevInfo, b: Matrix | MdevInfo) -> bool:
+    return (a.adapters, a.domains, a.control_domains) == (b.adapters, b.domains, b.control_domains)
+
+
+def _present(infos: Mapping[int, AdapterInfo], q: Apqn) -> bool:
+    info = infos.get(q.adapter)
+    return info is not None and q.domain in info.domains
+
+
+@dataclass
+class Reading:
+    """What one resync read in the worker."""
+
+    infos: dict[int, AdapterInfo] | None  # None: the adapters were not asked for
+    pool: HostPool | None
+    mdevs: dict[str, MdevInfo]
+
+
+def read_adapters(
+    k: Kernel,
+    known: Mapping[int, AdapterInfo],
+    cards: set[int],
+    whole: set[int],
+    named: dict[int, set[int]],
+    everything: bool,
+) -> dict[int, AdapterInfo] | None:
+    if not (cards or whole or named or everything):
+        return None
+    if everything or len(whole) > FULL_READ:
+        return k.read_adapters()
+    fresh = dict(known)
+    # A card we do not know yet is read whole, whatever its events named.
+    whole = whole | ((cards | named.keys()) - fresh.keys())
+    for a in sorted(whole):
+        info = k.read_adapter(a)
+        if info is None:
+            fresh.pop(a, None)
+        else:
+            fresh[a] = info
+    for a in sorted(named.keys() - whole):
+        part = k.read_queues(fresh[a], named[a])
+        if part is None:
+            fresh.pop(a, None)
+        else:
+            fresh[a] = part
+    for a in sorted(cards - whole):
+        if a not in fresh:
+            continue
+        state = k.read_card(a)
+        if state is None:
+            fresh.pop(a, None)
+            continue
+        kind, online, configured = state
+        fresh[a] = replace(fresh[a], type=kind, online=online, configured=configured)
+    return fresh
+
+
+def resync(
+    svc: Service,
+    *,
+    cards: Iterable[int] = (),
+    whole: Iterable[int] = (),
+    named: Mapping[int, Iterable[int]] | None = None,
+    everything: bool = False,
+    pool: bool = False,
+) -> Command[Changes]:
+    """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
+    cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev;
+    publish what changed as one batch. A failed read changes nothing and raises."""
+    st, k = svc.state, svc.kernel
+    w = set(whole)
+    n = {a: set(d) for a, d in (named or {}).items() if a not in w}
+    c = set(cards)
+    known = dict(st.infos)
+    want_pool = pool or everything or (k.layout != "upstream" and bool(w or n))
+
+    def read(_p: object) -> Reading:
+        infos = read_adapters(k, known, c, w, n, everything)
+        now = infos if infos is not None else known
+        return Reading(infos, k.read_pool(now) if want_pool else None, k.read_mdevs(now))
+
+    r: Reading = yield Work("re-reading the AP configuration", read)
+    if r.pool is not None and r.pool.queues is not None:
+        r = yield from _rereserve(svc, r, known)
+    changes = Changes()
+    before = st.infos
+    if r.infos is not None:
+        _take(svc, changes, r.infos)
+    if r.pool is not None:
+        _sync_pool(svc, changes, r.pool, before)
+    adopted = _sync_mdevs(svc, changes, r.mdevs)
+    svc.emit(changes)
+    if adopted:
+        yield from _store_adopted(svc, adopted)
+    if changes.adapters_added or changes.adapters_changed:
+        # Resources may have become present: autostart matrices waiting for them.
+        yield from ops.start_waiting(svc)
+    return changes
+
+
+def _rereserve(svc: Service, r: Reading, known: Mapping[int, AdapterInfo]) -> Command[Reading]:
+    """2017 layout: a held queue that came back on the host driver goes to its matrix."""
+    st, k = svc.state, svc.kernel
+    assert r.pool is not None and r.pool.queues is not None
+    owners = st.registry.owners()
+    held = frozenset(q for q in r.pool.queues if q in owners)
+    if not held:
+        return r
+    target = HostPool(queues=r.pool.queues - held)
+    try:
+        yield from svc.transact(Transaction("re-reserving returning queues", pool=(r.pool, target)))
+    except ApmatrixError as err:
+        log.error("could not take back queues for their matrices: %s", err)
+        return r
+    log.info("re-reserved %d returning queue(s) for their matrices", len(held))
+    base = dict(r.infos if r.infos is not None else known)
+
+    def reread(_p: object) -> Reading:
+        for a in sorted({q.adapter for q in held}):
+            info = k.read_adapter(a)
+            if info is not None:
+                base[a] = info
+        return Reading(base, target, k.read_mdevs(base))
+
+    try:
+        again: Reading = yield Work("re-reading the re-reserved cards", reread)
+        return again
+    except KernelError as err:
+        log.warning("re-reading after re-reserving failed: %s", err)
+        return r
+
+
+def _take(svc: Service, changes: Changes, fresh: dict[int, AdapterInfo]) -> None:
+    st = svc.state
+    for a in sorted(st.infos.keys() - fresh.keys()):
+        st.adapters.pop(a, None)
+        changes.adapters_removed.add(a)
+    for a, info in fresh.items():
+        if st.infos.get(a) == info and a in st.adapters:
+            continue
+        view = st.adapter_view(info)
+        old = st.adapters.get(a)
+        if old is None:
+            changes.adapters_added.add(a)
+        elif old != view:
+            changes.adapters_changed.add(a)
+        st.adapters[a] = view
+    st.infos = fresh
+
+
+def _sync_pool(
+    svc: Service, changes: Changes, new: HostPool, before: Mapping[int, AdapterInfo]
+) -> None:
+    reg = svc.state.registry
+    old = reg.pool
+    if new == old:
+        if reg.truth_pool is not None:
+            reg.truth_pool = None  # back in step
+        return
+    what = _pool_drift(svc, old, new, before)
+    decision = reg.decide(SetHostPool(new))
+    if not decision.accepted:
+        if reg.truth_pool == new:
+            return  # the same drift as last time: signalled once
+        reg.truth_pool = new
+        err = decision.error()
+        log.warning("the host pool changed outside apmatrixd and cannot be adopted: %s", err)
+        changes.drift.append((MANAGER, f"{what or 'host pool changed'} (not adopted: {err})"))
+        return
+    reg.apply(SetHostPool(new))
+    reg.truth_pool = None
+    changes.host_changed = True
+    if what:
+        log.warning("drift: %s", what)
+        changes.drift.append((MANAGER, what))
+
+
+def _pool_drift(
+    svc: Service, old: HostPool, new: HostPool, before: Mapping[int, AdapterInfo]
+) -> str:
+    """The part of a pool change that hot plug does not explain; '' if none."""
+    if old.queues is None or new.queues is None:
+        parts = []
+        if old.adapters != new.adapters:
+            parts.append(
+                f"host adapters: kernel {ids_text(new.adapters, 2)} vs registry"
+                f" {ids_text(old.adapters, 2)}"
+            )
+        if old.domains != new.domains:
+            parts.append(
+                f"host domains: kernel {ids_text(new.domains, 4)} vs registry"
+                f" {ids_text(old.domains, 4)}"
+            )
+        return "; ".join(parts)
+    now = svc.state.infos
+    # Queues that appeared or vanished are hot plug; a queue present before and after
+    # that changed sides was moved by someone (bind/unbind by hand).
+    moved = sorted(q for q in old.queues ^ new.queues if _present(before, q) and _present(now, q))
+    if not moved:
+        return ""
+    more = f" (+{len(moved) - 16} more)" if len(moved) > 16 else ""
+    return "host queues moved between drivers: " + ",".join(map(str, moved[:16])) + more
+
+
+def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> list[str]:
+    """Bring every matrix in step with the mdevs read; the stored ones whose drift was
+    adopted (to be stored)."""
+    st = svc.state
+    adopted: list[str] = []
+    for uuid, gone in sorted(st.meta.items()):
+        if gone.live and uuid not in seen:
+            if gone.adopted and uuid not in st.on_disk:
+                # Only ever adopted, never ours: nothing keeps it once its mdev is gone.
+                m = st.registry.get(uuid)
+                st.registry.apply(RemoveMatrix(uuid))
+                del st.meta[uuid]
+                changes.matrices_removed.add(uuid)
+                st.touch_adapters(changes, m.adapters)
+                _drift(changes, uuid, "mdev removed outside apmatrixd; it was only adopted")
+                continue
+            gone.live, gone.guest = False, ()
+            st.set_truth(uuid, None)
+            changes.matrices_changed.add(uuid)
+            _drift(changes, uuid, "mdev removed outside apmatrixd; kept as a definition")
+    for uuid, info in sorted(seen.items()):
+        meta = st.meta.get(uuid)
+        if meta is None:
+            _adopt(svc, changes, info)
+            continue
+        m = st.registry.get(uuid)
+        if not meta.live:
+            meta.live = True
+            changes.matrices_changed.add(uuid)
+            _drift(changes, uuid, "started outside apmatrixd")
+        if _same_sets(info, m):
+            if meta.truth is not None:  # back in step with the registry
+                st.set_truth(uuid, None)
+                changes.matrices_changed.add(uuid)
+        elif meta.truth is None or not _same_sets(info, meta.truth):
+            took = _take_truth(svc, changes, m, info)
+            if took and uuid in st.on_disk:
+                adopted.append(uuid)
+        guest = tuple(sorted(info.guest_apqns))
+        if guest != meta.guest:
+            meta.guest = guest
+            changes.matrices_changed.add(uuid)
+    return adopted
+
+
+def _take_truth(svc: Service, changes: Changes, m: Matrix, info: MdevInfo) -> bool:
+    """A live matrix whose mdev holds other sets; True if they were adopted."""
+    st = svc.state
+    what = drift_text(info, m)
+    change = UpdateMatrix(m.uuid, info.adapters, info.domains, info.control_domains)
+    st.registry.clear_truth(m.uuid)  # its own old claims are no reason to refuse
+    err = st.registry.decide(change).error()
+    adopted = err is None
+    if adopted:
+        st.registry.apply(change)
+        st.set_truth(m.uuid, None)
+        st.touch_adapters(changes, m.adapters | info.adapters)
+    else:
+        st.set_truth(m.uuid, info)
+        what += f" (not adopted: {err})"
+    changes.matrices_changed.add(m.uuid)
+    _drift(changes, m.uuid, what)
+    return adopted
+
+
+def _store_adopted(svc: Service, uuids: list[str]) -> Command[None]:
+    """A stored matrix whose drift was adopted is stored as adopted: a restart keeps it."""
+    st = svc.state
+    records: dict[str, StoredMatrix | None] = {u: st.record(u) for u in uuids}
+    tx = Transaction(
+        "storing adopted drift",
+        store=records,
+        stored_before={u: st.on_disk.get(u) for u in uuids},
+    )
+    try:
+        yield from svc.transact(tx)
+    except ApmatrixError as err:
+        log.error("drift of %s adopted but not stored: %s", ", ".join(uuids), err)
+        return
+    if svc.store is not None:
+        for u, rec in records.items():
+            assert rec is not None
+            st.on_disk[u] = rec
+
+
+def _adopt(svc: Service, changes: Changes, info: MdevInfo) -> None:
+    st = svc.state
+    m = info.matrix()
+    what = f"created outside apmatrixd: {sets_text(info)}"
+    truth: MdevInfo | None = None
+    err = st.registry.decide(DefineMatrix(m)).error()
+    if err is None:
+        st.registry.apply(DefineMatrix(m))
+    else:
+        st.registry.apply(DefineMatrix(Matrix(m.uuid)))
+        truth = info
+        what += f" (not adopted: {err})"
+    st.meta[m.uuid] = Meta(
+        live=True,
+        adopted=True,
+        control_usage_domains=m.domains <= m.control_domains,
+        guest=tuple(sorted(info.guest_apqns)),
+    )
+    st.set_truth(m.uuid, truth)
+    changes.matrices_added.add(m.uuid)
+    st.touch_adapters(changes, m.adapters)
+    _drift(changes, m.uuid, what)
+
+
+def _drift(changes: Changes, uuid: str, what: str) -> None:
+    log.warning("drift: matrix %s: %s", uuid, what)
+    changes.drift.append((uuid, what))

@@ -1,0 +1,231 @@
+"""One transaction shape for every change: journal, kernel steps, store steps; undone backward.
+
+A :class:`Transaction` says what a change is to do: matrices to take from what the kernel
+holds to a target, a host pool move, store records to write or remove. :meth:`execute` runs in
+the worker thread:
+
+1. the live mdevs it touches are read again, so the writes are computed from what sysfs
+   holds, not from what the registry believes (a drift not yet seen is overwritten by the
+   caller's explicit target, never merged into it);
+2. the intent goes to the journal, durably, before the first write;
+3. the kernel writes, under the s390 configuration lock;
+4. the store writes;
+5. the intent is cleared.
+
+A failure in 3 undoes the writes done, newest first; a failure in 4 undoes the store writes
+done and then the kernel writes. Either way the error is raised and nothing of the change is
+left. Removing an mdev has no inverse (an mdev is never re-created to undo anything), so a
+removal runs 4 before 3 (``store_first``): a store failure comes before the kernel is
+touched, and start-up completes a removal cut between the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from apmatrixd.core import HostPool, Matrix
+from apmatrixd.journal import Intent, JournalError
+from apmatrixd.kernel import Kernel, KernelError, Write
+from apmatrixd.service.executor import Progress
+from apmatrixd.store import Reservations, Store, StoredMatrix, StoreError
+
+
+def sets_json(m: Matrix | None) -> dict[str, list[int]] | None:
+    if m is None:
+        return None
+    return {
+        "adapters": sorted(m.adapters),
+        "domains": sorted(m.domains),
+        "control_domains": sorted(m.control_domains),
+    }
+
+
+def pool_json(p: HostPool) -> dict[str, Any]:
+    if p.queues is not None:
+        return {"queues": sorted([q.adapter, q.domain] for q in p.queues)}
+    return {"adapters": sorted(p.adapters), "domains": sorted(p.domains)}
+
+
+@dataclass(frozen=True)
+class MatrixStep:
+    """Take the mdev of ``uuid`` from what the kernel holds to ``target`` (None: no mdev).
+
+    ``believed``: what the registry thinks is there (None: no mdev). A live one is read again
+    before anything is written; if it has come or gone meanwhile, the change is refused.
+    """
+
+    uuid: str
+    believed: Matrix | None
+    target: Matrix | None
+
+
+@dataclass
+class Transaction:
+    what: str
+    matrices: list[MatrixStep] = field(default_factory=list)
+    pool: tuple[HostPool, HostPool] | None = None
+    store: dict[str, StoredMatrix | None] = field(default_factory=dict)  # None: remove
+    reservations: Reservations | None = None
+    stored_before: Mapping[str, StoredMatrix | None] = field(default_factory=dict)
+    reservations_before: Reservations | None = None
+    boot: str = ""
+    # The store first, then the kernel: a removal, whose kernel write has no inverse, so
+    # that a store failure leaves it undone (start-up completes one cut between the two).
+    store_first: bool = False
+
+    def store_ops(self) -> list[tuple[str, StoredMatrix | None]]:
+        return [(u, r) for u, r in self.store.items() if self.stored_before.get(u) != r]
+
+    def writes_reservations(self) -> bool:
+        return self.reservations is not None and self.reservations != self.reservations_before
+
+    def execute(self, kernel: Kernel, store: Store | None, progress: Progress) -> Result:
+        found: dict[str, Matrix | None] = {}
+        writes: list[Write] = []
+        for st in self.matrices:
+            now = st.believed
+            if st.believed is not None:
+                progress.text = f"reading matrix {st.uuid}"
+                now = kernel.read_mdev_sets(st.uuid)
+            elif st.target is not None and kernel.mdev_exists(st.uuid):
+                raise KernelError(
+                    17, kernel.mdev_path(st.uuid), "creating", "the mdev exists already"
+                )
+            if (now is None) != (st.believed is None):
+                raise KernelError(
+                    2, kernel.mdev_path(st.uuid), "reading", "the mdev was removed outside"
+                )
+            found[st.uuid] = now
+            writes += kernel.plan_matrix(st.uuid, now, st.target)
+        if self.pool is not None:
+            writes += kernel.plan_pool(*self.pool)
+        ops = self.store_ops() if store is not None else []
+        res = store is not None and self.writes_reservations()
+        if not writes and not ops and not res:
+            return Result(found)
+        if store is not None:
+            progress.text = "writing the intent journal"
+            self.boot = kernel.boot_id()
+            try:
+                store.journal.begin(self.intent(found))
+            except JournalError as err:
+                raise StoreError(str(err)) from err
+        try:
+            if self.store_first:
+                undo = self._store(kernel, store, ops, res, [], progress)
+                try:
+                    self._kernel(kernel, writes, progress)
+                except KernelError:
+                    undo()
+                    raise
+            else:
+                done = self._kernel(kernel, writes, progress)
+                self._store(kernel, store, ops, res, done, progress)
+        except Exception:
+            # Undone (or as undone as it gets): nothing for start-up to roll back. A crash
+            # (anything that is not an Exception) leaves the intent for start-up.
+            if store is not None:
+                store.journal.end()
+            raise
+        if store is not None:
+            store.journal.end()
+        return Result(found, bool(writes))
+
+    def intent(self, found: Mapping[str, Matrix | None]) -> Intent:
+        intent = Intent(self.what, boot=self.boot, store_first=self.store_first)
+        for st in self.matrices:
+            intent.matrices[st.uuid] = {
+                "kernel_before": sets_json(found.get(st.uuid)),
+                "kernel_after": sets_json(st.target),
+            }
+        for u, rec in self.store.items():
+            item = intent.matrices.setdefault(u, {})
+            before = self.stored_before.get(u)
+            item["stored_before"] = before.to_json() if before is not None else None
+            item["stored_after"] = rec.to_json() if rec is not None else None
+            item["stored"] = True
+        if self.pool is not None:
+            intent.pool = {"before": pool_json(self.pool[0]), "after": pool_json(self.pool[1])}
+        if self.reservations is not None and self.reservations_before is not None:
+            intent.reservations = {
+                "before": self.reservations_before.to_json(),
+                "after": self.reservations.to_json(),
+            }
+        return intent
+
+    @staticmethod
+    def _kernel(kernel: Kernel, writes: list[Write], progress: Progress) -> list[Write]:
+        done: list[Write] = []
+        if not writes:
+            return done
+        progress.text = "waiting for the s390 configuration lock"
+        with kernel.locked():
+            try:
+                for w in writes:
+                    progress.text = str(w)
+                    kernel.write(w)
+                    done.append(w)
+            except KernelError:
+                progress.text = "undoing the writes done"
+                kernel.undo(done)
+                raise
+        return done
+
+    def _store(
+        self,
+        kernel: Kernel,
+        store: Store | None,
+        ops: list[tuple[str, StoredMatrix | None]],
+        res: bool,
+        done: list[Write],
+        progress: Progress,
+    ) -> Callable[[], None]:
+        """The store writes; the undo of them (for a kernel failure after them)."""
+        written: list[tuple[str, StoredMatrix | None]] = []
+
+        def undo() -> None:
+            assert store is not None
+            for u, was in reversed(written):  # best effort: the store as it was
+                with contextlib.suppress(StoreError):
+                    if was is None:
+                        store.remove_matrix(u)
+                    else:
+                        store.write_matrix(was)
+            if res and self.reservations_before is not None:
+                with contextlib.suppress(StoreError):
+                    store.write_reservations(self.reservations_before)
+
+        if store is None:
+            return lambda: None
+        try:
+            for u, rec in ops:
+                progress.text = f"storing matrix {u}"
+                # Before the write: one that fails after its rename is undone too.
+                written.append((u, self.stored_before.get(u)))
+                if rec is None:
+                    store.remove_matrix(u)
+                else:
+                    store.write_matrix(rec)
+            if res:
+                assert self.reservations is not None
+                progress.text = "storing the host reservations"
+                store.write_reservations(self.reservations)
+        except StoreError:
+            progress.text = "undoing the change (the store failed)"
+            undo()
+            if done:
+                with kernel.locked():
+                    kernel.undo(done)
+            raise
+        return undo
+
+
+@dataclass
+class Result:
+    """What a transaction found in the kernel before it wrote (the live mdevs' sets)."""
+
+    found: dict[str, Matrix | None]
+    wrote_kernel: bool = False
