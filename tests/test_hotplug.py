@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from apmatrixd.core import Apqn
+from apmatrixd.core import Apqn, HostOwned
 from apmatrixd.events import ApEvent, EventPump, Scope, SimSource, classify
 from apmatrixd.hotplug import HotPlug, drift_text, scope_of
 from apmatrixd.kernel import Kernel, KernelError, MdevInfo, TreeSysfs
-from apmatrixd.service import Changes, Service
+from apmatrixd.service import Changes, Service, ops
 from apmatrixd.sim.model import Host
 from apmatrixd.store import Store
 
@@ -358,8 +358,6 @@ def test_a_resync_that_keeps_failing_is_retried_with_backoff(
 
 
 def test_autostart_hook_runs_after_hot_plug(monkeypatch: pytest.MonkeyPatch) -> None:
-    from apmatrixd.service import ops
-
     async def body(r: Rig) -> None:
         called: list[int] = []
         real = ops.start_waiting
@@ -661,3 +659,65 @@ def test_sim_source_never_loses_a_wake_up(monkeypatch: pytest.MonkeyPatch) -> No
     assert added[-1] == "/devices/ap/c"
     os.close(src._rfd)
     os.close(src._wfd)
+
+
+def test_pool_drift_that_cannot_be_adopted_is_said_once_and_counted() -> None:
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.svc.reserve([7], [])
+        r.svc.create_matrix(X, adapters=[7], domains=[0xAB], start=False)  # only defined
+        await r.idle()
+        r.seen.clear()
+        r.write("bus/ap/apmask", "+7")  # the kernel allows it: X is not live
+        await r.idle()
+        await r.hp.rescan()
+        await r.hp.rescan()
+        ((uuid, what),) = r.drifts()
+        assert uuid == "" and "not adopted" in what
+        assert 7 not in r.svc.host.host_adapters  # the registry keeps its valid pool
+        before = r.host.read("bus/ap/apmask")
+        with pytest.raises(HostOwned) as refused:  # named before any write, not EADDRNOTAVAIL
+            r.svc.start(X)
+        assert "07.00ab owned by host" in str(refused.value)
+        assert not r.svc.kernel.mdev_exists(X) and r.host.read("bus/ap/apmask") == before
+        assert ("07.00ab", "host") in [(str(c.apqn), c.owner) for c in r.svc.check([7], [0xAB])]
+        r.write("bus/ap/apmask", "-7")  # the admin puts it back
+        await r.idle()
+        r.svc.start(X)  # live (degraded: this host has no adapter 07)
+        assert r.svc.kernel.mdev_exists(X) and r.svc.matrix(X).state == "degraded"
+
+    run("default", body)
+
+
+def test_an_adopted_mdev_never_stored_goes_with_its_mdev() -> None:
+    async def body(r: Rig) -> None:
+        r.svc.reserve([5], [0xAB])
+        t = "devices/vfio_ap/matrix/mdev_supported_types/vfio_ap-passthrough/create"
+        r.write(t, X)
+        r.write(f"devices/vfio_ap/matrix/{X}/assign_adapter", "5")
+        await r.idle()
+        assert r.svc.matrix(X).adopted
+        r.write(f"devices/vfio_ap/matrix/{X}/remove", "1")
+        await r.idle()
+        assert X not in r.svc.registry.matrices  # not a definition holding its APQNs
+        assert "only adopted" in dict(r.drifts())[X]
+        r.svc.create_matrix(G1, adapters=[5], domains=[0xAB])  # its APQNs are free
+
+    run("default", body)
+
+
+def test_bursts_behind_a_slow_command_merge_into_one_resync() -> None:
+    async def body(r: Rig) -> None:
+        r.host.inject_delay("bus/ap/apmask", 0.5)
+        slow = r.svc.submit("Reserve", ops.reserve, [5], [])
+        await asyncio.sleep(0.1)  # the write is stuck in the worker
+        before = r.hp.resyncs
+        for a in (0x10, 0x11, 0x12):
+            r.host.plug_adapter(a, "CEX8C")
+            await asyncio.sleep(0.05)  # three bursts, each handed over while it waits
+        await slow
+        await r.idle()
+        assert r.hp.resyncs - before <= 2  # the reserve's own uevent, the merged bursts
+        assert {0x10, 0x11, 0x12} <= r.svc.state.adapters.keys()
+
+    run("default", body)

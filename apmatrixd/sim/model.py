@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import time
 import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable
@@ -32,8 +33,10 @@ FAULT_ENV = "APMATRIXD_TEST_FAULTS"
 ``PATH:ERRNO[:COUNT]`` entries separated by ``;``, e.g.
 ``devices/vfio_ap/matrix/<uuid>/assign_domain:EBUSY;bus/ap/aqmask:5:2``: the next COUNT
 (default 1) writes to PATH (relative to the sysfs root) fail with ERRNO (a name or a number)
-and change nothing. Test-only, like ``APMATRIXD_TEST_KILL_AT`` (store.py): the real kernel
-is never touched by it."""
+and change nothing. ``PATH:delay=SECONDS[:COUNT]`` makes the next COUNT writes to PATH block
+that long first, as a ``remove`` of an mdev QEMU holds open blocks on a real host (the rest of
+the tree stays readable meanwhile). Test-only, like ``APMATRIXD_TEST_KILL_AT`` (store.py):
+the real kernel is never touched by it."""
 
 
 def _guarded(func: Callable[P, R]) -> Callable[P, R]:
@@ -64,6 +67,7 @@ class Host(ApKernel):
         # What /proc/sys/kernel/random/boot_id is to a real host: new at every boot.
         self.boot_id = str(uuidlib.uuid4())
         self.faults: dict[str, deque[int]] = {}
+        self.delays: dict[str, deque[float]] = {}
         self.internal_errors: list[str] = []
 
     @classmethod
@@ -189,9 +193,28 @@ class Host(ApKernel):
             raise oserror(errno.EACCES)
         return attr.show().encode("ascii")
 
-    @_guarded
     def write(self, path: str, data: bytes) -> int:
-        """One ``store()``: EACCES for read-only attributes; at most a page is taken."""
+        """One ``store()``: EACCES for read-only attributes; at most a page is taken.
+
+        An armed delay (:meth:`inject_delay`) blocks first, without the host lock."""
+        delay = self._take_delay(path)
+        if delay > 0:
+            time.sleep(delay)
+        return self._store(path, data)
+
+    @_guarded
+    def _take_delay(self, path: str) -> float:
+        if not self.delays:
+            return 0.0
+        canonical = self._attr(path)[0]
+        for key in (canonical, self._norm(path)):
+            queue = self.delays.get(key)
+            if queue:
+                return queue.popleft()
+        return 0.0
+
+    @_guarded
+    def _store(self, path: str, data: bytes) -> int:
         canonical, attr = self._attr(path)
         if attr.store is None:
             raise oserror(errno.EACCES)
@@ -225,12 +248,32 @@ class Host(ApKernel):
         queue = self.faults.setdefault(self._norm(path), deque())
         queue.extend([err] * count)
 
+    @_guarded
+    def inject_delay(self, path: str, seconds: float, count: int = 1) -> None:
+        """The next ``count`` writes to ``path`` block ``seconds`` before they are stored."""
+        self._split(path)
+        if not isinstance(seconds, int | float) or not 0 <= seconds <= 3600:
+            raise oserror(errno.EINVAL, f"delay must be 0..3600 seconds, not {seconds!r}")
+        if not isinstance(count, int) or count < 0:
+            raise oserror(errno.EINVAL, f"count must be an int >= 0, not {count!r}")
+        self.delays.setdefault(self._norm(path), deque()).extend([float(seconds)] * count)
+
     def inject_faults_from_env(self, text: str) -> list[str]:
         """Arm the faults of a :data:`FAULT_ENV` value; the entries armed (ValueError if bad)."""
         armed = []
         for entry in filter(None, (e.strip() for e in text.split(";"))):
             path, _, rest = entry.partition(":")
             code, _, count = rest.partition(":")
+            if code.startswith("delay="):
+                try:
+                    seconds = float(code[len("delay=") :])
+                except ValueError:
+                    raise ValueError(f"{FAULT_ENV}: bad delay in {entry!r}") from None
+                if not path or not (count or "1").isdigit():
+                    raise ValueError(f"{FAULT_ENV}: bad entry {entry!r} (want PATH:delay=S[:N])")
+                self.inject_delay(path, seconds, int(count or 1))
+                armed.append(entry)
+                continue
             num = int(code) if code.isdigit() else getattr(errno, code, None)
             if not path or not isinstance(num, int) or not (count or "1").isdigit():
                 raise ValueError(f"{FAULT_ENV}: bad entry {entry!r} (want PATH:ERRNO[:COUNT])")

@@ -253,3 +253,36 @@ def test_apply_reuses_only_this_changes_decision(reg: Registry) -> None:
     decision = reg.decide(fine)
     assert reg.apply(fine, decided=decision) == RemoveMatrix(U3)
     assert reg.violations() == []
+
+
+def test_the_kernels_truth_counts_in_every_decision() -> None:
+    """A live matrix whose mdev holds more than its registry sets (a drift the registry could
+    not adopt) claims those APQNs: Check names it, a define or a pool change clashes."""
+    from apmatrixd.core import (
+        Busy,
+        Conflict,
+        DefineMatrix,
+        HostPool,
+        Matrix,
+        Registry,
+        SetHostPool,
+        UpdateMatrix,
+    )
+
+    g, d = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+    reg = Registry(pool=HostPool(frozenset(), frozenset()))
+    reg.apply(DefineMatrix(Matrix(g, frozenset({5, 6}), frozenset({4}))))
+    reg.apply(DefineMatrix(Matrix(d, frozenset({6}), frozenset({0xAB}))))
+    reg.set_truth(g, {5, 6}, {4, 0xAB})  # the kernel's g also holds 05.00ab and 06.00ab
+    assert reg.claims() == {(5, 0xAB): g, (6, 0xAB): g}
+    rows = reg.clash_rows({5, 6}, {0xAB})
+    assert (5, 0xAB, g) in rows and (6, 0xAB, d) in rows and (6, 0xAB, g) in rows
+    err = reg.decide(UpdateMatrix(d, frozenset({6}), frozenset({0xAB}), frozenset())).error()
+    assert isinstance(err, Conflict) and "06.00ab" in str(err) and g in str(err)
+    reg.set_truth(g, {5, 6, 7}, {4, 0xAB, 0xCD})  # drifted further: adapter 07, domain cd
+    new = HostPool(frozenset({7}), frozenset({0xCD}))  # give 07.00cd to the host: EBUSY
+    refused = reg.decide(SetHostPool(new)).error()
+    assert isinstance(refused, Busy) and "07.00cd" in str(refused)
+    reg.clear_truth(g)
+    assert reg.claims() == {} and reg.decide(SetHostPool(new)).accepted
+    assert reg.violations() == []
