@@ -191,6 +191,78 @@ def roundtrip(address: str, quick: bool, state_dir: Path) -> tuple[list[Row], di
     return rows, {k: s.__dict__ for k, s in st.items()}
 
 
+# -- 1b. reads while a change waits on the kernel ---------------------------------------------
+WAIT = 2.0
+
+
+async def _reads_while_waiting(address: str, reps: int) -> dict[str, list[float]]:
+    bus = await connect(address)
+    other = await connect(address)
+    await ok(bus, msg(ROOT, MANAGER, "Reserve", "auau", [[5, 6], [4]]))
+    await settled(bus)
+    out: dict[str, list[float]] = {"ping": [], "getall": [], "ping_wait": [], "getall_wait": []}
+
+    def get_all() -> Message:  # the Manager's: there before, during and after the Remove
+        return msg(ROOT, "org.freedesktop.DBus.Properties", "GetAll", "s", [MANAGER])
+
+    opts = {"adapters": Variant("au", [5, 6]), "domains": Variant("au", [4])}
+    for _ in range(reps):
+        await ok(bus, msg(ROOT, MANAGER, "CreateMatrix", "sa{sv}", [G1, opts]))
+        for _ in range(40):  # idle: nothing in flight
+            out["ping"].append(await timed(other, msg(ROOT, PEER, "Ping")))
+            out["getall"].append(await timed(other, get_all()))
+        remove = asyncio.ensure_future(ok(bus, msg(P1, MATRIX_IFACE, "Remove")))
+        await asyncio.sleep(0.05)
+        while not remove.done():  # the Remove's write to `remove` blocks WAIT seconds
+            out["ping_wait"].append(await timed(other, msg(ROOT, PEER, "Ping")))
+            out["getall_wait"].append(await timed(other, get_all()))
+        await remove
+    bus.disconnect()
+    other.disconnect()
+    return out
+
+
+def reads_while_waiting(address: str, quick: bool) -> tuple[list[Row], dict[str, Any]]:
+    """Ping and GetAll from a second client while a Remove waits WAIT s on the kernel (the
+    emulator's delay hook on the mdev's ``remove``), against the same reads with nothing in
+    flight, interleaved per round."""
+    reps = 2 if quick else 5
+    say(f"== reads while a change waits {WAIT:.0f} s on the kernel ({reps} rounds)")
+    remove = f"devices/vfio_ap/matrix/{G1}/remove:delay={WAIT}:{reps}"
+    argv = [*apmatrixd_argv(), "--simulate", "--rescan-interval", "0", "--bus-address", address]
+    os.environ["APMATRIXD_TEST_FAULTS"] = remove  # the emulator's delay hook (--simulate only)
+    try:
+        d, _ = spawn_ready(argv)
+    finally:
+        del os.environ["APMATRIXD_TEST_FAULTS"]
+    try:
+        raw = asyncio.run(_reads_while_waiting(address, reps))
+    finally:
+        stop(d)
+    st = {k: Stats.of(v) for k, v in raw.items()}
+    for k, s in st.items():
+        show(k, s)
+    rows = []
+    for ours, floor, label in (
+        ("ping_wait", "ping", "Ping while a change waits 2 s on the kernel"),
+        ("getall_wait", "getall", "GetAll of the Manager while a change waits 2 s on the kernel"),
+    ):
+        r = st[ours].p99 / st[floor].p99
+        rows.append(
+            Row(
+                label,
+                f"p99 {st[ours].p99 * 1e3:.3f} ms (median {st[ours].median * 1e3:.3f}, "
+                f"{st[ours].n} calls)",
+                f"idle p99 {st[floor].p99 * 1e3:.3f} ms (median {st[floor].median * 1e3:.3f})",
+                r,
+                "p99 <= 2x idle p99",
+                r <= 2.0,
+                raw={"ours": st[ours].__dict__, "floor": st[floor].__dict__},
+            )
+        )
+    return rows, {k: s.__dict__ for k, s in st.items()}
+
+
 # -- 2. Check at 10 / 1,000 / 10,000 matrices ------------------------------------------------
 CHECK_ADAPTERS = list(range(10))
 CHECK_DOMAINS = [0, *range(50, 57)]  # 80 APQNs; 10 clashes at every size (matrices 0-9)
@@ -395,6 +467,13 @@ def run(quick: bool, work: Path) -> tuple[list[Row], dict[str, Any]]:
     finally:
         bus.stop()
     lap("round trips")
+    bus = PrivateBus.start()
+    try:
+        r, raw["reads_while_waiting"] = reads_while_waiting(bus.address, quick)
+        rows += r
+    finally:
+        bus.stop()
+    lap("reads while waiting")
     # Check asks the registry, which holds a defined matrix as it holds a live one; starting
     # 10,000 in the emulated kernel would only time the emulator (its sharing check walks
     # every mdev: ~130 s), so the Check sizes are stored definitions without autostart.

@@ -23,10 +23,10 @@ from typing import Any
 from apmatrixd import daemon
 
 TIMED: list[tuple[str, str, str]] = [
-    ("handler", "apmatrixd.service", "Service.assign"),
-    ("handler", "apmatrixd.service", "Service.unassign"),
+    ("transaction", "apmatrixd.service.tx", "Transaction.execute"),
+    ("journal", "apmatrixd.journal", "Journal.begin"),
     ("store", "apmatrixd.store", "Store.write_matrix"),
-    ("kernel", "apmatrixd.kernel.backend", "Kernel.apply_matrix"),
+    ("kernel", "apmatrixd.kernel.backend", "Kernel.write"),
     ("read_guest", "apmatrixd.kernel.backend", "Kernel.read_guest"),
     ("signals", "apmatrixd.bus.tree", "ObjectTree.on_changes"),
     ("status", "apmatrixd.daemon", "_status"),
