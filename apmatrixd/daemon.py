@@ -27,6 +27,7 @@ from apmatrixd.auth import Authority
 from apmatrixd.bus import names
 from apmatrixd.bus.base import ApmatrixBus
 from apmatrixd.bus.tree import ObjectTree
+from apmatrixd.core import ApmatrixError
 from apmatrixd.service import Changes
 
 if TYPE_CHECKING:
@@ -205,6 +206,8 @@ async def run(args: argparse.Namespace) -> int:
         cleanup.callback(service.executor.close)
         # Listen before reading: nothing that happens during the enumeration is missed.
         cleanup.callback(start_events(args, kernel, service).close)
+        early = EarlyDrift()
+        service.subscribe(early)
         try:
             # A command like any other: uevents meanwhile queue their resyncs behind it.
             await service.submit("start-up", startup.load)
@@ -212,9 +215,11 @@ async def run(args: argparse.Namespace) -> int:
             raise StartupError(f"reading the AP configuration: {err}") from None
         except OSError as err:
             raise StartupError(f"state directory {args.state_dir}: {err.strerror}") from None
+        except ApmatrixError as err:
+            raise StartupError(f"start-up: {err}") from None
         if args.sim_mount:
             cleanup.callback(mount_sim(kernel, args.sim_mount).stop)
-        return await _connect_and_serve(args, service)
+        return await _connect_and_serve(args, service, early)
 
 
 def start_events(args: argparse.Namespace, kernel: Kernel, service: Service) -> HotPlug:
@@ -257,7 +262,24 @@ def mount_sim(kernel: Kernel, where: str) -> Mount:
     return mounted
 
 
-async def _connect_and_serve(args: argparse.Namespace, service: Service) -> int:
+class EarlyDrift:
+    """Drift found before the objects are exported reaches no listener: kept for READY."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, str]] = []
+        self.open = True
+
+    def __call__(self, changes: Changes) -> None:
+        if self.open:
+            self.held += changes.drift
+
+    def release(self) -> list[tuple[str, str]]:
+        self.open = False
+        held, self.held = self.held, []
+        return held
+
+
+async def _connect_and_serve(args: argparse.Namespace, service: Service, early: EarlyDrift) -> int:
     bus, where = make_bus(args)
     try:
         await bus.connect()
@@ -268,6 +290,7 @@ async def _connect_and_serve(args: argparse.Namespace, service: Service) -> int:
         await authority.install()
         tree = ObjectTree(bus, service, authority)
         tree.export()
+        held = early.release()  # from now on the tree hears every drift itself
         try:
             reply = await bus.request_name(names.BUS_NAME, NameFlag.DO_NOT_QUEUE)
         except DBusError as err:
@@ -277,12 +300,12 @@ async def _connect_and_serve(args: argparse.Namespace, service: Service) -> int:
                 f"{names.BUS_NAME} is already owned on {where} (is another apmatrixd running?)"
             )
         bus.announce = True  # from now on object changes are news worth a signal
-        return await _serve(bus, service)
+        return await _serve(bus, service, [*service.startup_drift, *held])
     finally:
         bus.disconnect()
 
 
-async def _serve(bus: ApmatrixBus, service: Service) -> int:
+async def _serve(bus: ApmatrixBus, service: Service, drift: list[tuple[str, str]]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -300,8 +323,8 @@ async def _serve(bus: ApmatrixBus, service: Service) -> int:
     service.subscribe(on_changes)
     notify.notify("READY=1", status, wait=5.0)
     log.info("serving %s on %s: %s", names.BUS_NAME, bus.unique_name, status[7:])
-    if service.startup_drift:  # found before anyone could listen: said once we serve
-        service.emit(Changes(drift=list(service.startup_drift)))
+    if drift:  # found before anyone could listen: said once we serve
+        service.emit(Changes(drift=drift))
 
     tasks = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(bus.wait_for_disconnect())]  # type: ignore[no-untyped-call]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -313,12 +336,13 @@ async def _serve(bus: ApmatrixBus, service: Service) -> int:
         return 1
     notify.notify("STOPPING=1", "STATUS=stopping", wait=5.0)
     log.info("stopping")
-    if service.executor.busy:  # let the change in flight finish (a crash would be undone)
+    service.executor.refuse("apmatrixd is stopping")
+    with contextlib.suppress(DBusError, OSError, EOFError):
+        await bus.release_name(names.BUS_NAME)
+    if service.executor.busy:  # let the changes queued so far finish (a cut one is undone)
         log.info("waiting for %s", service.executor.running or "queued changes")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(service.executor.idle(), STOP_WAIT)
-    with contextlib.suppress(DBusError, OSError, EOFError):
-        await bus.release_name(names.BUS_NAME)
     return 0
 
 

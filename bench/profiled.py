@@ -67,11 +67,11 @@ def main(argv: list[str]) -> int:
     if out.endswith(".json"):
         times = _timers()
 
-        async def timed(bus: Any, service: Any) -> int:
+        async def timed(bus: Any, service: Any, *more: Any) -> int:
             for v in times.values():
                 v.clear()  # start-up is not a call
             try:
-                return await serve(bus, service)
+                return await serve(bus, service, *more)
             finally:
                 with open(out, "w") as f:
                     json.dump(times, f)
@@ -80,10 +80,10 @@ def main(argv: list[str]) -> int:
         return daemon.main(rest)
     prof = cProfile.Profile()
 
-    async def profiled(bus: Any, service: Any) -> int:
+    async def profiled(bus: Any, service: Any, *more: Any) -> int:
         prof.enable()
         try:
-            return await serve(bus, service)
+            return await serve(bus, service, *more)
         finally:
             prof.disable()
             prof.dump_stats(out)

@@ -170,7 +170,10 @@ class Kernel:
             yield
             return
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.lock_path, flags, 0o644)
+        try:
+            fd = os.open(self.lock_path, flags, 0o644)
+        except OSError as e:
+            raise KernelError.from_oserror(e, self.lock_path, "opening the lock") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -9,9 +9,9 @@ the same generators:
   worker thread while the event loop goes on answering reads and queueing more commands.
   Work that takes longer than ``pending_after`` seconds is reported (``on_pending``: the
   Manager's ``Pending`` property, and the log) until it returns.
-- :meth:`Executor.run_now` (start-up before the loop serves, tests, benchmarks): the Work
-  runs inline in the caller's thread. Refused while a queued command is in flight, so the
-  two can never interleave.
+- :meth:`Executor.run_now` (tests, benchmarks, tools): the Work runs inline in the caller's
+  thread. Refused while a queued command is in flight, so the two never interleave; it may
+  run ahead of queued commands that have not started (the daemon itself only queues).
 
 Nothing else changes the state: a command's code after its last ``yield`` runs on the loop
 without awaiting, so a read sees a change whole or not at all.
@@ -30,9 +30,17 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from apmatrixd.core import ApmatrixError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Stopping(ApmatrixError):
+    """No more changes: the daemon is stopping (D-Bus ``Busy``)."""
+
+    name = "Busy"
 
 
 @dataclass
@@ -106,6 +114,7 @@ class Executor:
         self._task: asyncio.Task[None] | None = None
         self._worker: Worker | None = None
         self._pending = ""
+        self.refusing = ""
         self.done = 0  # commands finished (for tests and stats)
 
     @property
@@ -159,6 +168,9 @@ class Executor:
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        if self.refusing:
+            fut.set_exception(Stopping(self.refusing))
+            return fut
         self._jobs.append(_Job(what, factory, fut))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain())
@@ -166,8 +178,6 @@ class Executor:
 
     async def _drain(self) -> None:
         while self._jobs:
-            while self._inline:  # a run_now started from a callback: let it finish
-                await asyncio.sleep(0)
             job = self._jobs.popleft()
             if job.future.cancelled():
                 continue
@@ -181,6 +191,10 @@ class Executor:
             except Exception as exc:
                 if not job.future.done():
                     job.future.set_exception(exc)
+            except BaseException as exc:  # SystemExit and the like: its caller hears, then on
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                raise
             else:
                 if not job.future.done():
                     job.future.set_result(result)
@@ -249,12 +263,17 @@ class Executor:
 
     async def idle(self) -> None:
         """Until every queued command has finished."""
-        while self.busy:
+        while self._running is not None or self._jobs:
             task = self._task
-            if task is not None and not task.done():
-                await asyncio.wait([task])
-            else:
-                await asyncio.sleep(0)
+            if task is None or task.done():
+                if not self._jobs:
+                    return
+                self._task = task = asyncio.get_running_loop().create_task(self._drain())
+            await asyncio.wait([task])
+
+    def refuse(self, why: str) -> None:
+        """From now on every submit fails with :class:`Stopping` (the daemon is stopping)."""
+        self.refusing = why
 
     def close(self) -> None:
         if self._task is not None:

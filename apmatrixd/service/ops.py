@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Literal
 from apmatrixd import mdevctl
 from apmatrixd.core import (
     AlreadyExists,
+    ApmatrixError,
     Apqn,
+    Decision,
     DefineMatrix,
     HostPool,
     InvalidArgument,
@@ -238,6 +240,9 @@ def set_autostart(svc: Service, uuid: str, autostart: bool) -> Command[None]:
     if m.autostart == autostart:
         return
     change = UpdateMatrix(m.uuid, m.adapters, m.domains, m.control_domains, autostart=autostart)
+    # A flag breaks no rule, even on a definition the kernel's truth clashes with (turning
+    # its autostart off may be exactly what the admin wants): nothing to decide.
+    decision = Decision(change)
     record = st.record(m.uuid, Matrix(m.uuid, m.adapters, m.domains, m.control_domains,
                                       name=m.name, autostart=autostart))  # fmt: skip
     tx = Transaction(
@@ -246,7 +251,7 @@ def set_autostart(svc: Service, uuid: str, autostart: bool) -> Command[None]:
         stored_before={m.uuid: st.on_disk.get(m.uuid)},
     )
     yield from svc.transact(tx)
-    st.registry.apply(change, ORDER)
+    st.registry.apply(change, ORDER, decision)
     _stored(svc, m.uuid, record)
     svc.emit(Changes(matrices_changed={m.uuid}))
 
@@ -282,7 +287,7 @@ def start_waiting(svc: Service) -> Command[list[str]]:
             yield from svc.transact(
                 Transaction(f"autostart {uuid}", matrices=[MatrixStep(uuid, None, m)])
             )
-        except KernelError as err:
+        except ApmatrixError as err:  # the kernel, or the journal (a read-only state dir)
             log.warning("autostart of matrix %s failed: %s", m.label, err)
             continue
         guest = (yield from svc.read_guest(uuid)) or ()
@@ -465,6 +470,14 @@ def import_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
     records: dict[str, StoredMatrix | None] = {}
     for m in news:
         records[m.uuid] = st.record(m.uuid, m, m.domains <= m.control_domains)
+    claimed = []
+    for d in claims:  # decided before any I/O, applied after it without deciding again
+        have = st.registry.get(d.uuid)
+        change = UpdateMatrix(
+            d.uuid, have.adapters, have.domains, have.control_domains, autostart=d.autostart
+        )
+        claimed.append((change, st.registry.decide(change)))
+        claimed[-1][1].raise_if_refused(ORDER)
     for d in claims:
         have = st.registry.get(d.uuid)
         cud = st.meta[d.uuid].control_usage_domains
@@ -477,14 +490,10 @@ def import_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
     )
     yield from svc.transact(tx)
     for m in news:
-        st.registry.apply(DefineMatrix(m), ORDER)
+        st.registry.restore(DefineMatrix(m))  # decided together on the scratch registry
         st.meta[m.uuid] = Meta(control_usage_domains=m.domains <= m.control_domains)
-    for d in claims:
-        have = st.registry.get(d.uuid)
-        change = UpdateMatrix(
-            d.uuid, have.adapters, have.domains, have.control_domains, autostart=d.autostart
-        )
-        st.registry.apply(change, ORDER)
+    for change, decision in claimed:
+        st.registry.apply(change, ORDER, decision)
     for u, rec in records.items():
         assert rec is not None
         _stored(svc, u, rec)

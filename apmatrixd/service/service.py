@@ -112,11 +112,11 @@ class Service:
 
     # -- the pieces commands are made of ---------------------------------------------------
     def transact(self, tx: Transaction) -> Command[Result]:
-        """Run ``tx`` in the worker (see tx.py); a kernel failure asks for a resync, as the
-        kernel may hold what nobody knows yet (an mdev removed outside, a failed undo)."""
+        """Run ``tx`` in the worker (see tx.py); a failure asks for a resync, as the kernel
+        may hold what nobody knows yet (an mdev removed outside, a failed undo)."""
         try:
             result: Result = yield Work(tx.what, lambda p: tx.execute(self.kernel, self.store, p))
-        except KernelError:
+        except Exception:
             self.request_resync()
             raise
         return result

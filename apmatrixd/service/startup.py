@@ -50,8 +50,11 @@ def load(svc: Service) -> Command[None]:
     st = svc.state
     store = svc.store
     contents = Contents()
+    unresolved: frozenset[str] = frozenset()
     if store is not None:
-        contents = yield Work("the state directory", lambda _p: _recover(svc.kernel, store))
+        contents, unresolved = yield Work(
+            "the state directory", lambda _p: _recover(svc.kernel, store)
+        )
     snap: HostSnapshot = yield Work("reading the AP configuration",
                                     lambda _p: svc.kernel.read_host())  # fmt: skip
     st.registry = Registry(limits=snap.limits, pool=snap.pool)
@@ -95,6 +98,10 @@ def load(svc: Service) -> Command[None]:
                 continue
             st.registry.apply(DefineMatrix(want), ops.ORDER)
             st.meta[sm.uuid] = Meta(control_usage_domains=sm.control_usage_domains)
+            continue
+        if sm.uuid in unresolved:
+            what = "its interrupted change could not be rolled back"
+            log.error("matrix %s: %s; its file is kept, nothing adopted", sm.uuid, what)
             continue
         if (live.adapters, live.domains, live.control_domains) != (
             sm.adapters,
@@ -231,19 +238,22 @@ def _pool_within(cur: HostPool, before: HostPool, after: HostPool) -> bool:
     )
 
 
-def _recover(kernel: Kernel, store: Store) -> Contents:
-    """Step 1 of the module docstring; returns the store's contents afterwards."""
+def _recover(kernel: Kernel, store: Store) -> tuple[Contents, frozenset[str]]:
+    """Step 1 of the module docstring: the store's contents afterwards, and the matrices of
+    an interrupted change that could not be rolled back (not to be taken for drift)."""
     contents = store.load()
     intent = store.journal.read()
     if intent is None:
-        return contents
+        return contents, frozenset()
     try:
         changed = _roll(kernel, store, contents, intent)
     except (ApmatrixError, KeyError, TypeError, ValueError) as err:
+        # The intent stays (until the next change overwrites it): its matrices are neither
+        # rolled back nor adopted as drift.
         log.error("rolling back the interrupted change %r failed: %s", intent.what, err)
-        changed = True
+        return store.load(), frozenset(intent.matrices)
     store.journal.clear_durably()
-    return store.load() if changed else contents
+    return (store.load() if changed else contents), frozenset()
 
 
 def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> bool:

@@ -21,7 +21,7 @@ touched, and start-up completes a removal cut between the two.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,8 @@ from apmatrixd.journal import Intent, JournalError
 from apmatrixd.kernel import Kernel, KernelError, Write
 from apmatrixd.service.executor import Progress
 from apmatrixd.store import Reservations, Store, StoredMatrix, StoreError
+
+log = logging.getLogger(__name__)
 
 
 def sets_json(m: Matrix | None) -> dict[str, list[int]] | None:
@@ -72,6 +74,7 @@ class Transaction:
     stored_before: Mapping[str, StoredMatrix | None] = field(default_factory=dict)
     reservations_before: Reservations | None = None
     boot: str = ""
+    unclean: bool = False  # a failed store write could not be undone
     # The store first, then the kernel: a removal, whose kernel write has no inverse, so
     # that a store failure leaves it undone (start-up completes one cut between the two).
     store_first: bool = False
@@ -113,22 +116,32 @@ class Transaction:
                 store.journal.begin(self.intent(found))
             except JournalError as err:
                 raise StoreError(str(err)) from err
+        clean = True  # every write of a failed change undone: nothing left for start-up
+        self.unclean = False
         try:
             if self.store_first:
-                undo = self._store(kernel, store, ops, res, [], progress)
+                undo_store = self._store(store, ops, res, progress)
+                clean = not self.unclean
                 try:
                     self._kernel(kernel, writes, progress)
-                except KernelError:
-                    undo()
+                except Exception:
+                    clean = undo_store()
                     raise
             else:
                 done = self._kernel(kernel, writes, progress)
-                self._store(kernel, store, ops, res, done, progress)
+                try:
+                    self._store(store, ops, res, progress)
+                except Exception:
+                    clean = self._undo_kernel(kernel, done, progress) and not self.unclean
+                    raise
         except Exception:
-            # Undone (or as undone as it gets): nothing for start-up to roll back. A crash
-            # (anything that is not an Exception) leaves the intent for start-up.
+            # A crash (anything that is not an Exception) leaves the intent for start-up, and
+            # so does a failure that could not be undone completely.
             if store is not None:
-                store.journal.end()
+                if clean:
+                    store.journal.end()
+                else:
+                    log.error("%s: could not be undone completely; the intent is kept", self.what)
             raise
         if store is not None:
             store.journal.end()
@@ -158,6 +171,8 @@ class Transaction:
 
     @staticmethod
     def _kernel(kernel: Kernel, writes: list[Write], progress: Progress) -> list[Write]:
+        """All the writes under the lock, or none: a failure undoes the done ones and raises
+        (a KernelError naming the first undo that failed too, if one did)."""
         done: list[Write] = []
         if not writes:
             return done
@@ -168,38 +183,61 @@ class Transaction:
                     progress.text = str(w)
                     kernel.write(w)
                     done.append(w)
-            except KernelError:
+            except Exception as err:
                 progress.text = "undoing the writes done"
-                kernel.undo(done)
+                failed = kernel.undo(done)
+                if failed:
+                    raise KernelError(
+                        failed[0].errno, failed[0].path, "undoing", f"{err}; undo failed too"
+                    ) from err
                 raise
         return done
 
+    @staticmethod
+    def _undo_kernel(kernel: Kernel, done: list[Write], progress: Progress) -> bool:
+        if not done:
+            return True
+        progress.text = "undoing the kernel writes (the store failed)"
+        try:
+            with kernel.locked():
+                return not kernel.undo(done)
+        except KernelError as err:
+            log.error("cannot undo the kernel writes: %s", err)
+            return False
+
     def _store(
         self,
-        kernel: Kernel,
         store: Store | None,
         ops: list[tuple[str, StoredMatrix | None]],
         res: bool,
-        done: list[Write],
         progress: Progress,
-    ) -> Callable[[], None]:
-        """The store writes; the undo of them (for a kernel failure after them)."""
+    ) -> Callable[[], bool]:
+        """The store writes, or none (a failure undoes the done ones and raises); returns
+        the undo of them all, True if it restored everything."""
         written: list[tuple[str, StoredMatrix | None]] = []
 
-        def undo() -> None:
+        def undo() -> bool:
             assert store is not None
-            for u, was in reversed(written):  # best effort: the store as it was
-                with contextlib.suppress(StoreError):
+            clean = True
+            for u, was in reversed(written):  # the store as it was
+                try:
                     if was is None:
                         store.remove_matrix(u)
                     else:
                         store.write_matrix(was)
+                except StoreError as err:
+                    log.error("cannot restore the stored matrix %s: %s", u, err)
+                    clean = False
             if res and self.reservations_before is not None:
-                with contextlib.suppress(StoreError):
+                try:
                     store.write_reservations(self.reservations_before)
+                except StoreError as err:
+                    log.error("cannot restore the stored reservations: %s", err)
+                    clean = False
+            return clean
 
         if store is None:
-            return lambda: None
+            return lambda: True
         try:
             for u, rec in ops:
                 progress.text = f"storing matrix {u}"
@@ -215,10 +253,9 @@ class Transaction:
                 store.write_reservations(self.reservations)
         except StoreError:
             progress.text = "undoing the change (the store failed)"
-            undo()
-            if done:
-                with kernel.locked():
-                    kernel.undo(done)
+            if not undo():
+                log.error("%s: the store could not be restored", self.what)
+                self.unclean = True
             raise
         return undo
 

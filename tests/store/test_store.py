@@ -13,7 +13,7 @@ import pytest
 
 from apmatrixd.core import Apqn, Conflict
 from apmatrixd.journal import Journal
-from apmatrixd.kernel import Kernel, TreeSysfs
+from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Service
 from apmatrixd.sim.model import Host
 from apmatrixd.store import (
@@ -350,3 +350,62 @@ def test_without_a_store_nothing_is_written(tmp_path: Path) -> None:
     svc.create_matrix(G1, adapters=[5], domains=[4], autostart=True)
     assert svc.matrix(G1).state == "active"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_remove_whose_lock_cannot_be_taken_changes_nothing(tmp_path: Path) -> None:
+    """Remove writes the store first; any kernel failure after it (here the s390 lock is a
+    planted symlink: ELOOP) puts the file back, and nothing is left for start-up."""
+    host = Host.from_name("default")
+    lock = tmp_path / "s390apconfig.lock"
+    store = Store(tmp_path / "state")
+    svc = Service(Kernel(TreeSysfs(host), lock_path=str(lock)), store=store)
+    svc.load()
+    svc.reserve([5], [4])
+    svc.create_matrix(G1, adapters=[5], domains=[4], name="g", autostart=True)
+    before = (tmp_path / "state" / "matrices" / f"{G1}.json").read_bytes()
+    lock.unlink()
+    lock.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(KernelError) as refused:
+        svc.remove(G1)
+    assert refused.value.errno == errno.ELOOP and "lock" in str(refused.value)
+    assert (tmp_path / "state" / "matrices" / f"{G1}.json").read_bytes() == before
+    assert svc.matrix(G1).state == "active" and svc.kernel.mdev_exists(G1)
+    assert store.journal.read() is None
+    assert not (tmp_path / "elsewhere").exists()  # the link was not followed
+
+
+def test_a_rollback_that_fails_keeps_the_intent_and_adopts_nothing(tmp_path: Path) -> None:
+    host = Host.from_name("default")
+    armed: list[str] = []
+    svc = service(host, tmp_path, fault=crashing(armed))
+    svc.reserve([5, 6], [4])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    armed[:] = ["write"]  # the kernel got {5, 6}, the daemon died before the store did
+    with pytest.raises(Crash):
+        svc.update(G1, [5, 6], [4], [4])
+    host.inject_fault(f"devices/vfio_ap/matrix/{G1}/unassign_adapter", errno.EBUSY)
+    svc2 = service(host, tmp_path)  # its rollback is refused by the kernel
+    assert svc2.startup_drift == []  # our own half-done change is not an admin's drift
+    stored = json.loads((tmp_path / "matrices" / f"{G1}.json").read_text())
+    assert stored["adapters"] == [5]  # not adopted
+    assert svc2.matrix(G1).adapters == (5, 6)  # the kernel's truth, counted in decisions
+    assert Journal(tmp_path).read() is not None
+    svc3 = service(host, tmp_path)  # the next start rolls it back
+    assert svc3.kernel.read_mdev(G1).adapters == {5} and svc3.matrix(G1).adapters == (5,)
+    assert Journal(tmp_path).read() is None
+
+
+def test_autostart_of_a_definition_the_kernel_clashes_with_can_be_turned(tmp_path: Path) -> None:
+    """A flag breaks no rule: the registry and the file agree afterwards (the registry used to
+    decide again after the file was written, and could refuse then)."""
+    host = Host.from_name("default")
+    svc = service(host, tmp_path)
+    svc.reserve([5, 6], [4, 0xAB])
+    svc.create_matrix(G1, adapters=[5, 6], domains=[4])
+    svc.create_matrix(G2, adapters=[6], domains=[0xAB], start=False)
+    svc.registry.set_truth(G1, {5, 6}, {4, 0xAB})  # G1's mdev holds 06.00ab (a drift)
+    with pytest.raises(Conflict):
+        svc.start(G2)
+    svc.set_autostart(G2, True)
+    assert json.loads((tmp_path / "matrices" / f"{G2}.json").read_text())["autostart"] is True
+    assert svc.matrix(G2).autostart and svc.registry.violations() == []
