@@ -3,6 +3,8 @@
 Layout (``--state-dir``, default ``$STATE_DIRECTORY`` or ``/var/lib/apmatrixd``)::
 
     <state-dir>/host.json                 the host reservations (what Reserve/Release asked for)
+    <state-dir>/boot.json                 the boot in which they were last applied
+    <state-dir>/journal                   the intent of a change in flight (journal.py)
     <state-dir>/matrices/<uuid>.json      one file per matrix definition
 
 Both are JSON objects, indented, keys sorted, ids as decimal integers. A matrix file::
@@ -65,6 +67,8 @@ MATRIX_FORMAT = "apmatrixd-matrix"
 HOST_FORMAT = "apmatrixd-host"
 MATRICES = "matrices"
 HOST_FILE = "host.json"
+BOOT_FILE = "boot.json"
+BOOT_FORMAT = "apmatrixd-boot"
 SUFFIX = ".json"
 KILL_ENV = "APMATRIXD_TEST_KILL_AT"
 """Test hook: SIGKILL the daemon itself at the Nth store step (write, fsync, rename, ...)."""
@@ -286,6 +290,7 @@ class Contents:
     matrices: dict[str, StoredMatrix] = field(default_factory=dict)
     reservations: Reservations = field(default_factory=Reservations)
     set_aside: list[str] = field(default_factory=list)
+    boot: str = ""  # the boot in which the reservations were last applied ('' if none)
 
 
 class Store:
@@ -306,6 +311,10 @@ class Store:
     @property
     def host_path(self) -> Path:
         return self.root / HOST_FILE
+
+    @property
+    def boot_path(self) -> Path:
+        return self.root / BOOT_FILE
 
     def _prepare(self) -> None:
         for d in (self.root, self.matrices_dir):
@@ -334,6 +343,14 @@ class Store:
                 out.reservations = Reservations.from_json(self._read_json(self.host_path))
             except Damaged as why:
                 out.set_aside.append(self._set_aside(self.host_path, str(why)))
+        if self.boot_path.exists():
+            try:
+                data = _check_header(self._read_json(self.boot_path), BOOT_FORMAT)
+                if not isinstance(data.get("boot"), str):
+                    raise Damaged("'boot' must be a string")
+                out.boot = data["boot"]
+            except Damaged as why:
+                out.set_aside.append(self._set_aside(self.boot_path, str(why)))
         for name in sorted(os.listdir(self.matrices_dir)):
             path = self.matrices_dir / name
             if name.startswith(".") or ".broken-" in name or not path.is_file():
@@ -403,6 +420,12 @@ class Store:
             f"the removal of matrix {uuid}",
             lambda: durable_unlink(self.matrix_path(uuid), self.fault),
         )
+
+    def write_boot(self, boot: str) -> None:
+        """Which boot the stored reservations were applied in: a restart in the same boot
+        must not apply them again over what an admin did to the masks meanwhile."""
+        data = encode({"format": BOOT_FORMAT, "version": VERSION, "boot": boot})
+        self._guard("the boot id", lambda: atomic_write(self.boot_path, data, self.fault))
 
     def write_reservations(self, r: Reservations) -> None:
         data = encode(r.to_json())

@@ -13,8 +13,9 @@ In this order, before READY=1:
    their before. The intent is then cleared, durably.
 2. Every live mdev enters the registry with the sets the kernel holds (a stored UUID is that
    matrix, with its name and autostart; an unknown one is *adopted*).
-3. The stored reservations are applied to the host pool (after a reboot the masks are back at
-   their boot values).
+3. After a reboot (the boot id differs from the one stored with them) the stored reservations
+   are applied to the host pool: the masks are back at their boot values. A restart in the
+   same boot leaves the masks as they are, an admin's edit included.
 4. Every stored definition: one that is not live enters as ``defined`` (one that clashes is
    logged and left on disk); a live one whose mdev differs from its file was changed while
    the daemon was not running: that is drift, adopted (the file follows the kernel) and sent
@@ -84,7 +85,18 @@ def load(svc: Service) -> Command[None]:
             ),
             guest=tuple(sorted(mdev.guest_apqns)),
         )
-    written = yield from _restore_pool(svc, contents.matrices.values())
+    boot = svc.kernel.boot_id()
+    if store is not None and boot and contents.boot == boot:
+        # The same boot: the masks are what this daemon (or an admin since) left them.
+        # Applying the reservations again would write an admin's edit back.
+        written = False
+    else:
+        written = yield from _restore_pool(svc, contents.matrices.values())
+        if store is not None and boot:
+            try:
+                yield Work("storing the boot id", lambda _p: store.write_boot(boot))
+            except ApmatrixError as err:
+                log.error("%s", err)
     drift: list[tuple[str, str]] = []
     adopted: dict[str, StoredMatrix | None] = {}
     for sm in sorted(contents.matrices.values(), key=lambda m: m.uuid):
@@ -92,9 +104,9 @@ def load(svc: Service) -> Command[None]:
         if live is None:
             want = Matrix(sm.uuid, sm.adapters, sm.domains, sm.control_domains,
                           name=sm.name, autostart=sm.autostart)  # fmt: skip
-            err = st.registry.decide(DefineMatrix(want)).error(ops.ORDER)
-            if err is not None:
-                log.error("stored matrix %s not loaded (its file is kept): %s", sm.uuid, err)
+            refusal = st.registry.decide(DefineMatrix(want)).error(ops.ORDER)
+            if refusal is not None:
+                log.error("stored matrix %s not loaded (its file is kept): %s", sm.uuid, refusal)
                 continue
             st.registry.apply(DefineMatrix(want), ops.ORDER)
             st.meta[sm.uuid] = Meta(control_usage_domains=sm.control_usage_domains)

@@ -409,3 +409,15 @@ def test_autostart_of_a_definition_the_kernel_clashes_with_can_be_turned(tmp_pat
     svc.set_autostart(G2, True)
     assert json.loads((tmp_path / "matrices" / f"{G2}.json").read_text())["autostart"] is True
     assert svc.matrix(G2).autostart and svc.registry.violations() == []
+
+
+def test_a_restart_in_the_same_boot_leaves_an_admins_mask_edit(tmp_path: Path) -> None:
+    host = Host.from_name("default")
+    svc = service(host, tmp_path)
+    svc.reserve([5, 6], [])
+    host.write("bus/ap/apmask", b"+6")  # the daemon is stopped: the admin gives 06 back
+    svc2 = service(host, tmp_path)  # same host: same boot
+    assert 6 in svc2.host.host_adapters and 5 not in svc2.host.host_adapters
+    assert svc2.kernel.read_pool().adapters == svc2.registry.pool.adapters
+    rebooted = service(Host.from_name("default"), tmp_path)  # a reboot: the record applies
+    assert 5 not in rebooted.host.host_adapters and 6 not in rebooted.host.host_adapters
