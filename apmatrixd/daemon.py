@@ -162,14 +162,22 @@ def make_kernel(args: argparse.Namespace) -> Kernel:
 def make_store(args: argparse.Namespace) -> Store | None:
     """The state directory. An emulated host keeps none unless asked: its definitions must
     never land in the real host's /var/lib/apmatrixd."""
-    from apmatrixd.store import Store, kill_fault_from_env
+    from apmatrixd.store import KILL_ENV, Store, kill_fault_from_env
 
     if args.state_dir is None and args.simulate is None:
         args.state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR
     if args.state_dir is None:
         log.debug("no --state-dir: matrix definitions on the emulated host are not kept")
         return None
-    return Store(args.state_dir, fault=kill_fault_from_env())
+    fault = None
+    if args.simulate is not None:  # test-only hooks exist on the emulated host only
+        try:
+            fault = kill_fault_from_env()
+        except ValueError as err:
+            raise StartupError(str(err)) from None
+    elif os.environ.get(KILL_ENV):
+        log.warning("%s is a test hook of --simulate: ignored on a real host", KILL_ENV)
+    return Store(args.state_dir, fault=fault)
 
 
 def make_bus(args: argparse.Namespace) -> tuple[ApmatrixBus, str]:

@@ -235,10 +235,12 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, fault: Fault = _no_f
             view = memoryview(data)
             half = len(view) // 2  # a step in the middle: a crash here leaves half a temp file
             fault("write")
-            os.write(fd, view[:half])
+            done = 0
+            while done < half:  # every write's count is checked: a short one goes on
+                done += os.write(fd, view[done:half])
             fault("write-more")
-            while half < len(view):
-                half += os.write(fd, view[half:])
+            while done < len(view):
+                done += os.write(fd, view[done:])
             fault("fsync")
             os.fsync(fd)
         finally:
@@ -270,6 +272,8 @@ def kill_fault_from_env() -> Fault | None:
     text = os.environ.get(KILL_ENV, "")
     if not text:
         return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{KILL_ENV}={text!r}: want a step number >= 1")
     left = int(text)
     log.warning("%s=%d: this daemon will kill itself at store step %d", KILL_ENV, left, left)
 

@@ -21,6 +21,8 @@ import fcntl
 import logging
 import os
 import re
+import stat
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -29,7 +31,7 @@ from apmatrixd.core.apqn import MAX_ID, Apqn, cross
 from apmatrixd.core.errors import InvalidArgument
 from apmatrixd.core.matrix import HostPool, Limits, Matrix, normalize_uuid
 from apmatrixd.kernel import formats
-from apmatrixd.kernel.errors import KernelError
+from apmatrixd.kernel.errors import KernelError, LockBusy
 from apmatrixd.kernel.io import SysfsIO
 from apmatrixd.kernel.snapshot import LAYOUTS, AdapterInfo, HostSnapshot, Layout, MdevInfo
 
@@ -52,6 +54,9 @@ HOST_DRIVER = "cex4queue"
 AP_DEVICES = "devices/ap"
 AP_BUS = "bus/ap"
 S390_AP_LOCK = "/run/lock/s390apconfig.lock"
+LOCK_WAIT = 10.0
+"""Seconds a change waits for the s390 lock (held by chzdev or ap-check) before Busy."""
+LOCK_POLL = 0.05
 """The lock s390-tools (ap-check, chzdev) take around AP configuration changes."""
 
 _CARD_RE = re.compile(r"card([0-9a-f]{2})")
@@ -169,13 +174,33 @@ class Kernel:
         if self.lock_path is None:
             yield
             return
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        path = self.lock_path
+        # /run/lock is world-writable: a link planted there is not followed, and a file some
+        # user created first (to hold the lock and freeze every change) is not taken. The
+        # shipped tmpfiles.d entry creates it root-owned at boot.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(self.lock_path, flags, 0o644)
+            fd = os.open(path, flags, 0o600)
         except OSError as e:
-            raise KernelError.from_oserror(e, self.lock_path, "opening the lock") from None
+            raise KernelError.from_oserror(e, path, "opening the lock") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise KernelError(
+                    errno.EPERM,
+                    path,
+                    "opening the lock",
+                    f"not a regular file owned by uid {os.geteuid()} (uid {st.st_uid}): refused",
+                )
+            deadline = time.monotonic() + LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(path, LOCK_WAIT) from None
+                    time.sleep(LOCK_POLL)
             yield
         finally:
             os.close(fd)

@@ -39,3 +39,16 @@ class KernelError(ApmatrixError):
         """Keep the errno exactly; an OSError without one (never from sysfs) counts as EIO."""
         code = err.errno if err.errno is not None else errnolib.EIO
         return cls(code, path, op)
+
+
+class LockBusy(ApmatrixError):
+    """The s390 configuration lock stayed held (D-Bus ``Busy``): nothing was written."""
+
+    name = "Busy"
+
+    def __init__(self, path: str, waited: float) -> None:
+        self.path = path
+        super().__init__(
+            f"the s390 AP configuration lock {path} is held by another process"
+            f" (chzdev, ap-check?) and was not released within {waited:.0f} s; nothing written"
+        )

@@ -75,3 +75,51 @@ def test_a_failed_batch_rolls_back_under_the_lock(tmp_path: Path) -> None:
     assert [p.rsplit("/", 1)[1] for p, _ in io.writes][-1] == "remove"  # rolled back
     assert all(held for _, held in io.writes)
     assert not io.held()
+
+
+def lock_kernel(tmp_path: Path) -> tuple[Kernel, Path, Matrix]:
+    lock = tmp_path / "s390apconfig.lock"
+    k = Kernel(TreeSysfs(Host.from_name("default")), lock_path=str(lock))
+    pool = k.read_pool()
+    k.set_pool(pool, HostPool(pool.adapters - {5}, pool.domains))
+    return k, lock, Matrix(G1, frozenset({5}), frozenset({4}), frozenset({4}))
+
+
+def test_a_planted_link_is_not_followed(tmp_path: Path) -> None:
+    k, lock, m = lock_kernel(tmp_path)
+    lock.unlink()
+    lock.symlink_to(tmp_path / "target")
+    with pytest.raises(KernelError) as refused:
+        k.apply_matrix(G1, None, m)
+    assert refused.value.errno == errno.ELOOP
+    assert not (tmp_path / "target").exists() and not k.mdev_exists(G1)
+
+
+def test_a_lock_file_someone_else_owns_is_refused(tmp_path: Path) -> None:
+    k, lock, m = lock_kernel(tmp_path)
+    os.chown(lock, 65534, 65534)  # nobody created it first
+    with pytest.raises(KernelError) as refused:
+        k.apply_matrix(G1, None, m)
+    assert refused.value.errno == errno.EPERM and "uid 65534" in str(refused.value)
+    assert not k.mdev_exists(G1)
+
+
+def test_a_held_lock_is_busy_after_a_bounded_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from apmatrixd.kernel import backend
+    from apmatrixd.kernel.errors import LockBusy
+
+    monkeypatch.setattr(backend, "LOCK_WAIT", 0.3)
+    k, lock, m = lock_kernel(tmp_path)
+    holder = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # chzdev is at work
+        with pytest.raises(LockBusy) as refused:
+            k.apply_matrix(G1, None, m)
+        assert refused.value.name == "Busy" and str(lock) in str(refused.value)
+        assert not k.mdev_exists(G1)
+    finally:
+        os.close(holder)
+    k.apply_matrix(G1, None, m)  # released: it goes through
+    assert k.mdev_exists(G1)

@@ -421,3 +421,30 @@ def test_a_restart_in_the_same_boot_leaves_an_admins_mask_edit(tmp_path: Path) -
     assert svc2.kernel.read_pool().adapters == svc2.registry.pool.adapters
     rebooted = service(Host.from_name("default"), tmp_path)  # a reboot: the record applies
     assert 5 not in rebooted.host.host_adapters and 6 not in rebooted.host.host_adapters
+
+
+def test_a_short_write_is_continued_not_stored_truncated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data)[:3]))  # 3 at a time
+    Store(tmp_path).write_matrix(StoredMatrix(G1, "one", frozenset({5}), frozenset({4})))
+    monkeypatch.undo()
+    contents = Store(tmp_path).load()
+    assert contents.set_aside == [] and contents.matrices[G1].name == "one"
+
+
+def test_the_kill_hook_is_refused_when_malformed_and_ignored_on_a_real_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from apmatrixd import daemon
+
+    monkeypatch.setenv("APMATRIXD_TEST_KILL_AT", "x")
+    args = daemon.parse_args(["--simulate", "--state-dir", str(tmp_path)])
+    with pytest.raises(daemon.StartupError, match="APMATRIXD_TEST_KILL_AT"):
+        daemon.make_store(args)
+    monkeypatch.setenv("APMATRIXD_TEST_KILL_AT", "1")
+    real = daemon.parse_args(["--sysfs-root", str(tmp_path), "--state-dir", str(tmp_path)])
+    store = daemon.make_store(real)
+    assert store is not None
+    store.write_matrix(StoredMatrix(G1))  # step 1 would have killed us: the hook is off
