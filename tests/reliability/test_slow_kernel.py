@@ -40,13 +40,18 @@ def test_reads_are_answered_while_a_change_waits_on_the_kernel(sim: SimFactory) 
         pending: set[str] = set()
         while not slow.done():
             # Each read must come back while the write is stuck (a stall guard, not a timing).
+            get_matrix = ("org.freedesktop.DBus.Properties", "GetAll", "s", [MATRIX])
             calls: list[Any] = [
                 other.ok(ROOT, "org.freedesktop.DBus.Peer", "Ping"),
-                other.props(path_of(G1), MATRIX),
+                other.call(path_of(G1), *get_matrix),  # gone the moment the Remove is done
                 other.ok(ROOT, MANAGER, "Check", "auaus", [[5], [4], ""]),
                 other.props(ROOT, MANAGER),
             ]
-            _, matrix, (clashes,), manager = await asyncio.wait_for(asyncio.gather(*calls), 2)
+            _, reply, (clashes,), manager = await asyncio.wait_for(asyncio.gather(*calls), 2)
+            if reply.message_type != MessageType.METHOD_RETURN:
+                await asyncio.wait_for(slow, 2)  # only after the Remove committed
+                break
+            matrix = {k: v.value for k, v in reply.body[0].items()}
             if not slow.done():
                 reads += 1
                 assert matrix["State"] == "active"  # nothing is shown before it is done
