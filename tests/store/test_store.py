@@ -448,3 +448,36 @@ def test_the_kill_hook_is_refused_when_malformed_and_ignored_on_a_real_host(
     store = daemon.make_store(real)
     assert store is not None
     store.write_matrix(StoredMatrix(G1))  # step 1 would have killed us: the hook is off
+
+
+def test_a_torn_or_foreign_journal_reads_as_no_intent(tmp_path: Path) -> None:
+    from apmatrixd.journal import Intent
+
+    j = Journal(tmp_path)
+    j.begin(Intent("Update x", matrices={G1: {"kernel_before": None, "kernel_after": None}}))
+    assert j.read() is not None and j.read().what == "Update x"  # type: ignore[union-attr]
+    raw = (tmp_path / "journal").read_bytes()
+    (tmp_path / "journal").write_bytes(raw[: len(raw) - 5])  # torn before it was durable
+    assert Journal(tmp_path).read() is None
+    (tmp_path / "journal").write_bytes(b"not a journal at all\n")
+    assert Journal(tmp_path).read() is None
+    j.end()
+    assert Journal(tmp_path).read() is None
+
+
+def test_a_failed_read_back_after_a_commit_does_not_fail_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = Host.from_name("default")
+    svc = service(host, tmp_path)
+    svc.reserve([5, 6], [4])
+    asked: list[int] = []
+    svc.on_resync = lambda: asked.append(1)
+
+    def gone(uuid: str) -> object:
+        raise KernelError(errno.ENOENT, f"devices/vfio_ap/matrix/{uuid}/guest_matrix", "reading")
+
+    monkeypatch.setattr(svc.kernel, "read_guest", gone)
+    view = svc.create_matrix(G1, adapters=[5, 6], domains=[4])  # committed all the same
+    assert view.state == "degraded" and asked == [1]  # the guest view is re-read by a resync
+    assert json.loads((tmp_path / "matrices" / f"{G1}.json").read_text())["adapters"] == [5, 6]
