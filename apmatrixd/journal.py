@@ -14,8 +14,8 @@ The clear needs no fsync when the change wrote the store: a crash that loses the
 an intent whose stored records already equal its ``after`` (the change is recognisably
 done), and the next intent overwrites it durably. A change that writes only the kernel
 (start, stop) is done only if the kernel still shows ``after``, which a later admin edit can
-undo, and one that writes the store first (a removal) is completed in the kernel at start-up:
-the clear of both is made durable too.
+undo, and one that writes the store first (a removal) is judged by the kernel too (its files
+are put back if its mdevs are still there): the clear of both is made durable too.
 
 Format: a header line ``APMJ1 <length> <crc32>`` (hex, 8 digits each) and that many bytes of
 JSON. A torn write fails the length or the checksum and reads as no intent: it was torn

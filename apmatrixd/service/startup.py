@@ -9,8 +9,10 @@ In this order, before READY=1:
    taken back to what the kernel held before, but only where the kernel still holds
    something between before and after (anything else is someone else's edit, left alone),
    and an mdev is never re-created: one that is gone stays gone (a reboot, or the change was
-   our own removal, which is then completed in the store). The stored records go back to
-   their before. The intent is then cleared, durably.
+   our own removal, which is then completed in the store). A removal writes its files first:
+   cut before its mdev went, its files come back (no kernel write at start-up, which a guest
+   holding the mdev could block). The stored records go back to their before. The intent is
+   then cleared, durably.
 2. Every live mdev enters the registry with the sets the kernel holds (a stored UUID is that
    matrix, with its name and autostart; an unknown one is *adopted*).
 3. After a reboot (the boot id differs from the one stored with them) the stored reservations
@@ -286,8 +288,15 @@ def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> b
     )
     same_boot = bool(intent.boot) and intent.boot == kernel.boot_id()
     if intent.store_first and at_after and same_boot:
-        _complete_kernel(kernel, intent)
-        return False
+        # A removal: its files went first. If its mdevs are still there the kernel part never
+        # happened (or was still blocked, a guest holding the mdev): the files come back,
+        # rather than a write here that could block start-up as long as the guest runs.
+        kernel_items = [(u, i) for u, i in intent.matrices.items() if "kernel_before" in i]
+        if all(kernel.read_mdev_sets(u) is None for u, _ in kernel_items):
+            log.info("the interrupted change %r was done", intent.what)
+            return False
+        log.warning("the interrupted change %r never reached the kernel: undone", intent.what)
+        return _store_to(store, contents, stored, "stored_before", res["before"] if res else None)
     if intent.writes_store and at_after:
         log.info("the interrupted change %r was done: nothing to roll back", intent.what)
         return False
@@ -330,16 +339,6 @@ def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> b
             else:
                 log.warning("host pool: the kernel holds another pool; left as it is")
     return _store_to(store, contents, stored, "stored_before", res["before"] if res else None)
-
-
-def _complete_kernel(kernel: Kernel, intent: Intent) -> None:
-    """A store-first change (a removal) whose store part was done: do its kernel part."""
-    for u, i in intent.matrices.items():
-        if "kernel_before" not in i:
-            continue
-        before, after = _sets(i["kernel_before"]), _sets(i["kernel_after"])
-        if _take(kernel, u, kernel.read_mdev_sets(u), before, after, to=after):
-            log.info("matrix %s: the interrupted %r completed in the kernel", u, intent.what)
 
 
 def _take(

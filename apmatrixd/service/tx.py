@@ -16,7 +16,7 @@ A failure in 3 undoes the writes done, newest first; a failure in 4 undoes the s
 done and then the kernel writes. Either way the error is raised and nothing of the change is
 left. Removing an mdev has no inverse (an mdev is never re-created to undo anything), so a
 removal runs 4 before 3 (``store_first``): a store failure comes before the kernel is
-touched, and start-up completes a removal cut between the two.
+touched, and start-up puts the files of a removal cut between the two back.
 """
 
 from __future__ import annotations

@@ -481,3 +481,19 @@ def test_a_failed_read_back_after_a_commit_does_not_fail_the_caller(
     view = svc.create_matrix(G1, adapters=[5, 6], domains=[4])  # committed all the same
     assert view.state == "degraded" and asked == [1]  # the guest view is re-read by a resync
     assert json.loads((tmp_path / "matrices" / f"{G1}.json").read_text())["adapters"] == [5, 6]
+
+
+def test_a_remove_cut_before_its_mdev_went_is_undone_at_start(tmp_path: Path) -> None:
+    host = Host.from_name("default")
+    armed: list[str] = []
+    svc = service(host, tmp_path, fault=crashing(armed))
+    svc.reserve([5], [4])
+    svc.create_matrix(G1, adapters=[5], domains=[4], name="g", autostart=True)
+    armed[:] = ["fsync-dir"]  # the file went, the daemon died before the mdev's remove
+    with pytest.raises(Crash):
+        svc.remove(G1)
+    assert not (tmp_path / "matrices" / f"{G1}.json").exists() and svc.kernel.mdev_exists(G1)
+    svc2 = service(host, tmp_path)
+    m = svc2.matrix(G1)  # back as it was: ours, named, autostart, live; nothing was written
+    assert (m.name, m.autostart, m.adopted, m.state) == ("g", True, False, "active")
+    assert (tmp_path / "matrices" / f"{G1}.json").exists() and svc2.startup_drift == []
