@@ -288,7 +288,12 @@ class EarlyDrift:
 
 
 async def _connect_and_serve(args: argparse.Namespace, service: Service, early: EarlyDrift) -> int:
-    bus, where = make_bus(args)
+    try:
+        bus, where = make_bus(args)
+    except ValueError as err:  # no address to be found (no session bus in this shell)
+        hint = " (--session needs a session bus: run under dbus-run-session)"
+        hint = hint if args.session else ""
+        raise StartupError(f"no bus to connect to: {err}{hint}") from None
     try:
         await bus.connect()
     except (OSError, ValueError, DBusError) as err:

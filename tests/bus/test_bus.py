@@ -4,6 +4,7 @@ busctl and dbus-fast clients. Fresh daemon per test on the in-process emulator."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import uuid as uuidlib
@@ -113,19 +114,24 @@ def test_name_taken_is_one_clear_line(daemon: Daemon) -> None:
 
 
 def test_unreachable_bus_and_bad_scenario_are_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DBUS_SESSION_BUS_ADDRESS", "DISPLAY")}
     for args in (
         ["--simulate", "--bus-address", "unix:path=/nonexistent/bus"],
         ["--simulate", "no-such-scenario", "--bus-address", "unix:path=/nonexistent/bus"],
+        ["--simulate", "--session"],  # a shell with no session bus
     ):
         r = subprocess.run(
             [*__import__("busrig").apmatrixd_argv(), *args],
             capture_output=True,
             text=True,
             timeout=20,
+            env=env,
         )
         assert r.returncode == 1, r.stderr
         assert "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        if "--session" in args:
+            assert "dbus-run-session" in r.stderr, r.stderr
 
 
 # -- the README walkthrough, with plain busctl -----------------------------------------------------
