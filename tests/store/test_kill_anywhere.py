@@ -205,13 +205,13 @@ def test_kill_anywhere(tmp_path: Path, scenario: str) -> None:
     while killer.kills < target:
         if svc is None:
             # Restart: the store must hold the acknowledged state (plus, maybe, the change
-            # that was in flight), parse cleanly, and the service must agree with it.
+            # that was in flight: until a start-up has finished its recovery, either), parse
+            # cleanly, and the service must agree with it.
             contents = Store(tmp_path).load()
             assert contents.set_aside == []
             got: State = (contents.matrices, contents.reservations)
             candidates = [acked] + ([in_flight(acked)] if in_flight else [])
             assert got in candidates, f"restart {restarts}: store lost an acknowledged change"
-            acked, in_flight = got, None
             leftovers = [n for n in os.listdir(tmp_path / "matrices") if n.startswith(".")]
             assert leftovers == []
             rebooted = rng.random() < 0.5
@@ -228,6 +228,11 @@ def test_kill_anywhere(tmp_path: Path, scenario: str) -> None:
                 continue  # killed during start-up: start again (no reboot needed)
             svc = fresh
             restarts += 1
+            # The recovery may have undone the change in flight (or found it done).
+            contents = Store(tmp_path).load()
+            got = (contents.matrices, contents.reservations)
+            assert got in candidates, f"restart {restarts}: recovery lost an acknowledged change"
+            acked, in_flight = got, None
             assert stored_view(svc) == acked[0]
             check_kernel(svc, rebooted, acked)
             # The journal names the change a kill cut: it is undone (or completed), so no
@@ -252,7 +257,9 @@ def test_kill_anywhere(tmp_path: Path, scenario: str) -> None:
         f"{scenario}: {killer.kills} kills, {restarts} restarts, {ops} calls, {acks} acked,",
         f"killed at {killer.where}",
     )
-    assert acks > killer.kills // 3  # the stream really changed things between kills
+    # The stream really changed things between kills (on the 2017 layout start-up writes a
+    # bind and an unbind per queue, so many kills land there instead).
+    assert ops >= target // 4 and acks >= ops // 4
     assert killer.where.get("sysfs write", 0) > target // 10
     assert killer.where.get("rename", 0) >= target // 50
     assert killer.where.get("journal-write", 0) + killer.where.get("journal-sync", 0) > target // 20
