@@ -22,8 +22,10 @@ decides whether the definitions fit together and with ours.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +90,13 @@ def parse_file(path: Path, data: bytes) -> Definition:
         raise _fail(path, f"not valid JSON: {err}") from None
     if not isinstance(obj, dict):
         raise _fail(path, "not a JSON object")
+    # The texts name what is wrong, never what the file holds: the daemon reads as root, and
+    # its errors must not show a caller what a file they cannot read says.
     if obj.get("mdev_type") not in TYPES:
-        raise _fail(path, f"mdev_type {obj.get('mdev_type')!r} is not {TYPES[0]}")
+        raise _fail(path, f"mdev_type is not {TYPES[0]}")
     start = obj.get("start", "manual")
     if start not in ("auto", "manual"):
-        raise _fail(path, f"start {start!r} is neither 'auto' nor 'manual'")
+        raise _fail(path, "start is neither 'auto' nor 'manual'")
     attrs = obj.get("attrs", [])
     if not isinstance(attrs, list):
         raise _fail(path, "attrs is not a list")
@@ -103,15 +107,16 @@ def parse_file(path: Path, data: bytes) -> Definition:
         ((key, value),) = entry.items()
         target = ATTRS.get(key)
         if target is None:
-            raise _fail(path, f"attrs[{i}]: attribute {key!r} is not supported")
+            known = ", ".join(ATTRS)
+            raise _fail(path, f"attrs[{i}]: not one of the supported attributes ({known})")
         try:
             if not isinstance(value, str):
                 raise ValueError(value)
             n = kstrtoul(value)
         except ValueError:
-            raise _fail(path, f"attrs[{i}]: {key} value {value!r} is not a number") from None
+            raise _fail(path, f"attrs[{i}]: the {key} value is not a number") from None
         if n > MAX_ID:
-            raise _fail(path, f"attrs[{i}]: {key} {value!r} is above {MAX_ID}")
+            raise _fail(path, f"attrs[{i}]: the {key} value is above {MAX_ID}")
         sets[target].add(n)
     return Definition(
         uuid,
@@ -137,19 +142,46 @@ def read_dir(config_dir: str) -> list[Definition]:
     if not base.is_dir():
         raise NotFound(f"no {PARENT}/ directory in {config_dir} (mdevctl's vfio_ap parent)")
     out: list[Definition] = []
-    for name in sorted(os.listdir(base)):
+    try:
+        names = sorted(os.listdir(base))
+    except OSError as err:
+        raise InvalidArgument(f"cannot list {base}: {err.strerror}") from None
+    for name in names:
         path = base / name
-        if name.startswith(".") or not path.is_file():
+        if name.startswith("."):
             continue
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_FILE + 1)
-        except OSError as err:
-            raise _fail(path, f"unreadable: {err.strerror}") from None
-        if len(data) > MAX_FILE:
-            raise _fail(path, "larger than 1 MiB")
+        data = _read_regular(path)
+        if data is None:
+            continue
         out.append(parse_file(path, data))
     return sorted(out, key=lambda d: d.uuid)
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """A regular file's bytes, or None for anything else (a link, a FIFO, a directory): opened
+    without following a link and without blocking, so nothing swapped in can stall a read."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENXIO):  # a link, a FIFO with no writer
+            return None
+        raise _fail(path, f"unreadable: {err.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_FILE:
+                raise _fail(path, "larger than 1 MiB")
+        return b"".join(chunks)
+    except OSError as err:
+        raise _fail(path, f"unreadable: {err.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def format_definition(
