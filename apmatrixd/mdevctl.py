@@ -164,7 +164,7 @@ def _read_regular(path: Path) -> bytes | None:
     try:
         fd = os.open(path, flags)
     except OSError as err:
-        if err.errno in (errno.ELOOP, errno.ENXIO):  # a link, a FIFO with no writer
+        if err.errno in (errno.ELOOP, errno.ENXIO):  # a link; a socket
             return None
         raise _fail(path, f"unreadable: {err.strerror}") from None
     try:

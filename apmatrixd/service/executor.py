@@ -115,7 +115,6 @@ class Executor:
         self._worker: Worker | None = None
         self._pending = ""
         self.refusing = ""
-        self.done = 0  # commands finished (for tests and stats)
 
     @property
     def busy(self) -> bool:
@@ -126,10 +125,6 @@ class Executor:
     def running(self) -> str:
         """What the command in flight is ('' if none)."""
         return self._running.what if self._running is not None else ""
-
-    @property
-    def queued(self) -> int:
-        return len(self._jobs)
 
     # -- inline ------------------------------------------------------------------------------
     def run_now(self, command: Command[T]) -> T:
@@ -200,7 +195,6 @@ class Executor:
                     job.future.set_result(result)
             finally:
                 self._running = None
-                self.done += 1
 
     async def _drive(self, job: _Job) -> Any:
         command = job.factory()

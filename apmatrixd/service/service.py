@@ -18,13 +18,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from apmatrixd import __version__
 from apmatrixd.core import Apqn, Clash, InvalidArgument, NotFound, Registry
 from apmatrixd.core.matrix import id_set, normalize_uuid
-from apmatrixd.kernel import AdapterInfo, Kernel, KernelError
+from apmatrixd.kernel import Kernel, KernelError
 from apmatrixd.service import ops, startup
 from apmatrixd.service.executor import Command, Executor, Work
-from apmatrixd.service.state import Changes, Meta, State
-from apmatrixd.service.tx import Result, Transaction
+from apmatrixd.service.state import Changes, State
+from apmatrixd.service.tx import Transaction
 from apmatrixd.service.views import AdapterView, HostView, MatrixView
-from apmatrixd.store import Reservations, Store, StoredMatrix
+from apmatrixd.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +63,6 @@ class Service:
     def settling(self) -> bool:
         return self.state.settling
 
-    @property
-    def _meta(self) -> dict[str, Meta]:
-        return self.state.meta
-
-    @property
-    def _infos(self) -> dict[int, AdapterInfo]:
-        return self.state.infos
-
-    @property
-    def _on_disk(self) -> dict[str, StoredMatrix]:
-        return self.state.on_disk
-
-    @property
-    def _reservations(self) -> Reservations:
-        return self.state.reservations
-
-    def _record(self, uuid: str) -> StoredMatrix:
-        return self.state.record(uuid)
-
     # -- listeners ------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -94,8 +75,6 @@ class Service:
                 listener(changes)
             except Exception:  # a broken listener must not undo a done change
                 log.exception("change listener failed")
-
-    _emit = emit
 
     def _on_pending(self, text: str) -> None:
         if text != self.state.pending:
@@ -111,15 +90,14 @@ class Service:
             self.emit(Changes(host_changed=True))
 
     # -- the pieces commands are made of ---------------------------------------------------
-    def transact(self, tx: Transaction) -> Command[Result]:
+    def transact(self, tx: Transaction) -> Command[None]:
         """Run ``tx`` in the worker (see tx.py); a failure asks for a resync, as the kernel
         may hold what nobody knows yet (an mdev removed outside, a failed undo)."""
         try:
-            result: Result = yield Work(tx.what, lambda p: tx.execute(self.kernel, self.store, p))
+            yield Work(tx.what, lambda p: tx.execute(self.kernel, self.store, p))
         except Exception:
             self.request_resync()
             raise
-        return result
 
     def read_guest(self, uuid: str) -> Command[tuple[Apqn, ...] | None]:
         """What the guest of ``uuid`` gets now; None (logged, resync asked) if unreadable."""
@@ -148,8 +126,6 @@ class Service:
             if m is None:
                 raise
             return m.uuid
-
-    _uuid = resolve
 
     # -- running commands -------------------------------------------------------------------
     def run(

@@ -37,7 +37,7 @@ from apmatrixd.core import SetHostPool as SetPool
 from apmatrixd.core.apqn import cross
 from apmatrixd.journal import Intent
 from apmatrixd.kernel import HostSnapshot, Kernel
-from apmatrixd.service import ops
+from apmatrixd.service import ops, sync
 from apmatrixd.service.executor import Command, Work
 from apmatrixd.service.state import Meta
 from apmatrixd.service.tx import Transaction
@@ -100,7 +100,7 @@ def load(svc: Service) -> Command[None]:
             except ApmatrixError as err:
                 log.error("%s", err)
     drift: list[tuple[str, str]] = []
-    adopted: dict[str, StoredMatrix | None] = {}
+    adopted: list[str] = []
     for sm in sorted(contents.matrices.values(), key=lambda m: m.uuid):
         live = st.registry.matrices.get(sm.uuid)
         if live is None:
@@ -126,21 +126,9 @@ def load(svc: Service) -> Command[None]:
             log.warning("drift: matrix %s changed while apmatrixd was not running: %s",
                         sm.uuid, what)  # fmt: skip
             drift.append((sm.uuid, f"changed while apmatrixd was not running: {what}"))
-            adopted[sm.uuid] = st.record(sm.uuid, live, sm.control_usage_domains)
-    if adopted:  # the files follow the kernel: a restart must never take it back
-        tx = Transaction(
-            "storing drift found at start-up",
-            store=adopted,
-            stored_before={u: st.on_disk.get(u) for u in adopted},
-        )
-        try:
-            yield from svc.transact(tx)
-        except ApmatrixError as err:
-            log.error("drift found at start-up adopted but not stored: %s", err)
-        else:
-            for u, rec in adopted.items():
-                if rec is not None:
-                    st.on_disk[u] = rec
+            adopted.append(sm.uuid)
+    if adopted:  # the files follow the kernel (the registry holds its sets): a restart keeps it
+        yield from sync.store_adopted(svc, adopted)
     if written:  # the guest views and the inventory follow the host pool
         snap = yield Work("re-reading the AP configuration", lambda _p: svc.kernel.read_host())
         st.take_inventory(dict(snap.adapters))
@@ -152,9 +140,7 @@ def load(svc: Service) -> Command[None]:
 
 
 def _drift_text(live: Matrix, sm: StoredMatrix) -> str:
-    from apmatrixd.service.sync import drift_text
-
-    return drift_text(live, sm, "stored") + " (adopted)"
+    return sync.drift_text(live, sm, "stored") + " (adopted)"
 
 
 def _restore_pool(svc: Service, stored: Iterable[StoredMatrix]) -> Command[bool]:

@@ -42,16 +42,6 @@ class Changes:
             or self.drift
         )
 
-    def merge(self, other: Changes) -> None:
-        self.matrices_added |= other.matrices_added
-        self.matrices_changed |= other.matrices_changed
-        self.matrices_removed |= other.matrices_removed
-        self.adapters_added |= other.adapters_added
-        self.adapters_changed |= other.adapters_changed
-        self.adapters_removed |= other.adapters_removed
-        self.host_changed |= other.host_changed
-        self.drift += other.drift
-
 
 @dataclass
 class Meta:

@@ -184,7 +184,7 @@ def resync(
     adopted = _sync_mdevs(svc, changes, r.mdevs)
     svc.emit(changes)
     if adopted:
-        yield from _store_adopted(svc, adopted)
+        yield from store_adopted(svc, adopted)
     if changes.adapters_added or changes.adapters_changed:
         # Resources may have become present: autostart matrices waiting for them.
         yield from ops.start_waiting(svc)
@@ -360,7 +360,7 @@ def _take_truth(svc: Service, changes: Changes, m: Matrix, info: MdevInfo) -> bo
     return adopted
 
 
-def _store_adopted(svc: Service, uuids: list[str]) -> Command[None]:
+def store_adopted(svc: Service, uuids: list[str]) -> Command[None]:
     """A stored matrix whose drift was adopted is stored as adopted: a restart keeps it."""
     st = svc.state
     records: dict[str, StoredMatrix | None] = {u: st.record(u) for u in uuids}

@@ -85,7 +85,7 @@ class Transaction:
     def writes_reservations(self) -> bool:
         return self.reservations is not None and self.reservations != self.reservations_before
 
-    def execute(self, kernel: Kernel, store: Store | None, progress: Progress) -> Result:
+    def execute(self, kernel: Kernel, store: Store | None, progress: Progress) -> None:
         found: dict[str, Matrix | None] = {}
         writes: list[Write] = []
         for st in self.matrices:
@@ -108,7 +108,7 @@ class Transaction:
         ops = self.store_ops() if store is not None else []
         res = store is not None and self.writes_reservations()
         if not writes and not ops and not res:
-            return Result(found)
+            return
         if store is not None:
             progress.text = "writing the intent journal"
             self.boot = kernel.boot_id()
@@ -145,7 +145,6 @@ class Transaction:
             raise
         if store is not None:
             store.journal.end()
-        return Result(found, bool(writes))
 
     def intent(self, found: Mapping[str, Matrix | None]) -> Intent:
         intent = Intent(self.what, boot=self.boot, store_first=self.store_first)
@@ -258,11 +257,3 @@ class Transaction:
                 self.unclean = True
             raise
         return undo
-
-
-@dataclass
-class Result:
-    """What a transaction found in the kernel before it wrote (the live mdevs' sets)."""
-
-    found: dict[str, Matrix | None]
-    wrote_kernel: bool = False

@@ -369,8 +369,11 @@ class Client:
             },
         }
 
-    async def listen(self) -> None:
-        """Capture every signal from the daemon from now on."""
+    async def listen(
+        self, rule: str = f"type='signal',sender='{NAME}'", settle: bool = True
+    ) -> None:
+        """Capture every signal from the daemon (or that ``rule`` matches) from now on;
+        ``settle=False`` for a daemon that is not running yet."""
         await self.bus.call(
             Message(
                 destination="org.freedesktop.DBus",
@@ -378,7 +381,7 @@ class Client:
                 interface="org.freedesktop.DBus",
                 member="AddMatch",
                 signature="s",
-                body=[f"type='signal',sender='{NAME}'"],
+                body=[rule],
             )
         )
 
@@ -388,8 +391,8 @@ class Client:
             return False
 
         self.bus.add_message_handler(on)
-        # A round trip through the daemon: every signal it sent before is now delivered.
-        await self.ok(ROOT, "org.freedesktop.DBus.Peer", "Ping")
+        if settle:  # a round trip through the daemon: every signal it sent before is here
+            await self.ok(ROOT, "org.freedesktop.DBus.Peer", "Ping")
 
     async def settle(self) -> None:
         await self.ok(ROOT, "org.freedesktop.DBus.Peer", "Ping")

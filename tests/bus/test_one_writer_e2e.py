@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from busrig import MANAGER, MATRIX, ROOT, Client, arun
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, Variant
 from rigs import NsRig, need_fuse, need_netns, need_tool
 
 from apmatrixd.store import Store
@@ -56,26 +56,9 @@ async def create(c: Client, uuid: str, adapters: list[int], domains: list[int], 
 async def drift_listener(address: str) -> tuple[Client, list[Message]]:
     """A client that hears every Drift, also one sent by a daemon not started yet."""
     c = await Client.connect(address)
-    got: list[Message] = []
     rule = "type='signal',interface='org.apmatrix.Apmatrix1.Manager',member='Drift'"
-    await c.bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="AddMatch",
-            signature="s",
-            body=[rule],
-        )
-    )
-
-    def on(msg: Message) -> bool:
-        if msg.message_type == MessageType.SIGNAL and msg.member == "Drift":
-            got.append(msg)
-        return False
-
-    c.bus.add_message_handler(on)
-    return c, got
+    await c.listen(rule, settle=False)
+    return c, c.signals
 
 
 def test_a_restart_keeps_an_admins_edit(nsrig: NsRig, system_bus: str) -> None:

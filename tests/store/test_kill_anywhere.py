@@ -166,7 +166,7 @@ def make_op(rng: random.Random, state: State) -> Op:
 
 def stored_view(svc: Service) -> dict[str, StoredMatrix]:
     """What the running service says it holds, for the matrices it did not merely adopt."""
-    return {m.uuid: svc._record(m.uuid) for m in svc.matrices() if not m.adopted}
+    return {m.uuid: svc.state.record(m.uuid) for m in svc.matrices() if not m.adopted}
 
 
 def check_kernel(svc: Service, rebooted: bool, state: State) -> None:
@@ -252,7 +252,7 @@ def test_kill_anywhere(tmp_path: Path, scenario: str) -> None:
         acked = effect(acked)
         acks += 1
         assert stored_view(svc) == acked[0], name
-        assert svc._reservations == acked[1]
+        assert svc.state.reservations == acked[1]
     print(
         f"{scenario}: {killer.kills} kills, {restarts} restarts, {ops} calls, {acks} acked,",
         f"killed at {killer.where}",
