@@ -38,15 +38,21 @@ class ApBus(KernelState):
 
     def mask_store(self, which: str, data: bytes) -> None:
         """apmask/aqmask: grammar, EBUSY for newly-set bits in use (6.19 rule), reprobe, uevent."""
+        if self.profile.driver_override and self.overrides:
+            raise einval()  # 6.19: masks and driver_override exclude each other
         current = self.apmask if which == "apmask" else self.aqmask
         new = parse_mask(data, current)
         if new == current:
             return
         added = new - current
-        everything = set(range(AP_BITS))
-        for m in reversed(list(self.mdevs.values())):
-            apm = added & m.apm if which == "apmask" else everything & m.apm
-            aqm = everything & m.aqm if which == "apmask" else added & m.aqm
+        # vfio_ap's in_use callback (6.0+): 6.19 counts every id of the other dimension,
+        # 6.0-6.18 the other mask as it stands; before 6.0 nothing is asked at all.
+        other: set[int] | frozenset[int] = set(range(AP_BITS))
+        if not self.profile.all_ones_in_use:
+            other = self.aqmask if which == "apmask" else self.apmask
+        for m in reversed(list(self.mdevs.values()) if self.profile.dynamic else []):
+            apm = added & m.apm if which == "apmask" else other & m.apm
+            aqm = other & m.aqm if which == "apmask" else added & m.aqm
             if apm and aqm:
                 for a in sorted(apm):
                     for d in sorted(aqm):
@@ -80,7 +86,9 @@ class ApBus(KernelState):
             # Natural driver flipped with the mask: put the old binding back, then reprobe.
             self.qdrv[(a, d)] = was
             self.unbind_queue(a, d)
-            self.bind_queue(a, d, self.natural_driver(a, d))
+            drv = self.natural_driver(a, d)
+            if drv is not None:
+                self.bind_queue(a, d, drv)
         self.emit_root({which.upper(): format_mask(new) + "\n"})
 
     # ----------------------------------------------------------------- drivers
@@ -121,7 +129,11 @@ class ApBus(KernelState):
         if self.queue_driver(a, d) is not None:
             raise oserror(errno.EBUSY)
         if self.upstream:
-            if (drv == CEX4QUEUE) != self.in_pool(a, d):
+            override = self.overrides.get((a, d))
+            if override is not None:
+                if drv != override:  # ap_device_probe: only the named driver matches
+                    raise oserror(errno.ENODEV)
+            elif (drv == CEX4QUEUE) != self.in_pool(a, d):
                 raise oserror(errno.ENODEV)
         elif drv == CEX4QUEUE and self.held(a, d) is not None:
             raise oserror(errno.EBUSY)
@@ -154,7 +166,9 @@ class ApBus(KernelState):
                 self.cards[a].driver = CEX4CARD
                 self.emit_card("bind", a)
         elif self.queue_driver(a, d) is None:
-            self.bind_queue(a, d, self.probe_driver(a, d))
+            drv = self.probe_driver(a, d)
+            if drv is not None:  # no driver matches: the device stays unbound, no error
+                self.bind_queue(a, d, drv)
 
     # ----------------------------------------------------------------- cards and queues
 
@@ -227,7 +241,10 @@ class ApBus(KernelState):
         self.config_time = value
 
     def poll_thread_store(self, data: bytes) -> None:
-        self.poll_thread = kstrtobool(data)
+        """``ap_poll_thread_start()`` returns 0 without starting when interrupts are in use
+        (``ap_irq_flag``): the write succeeds and ``poll_thread`` stays 0."""
+        on = kstrtobool(data)
+        self.poll_thread = on and not self.interrupts
 
     def poll_timeout_store(self, data: bytes) -> None:
         try:
@@ -288,12 +305,42 @@ class ApBus(KernelState):
     def _add_queue(self, a: int, d: int) -> None:
         self.qdrv[(a, d)] = None
         self.emit_queue("add", a, d)
-        self.bind_queue(a, d, self.probe_driver(a, d))
+        drv = self.probe_driver(a, d)
+        if drv is not None:
+            self.bind_queue(a, d, drv)
+
+    # ----------------------------------------------------------------- driver_override (6.19)
+
+    def override_show(self, a: int, d: int) -> str:
+        """``driver_override``: the driver name, or ``(null)`` (sysfs_emit of NULL) if none."""
+        return f"{self.overrides.get((a, d), '(null)')}\n"
+
+    def override_store(self, a: int, d: int, data: bytes) -> None:
+        """``driver_override``: a driver name (one trailing newline dropped; empty clears).
+
+        EINVAL while apmask or aqmask is not all ones (the two ways of choosing a driver
+        exclude each other). Like every driver_override, it only decides the next probe: the
+        queue stays bound where it is until it is unbound and probed again."""
+        text = cstr(data)
+        if text.endswith(b"\n"):
+            text = text[:-1]
+        if len(text) >= 4096:
+            raise einval()
+        full = frozenset(range(AP_BITS))
+        if self.apmask != full or self.aqmask != full:
+            raise einval()
+        was = self.queue_driver(a, d)
+        if text:
+            self.overrides[(a, d)] = text.decode("latin-1")
+        else:
+            self.overrides.pop((a, d), None)
+        self.set_queue_driver(a, d, was)  # the binding itself does not move
 
     def _remove_queue(self, a: int, d: int) -> None:
         self.unbind_queue(a, d)
         self.emit_queue("remove", a, d)
         self.qdrv.pop((a, d), None)
+        self.overrides.pop((a, d), None)  # a new queue device starts without one
         self.uninit.discard((a, d))
         self.cards[a].offline_queues.discard(d)
 

@@ -10,6 +10,7 @@ mount refused).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import os
@@ -48,15 +49,27 @@ def _fail(err: UserError) -> NoReturn:
     sys.exit(err.code)
 
 
-def load_host(scenario: str) -> Host:
-    """The emulated host of a built-in scenario name or a TOML file; UserError if unknown."""
+def load_host(scenario: str, kernel: str | None = None) -> Host:
+    """The emulated host of a built-in scenario name or a TOML file, on the scenario's kernel
+    generation or ``kernel``; UserError if either is unknown."""
     from apmatrixd.sim.model import Host
+    from apmatrixd.sim.profile import profile
+    from apmatrixd.sim.scenario import load_scenario
 
     try:
-        return Host.from_name(scenario)
+        loaded = load_scenario(scenario)
     except (ValueError, KeyError, OSError) as err:
         message = str(err).strip("'\"") or repr(err)
         raise UserError(f"scenario {scenario!r}: {message}") from None
+    if kernel is not None:
+        try:
+            profile(kernel)
+        except ValueError as err:
+            raise UserError(f"--kernel: {err}") from None
+        if loaded.layout != "upstream":
+            raise UserError(f"--kernel: scenario {scenario!r} is the {loaded.layout} layout")
+        loaded = dataclasses.replace(loaded, kernel=kernel)
+    return Host(loaded)
 
 
 # -- reading a host through the SysfsTree protocol only (works on either layout) ---------------
@@ -290,7 +303,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
         raise UserError(f"mountpoint {args.mountpoint}: no such directory")
-    host = load_host(args.scenario)
+    host = load_host(args.scenario, args.kernel)
     if os.geteuid() != 0:
         raise UserError("mount needs root (/dev/fuse with allow_other, netlink uevents)", 1)
     if not os.path.exists("/dev/fuse"):
@@ -326,6 +339,46 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guest(args: argparse.Namespace) -> int:
+    """Attach or detach a fake guest through the mount's control file (root-only, 0600)."""
+    from apmatrixd.sim.tree import CONTROL
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    base = f"devices/vfio_ap/matrix/{args.uuid}"
+    if not os.path.isdir(os.path.join(mountpoint, "devices")):
+        raise UserError(f"{args.mountpoint}: not an apmatrixd-sim mount")
+    if not os.path.isdir(os.path.join(mountpoint, base)):
+        raise UserError(f"no mdev {args.uuid} under {args.mountpoint} (create it first)")
+    line = f"{args.action} {args.uuid}"
+    if args.action == "attach" and args.release_after is not None:
+        line += f" {args.release_after}"
+    try:
+        fd = os.open(os.path.join(mountpoint, CONTROL), os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        raise UserError(f"{args.mountpoint}: no emulator control file: {err.strerror}", 1) from None
+    try:
+        os.write(fd, (line + "\n").encode())
+    except OSError as err:
+        why = {
+            errno.EBUSY: "a guest already holds it",
+            errno.ENOENT: "no guest holds it" if args.action == "detach" else "no such mdev",
+        }.get(err.errno or 0, err.strerror)
+        raise UserError(f"guest {args.action} {args.uuid}: {why}", 1) from None
+    finally:
+        os.close(fd)
+    return 0
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{value!r} is not 0..3600 seconds")
+    return seconds
+
+
 def cmd_scenarios(args: argparse.Namespace) -> int:
     from apmatrixd.sim.scenario import builtin_names, load_scenario
 
@@ -339,8 +392,8 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    host = load_host(args.scenario)
-    print(f"scenario {args.scenario}")
+    host = load_host(args.scenario, args.kernel)
+    print(f"scenario {args.scenario} (kernel {host.profile.version})")
     for line in summary(host):
         print(line)
     return 0
@@ -375,14 +428,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="write 'mounted MOUNTPOINT' to fd N and close it once live (default: stdout)",
     )
+    p.add_argument(
+        "--kernel",
+        metavar="VERSION",
+        help="kernel generation to emulate instead of the scenario's: "
+        "5.15, 6.0, 6.10, 6.12, 6.15 or 6.19",
+    )
     p.add_argument("--debug", action="store_true", help="libfuse debug output")
     p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("guest", help="start or stop a fake KVM guest on an mdev of a mount")
+    p.add_argument("action", choices=("attach", "detach"))
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("uuid", metavar="UUID")
+    p.add_argument(
+        "--release-after",
+        type=_seconds,
+        metavar="SECONDS",
+        help="attach: QEMU lets go this long after the kernel asks for the device back "
+        "(default: only on detach)",
+    )
+    p.set_defaults(func=cmd_guest)
 
     p = sub.add_parser("scenarios", help="list the built-in scenarios")
     p.set_defaults(func=cmd_scenarios)
 
     p = sub.add_parser("show", help="summarise an emulated host")
     p.add_argument("--scenario", default="default", metavar="NAME|FILE", help=scenario_help)
+    p.add_argument("--kernel", metavar="VERSION", help="kernel generation (as for mount)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("demo", help="walk through the design document's example in-process")

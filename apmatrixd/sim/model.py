@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from apmatrixd.sim.kernel import ApKernel, oserror
+from apmatrixd.sim.parse import cstr, kstrtoul
 from apmatrixd.sim.scenario import Scenario, load_scenario
+from apmatrixd.sim.state import Guest
 from apmatrixd.sim.tree import Attr, Dir, Link, Node, Tree
 from apmatrixd.sim.vfs import NodeKind, UeventListener
 
@@ -63,7 +65,7 @@ class Host(ApKernel):
 
     def __init__(self, scenario: Scenario) -> None:
         super().__init__(scenario)
-        self.tree = Tree(self)
+        self.tree = Tree(self, (self.control_text, self.control_store))
         # What /proc/sys/kernel/random/boot_id is to a real host: new at every boot.
         self.boot_id = str(uuidlib.uuid4())
         self.faults: dict[str, deque[int]] = {}
@@ -191,16 +193,60 @@ class Host(ApKernel):
         attr = self._attr(path)[1]
         if attr.show is None:
             raise oserror(errno.EACCES)
-        return attr.show().encode("ascii")
+        return attr.show().encode("latin-1")
 
     def write(self, path: str, data: bytes) -> int:
         """One ``store()``: EACCES for read-only attributes; at most a page is taken.
 
-        An armed delay (:meth:`inject_delay`) blocks first, without the host lock."""
+        An armed delay (:meth:`inject_delay`) blocks first, without the host lock. On 6.0+ a
+        ``remove`` of an mdev a guest holds blocks until the guest lets go (the vfio core
+        asks QEMU for the device and waits), with the lock released meanwhile."""
         delay = self._take_delay(path)
         if delay > 0:
             time.sleep(delay)
+        held = self._remove_waits_for(path, data)
+        if held is not None:
+            self._wait_released(held)
         return self._store(path, data)
+
+    @_guarded
+    def _remove_waits_for(self, path: str, data: bytes) -> str | None:
+        if not self.guests or not self.profile.dynamic:
+            return None
+        try:
+            names = self._walk(path, follow=True)[0]
+        except OSError:
+            return None
+        matrix = self.matrix_dir.split("/")
+        if len(names) != len(matrix) + 2 or names[:-2] != matrix or names[-1] != "remove":
+            return None
+        uuid = names[-2]
+        try:
+            value = kstrtoul(cstr(bytes(data))[:PAGE_SIZE])
+        except (OSError, TypeError):
+            return None
+        return uuid if value and uuid in self.guests else None
+
+    def _wait_released(self, uuid: str) -> None:
+        """The vfio core's wait in ``vfio_unregister_group_dev``: ask, then wait for release.
+
+        The guest's ``release_after`` stands for QEMU's own unplug; without one only
+        :meth:`detach_guest` ends the wait, as on a real host whose QEMU ignores the request."""
+        with self.lock:
+            guest = self.guests.get(uuid)
+            if guest is None:
+                return
+            guest.requests += 1
+            self.dmesg.append(f"vfio_ap_mdev {uuid}: device in use, asking the guest to release")
+            start = time.monotonic()
+            while uuid in self.guests:
+                left = None
+                if guest.release_after is not None:
+                    left = guest.release_after - (time.monotonic() - start)
+                    if left <= 0:
+                        self._detach(uuid)
+                        break
+                self.released.wait(0.5 if left is None else min(left, 0.5))
 
     @_guarded
     def _take_delay(self, path: str) -> float:
@@ -225,7 +271,14 @@ class Host(ApKernel):
         if not buf:
             return 0
         buf = buf[:PAGE_SIZE]
-        attr.store(buf)
+        if self.guests:
+            before = self.guest_views()
+            try:
+                attr.store(buf)
+            finally:
+                self.count_updates(before)
+        else:
+            attr.store(buf)
         return len(buf)
 
     def subscribe(self, listener: UeventListener) -> Callable[[], None]:
@@ -287,6 +340,64 @@ class Host(ApKernel):
             if queue:
                 err = queue.popleft()
                 raise oserror(err)
+
+    # ----------------------------------------------------------------- running guests
+
+    @_guarded
+    def attach_guest(self, uuid: str, release_after: float | None = None) -> None:
+        """A guest starts with mdev ``uuid`` (QEMU opens it; KVM gets its APCB).
+
+        ``release_after``: seconds QEMU takes to let go once the kernel asks (a ``remove``
+        on 6.0+); None: it lets go only on :meth:`detach_guest`."""
+        if not isinstance(uuid, str) or uuid not in self.mdevs:
+            raise oserror(errno.ENOENT, f"no mdev {uuid!r}")
+        if uuid in self.guests:
+            raise oserror(errno.EBUSY, f"mdev {uuid} is already in use by a guest")
+        if release_after is not None and (
+            not isinstance(release_after, int | float) or not 0 <= release_after <= 3600
+        ):
+            raise oserror(errno.EINVAL, f"release_after must be 0..3600 s, not {release_after!r}")
+        m = self.mdevs[uuid]
+        apcb = (frozenset(m.apm), frozenset(m.aqm), frozenset(m.adm))
+        self.guests[uuid] = Guest(uuid, release_after, apcb)
+
+    @_guarded
+    def detach_guest(self, uuid: str) -> None:
+        """The guest stops or QEMU unplugs the device: a waiting ``remove`` goes on."""
+        if uuid not in self.guests:
+            raise oserror(errno.ENOENT, f"no guest holds mdev {uuid!r}")
+        self._detach(uuid)
+
+    def _detach(self, uuid: str) -> None:
+        del self.guests[uuid]
+        self.released.notify_all()
+
+    @_guarded
+    def guest(self, uuid: str) -> Guest | None:
+        """The guest holding ``uuid`` (its update and request counters), if any."""
+        return self.guests.get(uuid)
+
+    def control_store(self, data: bytes) -> None:
+        """The FUSE face's ``.apmatrixd-sim`` file: ``attach UUID [SECONDS]`` / ``detach UUID``
+        (what ``apmatrixd-sim guest`` writes; the in-process face calls the methods)."""
+        words = cstr(data).decode("ascii", "replace").split()
+        if len(words) in (2, 3) and words[0] == "attach":
+            try:
+                after = float(words[2]) if len(words) == 3 else None
+            except ValueError:
+                raise oserror(errno.EINVAL) from None
+            self.attach_guest(words[1], after)
+        elif len(words) == 2 and words[0] == "detach":
+            self.detach_guest(words[1])
+        else:
+            raise oserror(errno.EINVAL)
+
+    def control_text(self) -> str:
+        return "".join(
+            f"{g.uuid} release_after={g.release_after} updates={g.updates} "
+            f"requests={g.requests}\n"
+            for g in self.guests.values()
+        )
 
     # ----------------------------------------------------------------- hot plug (guarded)
 

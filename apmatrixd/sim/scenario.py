@@ -5,7 +5,9 @@ A scenario is TOML. Top-level keys (all optional except ``adapters``)::
     name = "default"                 # defaults to the file stem
     description = "..."
     layout = "upstream"              # or "rfc2017"
+    kernel = "6.19"                  # generation (sim/profile.py): 5.15 6.0 6.10 6.12 6.15 6.19
     apxa = true                      # false: limits 63/15, as without the APXA facility
+    interrupts = true                # ap_interrupts (false: polled, chzcrypt -p can start it)
     max_adapter_id = 255             # QCI Na (only with apxa), default 255
     max_domain_id = 255              # QCI Nd (only with apxa), default 255
     usage_domains = [0x04, "0x40-0x4f"]   # ints, "a-b" ranges, or one such string
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from apmatrixd.sim.parse import AP_BITS, parse_mask
+from apmatrixd.sim.profile import NEWEST, profile
 
 Layout = Literal["upstream", "rfc2017"]
 
@@ -45,7 +48,9 @@ _TOP_KEYS = {
     "name",
     "description",
     "layout",
+    "kernel",
     "apxa",
+    "interrupts",
     "max_adapter_id",
     "max_domain_id",
     "usage_domains",
@@ -115,6 +120,8 @@ class Scenario:
     aqmask: frozenset[int]
     description: str = ""
     source: str = "<memory>"
+    kernel: str = NEWEST
+    interrupts: bool = True
 
 
 def builtin_names() -> list[str]:
@@ -191,6 +198,10 @@ def _build(data: dict[str, Any], default_name: str, source: str) -> Scenario:
     layout = data.get("layout", "upstream")
     if layout not in ("upstream", "rfc2017"):
         raise ValueError(f"layout must be 'upstream' or 'rfc2017', not {layout!r}")
+    kernel = data.get("kernel", NEWEST)
+    profile(kernel)  # ValueError naming the generations
+    if layout == "rfc2017" and "kernel" in data:
+        raise ValueError("kernel applies to the upstream layout only (rfc2017 is its own era)")
     apxa = _bool(data, "apxa", True, "")
     limits = []
     for key, plain in (("max_adapter_id", 63), ("max_domain_id", 15)):
@@ -271,4 +282,6 @@ def _build(data: dict[str, Any], default_name: str, source: str) -> Scenario:
         aqmask=masks[1],
         description=description,
         source=source,
+        kernel=kernel,
+        interrupts=_bool(data, "interrupts", True, ""),
     )

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from apmatrixd.sim.profile import profile
 from apmatrixd.sim.scenario import AdapterSpec, Scenario
 from apmatrixd.sim.vfs import Uevent, UeventListener
 
@@ -47,6 +48,22 @@ class Mdev:
     apm: set[int] = field(default_factory=set)
     aqm: set[int] = field(default_factory=set)
     adm: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Guest:
+    """A running KVM guest that holds an mdev open (QEMU's ``-device vfio-ap``)."""
+
+    uuid: str
+    release_after: float | None
+    """Seconds QEMU takes to unplug once the kernel asks for the device back (None: never on
+    its own; only a detach lets go)."""
+    apcb: tuple[frozenset[int], frozenset[int], frozenset[int]]
+    """Before 6.0: the masks copied into the guest's CRYCB when it opened the device."""
+    updates: int = 0
+    """APCB rewrites pushed into the running guest (hot plug/unplug, one per store)."""
+    requests: int = 0
+    """Times the kernel asked QEMU to release the device (a ``remove`` that waited)."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +105,15 @@ class KernelState:
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
         self.layout = scenario.layout
+        self.profile = profile(scenario.kernel)
         self.names = RFC2017 if scenario.layout == "rfc2017" else UPSTREAM
         self.apxa = scenario.apxa
         self.max_adapter_id = scenario.max_adapter_id
         self.max_domain_id = scenario.max_domain_id
         self.lock = threading.RLock()
+        self.released = threading.Condition(self.lock)  # a guest let go of its mdev
+        self.guests: dict[str, Guest] = {}
+        self.overrides: dict[Apqn, str] = {}  # queue driver_override (6.19+)
         self.cards: dict[int, Card] = {
             s.id: Card(s, s.config, s.online, s.chkstop) for s in scenario.adapters
         }
@@ -109,6 +130,7 @@ class KernelState:
         self.ap_domain = usable[0] if usable else -1
         self.config_time = 30
         self.poll_thread = False
+        self.interrupts = scenario.interrupts  # ap_interrupts: adapter interrupts in use
         self.poll_timeout = 250000
         self.drivers_autoprobe = True
         self.scans = 1
@@ -138,9 +160,13 @@ class KernelState:
                 return m
         return None
 
-    def natural_driver(self, a: int, d: int) -> str:
-        """The driver a probe picks: the host pool's upstream, cex4queue in a booted rfc2017."""
+    def natural_driver(self, a: int, d: int) -> str | None:
+        """The driver a probe picks: the host pool's upstream (a ``driver_override`` wins over
+        the masks, and names a driver that may not exist), cex4queue in a booted rfc2017."""
         if self.upstream:
+            override = self.overrides.get((a, d))
+            if override is not None:
+                return override if override in (CEX4QUEUE, self.names.queue_driver) else None
             return CEX4QUEUE if self.in_pool(a, d) else self.names.queue_driver
         return CEX4QUEUE
 
@@ -157,7 +183,13 @@ class KernelState:
         return sum(1 for v in self.qdrv.values() if v is None)
 
     def guest_view(self, m: Mdev) -> tuple[set[int], set[int], set[int]]:
-        """vfio_ap's shadow APCB (kernel-facts §1.5), recomputed from the current state."""
+        """vfio_ap's shadow APCB (kernel-facts §1.5), recomputed from the current state.
+
+        Before 6.0 a running guest has what its CRYCB got at open, whatever changed since."""
+        guest = self.guests.get(m.uuid)
+        if guest is not None and not self.profile.dynamic:
+            apm0, aqm0, adm0 = guest.apcb
+            return set(apm0), set(aqm0), set(adm0)
         host_apm = {a for a, c in self.cards.items() if c.config}
         aqm = m.aqm & self.usage
         apm = {
@@ -168,8 +200,28 @@ class KernelState:
         return apm, aqm, m.adm & self.control
 
     def queue_status(self, a: int, d: int) -> str:
-        """vfio_ap ``status``: no guest is ever attached here, so never ``in use``."""
-        return "assigned" if self.held(a, d) is not None else "unassigned"
+        """vfio_ap ``status``: ``in use`` while the holder's guest runs with this APQN."""
+        m = self.held(a, d)
+        if m is None:
+            return "unassigned"
+        if m.uuid in self.guests:
+            apm, aqm, _ = self.guest_view(m)
+            if a in apm and d in aqm:
+                return "in use"
+        return "assigned"
+
+    def guest_views(self) -> dict[str, tuple[set[int], set[int], set[int]]]:
+        """The APCB of every running guest (to count the rewrites a store pushes)."""
+        return {u: self.guest_view(self.mdevs[u]) for u in self.guests if u in self.mdevs}
+
+    def count_updates(self, before: dict[str, tuple[set[int], set[int], set[int]]]) -> None:
+        """One APCB rewrite (hot plug into the guest, 6.15+: a cfg-change signal) per changed
+        guest; before 6.0 the guest keeps its CRYCB, so there is nothing to count."""
+        if not self.profile.dynamic:
+            return
+        for uuid, view in self.guest_views().items():
+            if before.get(uuid) != view:
+                self.guests[uuid].updates += 1
 
     def card_env(self, a: int) -> dict[str, str]:
         hw = self.cards[a].spec.hwtype
@@ -282,7 +334,7 @@ class KernelState:
     # ----------------------------------------------------------------- queue binding
 
     def set_queue_driver(self, a: int, d: int, drv: str | None) -> None:
-        """Record a binding; the override map only holds bindings that differ from natural."""
+        """Record a binding; ``qdrv`` only holds bindings that differ from natural."""
         key = (a, d)
         if drv == self.natural_driver(a, d):
             self.qdrv.pop(key, None)
@@ -306,7 +358,7 @@ class KernelState:
         self.bindings_armed = True
         self.emit_queue("bind", a, d)
 
-    def probe_driver(self, a: int, d: int) -> str:
+    def probe_driver(self, a: int, d: int) -> str | None:
         """What an automatic probe of a driverless queue binds it to."""
         if not self.upstream and self.held(a, d) is not None:
             return self.names.queue_driver

@@ -110,6 +110,7 @@ def matrix_text(apm: set[int], aqm: set[int], max_a: int, max_d: int) -> str:
     return "".join(f".{d:04x}\n" for d in domains)
 
 
+CONTROL = ".apmatrixd-sim"
 MKVPS_CCA = "".join(
     f"{key} {gen}: - -\n" for key in ("AES", "APKA", "ASYM") for gen in ("NEW", "CUR", "OLD")
 )
@@ -119,8 +120,13 @@ MKVPS_EP11 = "WK CUR: - -\nWK NEW: - -\n"
 class Tree:
     """Renders one ``ApKernel`` as the sysfs tree; paths are root-relative, no leading slash."""
 
-    def __init__(self, k: ApKernel) -> None:
+    def __init__(
+        self,
+        k: ApKernel,
+        control: tuple[Callable[[], str], Callable[[bytes], None]] | None = None,
+    ) -> None:
         self.k = k
+        self.control = control
         self.matrix_dir = f"devices/{k.names.root}/matrix"
 
     # ----------------------------------------------------------------- helpers
@@ -164,7 +170,16 @@ class Tree:
     # ----------------------------------------------------------------- top level
 
     def root(self) -> Dir:
-        return fixed({"bus": self.bus, "class": self.klass, "devices": self.devices})
+        """``bus``, ``class``, ``devices``; plus the emulator's own control file, found by name
+        only (never listed, so nothing walking the tree sees it), for ``apmatrixd-sim guest``."""
+        ctl = self.control
+
+        def control(name: str) -> Node | None:
+            if name != CONTROL or ctl is None:
+                return None
+            return Attr(0o600, ctl[0], ctl[1])
+
+        return fixed({"bus": self.bus, "class": self.klass, "devices": self.devices}, control)
 
     def devices(self) -> Dir:
         return fixed({"ap": self.ap_root, self.k.names.root: self.matrix_root})
@@ -259,6 +274,10 @@ class Tree:
         }
         if drv is not None:
             entries["driver"] = link(here, f"bus/ap/drivers/{drv}")
+        if k.upstream and k.profile.driver_override:
+            entries["driver_override"] = lambda: rw(
+                lambda: k.override_show(a, d), lambda b: k.override_store(a, d, b)
+            )
         if drv == CEX4QUEUE:
             entries["online"] = lambda: rw(
                 lambda: f"{int(c.config and not c.chkstop and d not in c.offline_queues)}\n",
@@ -293,7 +312,7 @@ class Tree:
             "subsystem": link(here, f"bus/{n.matrix_bus}"),
             "uevent": self.uevent(f"/{here}", n.matrix_bus, None, lambda: n.matrix_driver),
         }
-        if k.upstream:
+        if k.upstream and k.profile.matrix_features:
             entries["features"] = const("guest_matrix hotplug ap_config\n")
 
         def mdev(name: str) -> Node | None:
@@ -341,10 +360,12 @@ class Tree:
                 apm, aqm, _ = k.guest_view(m)
                 return matrix_text(apm, aqm, mx_a, mx_d)
 
-            entries["ap_config"] = lambda: rw(ap_config, lambda b: k.mdev_ap_config(uuid, b))
+            if k.profile.ap_config:
+                entries["ap_config"] = lambda: rw(ap_config, lambda b: k.mdev_ap_config(uuid, b))
             entries["control_domains"] = cdoms
             entries["matrix"] = lambda: ro(lambda: matrix_text(m.apm, m.aqm, mx_a, mx_d))
-            entries["guest_matrix"] = lambda: ro(guest)
+            if k.profile.dynamic:
+                entries["guest_matrix"] = lambda: ro(guest)
         else:
             entries["adapters"] = lambda: ro(
                 lambda: "".join(f"{a:02x}\n" for a in sorted_ids(m.apm, mx_a))
@@ -394,13 +415,11 @@ class Tree:
             "ap_control_domain_mask": lambda: ro(lambda: format_mask(k.control) + "\n"),
             "ap_usage_domain_mask": lambda: ro(lambda: format_mask(k.usage) + "\n"),
             "ap_domain": lambda: rw(lambda: f"{k.ap_domain}\n", k.ap_domain_store),
-            "ap_interrupts": const("1\n"),
+            "ap_interrupts": lambda: ro(lambda: f"{int(k.interrupts)}\n"),
             "ap_max_adapter_id": const(f"{k.max_adapter_id}\n"),
             "ap_max_domain_id": const(f"{k.max_domain_id}\n"),
             "bindings": lambda: ro(bindings),
-            "bindings_complete_count": lambda: ro(lambda: f"{k.bindings_complete_count}\n"),
             "config_time": lambda: rw(lambda: f"{k.config_time}\n", k.config_time_store),
-            "features": const(features + "\n"),
             "poll_thread": lambda: rw(lambda: f"{int(k.poll_thread)}\n", k.poll_thread_store),
             "poll_timeout": lambda: rw(lambda: f"{k.poll_timeout}\n", k.poll_timeout_store),
             "scans": lambda: rw(lambda: f"{k.scans}\n", scans_store),
@@ -410,6 +429,12 @@ class Tree:
             "drivers_probe": lambda: wo(k.drivers_probe),
             "uevent": self.kobj_uevent("/bus/ap", "bus"),
         }
+        if k.profile.bus_features:
+            entries["features"] = const(features + "\n")
+        if k.profile.driver_override:
+            entries["bindings_complete_count"] = lambda: ro(
+                lambda: f"{k.bindings_complete_count}\n"
+            )
         if k.upstream:
             entries["apmask"] = lambda: rw(
                 lambda: format_mask(k.apmask) + "\n", lambda b: k.mask_store("apmask", b)

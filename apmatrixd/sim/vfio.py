@@ -2,6 +2,10 @@
 
 Checks run in the kernel's order (kernel-facts §1.2-§1.4): parse (EINVAL/ERANGE), range
 (ENODEV), idempotency, host-owned (EADDRNOTAVAIL), shared with another mdev (EADDRINUSE).
+Before 6.0 (``profile.dynamic`` false, K-5x): every assign/unassign of an mdev a guest holds
+is EBUSY before anything is parsed, ``remove`` is EBUSY while it is held, there is no
+idempotency shortcut, and assign_adapter/assign_domain need the new id's queues bound to
+vfio_ap (``vfio_ap_mdev_verify_queues_reserved_for_apid``/``_apqi``), else EADDRNOTAVAIL.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class VfioAp(KernelState):
         if uuid in self.mdevs:
             raise oserror(errno.EEXIST)
         if len(self.mdevs) >= MAX_INSTANCES:
-            raise oserror(errno.EUSERS)
+            raise oserror(self.profile.instances_errno)
         self.mdevs[uuid] = Mdev(uuid)
         self.emit_mdev("add", uuid, False)
         self.emit_mdev("bind", uuid, True)
@@ -46,6 +50,9 @@ class VfioAp(KernelState):
             value = kstrtoul(data)
         except OSError:
             raise einval() from None
+        if value and uuid in self.guests:
+            # 6.0+ waits in Host.write until the guest lets go; only 5.x gets here attached.
+            raise oserror(errno.EBUSY)
         if value and uuid in self.mdevs:
             del self.mdevs[uuid]
             self.emit_mdev("unbind", uuid, False)
@@ -58,8 +65,17 @@ class VfioAp(KernelState):
 
     def _check_host_owned(self, apm: set[int], aqm: set[int]) -> None:
         if self.upstream:
-            if apm & self.apmask and aqm & self.aqmask:
-                raise oserror(errno.EADDRNOTAVAIL)
+            if not self.overrides:
+                if apm & self.apmask and aqm & self.aqmask:
+                    raise oserror(errno.EADDRNOTAVAIL)
+                return
+            # 6.19: an override decides (vfio_ap: not the host's; any other: the host's).
+            vfio = self.names.queue_driver
+            for a in apm:
+                for d in aqm:
+                    override = self.overrides.get((a, d))
+                    if (override is None and self.in_pool(a, d)) or override not in (None, vfio):
+                        raise oserror(errno.EADDRNOTAVAIL)
             return
         for a in sorted(apm & self.cards.keys()):
             for d in sorted(aqm & self.usage):
@@ -81,8 +97,49 @@ class VfioAp(KernelState):
                         )
                 raise oserror(errno.EADDRINUSE)
 
+    def _check_reserved(self, kind: str, ident: int, m: Mdev) -> None:
+        """5.x: the new id's queues (with every id of the other mask, or at least one queue if
+        that mask is empty) must exist and be bound to vfio_ap."""
+        vfio = self.names.queue_driver
+        if kind == "adapter":
+            want = [(ident, d) for d in sorted(m.aqm)]
+            anyq = [(ident, d) for d in sorted(self.usage)] if ident in self.cards else []
+        else:
+            want = [(a, ident) for a in sorted(m.apm)]
+            anyq = [(a, ident) for a in sorted(self.cards)] if ident in self.usage else []
+        if not want:
+            if not any(self.queue_driver(a, d) == vfio for a, d in anyq):
+                raise oserror(errno.EADDRNOTAVAIL)
+            return
+        for a, d in want:
+            if not self.queue_exists(a, d) or self.queue_driver(a, d) != vfio:
+                raise oserror(errno.EADDRNOTAVAIL)
+
+    def _assign_static(self, uuid: str, kind: str, data: bytes) -> None:
+        """assign_* before 6.0: EBUSY while a guest runs, parse, ENODEV, reserved, sharing."""
+        if uuid in self.guests:
+            raise oserror(errno.EBUSY)
+        ident = kstrtoul(data)
+        if ident > self._limit(kind):
+            raise oserror(errno.ENODEV)
+        m = self.mdevs[uuid]
+        target = {"adapter": m.apm, "domain": m.aqm, "control_domain": m.adm}[kind]
+        if kind != "control_domain":
+            self._check_reserved(kind, ident, m)
+            apm = m.apm | {ident} if kind == "adapter" else m.apm
+            aqm = m.aqm | {ident} if kind == "domain" else m.aqm
+            try:
+                self._check_sharing(uuid, apm, aqm)
+            except OSError:
+                target.discard(ident)  # the kernel clears the bit, set before or not
+                raise
+        target.add(ident)
+
     def mdev_assign(self, uuid: str, kind: str, data: bytes) -> None:
         """assign_adapter/_domain/_control_domain: parse, ENODEV, idempotent, then checks."""
+        if self.upstream and not self.profile.dynamic:
+            self._assign_static(uuid, kind, data)
+            return
         ident = kstrtoul(data)
         if ident > self._limit(kind):
             raise oserror(errno.ENODEV)
@@ -99,6 +156,8 @@ class VfioAp(KernelState):
 
     def mdev_unassign(self, uuid: str, kind: str, data: bytes) -> None:
         """unassign_*: parse and range only; an unassigned id is a successful no-op."""
+        if self.upstream and not self.profile.dynamic and uuid in self.guests:
+            raise oserror(errno.EBUSY)
         ident = kstrtoul(data)
         if ident > self._limit(kind):
             raise oserror(errno.ENODEV)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import threading
 from pathlib import Path
@@ -173,7 +174,14 @@ def test_bus_attributes(host: Host) -> None:
     assert err(host, f"{b}/ap_domain", "256") == errno.EINVAL
     assert err(host, f"{b}/config_time", "4") == errno.EINVAL
     assert err(host, f"{b}/config_time", "60") == 0
-    assert err(host, f"{b}/poll_thread", "y") == 0 and text(host, f"{b}/poll_thread") == "1\n"
+    # With adapter interrupts in use the kernel never starts the poll thread: the write
+    # succeeds and poll_thread stays 0 (ap_poll_thread_start returns early on ap_irq_flag).
+    assert text(host, f"{b}/ap_interrupts") == "1\n"
+    assert err(host, f"{b}/poll_thread", "y") == 0 and text(host, f"{b}/poll_thread") == "0\n"
+    polled = Host(dataclasses.replace(host.scenario, interrupts=False))
+    assert text(polled, f"{b}/ap_interrupts") == "0\n"
+    assert err(polled, f"{b}/poll_thread", "y") == 0 and text(polled, f"{b}/poll_thread") == "1\n"
+    assert err(polled, f"{b}/poll_thread", "x") == errno.EINVAL
     assert "APXA" in text(host, f"{b}/features")
 
 
