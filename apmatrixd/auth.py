@@ -42,6 +42,8 @@ ACTIONS: dict[str, str | None] = {
             "Start",
             "Stop",
             "Remove",
+            "StopWithOptions",
+            "RemoveWithOptions",
         )
     },
 }

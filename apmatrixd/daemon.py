@@ -95,6 +95,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="re-read every matrix this often to catch changes made behind the daemon's back "
         "(the kernel sends no uevent for them; default 30, 0 = never)",
     )
+    p.add_argument(
+        "--bindings-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="autostart waits this long for the AP bus to report its bindings complete "
+        "(BINDINGS=complete) before starting matrices anyway (default 60)",
+    )
+    p.add_argument(
+        "--in-use-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a forced Stop or Remove waits for a running guest to let go of its "
+        "matrix before it answers Timeout (default 30; a caller may ask for less)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
@@ -206,6 +222,7 @@ async def run(args: argparse.Namespace) -> int:
 
     kernel = make_kernel(args)
     service = Service(kernel, store=make_store(args))
+    service.in_use_timeout = max(args.in_use_timeout, 0.0)
     interval = notify.watchdog_interval()
     watchdog = asyncio.ensure_future(_watchdog(interval)) if interval else None
     with contextlib.ExitStack() as cleanup:
@@ -227,7 +244,22 @@ async def run(args: argparse.Namespace) -> int:
             raise StartupError(f"start-up: {err}") from None
         if args.sim_mount:
             cleanup.callback(mount_sim(kernel, args.sim_mount).stop)
+        if not service.state.bindings_ready:
+            timer = asyncio.get_running_loop().call_later(
+                max(args.bindings_timeout, 0.0), _bindings_timed_out, service
+            )
+            cleanup.callback(timer.cancel)
         return await _connect_and_serve(args, service, early)
+
+
+def _bindings_timed_out(service: Service) -> None:
+    from apmatrixd.service import ops
+
+    if service.state.bindings_ready:
+        return
+    log.warning("the AP bus has not reported its bindings complete: autostart goes ahead")
+    fut = service.submit("autostart", ops.bindings_complete, "not complete in time")
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def start_events(args: argparse.Namespace, kernel: Kernel, service: Service) -> HotPlug:

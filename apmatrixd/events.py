@@ -59,6 +59,7 @@ class ApEvent:
     online: bool | None = None  # ONLINE=0/1
     driver: str | None = None  # DRIVER= while bound
     mask: bool = False  # APMASK= / AQMASK= on the bus root: the host pool moved
+    bindings: bool = False  # BINDINGS=complete on the bus root: every queue has its driver
     mdev_state: str | None = None  # MDEV_STATE= on the matrix device (vfio_ap (un)loaded)
     seqnum: int = 0
 
@@ -92,7 +93,8 @@ def classify(props: Mapping[str, str]) -> ApEvent | None:
     if subsystem == "ap":
         if devpath == "/devices/ap":
             mask = "APMASK" in props or "AQMASK" in props
-            return ApEvent(action, "bus", devpath, mask=mask, seqnum=seqnum)
+            bindings = props.get("BINDINGS") == "complete"
+            return ApEvent(action, "bus", devpath, mask=mask, bindings=bindings, seqnum=seqnum)
         common: dict[str, Any] = {
             "config": _flag(props.get("CONFIG")),
             "online": _flag(props.get("ONLINE")),
@@ -133,6 +135,7 @@ class Scope:
     named: dict[int, set[int]] = field(default_factory=dict)  # card -> queues added/bound/...
     everything: bool = False  # events were lost, or vfio_ap itself changed
     pool: bool = False  # the host pool (masks, or queues between drivers) may have moved
+    bindings: bool = False  # the bus said BINDINGS=complete
     events: int = 0  # how many events this scope sums up
 
     def add(self, e: ApEvent) -> None:
@@ -158,8 +161,9 @@ class Scope:
                 # ONLINE on a queue shows in no property: the card's own event covers it
             else:
                 self._whole(a)
-        elif e.kind == "bus" and e.mask:
-            self.pool = True
+        elif e.kind == "bus":
+            self.pool |= e.mask
+            self.bindings |= e.bindings
         elif e.kind == "matrix":  # vfio_ap (un)loaded or re-registered
             self.everything = self.pool = True
 
@@ -184,6 +188,7 @@ class Scope:
                     self._whole(a)
         self.everything |= other.everything
         self.pool |= other.pool
+        self.bindings |= other.bindings
         self.events += other.events
 
     def __bool__(self) -> bool:

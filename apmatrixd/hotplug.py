@@ -135,6 +135,7 @@ class HotPlug:
                 named=s.named,
                 everything=s.everything,
                 pool=s.pool,
+                bindings=s.bindings,
             )
         except KernelError as err:
             # Something vanished while it was read (a card leaving mid-burst): read it all.

@@ -19,7 +19,7 @@ G2 = "22222222-2222-4222-8222-222222222222"
 G3 = "33333333-3333-4333-8333-333333333333"
 
 
-@pytest.fixture(params=["default", "rfc2017"])
+@pytest.fixture(params=["default", "default@6.0", "rfc2017"])
 def host(request: pytest.FixtureRequest) -> Host:
     return Host.from_name(request.param)
 
@@ -109,8 +109,8 @@ def test_assign_unassign_and_update(svc: Service) -> None:
 def test_kernel_failure_half_way_changes_nothing(svc: Service, host: Host) -> None:
     svc.reserve([5, 6], [4, 0x47])
     before = kernel_view(svc)
-    mdev = f"{svc.kernel.mdev_path(G1)}/assign_adapter"
-    host.inject_fault(mdev, errno.EIO, count=2)
+    last = "ap_config" if svc.kernel.features.ap_config else "assign_adapter"
+    host.inject_fault(f"{svc.kernel.mdev_path(G1)}/{last}", errno.EIO, count=2)
     with pytest.raises(KernelError) as exc:
         svc.create_matrix(G1, adapters=[5, 6], domains=[4])
     assert exc.value.errno == errno.EIO

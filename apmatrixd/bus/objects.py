@@ -63,6 +63,8 @@ def manager_values(host: HostView) -> dict[str, Any]:
         "HostDomains": _ids(host.host_domains),
         "Settling": bool(host.settling),
         "Pending": host.pending,
+        "KernelGeneration": host.kernel_generation,
+        "KernelFeatures": list(host.kernel_features),
     }
 
 
@@ -79,6 +81,8 @@ def matrix_values(m: MatrixView) -> dict[str, Any]:
         "Autostart": bool(m.autostart),
         "Adopted": bool(m.adopted),
         "SysfsPath": m.sysfs_path,
+        "InUse": bool(m.in_use),
+        "Lost": [[a, d, why] for a, d, why in m.lost],
     }
 
 
@@ -92,6 +96,8 @@ def adapter_values(a: AdapterView) -> dict[str, Any]:
         "Domains": _ids(a.domains),
         "GuestDomains": _ids(a.guest_domains),
         "Owners": dict(sorted(a.owners.items())),
+        "Checkstopped": bool(a.checkstopped),
+        "DriverOverrides": [[d, drv] for d, drv in a.overrides],
     }
 
 
@@ -107,6 +113,24 @@ def parse_options(options: dict[str, Variant]) -> dict[str, Any]:
             raise InvalidArgument(f"option {key!r} must be of type {want}, not {var.signature}")
         out[key] = var.value
     return out
+
+
+RELEASE_OPTIONS = {"force": "b", "timeout": "u"}
+
+
+def parse_release(options: dict[str, Variant]) -> tuple[bool, float | None]:
+    """StopWithOptions/RemoveWithOptions: ``force`` (b) and ``timeout`` (u, seconds > 0)."""
+    for key, var in options.items():
+        want = RELEASE_OPTIONS.get(key)
+        if want is None:
+            raise InvalidArgument(f"unknown option {key!r} (known: force, timeout)")
+        if var.signature != want:
+            raise InvalidArgument(f"option {key!r} must be of type {want}, not {var.signature}")
+    timeout = options["timeout"].value if "timeout" in options else None
+    if timeout is not None and timeout == 0:
+        raise InvalidArgument("timeout must be at least 1 second")
+    force = bool(options["force"].value) if "force" in options else False
+    return force, float(timeout) if timeout is not None else None
 
 
 class Manager(Exported):
@@ -125,6 +149,8 @@ class Manager(Exported):
     HostDomains = prop("HostDomains", "au")
     Settling = prop("Settling", "b")
     Pending = prop("Pending", "s")
+    KernelGeneration = prop("KernelGeneration", "s")
+    KernelFeatures = prop("KernelFeatures", "as")
 
     @call
     async def CreateMatrix(self, uuid: Str, options: Options) -> Path:
@@ -178,6 +204,8 @@ class Matrix(Exported):
     Autostart = prop("Autostart", "b")
     Adopted = prop("Adopted", "b")
     SysfsPath = prop("SysfsPath", "s")
+    InUse = prop("InUse", "b")
+    Lost = prop("Lost", "a(uus)")
 
     @call
     def AssignAdapter(self, adapter: U32) -> Awaitable[None]:
@@ -221,6 +249,16 @@ class Matrix(Exported):
     def Remove(self) -> Awaitable[None]:
         return self._service.submit("Remove", ops.remove, self.uuid)
 
+    @call
+    def StopWithOptions(self, options: Options) -> Awaitable[None]:
+        force, timeout = parse_release(options)
+        return self._service.submit("Stop", ops.stop, self.uuid, force, timeout)
+
+    @call
+    def RemoveWithOptions(self, options: Options) -> Awaitable[None]:
+        force, timeout = parse_release(options)
+        return self._service.submit("Remove", ops.remove, self.uuid, force, timeout)
+
     def _change(self, what: str, kind: ops.Kind, id: int, *, add: bool) -> Awaitable[None]:
         return self._service.submit(what, ops.change_one, self.uuid, kind, id, add=add)
 
@@ -239,6 +277,8 @@ class Adapter(Exported):
     Domains = prop("Domains", "au")
     GuestDomains = prop("GuestDomains", "au")
     Owners = prop("Owners", "a{us}")
+    Checkstopped = prop("Checkstopped", "b")
+    DriverOverrides = prop("DriverOverrides", "a(us)")
 
 
 class _Tree:

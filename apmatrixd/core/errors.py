@@ -101,3 +101,45 @@ class Busy(_ClashError):
 
     name = "Busy"
     what = "APQNs are held by matrices"
+
+
+class Unavailable(ApmatrixError):
+    """A kernel before 6.0 assigns only queues bound to vfio_ap (it says EADDRNOTAVAIL)."""
+
+    name = "Unavailable"
+
+    def __init__(self, missing: list[str], context: str = "") -> None:
+        self.missing = missing
+        shown = ", ".join(missing[:32]) + (
+            f", and {len(missing) - 32} more" if len(missing) > 32 else ""
+        )
+        prefix = f"{context}: " if context else ""
+        super().__init__(
+            f"{prefix}this kernel (before 6.0) assigns only queues that exist and are bound "
+            f"to vfio_ap; missing: {shown}"
+        )
+
+
+class GuestRunning(ApmatrixError):
+    """A guest holds the matrix: Stop/Remove need force; before 6.0 nothing may change."""
+
+    name = "Busy"
+
+
+class DriverOverride(ApmatrixError):
+    """Queues bound by ``driver_override`` (6.19+): the masks cannot change, and a matrix
+    may not claim a queue overridden to another driver."""
+
+    name = "DriverOverride"
+
+    def __init__(self, overrides: list[tuple[str, str]], what: str) -> None:
+        self.overrides = overrides
+        shown = ", ".join(f"{q} -> {drv}" for q, drv in overrides[:32])
+        more = f", and {len(overrides) - 32} more" if len(overrides) > 32 else ""
+        super().__init__(f"{what}: queues bound by driver_override: {shown}{more}")
+
+
+class Timeout(ApmatrixError):
+    """The kernel did not finish in time (a guest that does not let go of its matrix)."""
+
+    name = "Timeout"

@@ -7,8 +7,10 @@ rules and nothing looser:
 - no APQN of a matrix in the host pool (kernel: EADDRNOTAVAIL);
 - ids within the host's limits (kernel: ENODEV);
 - the host pool may not take back an APQN a matrix holds (kernel: EBUSY), judged as the
-  6.19+ kernels do: a newly set adapter bit counts against every domain of the matrices
-  that hold the adapter (and likewise for domains), which is never looser than older ones;
+  6.19+ kernels do (``release_all_ones``): a newly set adapter bit counts against every
+  domain of the matrices that hold the adapter (and likewise for domains); on older kernels
+  only the APQNs the new pool would really take (6.0-6.18 refuse exactly those; before 6.0
+  the kernel refuses nothing, and the registry keeps the rule);
 - control domains may be shared.
 
 Beyond the kernel, a matrix that is only defined (not live) keeps its APQNs too, so every
@@ -158,6 +160,7 @@ class Registry:
     _claims: dict[tuple[int, int], str] = field(default_factory=dict)
     _claimed_by: dict[str, frozenset[tuple[int, int]]] = field(default_factory=dict)
     truth_pool: HostPool | None = None
+    release_all_ones: bool = True  # the 6.19 in_use rule (False: 6.0-6.18 and older)
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -444,14 +447,15 @@ class Registry:
                     busy.append(Clash(apqn, owner, self._matrices[owner].name))
         else:
             seen: set[Apqn] = set()
+            every = self.release_all_ones  # else only what the new pool would own
             for a in sorted(new.adapters - old.adapters):
                 for uuid in sorted(self._by_adapter.get(a, ())):
                     m = self._matrices[uuid]
-                    seen.update(Apqn(a, d) for d in m.domains)
+                    seen.update(Apqn(a, d) for d in m.domains if every or d in new.domains)
             for d in sorted(new.domains - old.domains):
                 for uuid in sorted(self._by_domain.get(d, ())):
                     m = self._matrices[uuid]
-                    seen.update(Apqn(a, d) for a in m.adapters)
+                    seen.update(Apqn(a, d) for a in m.adapters if every or a in new.adapters)
             busy = [Clash(q, self._owner[q], self._matrices[self._owner[q]].name) for q in seen]
         for (a, d), uuid in self._claims.items():  # held in the kernel: it would say EBUSY
             q = Apqn(a, d)
@@ -557,3 +561,31 @@ class Registry:
         if {n: set(u) for n, u in names.items()} != {n: set(u) for n, u in self._by_name.items()}:
             out.append("name index out of step")
         return out
+
+
+def unavailable_before_60(
+    old: Matrix | None, new: Matrix, bound: Mapping[int, frozenset[int]]
+) -> list[str]:
+    """What a kernel before 6.0 would refuse (EADDRNOTAVAIL) in taking a live mdev from
+    ``old`` to ``new``: each id it assigns needs its queues bound to vfio_ap (``bound``:
+    adapter -> domains bound), checked against the other mask as it stands at that write
+    (unassigns first, then adapters, then domains; with the other mask empty, one bound queue
+    of the id is enough). Empty when nothing is missing."""
+    old_a = old.adapters if old is not None else frozenset()
+    old_d = old.domains if old is not None else frozenset()
+    missing: list[str] = []
+    current_d = old_d & new.domains
+    for a in sorted(new.adapters - old_a):
+        have = bound.get(a, frozenset())
+        if not current_d:
+            if not have:
+                missing.append(f"adapter {a:02x} (no queue bound to vfio_ap)")
+        else:
+            missing += [f"{Apqn(a, d)}" for d in sorted(current_d - have)]
+    for d in sorted(new.domains - old_d):
+        if not new.adapters:
+            if not any(d in doms for doms in bound.values()):
+                missing.append(f"domain {d:04x} (no queue bound to vfio_ap)")
+        else:
+            missing += [f"{Apqn(a, d)}" for a in sorted(new.adapters) if d not in bound.get(a, ())]
+    return missing

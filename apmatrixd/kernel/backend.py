@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,7 +32,8 @@ from apmatrixd.core.apqn import MAX_ID, Apqn, cross
 from apmatrixd.core.errors import InvalidArgument
 from apmatrixd.core.matrix import HostPool, Limits, Matrix, normalize_uuid
 from apmatrixd.kernel import formats
-from apmatrixd.kernel.errors import KernelError, LockBusy
+from apmatrixd.kernel.errors import KernelError, KernelTimeout, LockBusy
+from apmatrixd.kernel.features import MATRIX_FEATURES, Features
 from apmatrixd.kernel.io import SysfsIO
 from apmatrixd.kernel.snapshot import LAYOUTS, AdapterInfo, HostSnapshot, Layout, MdevInfo
 
@@ -67,15 +69,25 @@ _MODES = {"C": "CCA-Coproc", "P": "EP11-Coproc", "A": "Accelerator"}
 
 @dataclass(frozen=True)
 class Write:
-    """One sysfs write and the write that undoes it (None: nothing to undo)."""
+    """One sysfs write and the write that undoes it (None: nothing to undo).
+
+    ``wait``: the write may block (the ``remove`` of an mdev a running guest holds, 6.0+); it
+    runs in a thread of its own and is given up after this many seconds (KernelTimeout)."""
 
     path: str
     data: str
     undo_path: str | None = None
     undo_data: str = ""
+    wait: float | None = None
 
     def __str__(self) -> str:
         return f"writing {self.data!r} to {self.path}"
+
+
+def ap_config_text(m: Matrix) -> str:
+    """An mdev's ``ap_config``: the three masks, comma-separated, as the kernel prints them."""
+    masks = (m.adapters, m.domains, m.control_domains)
+    return ",".join(formats.format_mask(x) for x in masks) + "\n"
 
 
 class Kernel:
@@ -88,6 +100,10 @@ class Kernel:
         self.lock_path = lock_path
         self._sets: dict[frozenset[int], frozenset[int]] = {}
         self._layout = LAYOUTS[layout] if layout else self._detect()
+        self.features = Features(layout=self._layout.name)
+        self.detect_features()
+        self.on_late_write: Callable[[Write, KernelError | None], None] | None = None
+        """Told (from a helper thread) when a write given up on by its timeout returns."""
 
     # -- layout -----------------------------------------------------------------------------
     def _detect(self) -> Layout:
@@ -147,6 +163,12 @@ class Kernel:
             return self.io.listdir(path)
         except OSError as e:
             raise KernelError.from_oserror(e, path, "listing") from None
+
+    def _list_optional(self, path: str) -> list[str]:
+        try:
+            return self._listdir(path)
+        except KernelError:
+            return []
 
     def _driver_of(self, queue_dir: str) -> str | None:
         try:
@@ -217,6 +239,54 @@ class Kernel:
                 return f.read().strip()
         except OSError:
             return ""
+
+    # -- the generation ---------------------------------------------------------------------
+    def detect_features(self) -> Features:
+        """What this kernel's vfio_ap can do, from its files (see ``features.py``); kept in
+        :attr:`features` and refreshed by :meth:`read_host` and after an mdev is created."""
+        if self._layout.name != "upstream":
+            self.features = Features(False, False, layout=self._layout.name)
+            return self.features
+        dynamic: bool | None = None
+        ap_config: bool | None = None
+        listed: frozenset[str] | None = None
+        text = self._read_optional(f"{self._layout.matrix}/{MATRIX_FEATURES}")
+        if text is not None:
+            listed = frozenset(text.split())
+            dynamic, ap_config = "guest_matrix" in listed, "ap_config" in listed
+        else:
+            try:
+                mdevs = self.list_mdevs()
+            except KernelError:  # no type directory yet: nothing to tell from
+                mdevs = []
+            if mdevs:
+                base = self.mdev_path(mdevs[0])
+                dynamic = self.io.exists(f"{base}/guest_matrix")
+                ap_config = self.io.exists(f"{base}/ap_config")
+        override = False
+        for name in self._list_optional(AP_DEVICES):
+            if _CARD_RE.fullmatch(name):
+                queues = [
+                    q for q in self._list_optional(f"{AP_DEVICES}/{name}") if _QUEUE_RE.fullmatch(q)
+                ]
+                if queues:
+                    override = self.io.exists(f"{AP_DEVICES}/{name}/{queues[0]}/driver_override")
+                    break
+        self.features = Features(
+            dynamic=dynamic,
+            ap_config=ap_config,
+            listed=listed,
+            driver_override=override,
+            bindings_count=self.io.exists(f"{AP_BUS}/bindings_complete_count"),
+        )
+        return self.features
+
+    def bindings_complete(self) -> bool:
+        """The AP bus has bound every queue it found (``bindings`` reads ``n/n (complete)``).
+
+        A bus without the attribute (the 2017 layout's era) counts as complete."""
+        text = self._read_optional(f"{AP_BUS}/bindings")
+        return text is None or text.rstrip("\n").endswith("(complete)")
 
     # -- reading ----------------------------------------------------------------------------
     def read_limits(self) -> Limits:
@@ -291,7 +361,8 @@ class Kernel:
         if not self.io.is_dir(card):
             return None
         present, guest, host = set(info.domains), set(info.guest_domains), set(info.host_domains)
-        for d in sorted(domains):
+        asked = set(domains)
+        for d in sorted(asked):
             present.discard(d)
             guest.discard(d)
             host.discard(d)
@@ -304,11 +375,14 @@ class Kernel:
                 guest.add(d)
             elif driver == HOST_DRIVER:
                 host.add(d)
+        kept = tuple((d, drv) for d, drv in info.overrides if d not in asked)
+        fresh = self._overrides(info.id, (d for d in asked if d in present and d not in host))
         return replace(
             info,
             domains=self._shared(present),
             guest_domains=self._shared(guest),
             host_domains=self._shared(host),
+            overrides=tuple(sorted(kept + fresh)),
         )
 
     def read_card(self, adapter: int) -> tuple[str, bool, bool] | None:
@@ -317,6 +391,32 @@ class Kernel:
         if not self.io.is_dir(card):
             return None
         return self._card_state(card)
+
+    def _checkstopped(self, card: str) -> bool:
+        text = self._read_optional(f"{card}/chkstop")
+        return text is not None and formats.parse_bool(text, f"{card}/chkstop")
+
+    def _overrides(self, adapter: int, domains: Iterable[int]) -> tuple[tuple[int, str], ...]:
+        """The ``driver_override`` of these queues of ``adapter`` that have one (6.19+)."""
+        if not self.features.driver_override:
+            return ()
+        out = []
+        for d in sorted(domains):
+            path = f"{AP_DEVICES}/card{adapter:02x}/{adapter:02x}.{d:04x}/driver_override"
+            text = self._read_optional(path)
+            value = text.strip() if text is not None else ""
+            if value and value != "(null)":
+                out.append((d, value))
+        return tuple(out)
+
+    def read_overrides(self, adapters: Mapping[int, AdapterInfo]) -> list[tuple[str, str]]:
+        """Every queue with a ``driver_override``, as (``05.0004``, driver): one read per
+        queue, for the decisions it matters to (Reserve/Release on 6.19+)."""
+        out: list[tuple[str, str]] = []
+        for a in sorted(adapters):
+            for d, drv in self._overrides(a, adapters[a].domains):
+                out.append((f"{a:02x}.{d:04x}", drv))
+        return out
 
     def _card_state(self, card: str) -> tuple[str, bool, bool]:
         kind = ""
@@ -356,6 +456,8 @@ class Kernel:
             domains=self._shared(present),
             guest_domains=self._shared(guest),
             host_domains=self._shared(host),
+            checkstopped=self._checkstopped(card),
+            overrides=self._overrides(adapter, present - host),
         )
 
     def _shared(self, ids: set[int]) -> frozenset[int]:
@@ -367,6 +469,7 @@ class Kernel:
         return self._sets.setdefault(key, key)
 
     def read_host(self) -> HostSnapshot:
+        self.detect_features()
         limits = self.read_limits()
         adapters = self.read_adapters()
         usage = self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask")
@@ -458,7 +561,7 @@ class Kernel:
         else:
             assigned_a, assigned_d = ids("adapters", 2), ids("domains", 4)
             guest = self._guest_view(assigned_a, assigned_d, *host())
-        return MdevInfo(uuid, assigned_a, assigned_d, control, guest)
+        return MdevInfo(uuid, assigned_a, assigned_d, control, guest, self._status_in_use(guest))
 
     def _guest_view(
         self,
@@ -508,7 +611,9 @@ class Kernel:
         """Take one mdev from ``old`` to ``new`` (None = absent), or leave it as it was."""
         self.run(self.plan_matrix(uuid, old, new))
 
-    def plan_matrix(self, uuid: str, old: Matrix | None, new: Matrix | None) -> list[Write]:
+    def plan_matrix(
+        self, uuid: str, old: Matrix | None, new: Matrix | None, wait: float | None = None
+    ) -> list[Write]:
         """The writes that take one mdev from ``old`` to ``new`` (None = absent).
 
         What goes is unassigned first and what comes assigned after, so every intermediate
@@ -521,11 +626,17 @@ class Kernel:
             return []
         base = self.mdev_path(uuid)
         if new is None:
-            return [Write(f"{base}/remove", "1")]
+            return [Write(f"{base}/remove", "1", wait=wait)]
         steps: list[Write] = []
         if old is None:
             steps.append(Write(f"{self._layout.type_dir}/create", uuid, f"{base}/remove", "1"))
             old = Matrix(uuid)
+        if self.features.ap_config and self._layout.name == "upstream":
+            # 6.10+: one atomic write; a running guest sees one hot plug, not one per id.
+            now, then = ap_config_text(old), ap_config_text(new)
+            if now != then:
+                steps.append(Write(f"{base}/ap_config", then, f"{base}/ap_config", now))
+            return steps
         before = (old.adapters, old.domains, old.control_domains)
         after = (new.adapters, new.domains, new.control_domains)
         for kind, was, will in zip(KINDS, before, after, strict=True):
@@ -620,7 +731,61 @@ class Kernel:
 
     def write(self, step: Write) -> None:
         """One write of a plan (the caller holds :meth:`locked`)."""
+        if step.wait is not None:
+            self._write_waiting(step, step.wait)
+            return
         self._write(step.path, step.data)
+        if self.features.dynamic is None and step.path.endswith("/create"):
+            self.detect_features()  # the first mdev tells the generation (for later plans)
+
+    def _write_waiting(self, step: Write, timeout: float) -> None:
+        """The write in a thread of its own, waited for up to ``timeout``: the vfio core
+        blocks a ``remove`` until the guest lets go, and no signal ends that wait. Given up
+        on, the write goes on; :attr:`on_late_write` hears when it returns."""
+        done = threading.Event()
+        guard = threading.Lock()
+        late = False
+        result: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._write(step.path, step.data)
+            except BaseException as err:  # handed to the caller (a test's crash, too)
+                result.append(err)
+            with guard:
+                done.set()
+                tell = late
+            if tell and self.on_late_write is not None:
+                err = result[0] if result else None
+                self.on_late_write(step, err if isinstance(err, KernelError) else None)
+
+        threading.Thread(target=run, name="apmatrixd-guest-release", daemon=True).start()
+        done.wait(timeout)
+        with guard:
+            if not done.is_set():
+                late = True
+                raise KernelTimeout(
+                    step.path,
+                    timeout,
+                    "a running guest still holds the matrix; the kernel "
+                    "removes it once the guest lets go",
+                )
+        if result:
+            raise result[0]
+
+    def in_use(self, uuid: str) -> bool:
+        """A guest runs with this mdev: the ``status`` of a queue it gets reads ``in use``.
+
+        A guest whose matrix gives it no queue cannot be seen this way (the kernel shows it
+        nowhere else); neither can one before the kernel had ``status`` on queues."""
+        return self._status_in_use(self.read_guest(uuid))
+
+    def _status_in_use(self, guest: Iterable[Apqn]) -> bool:
+        first = min(guest, default=None)
+        if first is None:
+            return False
+        text = self._read_optional(f"{AP_DEVICES}/card{first.adapter:02x}/{first}/status")
+        return text is not None and text.strip() == "in use"
 
     def undo(self, done: Iterable[Write]) -> list[KernelError]:
         """Undo written steps, newest first; the failures (logged), empty if all went back."""

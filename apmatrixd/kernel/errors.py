@@ -52,3 +52,13 @@ class LockBusy(ApmatrixError):
             f"the s390 AP configuration lock {path} is held by another process"
             f" (chzdev, ap-check?) and was not released within {waited:.0f} s; nothing written"
         )
+
+
+class KernelTimeout(KernelError):
+    """A write the kernel holds on to (``remove`` of an mdev a guest keeps open) did not
+    return in time; it goes on in the kernel and finishes when the guest lets go."""
+
+    name = "Timeout"
+
+    def __init__(self, path: str, waited: float, why: str) -> None:
+        super().__init__(errnolib.ETIMEDOUT, path, "writing", f"{why} (waited {waited:g} s)")

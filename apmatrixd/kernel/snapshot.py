@@ -43,6 +43,11 @@ class AdapterInfo:
     domains: frozenset[int] = frozenset()  # queues present
     guest_domains: frozenset[int] = frozenset()  # queues bound to the vfio driver
     host_domains: frozenset[int] = frozenset()  # queues bound to cex4queue
+    checkstopped: bool = False
+    # 6.19+: queues whose driver a driver_override names (domain, driver), as far as they
+    # show: read for the queues bound to vfio_ap or to no driver (an override naming the
+    # host's driver on a queue the host holds anyway changes nothing that shows).
+    overrides: tuple[tuple[int, str], ...] = ()
 
     @property
     def vfio_domains(self) -> frozenset[int]:
@@ -59,6 +64,7 @@ class MdevInfo:
     domains: frozenset[int] = frozenset()
     control_domains: frozenset[int] = frozenset()
     guest_apqns: frozenset[Apqn] = frozenset()
+    in_use: bool = False  # a guest runs with it (see Kernel.in_use)
 
     def matrix(self) -> Matrix:
         return Matrix(self.uuid, self.adapters, self.domains, self.control_domains)

@@ -32,9 +32,10 @@ from apmatrixd.core import (
     SetHostPool,
     UpdateMatrix,
 )
-from apmatrixd.core.errors import _ClashError
+from apmatrixd.core.errors import GuestRunning, _ClashError
 from apmatrixd.core.matrix import id_set, normalize_uuid
 from apmatrixd.kernel import AdapterInfo, KernelError, MdevInfo
+from apmatrixd.kernel.errors import KernelTimeout
 from apmatrixd.service.executor import Command, Work
 from apmatrixd.service.state import Changes, Meta
 from apmatrixd.service.tx import MatrixStep, Transaction
@@ -198,34 +199,80 @@ def start(svc: Service, uuid: str) -> Command[None]:
     svc.emit(changes)
 
 
-def stop(svc: Service, uuid: str) -> Command[None]:
+def _guest_check(
+    svc: Service, m: Matrix, what: str, force: bool, timeout: float | None
+) -> Command[float]:
+    """Refuse taking the mdev of a running guest away unless forced; how long its remove
+    may wait for the guest to let go (always bounded: a guest may start meanwhile)."""
+    meta = svc.state.meta[m.uuid]
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise InvalidArgument(f"timeout must be a number of seconds > 0, not {timeout!r}")
+    in_use = yield Work(f"asking whether a guest runs {m.uuid}",
+                        lambda _p: svc.kernel.in_use(m.uuid))  # fmt: skip
+    if in_use != meta.in_use:
+        meta.in_use = in_use
+        svc.emit(Changes(matrices_changed={m.uuid}))
+    if in_use and svc.kernel.features.static:
+        raise GuestRunning(
+            f"guest running: matrix {m.label} is in use by a guest, and this kernel (before "
+            f"6.0) cannot {what} it while the guest runs, even forced; stop the guest first"
+        )
+    if in_use and not force:
+        raise GuestRunning(
+            f"guest running: matrix {m.label} is in use by a guest; stop the guest first, or "
+            f"{what} with force (the kernel asks the guest to let go, and waits)"
+        )
+    limit = svc.in_use_timeout
+    return min(timeout, limit) if timeout is not None else limit
+
+
+def _abandoned(svc: Service, uuid: str, what: str, err: Exception) -> None:
+    if isinstance(err, KernelTimeout) and uuid in svc.state.meta:
+        svc.state.meta[uuid].release_pending = f"forced {what}"
+
+
+def stop(
+    svc: Service, uuid: str, force: bool = False, timeout: float | None = None
+) -> Command[None]:
     st = svc.state
     m = st.registry.get(svc.resolve(uuid))
     meta = st.meta[m.uuid]
     if not meta.live:
         return
-    step = MatrixStep(m.uuid, st.kernel_sets(m.uuid), None)
-    yield from svc.transact(Transaction(f"Stop {m.uuid}", matrices=[step]))
-    meta.live, meta.guest = False, ()
+    wait = yield from _guest_check(svc, m, "stop", force, timeout)
+    step = MatrixStep(m.uuid, st.kernel_sets(m.uuid), None, wait)
+    try:
+        yield from svc.transact(Transaction(f"Stop {m.uuid}", matrices=[step]))
+    except KernelTimeout as err:
+        _abandoned(svc, m.uuid, "Stop", err)
+        raise
+    meta.live, meta.guest, meta.in_use = False, (), False
     st.set_truth(m.uuid, None)
     changes = Changes(matrices_changed={m.uuid})
     st.touch_adapters(changes, m.adapters)
     svc.emit(changes)
 
 
-def remove(svc: Service, uuid: str) -> Command[None]:
+def remove(
+    svc: Service, uuid: str, force: bool = False, timeout: float | None = None
+) -> Command[None]:
     st = svc.state
     m = st.registry.get(svc.resolve(uuid))
     st.registry.decide(RemoveMatrix(m.uuid)).raise_if_refused(ORDER)
     meta = st.meta[m.uuid]
+    wait = (yield from _guest_check(svc, m, "remove", force, timeout)) if meta.live else None
     tx = Transaction(
         f"Remove {m.uuid}",
-        matrices=[MatrixStep(m.uuid, st.kernel_sets(m.uuid), None)] if meta.live else [],
+        matrices=[MatrixStep(m.uuid, st.kernel_sets(m.uuid), None, wait)] if meta.live else [],
         store={m.uuid: None},
         stored_before={m.uuid: st.on_disk.get(m.uuid)},
         store_first=True,  # an mdev is never re-created: a store failure must come first
     )
-    yield from svc.transact(tx)
+    try:
+        yield from svc.transact(tx)
+    except KernelTimeout as err:
+        _abandoned(svc, m.uuid, "Remove", err)
+        raise
     st.registry.apply(RemoveMatrix(m.uuid))
     del st.meta[m.uuid]
     st.on_disk.pop(m.uuid, None)
@@ -273,6 +320,8 @@ def start_waiting(svc: Service) -> Command[list[str]]:
     st = svc.state
     changes = Changes()
     started: list[str] = []
+    if not st.bindings_ready:
+        return started  # bindings_complete() starts them
     for uuid in sorted(st.registry.matrices):
         m, meta = st.registry.matrices[uuid], st.meta[uuid]
         if not m.autostart or meta.live or not all(map(st.present, m.apqns())):
@@ -300,6 +349,16 @@ def start_waiting(svc: Service) -> Command[list[str]]:
         log.info("started %d autostart matri%s", n, "x" if n == 1 else "ces")
     svc.emit(changes)
     return started
+
+
+def bindings_complete(svc: Service, why: str) -> Command[list[str]]:
+    """The AP bus is probed (``BINDINGS=complete``), or the wait for it timed out: autostart."""
+    st = svc.state
+    if st.bindings_ready:
+        return []
+    st.bindings_ready = True
+    log.info("AP bus bindings %s: starting autostart matrices", why)
+    return (yield from start_waiting(svc))
 
 
 # -- host pool ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from apmatrixd.service import ops, startup
 from apmatrixd.service.executor import Command, Executor, Work
 from apmatrixd.service.state import Changes, State
 from apmatrixd.service.tx import Transaction
-from apmatrixd.service.views import AdapterView, HostView, MatrixView
+from apmatrixd.service.views import AdapterView, HostView, MatrixView, loss_reasons
 from apmatrixd.store import Store
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class Service:
         self.startup_drift: list[tuple[str, str]] = []  # sent once the daemon serves
         # Asked for when a command could not read back what it did (hotplug.py answers).
         self.on_resync: Callable[[], None] | None = None
+        # How long a forced Stop/Remove waits for a running guest to let go (--in-use-timeout).
+        self.in_use_timeout = 30.0
 
     # -- the state, for readers -----------------------------------------------------------
     @property
@@ -163,6 +165,8 @@ class Service:
             host_domains=tuple(sorted(domains)),
             settling=self.state.settling,
             pending=self.state.pending,
+            kernel_generation=self.kernel.features.generation,
+            kernel_features=tuple(self.kernel.features.names()),
         )
 
     def matrices(self) -> list[MatrixView]:
@@ -192,6 +196,10 @@ class Service:
             autostart=m.autostart,
             adopted=meta.adopted,
             sysfs_path=self.kernel.mdev_sysfs_path(m.uuid),
+            in_use=meta.in_use and meta.live,
+            lost=loss_reasons(apqns, meta.guest, st.infos, self.kernel.vfio_driver)
+            if meta.live
+            else (),
         )
 
     def adapters(self) -> list[AdapterView]:
@@ -249,11 +257,11 @@ class Service:
     def start(self, uuid: str) -> None:
         self.run(ops.start, uuid)
 
-    def stop(self, uuid: str) -> None:
-        self.run(ops.stop, uuid)
+    def stop(self, uuid: str, force: bool = False, timeout: float | None = None) -> None:
+        self.run(ops.stop, uuid, force, timeout)
 
-    def remove(self, uuid: str) -> None:
-        self.run(ops.remove, uuid)
+    def remove(self, uuid: str, force: bool = False, timeout: float | None = None) -> None:
+        self.run(ops.remove, uuid, force, timeout)
 
     def set_autostart(self, uuid: str, autostart: bool) -> None:
         self.run(ops.set_autostart, uuid, autostart)

@@ -86,6 +86,7 @@ def load(svc: Service) -> Command[None]:
                 sm.control_usage_domains if sm else m.domains <= m.control_domains
             ),
             guest=tuple(sorted(mdev.guest_apqns)),
+            in_use=mdev.in_use,
         )
     boot = svc.kernel.boot_id()
     if store is not None and boot and contents.boot == boot:
@@ -136,6 +137,10 @@ def load(svc: Service) -> Command[None]:
             if meta.live and uuid in snap.mdevs:
                 meta.guest = tuple(sorted(snap.mdevs[uuid].guest_apqns))
     svc.startup_drift = drift
+    ready = yield Work("reading the AP bus bindings", lambda _p: svc.kernel.bindings_complete())
+    st.bindings_ready = ready
+    if not ready:
+        log.info("the AP bus is still binding queues: autostart waits for BINDINGS=complete")
     yield from ops.start_waiting(svc)
 
 

@@ -55,6 +55,10 @@ class Meta:
     # properties and claimed in every decision (Registry.set_truth), while the registry
     # keeps its last valid sets.
     truth: MdevInfo | None = None
+    in_use: bool = False  # a guest runs with it (a queue it gets reads "in use")
+    # A forced Stop/Remove gave up waiting for the guest: the kernel removes the mdev when
+    # the guest lets go, and the resync that sees it go says so (not "removed outside").
+    release_pending: str = ""
 
 
 @dataclass
@@ -74,6 +78,9 @@ class State:
     on_disk_reservations: Reservations = field(default_factory=Reservations)
     settling: bool = False
     pending: str = ""  # what a command has been waiting on for long (Manager.Pending)
+    # Autostart waits for the AP bus to report its bindings complete (or for a timeout), so
+    # no matrix starts against a half-probed bus (mdevctl #53).
+    bindings_ready: bool = True
 
     # -- inventory ------------------------------------------------------------------------
     def take_inventory(self, infos: dict[int, AdapterInfo]) -> None:
@@ -95,6 +102,8 @@ class State:
             domains=tuple(sorted(a.domains)),
             guest_domains=tuple(sorted(a.guest_domains)),
             owners=self.registry.owners_of_adapter(a.id),
+            checkstopped=a.checkstopped,
+            overrides=a.overrides,
         )
 
     def touch_adapters(self, changes: Changes, adapters: Iterable[int]) -> None:

@@ -156,6 +156,7 @@ def resync(
     named: Mapping[int, Iterable[int]] | None = None,
     everything: bool = False,
     pool: bool = False,
+    bindings: bool = False,
 ) -> Command[Changes]:
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
     cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev;
@@ -185,7 +186,9 @@ def resync(
     svc.emit(changes)
     if adopted:
         yield from store_adopted(svc, adopted)
-    if changes.adapters_added or changes.adapters_changed:
+    if bindings and not st.bindings_ready:
+        yield from ops.bindings_complete(svc, "complete")
+    elif changes.adapters_added or changes.adapters_changed:
         # Resources may have become present: autostart matrices waiting for them.
         yield from ops.start_waiting(svc)
     return changes
@@ -311,9 +314,14 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
                 st.touch_adapters(changes, m.adapters)
                 _drift(changes, uuid, "mdev removed outside apmatrixd; it was only adopted")
                 continue
-            gone.live, gone.guest = False, ()
+            gone.live, gone.guest, gone.in_use = False, (), False
             st.set_truth(uuid, None)
             changes.matrices_changed.add(uuid)
+            if gone.release_pending:
+                what = f"the guest let go: the mdev is gone after the {gone.release_pending}"
+                gone.release_pending = ""
+                _drift(changes, uuid, f"{what} timed out; kept as a definition")
+                continue
             _drift(changes, uuid, "mdev removed outside apmatrixd; kept as a definition")
     for uuid, info in sorted(seen.items()):
         meta = st.meta.get(uuid)
@@ -334,8 +342,8 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
             if took and uuid in st.on_disk:
                 adopted.append(uuid)
         guest = tuple(sorted(info.guest_apqns))
-        if guest != meta.guest:
-            meta.guest = guest
+        if guest != meta.guest or info.in_use != meta.in_use:
+            meta.guest, meta.in_use = guest, info.in_use
             changes.matrices_changed.add(uuid)
     return adopted
 
@@ -397,6 +405,7 @@ def _adopt(svc: Service, changes: Changes, info: MdevInfo) -> None:
         adopted=True,
         control_usage_domains=m.domains <= m.control_domains,
         guest=tuple(sorted(info.guest_apqns)),
+        in_use=info.in_use,
     )
     st.set_truth(m.uuid, truth)
     changes.matrices_added.add(m.uuid)

@@ -62,6 +62,7 @@ class MatrixStep:
     uuid: str
     believed: Matrix | None
     target: Matrix | None
+    wait: float | None = None  # a forced Stop/Remove: how long the remove may block
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Transaction:
                     2, kernel.mdev_path(st.uuid), "reading", "the mdev was removed outside"
                 )
             found[st.uuid] = now
-            writes += kernel.plan_matrix(st.uuid, now, st.target)
+            writes += kernel.plan_matrix(st.uuid, now, st.target, st.wait)
         if self.pool is not None:
             writes += kernel.plan_pool(*self.pool)
         ops = self.store_ops() if store is not None else []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from apmatrixd.core import Apqn
+from apmatrixd.kernel.snapshot import AdapterInfo
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,8 @@ class HostView:
     host_domains: tuple[int, ...]
     settling: bool = False
     pending: str = ""
+    kernel_generation: str = ""
+    kernel_features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,9 @@ class MatrixView:
     autostart: bool
     adopted: bool
     sysfs_path: str
+    in_use: bool = False
+    # Each assigned APQN the guest does not get, and why: (adapter, domain, reason).
+    lost: tuple[tuple[int, int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,3 +51,46 @@ class AdapterView:
     domains: tuple[int, ...]
     guest_domains: tuple[int, ...]
     owners: dict[int, str]
+    checkstopped: bool = False
+    overrides: tuple[tuple[int, str], ...] = ()  # (domain, driver) of driver_override queues
+
+
+def loss_reasons(
+    sets: Iterable[Apqn], guest: Iterable[Apqn], infos: Mapping[int, AdapterInfo], vfio: str
+) -> tuple[tuple[int, int, str], ...]:
+    """Why each assigned APQN is not in the guest view, from what the host shows."""
+    given = set(guest)
+    wanted = sorted(set(sets) - given)
+    if not wanted:
+        return ()
+    out: list[tuple[int, int, str]] = []
+    for a, d in wanted:
+        info = infos.get(a)
+        if info is None:
+            why = f"adapter {a:02x} is not in the host's configuration"
+        elif not info.configured:
+            why = f"adapter {a:02x} is deconfigured"
+        elif info.checkstopped:
+            why = f"adapter {a:02x} is checkstopped"
+        elif d not in info.domains:
+            why = f"domain {d:04x} is not a usage domain of this host (no queue {a:02x}.{d:04x})"
+        elif d not in info.guest_domains:
+            override = dict(info.overrides).get(d)
+            if override:
+                why = f"queue {a:02x}.{d:04x} is bound to {override} by driver_override"
+            elif d in info.host_domains:
+                why = f"queue {a:02x}.{d:04x} is bound to cex4queue (the host's), not {vfio}"
+            else:
+                why = f"queue {a:02x}.{d:04x} is bound to no driver"
+        else:
+            mine = {dd for aa, dd in set(sets) if aa == a}
+            bad = sorted(mine - info.guest_domains)
+            if bad:
+                why = (
+                    f"adapter {a:02x} is left out whole: its queue {a:02x}.{bad[0]:04x} is "
+                    f"not bound to {vfio} (a guest gets whole adapters)"
+                )
+            else:
+                why = "not given to the guest by the kernel"
+        out.append((a, d, why))
+    return tuple(out)

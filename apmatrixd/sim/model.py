@@ -9,6 +9,7 @@ lock, and fault injection. Every public method takes ``lock`` and raises nothing
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import time
@@ -19,6 +20,7 @@ from typing import ParamSpec, TypeVar
 
 from apmatrixd.sim.kernel import ApKernel, oserror
 from apmatrixd.sim.parse import cstr, kstrtoul
+from apmatrixd.sim.profile import profile
 from apmatrixd.sim.scenario import Scenario, load_scenario
 from apmatrixd.sim.state import Guest
 from apmatrixd.sim.tree import Attr, Dir, Link, Node, Tree
@@ -74,8 +76,13 @@ class Host(ApKernel):
 
     @classmethod
     def from_name(cls, name_or_path: str) -> Host:
-        """A host booted from a built-in scenario name or a scenario file."""
-        return cls(load_scenario(name_or_path))
+        """A host booted from a built-in scenario name or a scenario file; ``NAME@KERNEL``
+        (``default@5.15``) boots it on another kernel generation."""
+        name, at, kernel = name_or_path.rpartition("@") if "@" in name_or_path else ("", "", "")
+        if not at:
+            return cls(load_scenario(name_or_path))
+        profile(kernel)
+        return cls(dataclasses.replace(load_scenario(name), kernel=kernel))
 
     # ----------------------------------------------------------------- names
 

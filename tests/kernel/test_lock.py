@@ -40,7 +40,7 @@ class Watching(TreeSysfs):
         super().write(path, data)
 
 
-@pytest.mark.parametrize("scenario", ["default", "rfc2017"])
+@pytest.mark.parametrize("scenario", ["default", "default@6.0", "rfc2017"])
 def test_every_write_of_a_batch_holds_the_lock(tmp_path: Path, scenario: str) -> None:
     lock = tmp_path / "s390apconfig.lock"
     host = Host.from_name(scenario)
@@ -56,14 +56,14 @@ def test_every_write_of_a_batch_holds_the_lock(tmp_path: Path, scenario: str) ->
     k.apply_matrix(G1, None, m)
     k.apply_matrix(G1, m, m.with_sets(adapters=[5]))
     k.apply_matrix(G1, m.with_sets(adapters=[5]), None)
-    assert len(io.writes) > 6
+    assert len(io.writes) >= 5
     assert all(held for _, held in io.writes), io.writes
     assert not io.held()  # and released after each batch
 
 
 def test_a_failed_batch_rolls_back_under_the_lock(tmp_path: Path) -> None:
     lock = tmp_path / "s390apconfig.lock"
-    host = Host.from_name("default")
+    host = Host.from_name("default@6.0")  # one write per id: there is a batch to roll back
     io = Watching(host, lock)
     k = Kernel(io, lock_path=str(lock))
     pool = k.read_pool()

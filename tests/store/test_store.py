@@ -383,7 +383,7 @@ def test_a_rollback_that_fails_keeps_the_intent_and_adopts_nothing(tmp_path: Pat
     armed[:] = ["write"]  # the kernel got {5, 6}, the daemon died before the store did
     with pytest.raises(Crash):
         svc.update(G1, [5, 6], [4], [4])
-    host.inject_fault(f"devices/vfio_ap/matrix/{G1}/unassign_adapter", errno.EBUSY)
+    host.inject_fault(f"devices/vfio_ap/matrix/{G1}/ap_config", errno.EBUSY)
     svc2 = service(host, tmp_path)  # its rollback is refused by the kernel
     assert svc2.startup_drift == []  # our own half-done change is not an admin's drift
     stored = json.loads((tmp_path / "matrices" / f"{G1}.json").read_text())
