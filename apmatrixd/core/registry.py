@@ -161,6 +161,8 @@ class Registry:
     _claimed_by: dict[str, frozenset[tuple[int, int]]] = field(default_factory=dict)
     truth_pool: HostPool | None = None
     release_all_ones: bool = True  # the 6.19 in_use rule (False: 6.0-6.18 and older)
+    # 6.19+: queues a driver_override gives to vfio_ap: not the host's, whatever the masks.
+    vfio_overrides: frozenset[tuple[int, int]] = frozenset()
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -231,6 +233,8 @@ class Registry:
     def owns_in_host(self, apqn: Apqn) -> bool:
         """The host pool has ``apqn``, in the registry or in the kernel's truth."""
         truth = self.truth_pool
+        if (apqn[0], apqn[1]) in self.vfio_overrides:
+            return False
         return self.pool.owns(apqn) or (truth is not None and truth.owns(apqn))
 
     def clashes(
@@ -283,10 +287,13 @@ class Registry:
         For the masks, all built by itertools.product in C. A truth pool adds its own.
         """
         mine = self._pool_pairs(self.pool, want_a, want_d, *tail)
-        if self.truth_pool is None:
-            return mine
-        more = self._pool_pairs(self.truth_pool, want_a, want_d, *tail)
-        return sorted(set(mine) | set(more))
+        if self.truth_pool is not None:
+            more = self._pool_pairs(self.truth_pool, want_a, want_d, *tail)
+            mine = sorted(set(mine) | set(more))
+        if self.vfio_overrides:
+            exempt = self.vfio_overrides
+            mine = [p for p in mine if (p[0], p[1]) not in exempt]
+        return mine
 
     @staticmethod
     def _pool_pairs(

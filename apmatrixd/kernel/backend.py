@@ -756,8 +756,8 @@ class Kernel:
                 done.set()
                 tell = late
             if tell and self.on_late_write is not None:
-                err = result[0] if result else None
-                self.on_late_write(step, err if isinstance(err, KernelError) else None)
+                failed = result[0] if result else None
+                self.on_late_write(step, failed if isinstance(failed, KernelError) else None)
 
         threading.Thread(target=run, name="apmatrixd-guest-release", daemon=True).start()
         done.wait(timeout)

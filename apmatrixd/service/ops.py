@@ -13,6 +13,7 @@ kernel only to be refused for a reason the registry could have named.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import uuid as uuidlib
 from collections.abc import Iterable
@@ -32,8 +33,9 @@ from apmatrixd.core import (
     SetHostPool,
     UpdateMatrix,
 )
-from apmatrixd.core.errors import GuestRunning, _ClashError
+from apmatrixd.core.errors import DriverOverride, GuestRunning, Unavailable, _ClashError
 from apmatrixd.core.matrix import id_set, normalize_uuid
+from apmatrixd.core.registry import unavailable_before_60
 from apmatrixd.kernel import AdapterInfo, KernelError, MdevInfo
 from apmatrixd.kernel.errors import KernelTimeout
 from apmatrixd.service.executor import Command, Work
@@ -78,8 +80,12 @@ def create_matrix(
         raise InvalidArgument("name must be one line of at most 255 characters")
     m = Matrix(uuid, a, d, c, name=name, autostart=autostart)
     define = DefineMatrix(m)
+    if start:
+        no_override_claimed(svc, m)
     decision = st.registry.decide(define)
     decision.raise_if_refused(ORDER)
+    if start:
+        yield from live_rules(svc, None, m)
     record = st.record(uuid, m, control_usage_domains)
     tx = Transaction(
         f"CreateMatrix {uuid}",
@@ -87,7 +93,7 @@ def create_matrix(
         store={uuid: record},
         stored_before={uuid: None},
     )
-    yield from svc.transact(tx)
+    yield from _creating(svc, tx, m)
     guest: tuple[Apqn, ...] = ()
     if start:
         guest = (yield from svc.read_guest(uuid)) or ()
@@ -149,13 +155,17 @@ def update_sets(
 ) -> Command[None]:
     st = svc.state
     change = UpdateMatrix(m.uuid, frozenset(a), frozenset(d), frozenset(c))
+    meta = st.meta[m.uuid]
+    if meta.live:
+        no_override_claimed(svc, m.with_sets(change.adapters, change.domains))
     decision = st.registry.decide(change)
     decision.raise_if_refused(ORDER)
-    meta = st.meta[m.uuid]
     drifted = meta.live and meta.truth is not None
     if decision.noop and not drifted:
         return
     new = m.with_sets(change.adapters, change.domains, change.control_domains)
+    if meta.live:
+        yield from live_rules(svc, st.kernel_sets(m.uuid), new)
     record = st.record(m.uuid, new)
     tx = Transaction(
         what,
@@ -188,15 +198,68 @@ def start(svc: Service, uuid: str) -> Command[None]:
         return
     # Its own APQNs against everything else, the kernel's truth included: a drifted matrix
     # or host pool holding one of them is named here, not by the kernel's EADDRINUSE.
+    no_override_claimed(svc, m)
     st.registry.decide(
         UpdateMatrix(m.uuid, m.adapters, m.domains, m.control_domains)
     ).raise_if_refused(ORDER)
-    yield from svc.transact(Transaction(f"Start {m.uuid}", matrices=[MatrixStep(m.uuid, None, m)]))
+    yield from live_rules(svc, None, m)
+    yield from _creating(
+        svc, Transaction(f"Start {m.uuid}", matrices=[MatrixStep(m.uuid, None, m)]), m
+    )
     guest = (yield from svc.read_guest(m.uuid)) or ()
     meta.live, meta.guest = True, guest
     changes = Changes(matrices_changed={m.uuid})
     st.touch_adapters(changes, m.adapters)
     svc.emit(changes)
+
+
+def live_rules(svc: Service, old: Matrix | None, new: Matrix) -> Command[None]:
+    """What this generation adds for a live mdev going from ``old`` (None: created) to
+    ``new``: before 6.0 a running guest's matrix is fixed and only queues bound to vfio_ap
+    can be assigned; 6.19+ no queue bound elsewhere by a driver_override may be claimed."""
+    st, features = svc.state, svc.kernel.features
+    if features.static:
+        if old is not None:
+            in_use = yield Work(f"asking whether a guest runs {new.uuid}",
+                                lambda _p: svc.kernel.in_use(new.uuid))  # fmt: skip
+            if in_use:
+                raise GuestRunning(
+                    f"guest running: matrix {new.label} is in use by a guest, and this kernel "
+                    "(before 6.0) cannot change a running guest's matrix; stop the guest first"
+                )
+        bound = {a: info.guest_domains for a, info in st.infos.items()}
+        missing = unavailable_before_60(old, new, bound)
+        if missing:
+            raise Unavailable(missing, f"matrix {new.label}")
+
+
+def no_override_claimed(svc: Service, m: Matrix) -> None:
+    """6.19+: a live matrix may not claim a queue a driver_override binds to another driver
+    (checked before the registry, which would call such a queue the host's)."""
+    infos = svc.state.infos
+    claimed = [
+        (f"{a:02x}.{d:04x}", drv)
+        for a in sorted(m.adapters & infos.keys())
+        for d, drv in infos[a].overrides
+        if d in m.domains and drv != svc.kernel.vfio_driver
+    ]
+    if claimed:
+        raise DriverOverride(claimed, f"matrix {m.label} may not claim them")
+
+
+def _creating(svc: Service, tx: Transaction, m: Matrix) -> Command[None]:
+    """Run a transaction that creates ``m``'s mdev. The first mdev of a host tells its
+    generation; a kernel before 6.0 found that way gets its refusal named, as later ones."""
+    unknown = svc.kernel.features.dynamic is None
+    try:
+        yield from svc.transact(tx)
+    except KernelError as err:
+        if unknown and err.errno == errno.EADDRNOTAVAIL and svc.kernel.features.static:
+            try:
+                yield from live_rules(svc, None, m)
+            except ApmatrixError as named:
+                raise named from err
+        raise
 
 
 def _guest_check(
@@ -419,13 +482,26 @@ def set_pool(svc: Service, new: HostPool, reservations: Reservations, what: str)
             if svc.store is not None:
                 st.on_disk_reservations = reservations
         return
+    known = st.overrides()
+    if known:  # 6.19: the kernel would say EINVAL; name the queues instead
+        raise DriverOverride(known, f"{what} cannot change apmask/aqmask")
     tx = Transaction(
         what,
         pool=(old, new),
         reservations=reservations,
         reservations_before=st.on_disk_reservations,
     )
-    yield from svc.transact(tx)
+    try:
+        yield from svc.transact(tx)
+    except KernelError as err:
+        if err.errno != errno.EINVAL or not svc.kernel.features.driver_override:
+            raise
+        # An override the inventory cannot show (the host's driver on a queue it holds).
+        found = yield Work("reading the queues' driver_override",
+                           lambda _p: svc.kernel.read_overrides(st.infos))  # fmt: skip
+        if not found:
+            raise
+        raise DriverOverride(found, f"{what} cannot change apmask/aqmask") from err
     infos, mdevs = yield from _reread_after_pool(svc, old, new)
     registry_old = reg.pool
     reg.apply(change, ORDER, decision)
@@ -443,6 +519,7 @@ def set_pool(svc: Service, new: HostPool, reservations: Reservations, what: str)
             if st.adapters.get(a) != view:
                 st.adapters[a] = view
                 changes.adapters_changed.add(a)
+        st.note_overrides()
         if _touched_by(registry_old, new) is None:  # a whole read: views of every adapter
             changes.adapters_changed |= set(st.adapters)
     if mdevs is not None:

@@ -60,7 +60,9 @@ def load(svc: Service) -> Command[None]:
         )
     snap: HostSnapshot = yield Work("reading the AP configuration",
                                     lambda _p: svc.kernel.read_host())  # fmt: skip
-    st.registry = Registry(limits=snap.limits, pool=snap.pool)
+    st.registry = Registry(
+        limits=snap.limits, pool=snap.pool, release_all_ones=svc.kernel.features.all_ones_release
+    )
     st.meta.clear()
     st.on_disk = dict(contents.matrices)
     st.reservations = st.on_disk_reservations = contents.reservations

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from apmatrixd.core import Apqn, Matrix, Registry
 from apmatrixd.kernel import AdapterInfo, MdevInfo
+from apmatrixd.kernel.snapshot import LAYOUTS
 from apmatrixd.service.views import AdapterView
 from apmatrixd.store import Reservations, StoredMatrix
 
@@ -41,6 +42,9 @@ class Changes:
             or self.host_changed
             or self.drift
         )
+
+
+VFIO_AP = LAYOUTS["upstream"].vfio_driver
 
 
 @dataclass
@@ -85,7 +89,22 @@ class State:
     # -- inventory ------------------------------------------------------------------------
     def take_inventory(self, infos: dict[int, AdapterInfo]) -> None:
         self.infos = dict(infos)
+        self.note_overrides()
         self.adapters = {a.id: self.adapter_view(a) for a in infos.values()}
+
+    def note_overrides(self) -> None:
+        """The registry learns which queues a driver_override gives to vfio_ap (6.19+)."""
+        self.registry.vfio_overrides = frozenset(
+            (a.id, d) for a in self.infos.values() for d, drv in a.overrides if drv == VFIO_AP
+        )
+
+    def overrides(self) -> list[tuple[str, str]]:
+        """Every queue bound by driver_override that the inventory shows: (``05.0004``, driver)."""
+        return [
+            (f"{a:02x}.{d:04x}", drv)
+            for a in sorted(self.infos)
+            for d, drv in self.infos[a].overrides
+        ]
 
     def present(self, q: Apqn) -> bool:
         """Is this queue on the host (as last read)?"""

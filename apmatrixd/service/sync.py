@@ -242,6 +242,7 @@ def _take(svc: Service, changes: Changes, fresh: dict[int, AdapterInfo]) -> None
             changes.adapters_changed.add(a)
         st.adapters[a] = view
     st.infos = fresh
+    st.note_overrides()
 
 
 def _sync_pool(
