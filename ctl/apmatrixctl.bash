@@ -25,9 +25,9 @@ _apmatrixctl() {
         list) opts="-h --help --address --system --session --json"; matrix=0; dirs=0 ;;
         show) opts="-h --help --address --system --session --json"; matrix=1; dirs=0 ;;
         create) opts="-h --help --address --system --session --json --uuid -a --adapters -d --domains -c --control-domains --autostart --no-start --no-control-usage-domains"; matrix=0; dirs=0 ;;
-        remove) opts="-h --help --address --system --session --json"; matrix=1; dirs=0 ;;
+        remove) opts="-h --help --address --system --session --json --force --timeout"; matrix=1; dirs=0 ;;
         start) opts="-h --help --address --system --session --json"; matrix=1; dirs=0 ;;
-        stop) opts="-h --help --address --system --session --json"; matrix=1; dirs=0 ;;
+        stop) opts="-h --help --address --system --session --json --force --timeout"; matrix=1; dirs=0 ;;
         assign) opts="-h --help --address --system --session --json -a --adapters -d --domains -c --control-domains"; matrix=1; dirs=0 ;;
         unassign) opts="-h --help --address --system --session --json -a --adapters -d --domains -c --control-domains"; matrix=1; dirs=0 ;;
         update) opts="-h --help --address --system --session --json -a --adapters -d --domains -c --control-domains"; matrix=1; dirs=0 ;;

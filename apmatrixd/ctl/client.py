@@ -179,10 +179,14 @@ class HostInfo:
     host_adapters: frozenset[int]
     host_domains: frozenset[int]
     settling: bool
+    kernel_generation: str = ""
+    kernel_features: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, p: dict[str, Any]) -> HostInfo:
         return cls(
+            kernel_generation=str(p.get("KernelGeneration", "")),
+            kernel_features=tuple(str(x) for x in p.get("KernelFeatures", ())),
             version=str(p.get("Version", "")),
             layout=str(p.get("Layout", "")),
             max_adapter_id=int(p.get("MaxAdapterId", 255)),
@@ -201,6 +205,8 @@ class HostInfo:
             "host_adapters": sorted(self.host_adapters),
             "host_domains": sorted(self.host_domains),
             "settling": self.settling,
+            "kernel_generation": self.kernel_generation,
+            "kernel_features": list(self.kernel_features),
         }
 
 
@@ -218,10 +224,14 @@ class MatrixInfo:
     autostart: bool
     adopted: bool
     sysfs_path: str
+    in_use: bool = False
+    lost: tuple[tuple[int, int, str], ...] = ()
 
     @classmethod
     def of(cls, path: str, p: dict[str, Any]) -> MatrixInfo:
         return cls(
+            in_use=bool(p.get("InUse", False)),
+            lost=tuple((int(a), int(d), str(w)) for a, d, w in p.get("Lost", ())),
             path=path,
             uuid=str(p.get("Uuid", names.uuid_of_path(path) or "")),
             name=str(p.get("Name", "")),
@@ -254,6 +264,8 @@ class MatrixInfo:
             "autostart": self.autostart,
             "adopted": self.adopted,
             "sysfs_path": self.sysfs_path,
+            "in_use": self.in_use,
+            "lost": [{"adapter": a, "domain": d, "reason": w} for a, d, w in self.lost],
             "path": self.path,
         }
 
@@ -269,10 +281,14 @@ class AdapterInfo:
     domains: frozenset[int]
     guest_domains: frozenset[int]
     owners: dict[int, str] = field(hash=False)
+    checkstopped: bool = False
+    overrides: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def of(cls, path: str, p: dict[str, Any]) -> AdapterInfo:
         return cls(
+            checkstopped=bool(p.get("Checkstopped", False)),
+            overrides=tuple((int(d), str(drv)) for d, drv in p.get("DriverOverrides", ())),
             path=path,
             id=int(p.get("Id", 0)),
             type=str(p.get("Type", "")),
@@ -294,6 +310,8 @@ class AdapterInfo:
             "domains": sorted(self.domains),
             "guest_domains": sorted(self.guest_domains),
             "owners": [[d, u] for d, u in sorted(self.owners.items())],
+            "checkstopped": self.checkstopped,
+            "driver_overrides": [[d, drv] for d, drv in self.overrides],
             "path": self.path,
         }
 

@@ -52,7 +52,11 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any) -> None:
 
 
 def pool_lines(host: HostInfo) -> list[str]:
+    kernel = f"Kernel: vfio_ap {host.kernel_generation}" if host.kernel_generation else ""
+    if kernel and host.kernel_features:
+        kernel += f" ({', '.join(host.kernel_features)})"
     return [
+        *([kernel] if kernel else []),
         f"Layout: {host.layout}; highest adapter id {host.max_adapter_id:02x}, "
         f"highest domain id {host.max_domain_id:02x}",
         f"Host pool: adapters {format_ids(host.host_adapters)}",
@@ -76,7 +80,7 @@ async def cmd_adapters(conn: Connection, args: argparse.Namespace, out: Output) 
                 f"{a.id:02x}",
                 a.type,
                 a.mode,
-                "online" if a.online else "offline",
+                "checkstop" if a.checkstopped else "online" if a.online else "offline",
                 "yes" if a.configured else "no",
                 format_ids(a.domains),
                 format_ids(a.guest_domains),
@@ -84,6 +88,11 @@ async def cmd_adapters(conn: Connection, args: argparse.Namespace, out: Output) 
             ]
         )
     out.table(["CARD", "TYPE", "MODE", "STATUS", "CONFIG", "DOMAINS", "VFIO", "HELD BY"], rows)
+    overridden = [(a.id, d, drv) for a in ads for d, drv in a.overrides]
+    if overridden:
+        out.line()
+        out.line("Queues bound by driver_override (not apmatrixd's to give; masks locked):")
+        out.lines([f"  {a:02x}.{d:04x} -> {drv}" for a, d, drv in overridden])
     return 0
 
 
@@ -101,7 +110,7 @@ async def cmd_pool(conn: Connection, args: argparse.Namespace, out: Output) -> i
     if out.as_json:
         out.json({"host": host.json()})
     else:
-        out.lines(pool_lines(host)[1:])
+        out.lines(pool_lines(host)[-2:])
     return 0
 
 

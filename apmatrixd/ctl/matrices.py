@@ -49,6 +49,18 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any, idtype_none
     ):
         p = sub.add_parser(verb, parents=[common], help=what)
         p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
+        if verb in ("stop", "remove"):
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="take it from a running guest (6.0+: the kernel asks QEMU to let go)",
+            )
+            p.add_argument(
+                "--timeout",
+                type=int,
+                metavar="SECONDS",
+                help="with --force: how long to wait for the guest (default: the daemon's)",
+            )
         p.set_defaults(func=cmd_lifecycle, verb=verb)
 
     for verb, what in (
@@ -151,7 +163,17 @@ async def cmd_create(conn: Connection, args: argparse.Namespace, out: Output) ->
 async def cmd_lifecycle(conn: Connection, args: argparse.Namespace, out: Output) -> int:
     snap = await conn.snapshot()
     m = snap.resolve(args.matrix)
-    await conn.call(m.path, names.MATRIX_IFACE, args.verb.capitalize())
+    force, timeout = getattr(args, "force", False), getattr(args, "timeout", None)
+    if timeout is not None and (not force or timeout < 1):
+        raise CtlError("--timeout needs --force and at least 1 second", 2)
+    if force:
+        opts = {"force": Variant("b", True)}
+        if timeout is not None:
+            opts["timeout"] = Variant("u", timeout)
+        method = f"{args.verb.capitalize()}WithOptions"
+        await conn.call(m.path, names.MATRIX_IFACE, method, "a{sv}", [opts])
+    else:
+        await conn.call(m.path, names.MATRIX_IFACE, args.verb.capitalize())
     if args.verb == "remove":
         if out.as_json:
             out.json({"removed": m.json()})

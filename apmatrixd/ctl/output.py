@@ -47,5 +47,12 @@ def matrix_block(m: MatrixInfo) -> list[str]:
         ("Autostart", "yes" if m.autostart else "no"),
         ("Adopted", "yes" if m.adopted else "no"),
         ("Sysfs path", m.sysfs_path or "-"),
+        ("In use", "yes, a guest runs with it" if m.in_use else "no"),
     ]
-    return [f"{k + ':':<17}{v}" for k, v in rows]
+    out = [f"{k + ':':<17}{v}" for k, v in rows]
+    if m.lost:
+        out.append(f"{'Not given:':<17}{len(m.lost)} APQN{'s' if len(m.lost) != 1 else ''}")
+        out += [f"  {a:02x}.{d:04x}  {why}" for a, d, why in m.lost[:32]]
+        if len(m.lost) > 32:
+            out.append(f"  ... and {len(m.lost) - 32} more (--json lists them all)")
+    return out

@@ -254,7 +254,7 @@ class GuestPicture:
         m = self.m
         n, g = len(m.apqns), len(m.guest_apqns)
         out = [
-            f"Matrix {m.label}: {m.state}",
+            f"Matrix {m.label}: {m.state}" + (", in use by a running guest" if m.in_use else ""),
             f"  assigned {len(m.adapters)} adapter{'s' * (len(m.adapters) != 1)} x "
             f"{len(m.domains)} domain{'s' * (len(m.domains) != 1)} = {n} APQN{'s' * (n != 1)}; "
             f"the guest gets {g}",
@@ -271,9 +271,20 @@ class GuestPicture:
             legend = [
                 f"{GUEST} the guest gets it" if GUEST in used else "",
                 f"{ABSENT} assigned, absent on the host" if ABSENT in used else "",
-                f"{NOT_GIVEN} assigned, not given (matrix not live)" if NOT_GIVEN in used else "",
+                (
+                    f"{NOT_GIVEN} assigned, not given ("
+                    + ("matrix not live" if m.state == "defined" else "why: below")
+                    + ")"
+                )
+                if NOT_GIVEN in used
+                else "",
             ]
             out += pack([x for x in legend if x], width)
+            if m.lost:
+                out.append("  not given to the guest:")
+                out += [f"    {a:02x}.{d:04x}  {why}" for a, d, why in m.lost[:16]]
+                if len(m.lost) > 16:
+                    out.append(f"    ... and {len(m.lost) - 16} more (show --json lists them)")
         out.append(f"  control domains: {format_ids(m.control_domains)}")
         return out
 

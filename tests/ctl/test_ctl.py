@@ -18,11 +18,11 @@ U3 = "33333333-3333-4333-8333-333333333333"
 
 MATRIX_KEYS = {
     "uuid", "name", "state", "adapters", "domains", "control_domains", "apqns",
-    "guest_apqns", "autostart", "adopted", "sysfs_path", "path",
+    "guest_apqns", "autostart", "adopted", "sysfs_path", "in_use", "lost", "path",
 }  # fmt: skip
 HOST_KEYS = {
     "version", "layout", "max_adapter_id", "max_domain_id", "host_adapters", "host_domains",
-    "settling",
+    "settling", "kernel_generation", "kernel_features",
 }  # fmt: skip
 ADAPTER_KEYS = {
     "id", "type", "mode", "online", "configured", "domains", "guest_domains", "owners", "path",
@@ -136,6 +136,8 @@ def test_list_json_is_the_documented_shape(daemon: Daemon) -> None:
         "autostart": False,
         "adopted": False,
         "sysfs_path": f"/sys/devices/vfio_ap/matrix/{U1}",
+        "in_use": False,
+        "lost": [],
         "path": f"/org/apmatrix/Apmatrix1/matrices/{U1.replace('-', '_')}",
     }
     assert m2["uuid"] == U2 and m2["domains"] == [0x47]
@@ -219,11 +221,12 @@ def test_assign_unassign_update_several_at_once(daemon: Daemon) -> None:
 def test_adapters_reserve_release(daemon: Daemon) -> None:
     a = daemon.address
     r = ok(a, "adapters")
-    assert r.lines[1] == "Host pool: adapters 00-ff"
-    assert r.lines[4].split() == [
+    assert r.lines[0].startswith("Kernel: vfio_ap 6.19+ (guest_matrix, hotplug, ap_config")
+    assert r.lines[2] == "Host pool: adapters 00-ff"
+    assert r.lines[5].split() == [
         "CARD", "TYPE", "MODE", "STATUS", "CONFIG", "DOMAINS", "VFIO", "HELD", "BY",
     ]  # fmt: skip
-    assert r.lines[5].split() == [
+    assert r.lines[6].split() == [
         "05",
         "CEX5C",
         "CCA-Coproc",
