@@ -26,6 +26,7 @@ HOST_KEYS = {
 }  # fmt: skip
 ADAPTER_KEYS = {
     "id", "type", "mode", "online", "configured", "domains", "guest_domains", "owners", "path",
+    "checkstopped", "driver_overrides",
 }  # fmt: skip
 
 
