@@ -249,7 +249,7 @@ def test_adapters_reserve_release(daemon: Daemon) -> None:
         "CEX5C",
         [[4, ok(a, "--json", "show", "guest1").json()["uuid"]]],
     )
-    assert "guest1" in ok(a, "adapters").lines[5]
+    assert "guest1" in ok(a, "adapters").lines[6]
     r = ctl(a, "release", "-a", "5")
     assert r.rc == 1 and r.err.startswith("apmatrixctl: Busy: ")
     ok(a, "remove", "guest1")
