@@ -19,6 +19,7 @@ from apmatrixd import __version__
 from apmatrixd.core import Apqn, Clash, InvalidArgument, NotFound, Registry
 from apmatrixd.core.matrix import id_set, normalize_uuid
 from apmatrixd.kernel import Kernel, KernelError
+from apmatrixd.kernel.features import Features
 from apmatrixd.service import ops, startup
 from apmatrixd.service.executor import Command, Executor, Work
 from apmatrixd.service.state import Changes, State
@@ -55,6 +56,7 @@ class Service:
         self.on_resync: Callable[[], None] | None = None
         # How long a forced Stop/Remove waits for a running guest to let go (--in-use-timeout).
         self.in_use_timeout = 30.0
+        self._generation_learnt = False
 
     # -- the state, for readers -----------------------------------------------------------
     @property
@@ -70,6 +72,9 @@ class Service:
         self._listeners.append(listener)
 
     def emit(self, changes: Changes) -> None:
+        if self._generation_learnt:  # said with the change that taught it
+            self._generation_learnt = False
+            changes.host_changed = True
         if not changes:
             return
         for listener in list(self._listeners):
@@ -95,11 +100,22 @@ class Service:
     def transact(self, tx: Transaction) -> Command[None]:
         """Run ``tx`` in the worker (see tx.py); a failure asks for a resync, as the kernel
         may hold what nobody knows yet (an mdev removed outside, a failed undo)."""
+        before = self.kernel.features
         try:
             yield Work(tx.what, lambda p: tx.execute(self.kernel, self.store, p))
         except Exception:
             self.request_resync()
+            self._learnt(before)
+            if self._generation_learnt:
+                self.emit(Changes())
             raise
+        self._learnt(before)
+
+    def _learnt(self, before: Features) -> None:
+        """The first mdev tells the generation: the registry follows, Manager says so."""
+        if self.kernel.features != before:
+            self.state.registry.release_all_ones = self.kernel.features.all_ones_release
+            self._generation_learnt = True
 
     def read_guest(self, uuid: str) -> Command[tuple[Apqn, ...] | None]:
         """What the guest of ``uuid`` gets now; None (logged, resync asked) if unreadable."""

@@ -56,6 +56,8 @@ def load_host(scenario: str, kernel: str | None = None) -> Host:
     from apmatrixd.sim.profile import profile
     from apmatrixd.sim.scenario import load_scenario
 
+    if kernel is None and "@" in scenario:  # NAME@KERNEL, as Host.from_name takes it
+        scenario, _, kernel = scenario.rpartition("@")
     try:
         loaded = load_scenario(scenario)
     except (ValueError, KeyError, OSError) as err:
