@@ -390,7 +390,14 @@ class Tree:
 
     def bus_ap(self) -> Dir:
         k = self.k
-        features = "APSC APXA QACT RC8A APSB" if k.apxa else "APSC QACT RC8A APSB"
+        # APSB (AP secure bind, for Secure Execution guests) comes with the machines whose
+        # cards are CEX8 (z16); an LPAR of older cards does not list it.
+        apsb = any(spec.generation >= 8 for spec in k.scenario.adapters)
+        features = " ".join(
+            f
+            for f in ("APSC", "APXA" if k.apxa else "", "QACT", "RC8A", "APSB" if apsb else "")
+            if f
+        )
 
         def bindings() -> str:
             total = k.queue_count()
