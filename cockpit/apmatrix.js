@@ -199,6 +199,7 @@
         info.replaceChildren(...[
             el("span", { text: `apmatrixd ${manager.Version}` }),
             el("span", { text: `${manager.Layout} layout` }),
+            manager.KernelGeneration ? el("span", { id: "kernel-generation", text: `vfio_ap ${manager.KernelGeneration}` }) : null,
             el("span", { text: `adapters 00-${hex2(manager.MaxAdapterId)}, domains 00-${hex2(manager.MaxDomainId)}` }),
             manager.Settling ? el("span", { class: "badge badge-settling", id: "settling", text: "settling…" }) : null,
         ].filter(Boolean));
@@ -380,6 +381,7 @@
             el("span", { class: `badge state-${m.State}`, text: m.State }),
             m.Autostart ? el("span", { class: "badge", text: "autostart" }) : null,
             m.Adopted ? el("span", { class: "badge", text: "adopted", title: "found live at start-up" }) : null,
+            m.InUse ? el("span", { class: "badge badge-in-use", text: "in use", title: "a guest runs with it: Stop and Remove need force" }) : null,
         ].filter(Boolean));
         r.state.dataset.state = m.State;
         r.adapters.textContent = formatIds(m.Adapters || []);
@@ -387,8 +389,14 @@
         r.control.textContent = formatIds(m.ControlDomains || []);
         const all = (m.Apqns || []).length;
         const seen = (m.GuestApqns || []).length;
-        r.guest.textContent = m.State === "defined" ? "not live" : `${seen} of ${all} APQNs`;
+        r.guest.replaceChildren(m.State === "defined" ? "not live" : `${seen} of ${all} APQNs`);
         r.guest.title = (m.GuestApqns || []).map(([a, d]) => apqnName(a, d)).join(" ");
+        const lost = m.Lost || [];
+        if (lost.length) {  /* why the guest lacks each APQN, as the daemon reads the host */
+            r.guest.append(el("ul", { class: "lost" },
+                ...lost.slice(0, 8).map(([a, d, why]) => el("li", { text: `${apqnName(a, d)}: ${why}` })),
+                lost.length > 8 ? el("li", { text: `… and ${lost.length - 8} more` }) : null));
+        }
         r.sysfs.textContent = m.SysfsPath;
         r.start.hidden = m.State !== "defined";
         r.stop.hidden = m.State === "defined";

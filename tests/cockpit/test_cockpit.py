@@ -237,6 +237,8 @@ def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory
         cell = '#grid td[data-apqn="05.0004"]'
         page.wait(f"document.querySelector('{cell}').classList.contains('missing')")
         assert "1 of 2" in page.text(f"{row(G1)} td.guest")
+        page.wait(f"document.querySelector('{row(G1)} td.guest ul.lost') !== null")
+        assert "05.0004: adapter 05 is deconfigured" in page.text(f"{row(G1)} td.guest ul.lost")
         page.screenshot(stack.dir / "degraded.png")
         if os.environ.get("APMATRIXD_SCREENSHOT"):
             page.screenshot(SCREENSHOT.with_name("cockpit-degraded.png"))
