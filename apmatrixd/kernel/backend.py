@@ -318,10 +318,11 @@ class Kernel:
             driver: self._bound_to(driver) for driver in (self._layout.vfio_driver, HOST_DRIVER)
         }
         out: dict[int, AdapterInfo] = {}
+        possible = self._overrides_possible()
         for name in self._listdir(AP_DEVICES):
             m = _CARD_RE.fullmatch(name)
             if m and self.io.is_dir(f"{AP_DEVICES}/{name}"):
-                out[int(m[1], 16)] = self._read_adapter(int(m[1], 16), bound)
+                out[int(m[1], 16)] = self._read_adapter(int(m[1], 16), bound, possible)
         return out
 
     def _bound_to(self, driver: str) -> dict[int, int]:
@@ -396,9 +397,23 @@ class Kernel:
         text = self._read_optional(f"{card}/chkstop")
         return text is not None and formats.parse_bool(text, f"{card}/chkstop")
 
-    def _overrides(self, adapter: int, domains: Iterable[int]) -> tuple[tuple[int, str], ...]:
+    def _overrides_possible(self) -> bool:
+        """6.19 refuses a driver_override while apmask or aqmask is restricted (and the
+        masks while one is set): only a host whose masks are all ones can have any. Two
+        reads instead of one per queue."""
+        if not self.features.driver_override or self._layout.name != "upstream":
+            return False
+        full = "0x" + "f" * 64
+        return all(
+            (self._read_optional(f"{AP_BUS}/{m}") or "").strip() == full
+            for m in ("apmask", "aqmask")
+        )
+
+    def _overrides(
+        self, adapter: int, domains: Iterable[int], possible: bool | None = None
+    ) -> tuple[tuple[int, str], ...]:
         """The ``driver_override`` of these queues of ``adapter`` that have one (6.19+)."""
-        if not self.features.driver_override:
+        if not (self._overrides_possible() if possible is None else possible):
             return ()
         out = []
         for d in sorted(domains):
@@ -413,8 +428,9 @@ class Kernel:
         """Every queue with a ``driver_override``, as (``05.0004``, driver): one read per
         queue, for the decisions it matters to (Reserve/Release on 6.19+)."""
         out: list[tuple[str, str]] = []
+        possible = self._overrides_possible()
         for a in sorted(adapters):
-            for d, drv in self._overrides(a, adapters[a].domains):
+            for d, drv in self._overrides(a, adapters[a].domains, possible):
                 out.append((f"{a:02x}.{d:04x}", drv))
         return out
 
@@ -429,7 +445,12 @@ class Kernel:
             configured = formats.parse_bool(text, f"{card}/config")
         return kind, online, configured
 
-    def _read_adapter(self, adapter: int, bound: Mapping[str, Mapping[int, int]]) -> AdapterInfo:
+    def _read_adapter(
+        self,
+        adapter: int,
+        bound: Mapping[str, Mapping[int, int]],
+        possible: bool | None = None,
+    ) -> AdapterInfo:
         card = f"{AP_DEVICES}/card{adapter:02x}"
         kind, online, configured = self._card_state(card)
         vfio = bound[self._layout.vfio_driver].get(adapter, 0)
@@ -457,7 +478,7 @@ class Kernel:
             guest_domains=self._shared(guest),
             host_domains=self._shared(host),
             checkstopped=self._checkstopped(card),
-            overrides=self._overrides(adapter, present - host),
+            overrides=self._overrides(adapter, present - host, possible),
         )
 
     def _shared(self, ids: set[int]) -> frozenset[int]:

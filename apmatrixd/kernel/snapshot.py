@@ -45,8 +45,9 @@ class AdapterInfo:
     host_domains: frozenset[int] = frozenset()  # queues bound to cex4queue
     checkstopped: bool = False
     # 6.19+: queues whose driver a driver_override names (domain, driver), as far as they
-    # show: read for the queues bound to vfio_ap or to no driver (an override naming the
-    # host's driver on a queue the host holds anyway changes nothing that shows).
+    # show: read only while both masks are all ones (6.19 allows none otherwise), for the
+    # queues bound to vfio_ap or to no driver (an override naming the host's driver on a
+    # queue the host holds anyway changes nothing that shows; Reserve finds it).
     overrides: tuple[tuple[int, str], ...] = ()
 
     @property
