@@ -25,15 +25,26 @@ from apmatrixd.sim.model import Host
 from apmatrixd.sim.profile import PROFILES
 
 REPO = Path(__file__).resolve().parents[2]
-THIRD_PARTY = REPO.parent / "shared" / "third-party"
+# Next to the checkout (../shared/third-party), or where APMATRIXD_THIRD_PARTY says.
+THIRD_PARTY = [
+    Path(p)
+    for p in (
+        os.environ.get("APMATRIXD_THIRD_PARTY", ""),
+        REPO.parent / "shared" / "third-party",
+        "/work/shared/third-party",
+    )  # fmt: skip
+    if str(p)
+]
 G1 = "11111111-1111-4111-8111-111111111111"
 
 
 def _tarball() -> Path:
-    found = sorted(THIRD_PARTY.glob("s390-tools-*.tar.gz"))
-    if not found:
-        unavailable(f"no s390-tools source in {THIRD_PARTY}", installable=False)
-    return found[-1]
+    for folder in THIRD_PARTY:
+        found = sorted(folder.glob("s390-tools-*.tar.gz"))
+        if found:
+            return found[-1]
+    where = ", ".join(map(str, THIRD_PARTY))
+    unavailable(f"no s390-tools source in {where}", installable=False)
 
 
 @pytest.fixture(scope="module")
