@@ -343,3 +343,22 @@ def test_umockdev_sockets_get_the_uevent(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         force_unmount(mnt)
+
+
+def test_kernel_generation_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["show", "--kernel", "5.15"]) == 0
+    assert "(kernel 5.15)" in capsys.readouterr().out
+    assert cli.main(["show", "--scenario", "default@6.0"]) == 0
+    assert "(kernel 6.0)" in capsys.readouterr().out
+    one_line_error(run_cli("show", "--kernel", "5.4"), 2, "--kernel", "5.15, 6.0")
+    one_line_error(run_cli("show", "--scenario", "rfc2017", "--kernel", "6.0"), 2, "rfc2017")
+    one_line_error(run_cli("mount", "/", "--kernel", "7"), 2, "--kernel")
+
+
+def test_guest_needs_a_mount(tmp_path: Path) -> None:
+    uuid = "11111111-1111-4111-8111-111111111111"
+    one_line_error(run_cli("guest", "attach", str(tmp_path), uuid), 2, "not an apmatrixd-sim")
+    (tmp_path / "devices").mkdir()
+    one_line_error(run_cli("guest", "detach", str(tmp_path), uuid), 2, "no mdev", uuid)
+    bad = run_cli("guest", "attach", str(tmp_path), uuid, "--release-after", "-1")
+    assert bad.returncode == 2 and "'-1' is not 0..3600 seconds" in bad.stderr
