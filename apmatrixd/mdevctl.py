@@ -22,9 +22,11 @@ decides whether the definitions fit together and with ours.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import secrets
 import stat
 import string
 from dataclasses import dataclass
@@ -136,33 +138,66 @@ def definitions_dir(config_dir: str) -> Path:
     return Path(config_dir) / PARENT
 
 
+def _open_dir(path: str, name: str | None = None, dir_fd: int | None = None) -> int:
+    """A directory fd, never through a symlink in the last component (``DIR/matrix`` planted
+    as a link to elsewhere is refused, not followed); OSError as it comes."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name if name is not None else path, flags, dir_fd=dir_fd)
+
+
+def _refuse(path: str | Path, err: OSError) -> InvalidArgument | NotFound:
+    if err.errno == errno.ENOENT:
+        return NotFound(f"no directory {path}")
+    if err.errno in (errno.ELOOP, errno.ENOTDIR):
+        return InvalidArgument(f"{path} is not a directory (a symlink is not followed)")
+    return InvalidArgument(f"cannot open {path}: {err.strerror}")
+
+
 def read_dir(config_dir: str) -> list[Definition]:
-    """Every definition under ``<config_dir>/matrix``, sorted by UUID; all must parse."""
+    """Every definition under ``<config_dir>/matrix``, sorted by UUID; all must parse.
+
+    Everything below ``config_dir`` is reached through directory fds without following a
+    link: a file swapped for a link, a FIFO or a directory is skipped, never opened."""
     base = definitions_dir(config_dir)
-    if not base.is_dir():
-        raise NotFound(f"no {PARENT}/ directory in {config_dir} (mdevctl's vfio_ap parent)")
+    try:
+        top = _open_dir(config_dir)
+    except OSError as err:
+        raise _refuse(config_dir, err) from None
+    try:
+        try:
+            fd = _open_dir(str(base), PARENT, dir_fd=top)
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                raise NotFound(
+                    f"no {PARENT}/ directory in {config_dir} (mdevctl's vfio_ap parent)"
+                ) from None
+            raise _refuse(base, err) from None
+    finally:
+        os.close(top)
     out: list[Definition] = []
     try:
-        names = sorted(os.listdir(base))
-    except OSError as err:
-        raise InvalidArgument(f"cannot list {base}: {err.strerror}") from None
-    for name in names:
-        path = base / name
-        if name.startswith("."):
-            continue
-        data = _read_regular(path)
-        if data is None:
-            continue
-        out.append(parse_file(path, data))
+        try:
+            names = sorted(os.listdir(fd))
+        except OSError as err:
+            raise InvalidArgument(f"cannot list {base}: {err.strerror}") from None
+        for name in names:
+            if name.startswith("."):
+                continue
+            data = _read_regular(base / name, fd)
+            if data is None:
+                continue
+            out.append(parse_file(base / name, data))
+    finally:
+        os.close(fd)
     return sorted(out, key=lambda d: d.uuid)
 
 
-def _read_regular(path: Path) -> bytes | None:
+def _read_regular(path: Path, dir_fd: int | None = None) -> bytes | None:
     """A regular file's bytes, or None for anything else (a link, a FIFO, a directory): opened
     without following a link and without blocking, so nothing swapped in can stall a read."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path.name if dir_fd is not None else path, flags, dir_fd=dir_fd)
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENXIO):  # a link; a socket
             return None
@@ -201,13 +236,58 @@ def format_definition(
 
 def write_dir(config_dir: str, files: dict[str, bytes]) -> Path:
     """Write ``<config_dir>/matrix/<uuid>`` for each of ``files``, each crash-safe; files of
-    other UUIDs are left alone. OSError as it comes."""
-    from apmatrixd.store import atomic_write, fsync_dir
+    other UUIDs are left alone. OSError as it comes (a refused directory: InvalidArgument).
 
+    Root writes where a caller said, so every step goes through directory fds: ``matrix`` is
+    opened (or made) without following a link, each file is written to a fresh ``O_EXCL``
+    temporary in it and renamed over its name (a link planted there is replaced, never
+    followed), and the directory is fsync'd."""
     base = definitions_dir(config_dir)
-    if not base.is_dir():
-        base.mkdir(mode=0o755)
-        fsync_dir(base.parent)
-    for uuid, data in files.items():
-        atomic_write(base / uuid, data)
+    try:
+        top = _open_dir(config_dir)
+    except OSError as err:
+        raise _refuse(config_dir, err) from None
+    try:
+        try:
+            fd = _open_dir(str(base), PARENT, dir_fd=top)
+        except FileNotFoundError:
+            os.mkdir(PARENT, 0o755, dir_fd=top)
+            os.fsync(top)
+            try:
+                fd = _open_dir(str(base), PARENT, dir_fd=top)
+            except OSError as err:
+                raise _refuse(base, err) from None
+        except OSError as err:
+            raise _refuse(base, err) from None
+    finally:
+        os.close(top)
+    try:
+        for uuid, data in files.items():
+            _write_at(fd, uuid, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return base
+
+
+def _write_at(dir_fd: int, name: str, data: bytes) -> None:
+    if "/" in name or name.startswith("."):
+        raise InvalidArgument(f"not a definition file name: {name!r}")
+    tmp = f".{name}.tmp-{secrets.token_hex(8)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:])
+            os.fchmod(fd, 0o644)  # what mdevctl writes, whatever the umask
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise

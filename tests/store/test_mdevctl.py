@@ -215,3 +215,31 @@ def test_an_adopted_live_mdev_is_claimed_by_its_definition(tmp_path: Path) -> No
     m = svc.matrix(G1)
     assert (m.adopted, m.autostart, m.state) == (False, True, "active")
     assert (tmp_path / "state" / "matrices" / f"{G1}.json").exists()
+
+
+def test_export_follows_no_link_a_user_planted(svc: Service, tmp_path: Path) -> None:
+    """ExportMdevctl(DIR) with DIR world-writable: a local user made DIR/matrix a link to a
+    directory of theirs choosing, and DIR/matrix/<uuid> a link to a file. Root writes
+    neither target: the planted directory link is refused, a planted file link replaced."""
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (shared / "matrix").symlink_to(elsewhere)
+    with pytest.raises(InvalidArgument, match="not a directory .a symlink is not followed"):
+        svc.export_mdevctl(str(shared))
+    assert list(elsewhere.iterdir()) == []
+    with pytest.raises(InvalidArgument, match="symlink is not followed"):
+        svc.import_mdevctl(str(shared))
+    (shared / "matrix").unlink()
+    (shared / "matrix").mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    (shared / "matrix" / G1).symlink_to(victim)
+    svc.export_mdevctl(str(shared))
+    assert victim.read_text() == "root's file\n"
+    written = shared / "matrix" / G1
+    assert not written.is_symlink() and json.loads(written.read_text())["start"] == "manual"
+    assert oct(written.stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in (shared / "matrix").iterdir()] == [G1]  # no temporary left
