@@ -27,8 +27,8 @@ ACTIONS: dict[str, str | None] = {
     f"{names.MANAGER_IFACE}.Check": None,
     f"{names.MANAGER_IFACE}.Reserve": names.ACTION_RESERVE,
     f"{names.MANAGER_IFACE}.Release": names.ACTION_RESERVE,
-    f"{names.MANAGER_IFACE}.ImportMdevctl": names.ACTION_MANAGE,
-    f"{names.MANAGER_IFACE}.ExportMdevctl": names.ACTION_MANAGE,
+    f"{names.MANAGER_IFACE}.ImportMdevctl": names.ACTION_MDEVCTL,
+    f"{names.MANAGER_IFACE}.ExportMdevctl": names.ACTION_MDEVCTL,
     **{
         f"{names.MATRIX_IFACE}.{m}": names.ACTION_MANAGE
         for m in (
