@@ -58,9 +58,10 @@ class RangeViolation:
 class OutOfRange(InvalidArgument):
     """An id above the host's maximum (the kernel says ENODEV)."""
 
-    def __init__(self, violations: list[RangeViolation]) -> None:
+    def __init__(self, violations: list[RangeViolation], context: str = "") -> None:
         self.violations = violations
-        super().__init__("id out of range: " + ", ".join(map(str, violations)))
+        prefix = f"{context}: " if context else ""
+        super().__init__(prefix + "id out of range: " + ", ".join(map(str, violations)))
 
 
 class NotFound(ApmatrixError):

@@ -29,6 +29,7 @@ from apmatrixd.core import (
     HostPool,
     InvalidArgument,
     Matrix,
+    OutOfRange,
     RemoveMatrix,
     SetHostPool,
     UpdateMatrix,
@@ -599,6 +600,8 @@ def import_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
         err = scratch.decide(DefineMatrix(m)).error(ORDER)
         if isinstance(err, _ClashError):
             raise type(err)(err.clashes, d.source)
+        if isinstance(err, OutOfRange):
+            raise OutOfRange(err.violations, d.source)
         if err is not None:
             raise type(err)(f"{d.source}: {err}")
         scratch.apply(DefineMatrix(m), ORDER)

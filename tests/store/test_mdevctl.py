@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from apmatrixd import mdevctl
-from apmatrixd.core import AlreadyExists, Conflict, HostOwned, InvalidArgument, NotFound
+from apmatrixd.core import AlreadyExists, Conflict, HostOwned, InvalidArgument, NotFound, OutOfRange
 from apmatrixd.kernel import Kernel, TreeSysfs
 from apmatrixd.service import Service
 from apmatrixd.sim.model import Host
@@ -243,3 +243,13 @@ def test_export_follows_no_link_a_user_planted(svc: Service, tmp_path: Path) -> 
     assert not written.is_symlink() and json.loads(written.read_text())["start"] == "manual"
     assert oct(written.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in (shared / "matrix").iterdir()] == [G1]  # no temporary left
+
+
+def test_an_id_out_of_range_is_named_once(tmp_path: Path) -> None:
+    noapxa = Path(__file__).parents[1] / "diff" / "noapxa.toml"  # limits 63/15
+    s = Service(Kernel(TreeSysfs(Host.from_name(str(noapxa)))), store=Store(tmp_path / "state"))
+    s.load()
+    src = write_dir(tmp_path / "etc", {G1: mdevctl_file("manual", ("assign_adapter", "0x40"))})
+    with pytest.raises(OutOfRange) as err:
+        s.import_mdevctl(src)
+    assert str(err.value) == f"{src}/matrix/{G1}: id out of range: adapter 0x40 > max 0x3f"
