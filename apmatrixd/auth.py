@@ -4,15 +4,15 @@ One table (:data:`ACTIONS`) maps every D-Bus method to a polkit action, or to ``
 read-only methods everyone may call. A method missing from the table is refused: a new method
 cannot become public by accident.
 
-Caller identity: dbus-fast does not hand the message to a method handler, so a message
-handler stores every incoming method call in a ContextVar just before dispatch; an async
-handler's task copies the context when it is created (measured in dbus-rig.md §4).
+Caller identity comes from the message being dispatched: apmatrixd dispatches its own
+methods (:class:`apmatrixd.bus.base.Dispatcher`) and hands each call's message to
+:meth:`Authority.authorise`, so the sender, interface and member judged are those of the call
+that runs, never a remembered one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 
 from dbus_fast import DBusError, Message, MessageFlag, MessageType, Variant
@@ -58,10 +58,6 @@ POLKIT_TIMEOUT = 30.0
 POLKIT_INTERACTIVE_TIMEOUT = 300.0
 """With interaction the admin may be typing a password."""
 
-current_call: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
-    "apmatrixd_current_call", default=None
-)
-
 _NAME_LOST_MATCH = (
     "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
     "interface='org.freedesktop.DBus',member='NameOwnerChanged',arg2=''"
@@ -90,7 +86,7 @@ class Authority:
         self._uids: dict[str, int] = {}
 
     async def install(self) -> None:
-        """Track calls and forget callers that leave the bus (their unique name is dead)."""
+        """Forget callers that leave the bus (their unique name is dead, and may be reused)."""
         self._bus.add_message_handler(self._on_message)
         reply = await self._bus_daemon("AddMatch", _NAME_LOST_MATCH)
         if reply.message_type == MessageType.ERROR:
@@ -110,9 +106,7 @@ class Authority:
         )
 
     def _on_message(self, msg: Message) -> bool:
-        if msg.message_type == MessageType.METHOD_CALL:
-            current_call.set(msg)
-        elif (
+        if (
             msg.message_type == MessageType.SIGNAL
             and msg.member == "NameOwnerChanged"
             and msg.sender == "org.freedesktop.DBus"
@@ -133,9 +127,16 @@ class Authority:
         self._uids[sender] = uid
         return uid
 
-    async def authorise(self, member: str) -> None:
-        """Raise AccessDenied (or InteractiveAuthorizationRequired) unless the caller may."""
-        msg = current_call.get()
+    async def authorise(self, msg: Message, member: str) -> None:
+        """Raise AccessDenied (or InteractiveAuthorizationRequired) unless the sender of
+        ``msg`` may call ``member`` (``Interface.Member``, which ``msg`` must name)."""
+        if msg.message_type != MessageType.METHOD_CALL or (
+            msg.interface not in (None, member.rpartition(".")[0])
+            or msg.member != member.rpartition(".")[2]
+        ):
+            log.error("authorising %s for a message that calls %s.%s: refused", member,
+                      msg.interface, msg.member)  # fmt: skip
+            raise denied(f"{member}: the call does not match the method")
         if member not in ACTIONS:
             log.error("no authorisation rule for %s: refused", member)
             raise denied(f"no authorisation rule for {member}")

@@ -17,13 +17,17 @@ changes nothing and nobody wants its answer, so it is dropped unread
 from __future__ import annotations
 
 import array
+import asyncio
 import collections.abc
+import contextlib
 import functools
 import inspect
 import logging
+import os
 import socket
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dbus_fast import DBusError, Message, MessageFlag, MessageType
@@ -31,6 +35,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+from dbus_fast.signature import get_signature_tree
 
 from apmatrixd.bus import names
 
@@ -81,14 +86,32 @@ def drop_unwanted_reads(msg: Message) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Method:
+    """One of our D-Bus methods, as :class:`Dispatcher` runs it."""
+
+    member: str
+    in_signature: str
+    out_signature: str
+    out_count: int
+    fds: tuple[int, ...]
+    """Positions of the ``h`` arguments: the message carries indices, the handler gets fds."""
+    fn: Handler
+
+
+METHOD_ATTR = "__apmatrixd_method__"
+
+
 def call(fn: Handler) -> Any:
-    """Declare a D-Bus method: authorise, run ``fn``, then map errors.
+    """Declare a D-Bus method: authorised against its message, run, errors named.
 
     ``fn`` answers a read at once, or returns the future of the command it queued (every
-    change), which is awaited here: the loop serves other calls meanwhile.
+    change), which the :class:`Dispatcher` awaits: the loop serves other calls meanwhile.
 
     dbus-fast reads the D-Bus signature from the annotations (``Annotated`` aliases); they are
     resolved here once, and ``-> None`` is dropped (dbus-fast would take it for a signature).
+    What dbus-fast registers serves introspection only: it never runs ``fn`` (a call it
+    dispatches itself, bypassing :class:`Dispatcher`, is refused).
     """
     member = fn.__name__
     hints = typing.get_type_hints(fn, include_extras=True)
@@ -99,26 +122,149 @@ def call(fn: Handler) -> Any:
     ret = hints.get("return", inspect.Signature.empty)
     if typing.get_origin(ret) is collections.abc.Awaitable:  # a queued change: what it gives
         (ret,) = typing.get_args(ret)
+    if ret is None:
+        ret = type(None)
 
     @functools.wraps(fn)
-    async def wrapper(self: Exported, *args: Any) -> Any:
-        key = f"{self.name}.{member}"
-        try:
-            await self.authority.authorise(key)
-            result = fn(self, *args)
-            if inspect.isawaitable(result):  # a change: queued as a command, await its commit
-                result = await result
-            return result
-        except DBusError:
-            raise
-        except Exception as exc:
-            raise to_dbus_error(exc, key) from None
+    async def undispatched(self: Exported, *args: Any) -> Any:
+        log.error("%s.%s reached without the dispatcher: refused", self.name, member)
+        raise DBusError(names.ACCESS_DENIED, f"{self.name}.{member}: not dispatched by apmatrixd")
 
-    wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
+    undispatched.__signature__ = sig.replace(  # type: ignore[attr-defined]
         parameters=params,
         return_annotation=inspect.Signature.empty if ret is type(None) else ret,
     )
-    return dbus_method()(wrapper)
+    declared = dbus_method()(undispatched)
+    in_types = [_signature_of(p.annotation) for p in params[1:]]
+    out_sig = "" if ret in (type(None), inspect.Signature.empty) else _signature_of(ret)
+    setattr(
+        declared,
+        METHOD_ATTR,
+        Method(
+            member,
+            "".join(in_types),
+            out_sig,
+            len(get_signature_tree(out_sig).types),
+            tuple(i for i, t in enumerate(in_types) if t == "h"),
+            fn,
+        ),
+    )
+    return declared
+
+
+def _signature_of(annotation: Any) -> str:
+    """The D-Bus signature of an ``Annotated[..., DBusSignature(...)]`` alias or a plain
+    signature string (what dbus-fast accepts in annotations)."""
+    if isinstance(annotation, str):
+        return annotation
+    for meta in getattr(annotation, "__metadata__", ()):
+        text = getattr(meta, "signature", None)
+        if isinstance(text, str):
+            return text
+    raise TypeError(f"no D-Bus signature in {annotation!r}")
+
+
+def methods_of(cls: type) -> dict[str, Method]:
+    """``member`` -> :class:`Method` of every :func:`call` of an exported class."""
+    out: dict[str, Method] = {}
+    for klass in reversed(cls.__mro__):
+        for value in vars(klass).values():
+            method = getattr(value, METHOD_ATTR, None)
+            if isinstance(method, Method):
+                out[method.member] = method
+    return out
+
+
+class Dispatcher:
+    """Runs every call of our own methods: authorise *this* message, run, reply.
+
+    A message handler on the bus, consulted before dbus-fast's dispatch: a call whose path,
+    interface (or none), member and signature name one of our methods is taken here, and
+    everything else (properties, introspection, unknown methods) is left to dbus-fast. The
+    caller's identity is read from the message in hand, so no call can be judged by another
+    call's sender. File descriptors a message carries are closed once it has been handled:
+    a handler that keeps one duplicates it.
+    """
+
+    def __init__(self, bus: MessageBus) -> None:
+        self._bus = bus
+        self._objects: dict[str, dict[str, Exported]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, path: str, obj: Exported) -> None:
+        self._objects.setdefault(path, {})[obj.name] = obj
+
+    def remove(self, path: str, interface: str | None = None) -> None:
+        if interface is None:
+            self._objects.pop(path, None)
+        else:
+            self._objects.get(path, {}).pop(interface, None)
+
+    def find(self, msg: Message) -> tuple[Exported, Method] | None:
+        ifaces = self._objects.get(msg.path or "")
+        if not ifaces:
+            return None
+        candidates = ifaces.values() if msg.interface is None else [ifaces.get(msg.interface)]
+        for obj in candidates:
+            if obj is None:
+                continue
+            method = obj.methods.get(msg.member or "")
+            if method is not None and method.in_signature == msg.signature:
+                return obj, method
+        return None
+
+    def __call__(self, msg: Message) -> bool:
+        if msg.message_type != MessageType.METHOD_CALL:
+            return False
+        found = self.find(msg)
+        if found is None:
+            if msg.unix_fds:  # nothing of dbus-fast's takes a descriptor: never leak one
+                asyncio.get_running_loop().call_soon(_close_all, list(msg.unix_fds))
+            return False
+        task = asyncio.ensure_future(self._run(msg, *found))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _run(self, msg: Message, obj: Exported, method: Method) -> None:
+        key = f"{obj.name}.{method.member}"
+        try:
+            reply = await self._answer(msg, obj, method, key)
+        finally:
+            _close_all(msg.unix_fds)
+        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED and self._bus.connected:
+            self._bus.send(reply)
+
+    async def _answer(self, msg: Message, obj: Exported, method: Method, key: str) -> Message:
+        try:
+            await obj.authority.authorise(msg, key)
+            args = list(msg.body)
+            for i in method.fds:
+                index = args[i]
+                if not 0 <= index < len(msg.unix_fds):
+                    raise DBusError(
+                        names.error_name("InvalidArgument"), f"no file descriptor #{index}"
+                    )
+                args[i] = msg.unix_fds[index]
+            result = method.fn(obj, *args)
+            if inspect.isawaitable(result):  # a change: queued as a command, await its commit
+                result = await result
+        except Exception as exc:
+            err = to_dbus_error(exc, key)
+            return Message.new_error(msg, err.type, err.text)
+        if method.out_count == 0:
+            body: list[Any] = []
+        elif method.out_count == 1:
+            body = [result]
+        else:
+            body = list(result)
+        return Message.new_method_return(msg, method.out_signature, body)
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def prop(name: str, signature: str) -> Any:
@@ -140,6 +286,7 @@ class Exported(ServiceInterface):
         super().__init__(interface)
         self.authority = authority
         self.values = values
+        self.methods = methods_of(type(self))
 
     def refresh(self, values: dict[str, Any]) -> None:
         """Store new values; one PropertiesChanged with only those that differ."""
@@ -198,8 +345,9 @@ class PatientWriter(_MessageWriter):
 
 
 class ApmatrixBus(MessageBus):
-    """A MessageBus whose ObjectManager signals are sent from the manager's path, and which
-    drops read-only calls nobody wants answered (:func:`drop_unwanted_reads`).
+    """A MessageBus that runs our methods through :class:`Dispatcher`, sends ObjectManager
+    signals from the manager's path, and drops read-only calls nobody wants answered
+    (:func:`drop_unwanted_reads`).
 
     dbus-fast sends InterfacesAdded/Removed from the new object's own path; clients (GDBus,
     sd-bus) match on the ObjectManager's path and never see them (dbus-rig.md §3). These two
@@ -211,11 +359,24 @@ class ApmatrixBus(MessageBus):
     longer drops the connection: :class:`PatientWriter`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("negotiate_unix_fd", True)  # ImportMdevctlFd/ExportMdevctlFd take one
         super().__init__(*args, **kwargs)
         self.add_message_handler(drop_unwanted_reads)
+        self.dispatcher = Dispatcher(self)
+        self.add_message_handler(self.dispatcher)
         # Before the name is ours nobody can be watching our objects: the start-up export
         # of thousands of matrices sends no InterfacesAdded flood (it overran the socket).
         self.announce = False
+
+    def export(self, path: str, interface: ServiceInterface) -> None:
+        super().export(path, interface)
+        if isinstance(interface, Exported):
+            self.dispatcher.add(path, interface)
+
+    def unexport(self, path: str, interface: ServiceInterface | str | None = None) -> None:
+        super().unexport(path, interface)
+        name = interface.name if isinstance(interface, ServiceInterface) else interface
+        self.dispatcher.remove(path, name)
 
     async def connect(self) -> ApmatrixBus:
         await super().connect()
@@ -264,9 +425,12 @@ class ApmatrixBus(MessageBus):
 
 __all__ = [
     "ApmatrixBus",
+    "Dispatcher",
     "Exported",
+    "Method",
     "call",
     "drop_unwanted_reads",
+    "methods_of",
     "prop",
     "to_dbus_error",
 ]

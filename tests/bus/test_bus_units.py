@@ -14,7 +14,7 @@ import pytest
 from dbus_fast import DBusError, Message, MessageFlag, MessageType, Variant
 
 from apmatrixd import notify
-from apmatrixd.auth import Authority, current_call
+from apmatrixd.auth import Authority
 from apmatrixd.bus.objects import parse_options
 from apmatrixd.core import InvalidArgument
 
@@ -116,15 +116,16 @@ def reply(sig: str, body: list[Any]) -> Message:
     return Message(message_type=MessageType.METHOD_RETURN, reply_serial=1, signature=sig, body=body)
 
 
-def authorise(bus: FakeBus, member: str, interactive: bool = False) -> None:
+def authorise(
+    bus: FakeBus, member: str, interactive: bool = False, calls: str | None = None
+) -> None:
+    """Authorise a message calling ``calls`` (default: ``member``) as ``member``."""
     flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE
-    msg = Message(path="/x", member="M", sender=":1.9", serial=1, flags=flags)
-
-    async def go() -> None:
-        current_call.set(msg)
-        await Authority(bus).authorise(member)  # type: ignore[arg-type]
-
-    asyncio.run(go())
+    iface, _, name = (calls or member).rpartition(".")
+    msg = Message(
+        path="/x", interface=iface or None, member=name, sender=":1.9", serial=1, flags=flags
+    )
+    asyncio.run(Authority(bus).authorise(msg, member))  # type: ignore[arg-type]
 
 
 def test_polkit_decisions_map_to_the_right_errors() -> None:
@@ -149,6 +150,34 @@ def test_polkit_decisions_map_to_the_right_errors() -> None:
     authorise(FakeBus(1000, "x.Fail"), "org.apmatrix.Apmatrix1.Manager.Check")
     with pytest.raises(DBusError) as e:
         authorise(FakeBus(0, (True, False, {})), "org.apmatrix.Apmatrix1.Manager.NewThing")
+    assert e.value.type == "org.freedesktop.DBus.Error.AccessDenied"
+
+
+def test_the_message_authorised_is_the_one_dispatched() -> None:
+    """Authorising one method for a message that calls another is refused, root too: the
+    check judges the call in hand, never a remembered one."""
+    create = "org.apmatrix.Apmatrix1.Manager.CreateMatrix"
+    for other in ("org.apmatrix.Apmatrix1.Manager.Check", "org.apmatrix.Apmatrix1.Matrix.Remove"):
+        bus = FakeBus(0, (True, False, {}))
+        with pytest.raises(DBusError, match="does not match") as e:
+            authorise(bus, create, calls=other)
+        assert e.value.type == "org.freedesktop.DBus.Error.AccessDenied"
+    # a call without an interface names only the member: that one must match
+    authorise(FakeBus(0, (True, False, {})), create, calls=".CreateMatrix")
+
+
+def test_a_method_dbus_fast_runs_itself_is_refused() -> None:
+    """What dbus-fast registers for a method only serves introspection; reached directly (a
+    dispatch that bypassed apmatrixd's) it refuses instead of running unauthorised."""
+    from apmatrixd.bus.base import METHOD_ATTR
+    from apmatrixd.bus.objects import Manager
+
+    declared = Manager.Reserve
+    assert getattr(declared, METHOD_ATTR).in_signature == "auau"
+    wrapped = declared.__wrapped__  # type: ignore[attr-defined]  # dbus-fast keeps the function
+
+    with pytest.raises(DBusError, match="not dispatched") as e:
+        asyncio.run(wrapped(Manager.__new__(Manager), [1], [2]))
     assert e.value.type == "org.freedesktop.DBus.Error.AccessDenied"
 
 
