@@ -27,8 +27,10 @@ ACTIONS: dict[str, str | None] = {
     f"{names.MANAGER_IFACE}.Check": None,
     f"{names.MANAGER_IFACE}.Reserve": names.ACTION_RESERVE,
     f"{names.MANAGER_IFACE}.Release": names.ACTION_RESERVE,
-    f"{names.MANAGER_IFACE}.ImportMdevctl": names.ACTION_MDEVCTL,
-    f"{names.MANAGER_IFACE}.ExportMdevctl": names.ACTION_MDEVCTL,
+    f"{names.MANAGER_IFACE}.ImportMdevctl": names.ACTION_IMPORT,
+    f"{names.MANAGER_IFACE}.ImportMdevctlFd": names.ACTION_IMPORT,
+    f"{names.MANAGER_IFACE}.ExportMdevctl": names.ACTION_EXPORT,
+    f"{names.MANAGER_IFACE}.ExportMdevctlFd": names.ACTION_EXPORT,
     **{
         f"{names.MATRIX_IFACE}.{m}": names.ACTION_MANAGE
         for m in (

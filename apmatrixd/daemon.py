@@ -44,6 +44,7 @@ S390_LOCK = "/run/lock/s390apconfig.lock"
 
 
 DEFAULT_STATE_DIR = "/var/lib/apmatrixd"
+MDEVCTL_DIR = "/etc/mdevctl.d"
 STOP_WAIT = 5.0
 """Seconds a stop waits for queued changes (a change cut short is rolled back at start)."""
 
@@ -111,6 +112,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="how long a forced Stop or Remove waits for a running guest to let go of its "
         "matrix before it answers Timeout (default 30; a caller may ask for less)",
     )
+    p.add_argument(
+        "--mdevctl-dir",
+        default=MDEVCTL_DIR,
+        metavar="DIR",
+        help="mdevctl's configuration directory, the one ImportMdevctl/ExportMdevctl open by "
+        f"path (default {MDEVCTL_DIR}; any other comes as a descriptor the caller opened)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
@@ -118,6 +126,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--sim-mount needs --simulate")
     if args.rescan_interval < 0:
         p.error("--rescan-interval must be >= 0")
+    if not os.path.isabs(args.mdevctl_dir):
+        p.error("--mdevctl-dir must be an absolute path")
     if args.simulate is not None and args.sysfs_root:
         p.error("--simulate and --sysfs-root exclude each other")
     return args
@@ -223,6 +233,7 @@ async def run(args: argparse.Namespace) -> int:
     kernel = make_kernel(args)
     service = Service(kernel, store=make_store(args))
     service.in_use_timeout = max(args.in_use_timeout, 0.0)
+    service.mdevctl_dir = os.path.normpath(args.mdevctl_dir)
     interval = notify.watchdog_interval()
     watchdog = asyncio.ensure_future(_watchdog(interval)) if interval else None
     with contextlib.ExitStack() as cleanup:

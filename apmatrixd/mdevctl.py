@@ -130,19 +130,33 @@ def parse_file(path: Path, data: bytes) -> Definition:
     )
 
 
-def definitions_dir(config_dir: str) -> Path:
+ConfigDir = str | int
+"""Where definitions are: an absolute path the daemon opens itself (its own mdevctl
+directory), or a directory descriptor a caller opened with its own rights."""
+
+
+def check_path(config_dir: str) -> None:
+    """A path form is absolute; refused before any I/O."""
     if not isinstance(config_dir, str) or not os.path.isabs(config_dir):
         raise InvalidArgument(f"want an absolute directory path, not {config_dir!r}")
-    if not os.path.isdir(config_dir):
-        raise NotFound(f"no directory {config_dir}")
-    return Path(config_dir) / PARENT
 
 
-def _open_dir(path: str, name: str | None = None, dir_fd: int | None = None) -> int:
+def describe(config_dir: ConfigDir) -> str:
+    """A name for errors and logs. A descriptor is named by what the caller opened (read back
+    from /proc for display only; nothing is resolved through it)."""
+    if isinstance(config_dir, str):
+        return config_dir
+    try:
+        return os.readlink(f"/proc/self/fd/{config_dir}")
+    except OSError:
+        return f"the directory passed as descriptor {config_dir}"
+
+
+def _open_dir(name: str, dir_fd: int | None = None) -> int:
     """A directory fd, never through a symlink in the last component (``DIR/matrix`` planted
     as a link to elsewhere is refused, not followed); OSError as it comes."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(name if name is not None else path, flags, dir_fd=dir_fd)
+    return os.open(name, flags, dir_fd=dir_fd)
 
 
 def _refuse(path: str | Path, err: OSError) -> InvalidArgument | NotFound:
@@ -153,23 +167,38 @@ def _refuse(path: str | Path, err: OSError) -> InvalidArgument | NotFound:
     return InvalidArgument(f"cannot open {path}: {err.strerror}")
 
 
-def read_dir(config_dir: str) -> list[Definition]:
+def _top(config_dir: ConfigDir) -> tuple[int, Path]:
+    """Our own fd of the configuration directory, and its name for errors.
+
+    A path is opened without following a link in its last component; a caller's descriptor
+    is re-opened through itself (``openat(fd, ".")``), so an ``O_PATH`` descriptor works and
+    the caller's own stays untouched. Anything but a directory is refused."""
+    label = Path(describe(config_dir))
+    try:
+        if isinstance(config_dir, str):
+            check_path(config_dir)
+            return _open_dir(config_dir), label
+        if not stat.S_ISDIR(os.fstat(config_dir).st_mode):
+            raise InvalidArgument("the descriptor passed is not a directory")
+        return _open_dir(".", dir_fd=config_dir), label
+    except OSError as err:
+        raise _refuse(label, err) from None
+
+
+def read_dir(config_dir: ConfigDir) -> list[Definition]:
     """Every definition under ``<config_dir>/matrix``, sorted by UUID; all must parse.
 
     Everything below ``config_dir`` is reached through directory fds without following a
     link: a file swapped for a link, a FIFO or a directory is skipped, never opened."""
-    base = definitions_dir(config_dir)
-    try:
-        top = _open_dir(config_dir)
-    except OSError as err:
-        raise _refuse(config_dir, err) from None
+    top, label = _top(config_dir)
+    base = label / PARENT
     try:
         try:
-            fd = _open_dir(str(base), PARENT, dir_fd=top)
+            fd = _open_dir(PARENT, dir_fd=top)
         except OSError as err:
             if err.errno == errno.ENOENT:
                 raise NotFound(
-                    f"no {PARENT}/ directory in {config_dir} (mdevctl's vfio_ap parent)"
+                    f"no {PARENT}/ directory in {label} (mdevctl's vfio_ap parent)"
                 ) from None
             raise _refuse(base, err) from None
     finally:
@@ -234,7 +263,7 @@ def format_definition(
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-def write_dir(config_dir: str, files: dict[str, bytes]) -> Path:
+def write_dir(config_dir: ConfigDir, files: dict[str, bytes]) -> Path:
     """Write ``<config_dir>/matrix/<uuid>`` for each of ``files``, each crash-safe; files of
     other UUIDs are left alone. OSError as it comes (a refused directory: InvalidArgument).
 
@@ -242,19 +271,16 @@ def write_dir(config_dir: str, files: dict[str, bytes]) -> Path:
     opened (or made) without following a link, each file is written to a fresh ``O_EXCL``
     temporary in it and renamed over its name (a link planted there is replaced, never
     followed), and the directory is fsync'd."""
-    base = definitions_dir(config_dir)
-    try:
-        top = _open_dir(config_dir)
-    except OSError as err:
-        raise _refuse(config_dir, err) from None
+    top, label = _top(config_dir)
+    base = label / PARENT
     try:
         try:
-            fd = _open_dir(str(base), PARENT, dir_fd=top)
+            fd = _open_dir(PARENT, dir_fd=top)
         except FileNotFoundError:
             os.mkdir(PARENT, 0o755, dir_fd=top)
             os.fsync(top)
             try:
-                fd = _open_dir(str(base), PARENT, dir_fd=top)
+                fd = _open_dir(PARENT, dir_fd=top)
             except OSError as err:
                 raise _refuse(base, err) from None
         except OSError as err:

@@ -43,7 +43,8 @@ INTERACTIVE_AUTH_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorization
 
 ACTION_MANAGE = "org.apmatrix.apmatrix1.manage"
 ACTION_RESERVE = "org.apmatrix.apmatrix1.reserve"
-ACTION_MDEVCTL = "org.apmatrix.apmatrix1.mdevctl"
+ACTION_IMPORT = "org.apmatrix.apmatrix1.import-mdevctl"
+ACTION_EXPORT = "org.apmatrix.apmatrix1.export-mdevctl"
 """Import/Export of mdevctl files: root reads and writes files where the caller says, so it
 is asked every time (auth_admin, not _keep)."""
 

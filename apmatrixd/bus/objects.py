@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 Str = DBusStr
 Path = DBusObjectPath
 U32 = DBusUInt32
+Fd = Annotated[int, DBusSignature("h")]
 Ids = Annotated[list[int], DBusSignature("au")]
 Paths = Annotated[list[str], DBusSignature("ao")]
 Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
@@ -170,13 +171,37 @@ class Manager(Exported):
     def Release(self, adapters: Ids, domains: Ids) -> Awaitable[None]:
         return self._service.submit("Release", ops.release, adapters, domains)
 
+    def _own_mdevctl_dir(self, dir: str) -> str:
+        """The path forms take only the daemon's own mdevctl directory ('' for it): a root
+        daemon resolves no path a caller gave it. Any other comes as a descriptor."""
+        own = self._service.mdevctl_dir
+        if dir not in ("", own):
+            raise InvalidArgument(
+                f"only {own} is opened by path; pass any other directory open, as a "
+                "descriptor, to ImportMdevctlFd/ExportMdevctlFd"
+            )
+        return own
+
     @call
     async def ImportMdevctl(self, dir: Str) -> Paths:
-        uuids = await self._service.submit("ImportMdevctl", ops.import_mdevctl, dir)
+        where = self._own_mdevctl_dir(dir)
+        uuids = await self._service.submit("ImportMdevctl", ops.import_mdevctl, where)
         return [self._tree.ensure_matrix(u) for u in uuids]
 
     @call
     async def ExportMdevctl(self, dir: Str) -> None:
+        where = self._own_mdevctl_dir(dir)
+        await self._service.submit("ExportMdevctl", ops.export_mdevctl, where)
+
+    # The descriptor stays the message's: the dispatcher closes it after the reply, once the
+    # command (which reads or writes through it on the worker) has ended.
+    @call
+    async def ImportMdevctlFd(self, dir: Fd) -> Paths:
+        uuids = await self._service.submit("ImportMdevctl", ops.import_mdevctl, dir)
+        return [self._tree.ensure_matrix(u) for u in uuids]
+
+    @call
+    async def ExportMdevctlFd(self, dir: Fd) -> None:
         await self._service.submit("ExportMdevctl", ops.export_mdevctl, dir)
 
     @dbus_signal()

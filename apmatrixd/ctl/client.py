@@ -83,9 +83,10 @@ class Connection:
     async def open(cls, target: Target) -> Connection:
         try:
             if target.address:
-                bus = MessageBus(bus_address=target.address)
+                bus = MessageBus(bus_address=target.address, negotiate_unix_fd=True)
             else:
-                bus = MessageBus(bus_type=BusType.SESSION if target.session else BusType.SYSTEM)
+                kind = BusType.SESSION if target.session else BusType.SYSTEM
+                bus = MessageBus(bus_type=kind, negotiate_unix_fd=True)
         except InvalidAddressError as err:
             raise CtlError(f"bad bus address {target.address!r}: {err}", code=2) from None
         try:
@@ -109,7 +110,9 @@ class Connection:
         signature: str = "",
         body: Sequence[Any] = (),
         proposal: tuple[frozenset[int], frozenset[int], str] | None = None,
+        unix_fds: Sequence[int] = (),
     ) -> list[Any]:
+        """One call; ``h`` arguments in ``body`` are indices into ``unix_fds``."""
         msg = Message(
             destination=names.BUS_NAME,
             path=path,
@@ -118,6 +121,7 @@ class Connection:
             signature=signature,
             body=list(body),
             flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION,
+            unix_fds=list(unix_fds),
         )
         try:
             reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from apmatrixd.bus import names
-from apmatrixd.ctl.client import Connection
+from apmatrixd.ctl.client import Connection, CtlError
 from apmatrixd.ctl.output import Output, matrix_block
 
 Sub = Any
@@ -31,9 +31,32 @@ def register(sub: Sub, common: argparse.ArgumentParser) -> None:
         p.set_defaults(func=func)
 
 
+def open_dir(path: str) -> int:
+    """The directory, opened with the caller's own rights in the caller's own namespace: the
+    daemon works through this descriptor and resolves no path itself."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CtlError(
+            f"NotFound: no directory {path}", name=names.error_name("NotFound")
+        ) from None
+    except OSError as err:
+        raise CtlError(f"cannot open {path}: {err.strerror}") from None
+
+
+async def _call_with_dir(conn: Connection, member: str, path: str) -> list[Any]:
+    fd = open_dir(path)
+    try:
+        return await conn.call(
+            names.MANAGER_PATH, names.MANAGER_IFACE, member, "h", [0], unix_fds=[fd]
+        )
+    finally:
+        os.close(fd)
+
+
 async def cmd_import(conn: Connection, args: argparse.Namespace, out: Output) -> int:
-    d = os.path.abspath(args.dir)  # the daemon's working directory is not ours
-    (paths,) = await conn.call(names.MANAGER_PATH, names.MANAGER_IFACE, "ImportMdevctl", "s", [d])
+    d = os.path.abspath(args.dir)
+    (paths,) = await _call_with_dir(conn, "ImportMdevctlFd", d)
     snap = await conn.snapshot()
     ms = [m for m in snap.sorted_matrices() if m.path in set(paths)]
     if out.as_json:
@@ -48,7 +71,7 @@ async def cmd_import(conn: Connection, args: argparse.Namespace, out: Output) ->
 
 async def cmd_export(conn: Connection, args: argparse.Namespace, out: Output) -> int:
     d = os.path.abspath(args.dir)
-    await conn.call(names.MANAGER_PATH, names.MANAGER_IFACE, "ExportMdevctl", "s", [d])
+    await _call_with_dir(conn, "ExportMdevctlFd", d)
     if out.as_json:
         out.json({"exported": d})
     else:

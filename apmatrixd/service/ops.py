@@ -570,15 +570,21 @@ def _touched_by(old: HostPool, new: HostPool) -> frozenset[int] | None:
 
 
 # -- mdevctl ----------------------------------------------------------------------------------
-def import_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
+def import_mdevctl(svc: Service, config_dir: mdevctl.ConfigDir) -> Command[list[str]]:
     """Define every matrix of mdevctl's ``<config_dir>/matrix/<uuid>`` files; all or none.
+
+    ``config_dir``: a path, or a directory descriptor (kept open by the caller until this
+    command ends; only the worker touches it).
 
     The definitions are judged together, against each other and against every matrix
     and the host pool: the first refusal names the file. A UUID that is live here only
     because it was adopted, with the same sets, becomes ours (stored) instead. Imported
     matrices are ``defined``; ``start: auto`` becomes ``autostart``. Returns the UUIDs.
     """
-    defs = yield Work(f"reading {config_dir}", lambda _p: mdevctl.read_dir(config_dir))
+    if isinstance(config_dir, str):
+        mdevctl.check_path(config_dir)  # a bad argument is refused before any I/O
+    where = mdevctl.describe(config_dir)
+    defs = yield Work(f"reading {where}", lambda _p: mdevctl.read_dir(config_dir))
     st = svc.state
     scratch = copy.deepcopy(st.registry)
     claims: list[mdevctl.Definition] = []
@@ -623,7 +629,7 @@ def import_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
         records[d.uuid] = st.record(d.uuid, Matrix(d.uuid, have.adapters, have.domains,
                                     have.control_domains, have.name, d.autostart), cud)  # fmt: skip
     tx = Transaction(
-        f"ImportMdevctl {config_dir}",
+        f"ImportMdevctl {where}",
         store=records,
         stored_before={u: st.on_disk.get(u) for u in records},
     )
@@ -637,7 +643,7 @@ def import_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
         assert rec is not None
         _stored(svc, u, rec)
     uuids = [d.uuid for d in defs]
-    log.info("imported %d mdevctl definition(s) from %s", len(uuids), config_dir)
+    log.info("imported %d mdevctl definition(s) from %s", len(uuids), where)
     changes = Changes(matrices_added={m.uuid for m in news})
     changes.matrices_changed |= {d.uuid for d in claims}
     for m in news:
@@ -646,8 +652,9 @@ def import_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
     return uuids
 
 
-def export_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
-    """Write every stored matrix as mdevctl would, to ``<config_dir>/matrix/<uuid>``.
+def export_mdevctl(svc: Service, config_dir: mdevctl.ConfigDir) -> Command[list[str]]:
+    """Write every stored matrix as mdevctl would, to ``<config_dir>/matrix/<uuid>`` (a path
+    or a directory descriptor, as for :func:`import_mdevctl`).
 
     Files of other UUIDs there are left alone. Each file is written crash-safe.
     """
@@ -660,18 +667,19 @@ def export_mdevctl(svc: Service, config_dir: str) -> Command[list[str]]:
             files[u] = mdevctl.format_definition(
                 m.adapters, m.domains, m.control_domains, m.autostart, kind
             )
-    mdevctl.definitions_dir(config_dir)  # a bad argument is refused before any I/O
+    if isinstance(config_dir, str):
+        mdevctl.check_path(config_dir)  # a bad argument is refused before any I/O
+    where = mdevctl.describe(config_dir)
 
     def write(_p: object) -> str:
         try:
             return str(mdevctl.write_dir(config_dir, files))
         except OSError as err:
-            where = f"{config_dir}/{mdevctl.PARENT}"
             raise StoreError(
-                f"cannot write mdevctl definitions to {where}: {err.strerror}"
+                f"cannot write mdevctl definitions to {where}/{mdevctl.PARENT}: {err.strerror}"
             ) from err
 
-    base = yield Work(f"writing mdevctl definitions to {config_dir}", write)
+    base = yield Work(f"writing mdevctl definitions to {where}", write)
     n = len(files)
     log.info("exported %d matri%s to %s", n, "x" if n == 1 else "ces", base)
     return list(files)

@@ -56,6 +56,8 @@ class Service:
         self.on_resync: Callable[[], None] | None = None
         # How long a forced Stop/Remove waits for a running guest to let go (--in-use-timeout).
         self.in_use_timeout = 30.0
+        # The one mdevctl directory D-Bus callers may name by path (--mdevctl-dir).
+        self.mdevctl_dir = "/etc/mdevctl.d"
         self._generation_learnt = False
 
     # -- the state, for readers -----------------------------------------------------------
@@ -291,8 +293,8 @@ class Service:
     def start_waiting(self) -> list[str]:
         return self.run(ops.start_waiting)
 
-    def import_mdevctl(self, config_dir: str) -> list[str]:
+    def import_mdevctl(self, config_dir: str | int) -> list[str]:
         return self.run(ops.import_mdevctl, config_dir)
 
-    def export_mdevctl(self, config_dir: str) -> list[str]:
+    def export_mdevctl(self, config_dir: str | int) -> list[str]:
         return self.run(ops.export_mdevctl, config_dir)

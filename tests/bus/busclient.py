@@ -2,7 +2,8 @@
 
 Runs under Debian's /usr/bin/python3 with a world-readable copy of dbus-fast on PYTHONPATH, so that
 ``setpriv`` can run it as nobody (the pyenv interpreter under /root is unreadable to nobody).
-Variants travel as ``{"$v": [signature, value]}``.
+Variants travel as ``{"$v": [signature, value]}``; ``"dirs"`` lists directories the client
+opens itself (as its user) and passes as descriptors, ``h`` values in the body indexing them.
 Prints ``{"error": name-or-null, "body": [...]}``.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -39,7 +41,8 @@ def encode(value: Any) -> Any:
 
 
 async def call(spec: dict[str, Any]) -> dict[str, Any]:
-    bus = await MessageBus(bus_address=spec["address"]).connect()
+    fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in spec.get("dirs", [])]
+    bus = await MessageBus(bus_address=spec["address"], negotiate_unix_fd=True).connect()
     try:
         msg = Message(
             destination=spec.get("dest", "org.apmatrix.Apmatrix1"),
@@ -51,6 +54,7 @@ async def call(spec: dict[str, Any]) -> dict[str, Any]:
             flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
             if spec.get("interactive")
             else MessageFlag.NONE,
+            unix_fds=fds,
         )
         reply = await bus.call(msg)
         if reply.message_type == MessageType.ERROR:
@@ -58,6 +62,8 @@ async def call(spec: dict[str, Any]) -> dict[str, Any]:
         return {"error": None, "body": encode(reply.body)}
     finally:
         bus.disconnect()
+        for fd in fds:
+            os.close(fd)
 
 
 async def main(arg: Any) -> Any:

@@ -246,7 +246,9 @@ def spec(
     signature: str = "",
     body: Sequence[Any] = (),
     interactive: bool = False,
+    dirs: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """A call for :func:`run_client`; ``dirs`` are opened by the client and sent as fds."""
     return {
         "address": address,
         "path": path,
@@ -255,6 +257,7 @@ def spec(
         "signature": signature,
         "body": list(body),
         "interactive": interactive,
+        "dirs": list(dirs),
     }
 
 
@@ -324,11 +327,18 @@ class Client:
 
     @classmethod
     async def connect(cls, address: str) -> Client:
-        return cls(await MessageBus(bus_address=address).connect())
+        return cls(await MessageBus(bus_address=address, negotiate_unix_fd=True).connect())
 
     async def call(
-        self, path: str, iface: str, member: str, sig: str = "", body: Sequence[Any] = ()
+        self,
+        path: str,
+        iface: str,
+        member: str,
+        sig: str = "",
+        body: Sequence[Any] = (),
+        fds: Sequence[int] = (),
     ) -> Message:
+        """``h`` values in ``body`` index ``fds``."""
         return await self.bus.call(
             Message(
                 destination=NAME,
@@ -337,20 +347,19 @@ class Client:
                 member=member,
                 signature=sig,
                 body=list(body),
+                unix_fds=list(fds),
             )
         )
 
-    async def ok(
-        self, path: str, iface: str, member: str, sig: str = "", body: Sequence[Any] = ()
-    ) -> list[Any]:
-        reply = await self.call(path, iface, member, sig, body)
+    async def ok(self, *args: Any) -> list[Any]:
+        """:meth:`call`, which must succeed: the reply's body."""
+        reply = await self.call(*args)
         assert reply.message_type == MessageType.METHOD_RETURN, (reply.error_name, reply.body)
         return list(reply.body)
 
-    async def error(
-        self, path: str, iface: str, member: str, sig: str = "", body: Sequence[Any] = ()
-    ) -> tuple[str, str]:
-        reply = await self.call(path, iface, member, sig, body)
+    async def error(self, *args: Any) -> tuple[str, str]:
+        """:meth:`call`, which must fail: (error name, text)."""
+        reply = await self.call(*args)
         assert reply.message_type == MessageType.ERROR, reply.body
         return str(reply.error_name), str(reply.body[0] if reply.body else "")
 

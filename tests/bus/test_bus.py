@@ -444,10 +444,13 @@ def test_polkit_allowing_the_action_lets_nobody_through(daemon: Daemon, polkit: 
     assert polkit.checks()[-1].endswith('"org.apmatrix.apmatrix1.reserve" {} 1 ""')  # interactive
     state = arun(_props(daemon, path_of(GUEST1), MATRIX))["State"]
     assert state == "defined"
-    # Root reading or writing files where a caller says is an action of its own.
-    out = nobody(daemon, ROOT, MANAGER, "ExportMdevctl", "s", ["/nonexistent"])
+    # Root reading or writing files for a caller: an action of its own each way.
+    out = nobody(daemon, ROOT, MANAGER, "ExportMdevctl", "s", [""])
     assert out["error"] == ACCESS_DENIED, out
-    assert polkit.checks()[-1].endswith('"org.apmatrix.apmatrix1.mdevctl" {} 0 ""')
+    assert polkit.checks()[-1].endswith('"org.apmatrix.apmatrix1.export-mdevctl" {} 0 ""')
+    out = nobody(daemon, ROOT, MANAGER, "ImportMdevctl", "s", [""])
+    assert out["error"] == ACCESS_DENIED, out
+    assert polkit.checks()[-1].endswith('"org.apmatrix.apmatrix1.import-mdevctl" {} 0 ""')
 
 
 def test_polkit_unreachable_fails_closed(daemon: Daemon, polkit: PolkitMock) -> None:

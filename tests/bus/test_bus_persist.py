@@ -14,11 +14,24 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from busrig import MANAGER, MATRIX, ROOT, Client, Daemon, DaemonFactory, arun, start_daemon
+from busrig import (
+    MANAGER,
+    MATRIX,
+    ROOT,
+    SYSTEM_PYTHON,
+    Client,
+    Daemon,
+    DaemonFactory,
+    arun,
+    spec,
+    start_daemon,
+    world_readable_client,
+)
 from dbus_fast import Variant
 
 from apmatrixd.store import KILL_ENV, Store
@@ -125,45 +138,86 @@ def test_a_damaged_state_file_is_set_aside_and_logged(start: DaemonFactory, tmp_
     assert [n for n in os.listdir(state / "matrices") if ".broken-" in n]
 
 
+def _definition(*attrs: dict[str, str]) -> str:
+    return json.dumps({"mdev_type": "vfio_ap-passthrough", "start": "auto", "attrs": list(attrs)})
+
+
 def test_mdevctl_import_and_export_over_dbus(start: DaemonFactory, tmp_path: Path) -> None:
-    d = start("--simulate", "--state-dir", str(tmp_path / "state"))
-    src = tmp_path / "etc"
-    (src / "matrix").mkdir(parents=True)
+    """By path only the daemon's own mdevctl directory; any other is passed open, as a
+    descriptor the caller opened, and worked on through it."""
+    own = tmp_path / "etc"
+    (own / "matrix").mkdir(parents=True)
+    d = start("--simulate", "--state-dir", str(tmp_path / "state"), "--mdevctl-dir", str(own))
     for uuid, attrs in (
         (UUIDS[0], [{"assign_adapter": "5"}, {"assign_domain": "0x47"}]),
         (UUIDS[1], [{"assign_adapter": "5"}, {"assign_domain": "71"}]),  # the same APQN
     ):
-        obj = {"mdev_type": "vfio_ap-passthrough", "start": "auto", "attrs": attrs}
-        (src / "matrix" / uuid).write_text(json.dumps(obj, indent=2))
+        (own / "matrix" / uuid).write_text(_definition(*attrs))
+    other = tmp_path / "other"
+    (other / "matrix").mkdir(parents=True)
+    (other / "matrix" / UUIDS[2]).write_text(
+        _definition({"assign_adapter": "6"}, {"assign_domain": "4"})
+    )
     out = tmp_path / "out"
     out.mkdir()
+    a_file = tmp_path / "file"
+    a_file.write_text("")
 
     async def go() -> None:
         c = await Client.connect(d.address)
-        await c.ok(ROOT, MANAGER, "Reserve", "auau", [[5], [0x47]])
-        name, text = await c.error(ROOT, MANAGER, "ImportMdevctl", "s", [str(src)])
+        await c.ok(ROOT, MANAGER, "Reserve", "auau", [[5, 6], [4, 0x47]])
+        name, text = await c.error(ROOT, MANAGER, "ImportMdevctl", "s", [""])
         assert name == "org.apmatrix.Apmatrix1.Error.Conflict", text
         assert UUIDS[1] in text and "05.0047" in text
-        (src / "matrix" / UUIDS[1]).unlink()
-        (paths,) = await c.ok(ROOT, MANAGER, "ImportMdevctl", "s", [str(src)])
+        (own / "matrix" / UUIDS[1]).unlink()
+        (paths,) = await c.ok(ROOT, MANAGER, "ImportMdevctl", "s", [str(own)])
         assert paths == [path_of(UUIDS[0])]
         p = await c.props(paths[0], MATRIX)
         assert (p["State"], p["Autostart"], p["Apqns"]) == ("defined", True, [[5, 0x47]])
-        await c.ok(ROOT, MANAGER, "ExportMdevctl", "s", [str(out)])
-        name, _ = await c.error(ROOT, MANAGER, "ExportMdevctl", "s", ["relative/dir"])
-        assert name == "org.apmatrix.Apmatrix1.Error.InvalidArgument"
+        # any other path is refused before anything is read: pass it open instead
+        for where in (str(other), "relative/dir", "/"):
+            for member in ("ImportMdevctl", "ExportMdevctl"):
+                name, text = await c.error(ROOT, MANAGER, member, "s", [where])
+                assert name == "org.apmatrix.Apmatrix1.Error.InvalidArgument", text
+                assert "descriptor" in text, text
+        fd = os.open(other, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            (paths,) = await c.ok(ROOT, MANAGER, "ImportMdevctlFd", "h", [0], [fd])
+        finally:
+            os.close(fd)
+        assert paths == [path_of(UUIDS[2])]
+        fd = os.open(out, os.O_PATH | os.O_DIRECTORY)  # an O_PATH descriptor is enough
+        try:
+            await c.ok(ROOT, MANAGER, "ExportMdevctlFd", "h", [0], [fd])
+        finally:
+            os.close(fd)
+        fd = os.open(a_file, os.O_RDONLY)
+        try:
+            for member in ("ImportMdevctlFd", "ExportMdevctlFd"):
+                name, text = await c.error(ROOT, MANAGER, member, "h", [0], [fd])
+                assert name == "org.apmatrix.Apmatrix1.Error.InvalidArgument", (member, text)
+                assert "not a directory" in text, text
+        finally:
+            os.close(fd)
+        await c.ok(ROOT, MANAGER, "ExportMdevctl", "s", [""])
         c.close()
 
     arun(go())
-    exported = json.loads((out / "matrix" / UUIDS[0]).read_text())
-    assert exported == {
-        "mdev_type": "vfio_ap-passthrough",
-        "start": "auto",
-        "attrs": [
-            {"assign_adapter": "0x05"},
-            {"assign_domain": "0x0047"},
-        ],  # control domains exactly as imported: the file had none
-    }
+    for where in (out, own):
+        exported = json.loads((where / "matrix" / UUIDS[0]).read_text())
+        assert exported == {
+            "mdev_type": "vfio_ap-passthrough",
+            "start": "auto",
+            "attrs": [
+                {"assign_adapter": "0x05"},
+                {"assign_domain": "0x0047"},
+            ],  # control domains exactly as imported: the file had none
+        }
+    assert sorted(os.listdir(out / "matrix")) == sorted(UUIDS[:1] + UUIDS[2:3])
+    # the daemon kept no descriptor of ours
+    fd_dir = f"/proc/{d.proc.pid}/fd"
+    fds = {os.readlink(f"{fd_dir}/{n}") for n in os.listdir(fd_dir)}
+    assert not {str(out), str(other), str(a_file)} & fds, fds
 
 
 # -- kill -9 anywhere, for real -------------------------------------------------------------------
@@ -300,3 +354,39 @@ def test_kill_anywhere_real_process(system_bus: str, polkit: Any, tmp_path: Path
         d.terminate()
         d.close()
     assert len(points) == REAL_KILLS
+
+
+def test_export_writes_where_the_caller_sees_its_directory(
+    start: DaemonFactory, tmp_path: Path
+) -> None:
+    """The descriptor names the caller's directory even where the daemon's namespace has
+    another at that path (PrivateTmp=, a container): a client in a mount namespace of its own
+    exports into a tmpfs the daemon cannot see by path, and the files land there."""
+    d = start("--simulate", "--state-dir", str(tmp_path / "state"))
+
+    async def setup() -> None:
+        c = await Client.connect(d.address)
+        await c.ok(ROOT, MANAGER, "Reserve", "auau", [[5], [4]])
+        opts = {"adapters": Variant("au", [5]), "domains": Variant("au", [4])}
+        await c.ok(ROOT, MANAGER, "CreateMatrix", "sa{sv}", [UUIDS[0], opts])
+        c.close()
+
+    arun(setup())
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    script, site = world_readable_client()
+    call = spec(d.address, ROOT, MANAGER, "ExportMdevctlFd", "h", [0], dirs=[str(seen)])
+    inner = (
+        f'mount -t tmpfs apm-test "{seen}" && "{SYSTEM_PYTHON}" "{script}" "$1" && '
+        f'ls "{seen}/matrix"'
+    )
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", inner, "sh",
+         json.dumps(call)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=site), timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    reply, listed = r.stdout.splitlines()[0], r.stdout.splitlines()[1:]
+    assert json.loads(reply)["error"] is None, reply
+    assert listed == [UUIDS[0]]
+    assert list(seen.iterdir()) == []  # nothing where the daemon would have resolved the path

@@ -62,16 +62,16 @@ def args_for(member: str, sig: str, tmp: Path) -> list[Any]:
         "CreateMatrix": ["", {"adapters": v("au", [5, 6]), "domains": v("au", [0x47])}],
         "Reserve": [[7], [8]],
         "Release": [[], [0x47]],
-        "ImportMdevctl": [str(tmp)],
-        "ExportMdevctl": [str(tmp)],
+        "ImportMdevctl": [""],  # the daemon's own mdevctl directory
+        "ExportMdevctl": [""],
         "Update": [[5], [4], []],
     }
     if member in known:
         return known[member]
-    generic = {"u": 6, "s": "", "au": [6], "b": False, "a{sv}": {}}
+    generic = {"u": 6, "s": "", "au": [6], "b": False, "a{sv}": {}, "h": 0}  # h: fd #0
     body, i = [], 0
     while i < len(sig):  # a method added later: plausible values by type
-        for token in ("a{sv}", "au", "u", "s", "b"):
+        for token in ("a{sv}", "au", "u", "s", "b", "h"):
             if sig.startswith(token, i):
                 body.append(generic[token])
                 i += len(token)
@@ -126,7 +126,10 @@ def test_nobody_is_refused_every_change_and_reads_everything(
 
     before = arun(state())
     asked = len(polkit.checks())
-    outs = run_client(NOBODY, [spec(s.address, *call) for call in changes + reads])
+    # an h argument is a directory nobody opened itself (/tmp: tmp_path is below a 0700 one)
+    outs = run_client(
+        NOBODY, [spec(s.address, *c_, dirs=["/tmp"] * ("h" in c_[3])) for c_ in changes + reads]
+    )
     for call, out in zip(changes, outs[: len(changes)], strict=True):
         assert out["error"] == ACCESS_DENIED, (call[1], call[2], out)
     for call, out in zip(reads, outs[len(changes) :], strict=True):

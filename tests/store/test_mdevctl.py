@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -177,14 +179,48 @@ def test_a_bad_file_is_refused_naming_file_and_entry(
     nothing_changed(svc, tmp_path)
 
 
-def test_import_skips_links_and_fifos_without_blocking(svc: Service, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def given(path: str | Path, form: str) -> Iterator[str | int]:
+    """The directory as the daemon gets it: its own path, or a caller's descriptor."""
+    if form == "path":
+        yield str(path)
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+FORMS = pytest.mark.parametrize("form", ["path", "fd"])
+
+
+@FORMS
+def test_import_skips_links_and_fifos_without_blocking(
+    svc: Service, tmp_path: Path, form: str
+) -> None:
     good = mdevctl_file("auto", ("assign_adapter", "6"), ("assign_domain", "0x47"))
     src = write_dir(tmp_path / "etc", {G1: good})
     secret = tmp_path / "root-only"
     secret.write_text(mdevctl_file("auto", ("assign_adapter", "5"), ("assign_domain", "4")))
     (tmp_path / "etc" / "matrix" / G2).symlink_to(secret)  # not followed
     os.mkfifo(tmp_path / "etc" / "matrix" / G3)  # a FIFO nobody writes: must not block
-    assert svc.import_mdevctl(src) == [G1]
+    with given(src, form) as where:
+        assert svc.import_mdevctl(where) == [G1]
+
+
+def test_a_descriptor_that_is_not_a_directory_is_refused(svc: Service, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for flags in (os.O_PATH, os.O_RDONLY | os.O_NONBLOCK):
+        fd = os.open(fifo, flags)
+        try:
+            for verb in (svc.import_mdevctl, svc.export_mdevctl):
+                with pytest.raises(InvalidArgument, match="descriptor passed is not a directory"):
+                    verb(fd)
+        finally:
+            os.close(fd)
+    nothing_changed(svc, tmp_path)
 
 
 def test_import_needs_an_absolute_existing_dir(svc: Service, tmp_path: Path) -> None:
@@ -217,27 +253,37 @@ def test_an_adopted_live_mdev_is_claimed_by_its_definition(tmp_path: Path) -> No
     assert (tmp_path / "state" / "matrices" / f"{G1}.json").exists()
 
 
-def test_export_follows_no_link_a_user_planted(svc: Service, tmp_path: Path) -> None:
+@FORMS
+def test_export_follows_no_link_a_user_planted(svc: Service, tmp_path: Path, form: str) -> None:
     """ExportMdevctl(DIR) with DIR world-writable: a local user made DIR/matrix a link to a
     directory of theirs choosing, and DIR/matrix/<uuid> a link to a file. Root writes
-    neither target: the planted directory link is refused, a planted file link replaced."""
+    neither target: the planted directory link is refused, a planted file link replaced.
+    A link given as the directory itself is not followed by path (by descriptor the caller
+    resolved it with its own rights)."""
     svc.create_matrix(G1, adapters=[5], domains=[4])
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o1777)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    if form == "path":
+        (tmp_path / "link").symlink_to(shared)
+        for verb in (svc.export_mdevctl, svc.import_mdevctl):
+            with pytest.raises(InvalidArgument, match="symlink is not followed"):
+                verb(str(tmp_path / "link"))
     (shared / "matrix").symlink_to(elsewhere)
-    with pytest.raises(InvalidArgument, match="not a directory .a symlink is not followed"):
-        svc.export_mdevctl(str(shared))
-    assert list(elsewhere.iterdir()) == []
-    with pytest.raises(InvalidArgument, match="symlink is not followed"):
-        svc.import_mdevctl(str(shared))
+    with given(shared, form) as where:
+        with pytest.raises(InvalidArgument, match="not a directory .a symlink is not followed"):
+            svc.export_mdevctl(where)
+        assert list(elsewhere.iterdir()) == []
+        with pytest.raises(InvalidArgument, match="symlink is not followed"):
+            svc.import_mdevctl(where)
     (shared / "matrix").unlink()
     (shared / "matrix").mkdir()
     victim = tmp_path / "victim"
     victim.write_text("root's file\n")
     (shared / "matrix" / G1).symlink_to(victim)
-    svc.export_mdevctl(str(shared))
+    with given(shared, form) as where:
+        svc.export_mdevctl(where)
     assert victim.read_text() == "root's file\n"
     written = shared / "matrix" / G1
     assert not written.is_symlink() and json.loads(written.read_text())["start"] == "manual"
