@@ -387,7 +387,8 @@ async def _serve(bus: ApmatrixBus, service: Service, drift: list[tuple[str, str]
     for t in pending:
         t.cancel()
     if not stop.is_set():
-        log.error("lost the bus connection")
+        why = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
+        log.error("lost the bus connection%s", f" ({why})" if why else "")
         notify.notify("STOPPING=1", "STATUS=lost the bus connection", wait=5.0)
         return 1
     notify.notify("STOPPING=1", "STATUS=stopping", wait=5.0)

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -386,11 +387,30 @@ class UdevSource:
         self.monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
         for subsystem in SUBSYSTEMS:
             self.monitor.filter_by(subsystem)
+        self.receive_buffer = self._enlarge_buffer()
+        self._fd = -1
+
+    def _enlarge_buffer(self) -> int:
+        """Ask for :data:`RECEIVE_BUFFER`; what the socket got (bytes, as the kernel counts).
+
+        Beyond net.core.rmem_max this needs CAP_NET_ADMIN (SO_RCVBUFFORCE; the unit keeps
+        it in the bounding set for this). Without it a storm may overflow the buffer: that
+        is survived (ENOBUFS -> a full rescan, :meth:`EventPump.overflow`), and said here."""
         try:
             self.monitor.set_receive_buffer_size(RECEIVE_BUFFER)
-        except OSError as err:  # not root: the default buffer, and ENOBUFS handling
-            log.debug("cannot enlarge the uevent buffer: %s", err)
-        self._fd = -1
+            err: OSError | None = None
+        except OSError as e:
+            err = e
+        with socket.fromfd(self.monitor.fileno(), socket.AF_NETLINK, socket.SOCK_RAW) as sock:
+            got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if err is not None:
+            log.warning(
+                "uevent receive buffer stays at %d KiB (%s; needs CAP_NET_ADMIN): a uevent "
+                "storm may overflow it and cost a full rescan",
+                got // 1024,
+                err.strerror or err,
+            )
+        return int(got)
 
     def start(self) -> None:
         self.monitor.start()

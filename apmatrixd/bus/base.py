@@ -304,7 +304,36 @@ class PatientWriter(_MessageWriter):
     larger than the socket buffer (a storm, thousands of matrices) cut the daemon off.
     Here the message stays where it was, the loop's writer callback stays registered, and the
     write goes on when the socket drains. Any other error still ends the connection.
+
+    The queue is bounded: past :attr:`LIMIT` bytes waiting, the bus has stopped reading from
+    us (dbus-daemon itself bounds what it holds for a slow client), so the connection is
+    dropped instead of growing without end; the daemon exits and systemd restarts it.
     """
+
+    LIMIT = 64 << 20
+    """Bytes of marshalled messages that may wait for the socket."""
+
+    queued = 0
+
+    def schedule_write(
+        self, msg: Message | None = None, future: asyncio.Future[None] | None = None
+    ) -> None:
+        if not self.bus.connected:  # gone (dropped, or the bus went away): nothing to write to
+            if future is not None and not future.done():
+                future.set_exception(ConnectionError("the bus connection is closed"))
+            return
+        super().schedule_write(msg, future)
+        if self.queued > self.LIMIT:
+            err = ConnectionError(
+                f"{self.queued >> 20} MiB wait to be sent and the bus reads none of it "
+                f"(limit {self.LIMIT >> 20} MiB): dropping the connection"
+            )
+            log.error("%s", err)
+            self.bus._finalize(err)
+
+    def buffer_message(self, msg: Message, future: asyncio.Future[None] | None = None) -> None:
+        super().buffer_message(msg, future)
+        self.queued += len(self.messages[-1][0])
 
     def write_callback(self, remove_writer: bool = True) -> None:
         sock, fd = self.sock, self.fd
@@ -319,6 +348,7 @@ class PatientWriter(_MessageWriter):
                         return
                     buf, self.unix_fds, self.fut = self.messages.popleft()
                     self.buf, self.offset = memoryview(buf), 0
+                    self.queued -= len(buf)
                 try:
                     if self.unix_fds and self.negotiate_unix_fd:
                         fds = array.array("i", self.unix_fds)
