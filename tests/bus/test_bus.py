@@ -453,17 +453,6 @@ def test_polkit_allowing_the_action_lets_nobody_through(daemon: Daemon, polkit: 
     assert polkit.checks()[-1].endswith('"org.apmatrix.apmatrix1.import-mdevctl" {} 0 ""')
 
 
-def test_polkit_unreachable_fails_closed(daemon: Daemon, polkit: PolkitMock) -> None:
-    arun(_setup_two_guests(daemon))
-    polkit.stop()
-    out = nobody(daemon, path_of(GUEST1), MATRIX, "Stop")
-    assert out["error"] == ACCESS_DENIED, out
-    assert "polkit unreachable" in out["body"][0]
-    assert arun(_props(daemon, path_of(GUEST1), MATRIX))["State"] == "active"
-    # root does not need polkit
-    assert call_as(0, daemon.address, path_of(GUEST1), MATRIX, "Stop")["error"] is None
-
-
 # -- signals ---------------------------------------------------------------------------------------
 def test_signals_one_per_object_per_change(daemon: Daemon) -> None:
     async def go() -> None:
