@@ -79,11 +79,14 @@ _READS = frozenset(
 
 def drop_unwanted_reads(msg: Message) -> bool:
     """A message handler: True (handled, nothing to do) for a read nobody wants answered."""
-    return (
+    if (
         msg.message_type == MessageType.METHOD_CALL
         and bool(msg.flags & MessageFlag.NO_REPLY_EXPECTED)
         and (msg.interface, msg.member) in _READS
-    )
+    ):
+        _close_all(msg.unix_fds)  # dropped: so are the descriptors it carried
+        return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 from busrig import (
     MANAGER,
     MATRIX,
+    NAME,
     ROOT,
     SYSTEM_PYTHON,
     Client,
@@ -32,7 +33,7 @@ from busrig import (
     start_daemon,
     world_readable_client,
 )
-from dbus_fast import Variant
+from dbus_fast import Message, MessageFlag, Variant
 
 from apmatrixd.store import KILL_ENV, Store
 
@@ -200,6 +201,27 @@ def test_mdevctl_import_and_export_over_dbus(start: DaemonFactory, tmp_path: Pat
         finally:
             os.close(fd)
         await c.ok(ROOT, MANAGER, "ExportMdevctl", "s", [""])
+        # descriptors sent along with calls that take none are closed too: dropped reads,
+        # dbus-fast's own methods, unknown members, our methods with another signature
+        fd = os.open(other, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for path, iface, member, sig, body in (
+                (ROOT, MANAGER, "Check", "auaus", [[5], [4], ""]),
+                (ROOT, "org.freedesktop.DBus.Properties", "Get", "ss", [MANAGER, "Version"]),
+                (ROOT, MANAGER, "NoSuchMethod", "", []),
+                (ROOT, MANAGER, "ImportMdevctl", "h", [0]),
+            ):
+                await c.call(path, iface, member, sig, body, [fd])
+            await c.bus.send(
+                Message(
+                    destination=NAME, path=ROOT, interface=MANAGER, member="Check",
+                    signature="auaus", body=[[5], [4], ""], unix_fds=[fd],
+                    flags=MessageFlag.NO_REPLY_EXPECTED,
+                )
+            )  # fmt: skip
+            await c.ok(ROOT, "org.freedesktop.DBus.Peer", "Ping")
+        finally:
+            os.close(fd)
         c.close()
 
     arun(go())
