@@ -620,7 +620,7 @@
         const tbody = $("adapters").tBodies[0];
         const yes = (b, cls) => el("span", { class: "badge " + (b ? "yes" : cls), text: b ? "yes" : "no" });
         tbody.replaceChildren(...ads.map((a) => {
-            const held = new Set(Object.values(a.Owners || {}));
+            const held = new Set((a.Owners || []).map(([, uuid]) => uuid));
             return el("tr", { dataset: { adapter: hex2(a.Id) } },
                 el("td", {}, el("code", { text: hex2(a.Id) })),
                 el("td", { text: a.Type }),

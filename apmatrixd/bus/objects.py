@@ -96,7 +96,7 @@ def adapter_values(a: AdapterView) -> dict[str, Any]:
         "Configured": bool(a.configured),
         "Domains": _ids(a.domains),
         "GuestDomains": _ids(a.guest_domains),
-        "Owners": dict(sorted(a.owners.items())),
+        "Owners": [[d, u] for d, u in sorted(a.owners.items())],
         "Checkstopped": bool(a.checkstopped),
         "DriverOverrides": [[d, drv] for d, drv in a.overrides],
     }
@@ -301,7 +301,7 @@ class Adapter(Exported):
     Configured = prop("Configured", "b")
     Domains = prop("Domains", "au")
     GuestDomains = prop("GuestDomains", "au")
-    Owners = prop("Owners", "a{us}")
+    Owners = prop("Owners", "a(us)")
     Checkstopped = prop("Checkstopped", "b")
     DriverOverrides = prop("DriverOverrides", "a(us)")
 

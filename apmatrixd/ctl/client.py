@@ -301,7 +301,7 @@ class AdapterInfo:
             configured=bool(p.get("Configured", False)),
             domains=frozenset(p.get("Domains", ())),
             guest_domains=frozenset(p.get("GuestDomains", ())),
-            owners={int(d): str(u) for d, u in dict(p.get("Owners", {})).items()},
+            owners={int(d): str(u) for d, u in p.get("Owners", [])},
         )
 
     def json(self) -> dict[str, Any]:

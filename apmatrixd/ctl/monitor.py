@@ -34,14 +34,14 @@ def register(sub: Sub, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_monitor)
 
 
-def show_value(value: Any, names_of: dict[str, str] | None = None) -> str:
+def show_value(name: str, value: Any, names_of: dict[str, str] | None = None) -> str:
+    if name == "Owners":  # a(us): domain, matrix UUID
+        nm = names_of or {}
+        return ",".join(f"{d:02x}:{nm.get(u) or u}" for d, u in sorted(value)) or "-"
     if isinstance(value, list) and value and isinstance(value[0], list):
         return format_apqns(tuple(x) for x in value)
     if isinstance(value, list):
         return format_ids(value)
-    if isinstance(value, dict):
-        nm = names_of or {}
-        return ",".join(f"{d:02x}:{nm.get(u) or u}" for d, u in sorted(value.items())) or "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)
@@ -113,7 +113,7 @@ class Follower:
                 self.labels[msg.path] = f"matrix {nm} ({uuid})" if nm else f"matrix {uuid}"
                 self.names_of[uuid] = nm
             text = " ".join(
-                f"{k}={show_value(v, self.names_of)}" for k, v in sorted(changed.items())
+                f"{k}={show_value(k, v, self.names_of)}" for k, v in sorted(changed.items())
             )
             self.emit(
                 "PropertiesChanged",
@@ -126,7 +126,7 @@ class Follower:
             path, what = body
             self.emit("Drift", path, what, {"object": path, "what": what})
             return
-        self.emit(str(msg.member), msg.path, show_value(body), {"body": body})
+        self.emit(str(msg.member), msg.path, show_value(str(msg.member), body), {"body": body})
 
 
 async def _add_match(conn: Connection, rule: str) -> None:
