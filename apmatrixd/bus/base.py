@@ -38,6 +38,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 from dbus_fast.signature import get_signature_tree
 
 from apmatrixd.bus import names
+from apmatrixd.bus.introspect import introspect
 
 if TYPE_CHECKING:
     from apmatrixd.auth import Authority
@@ -103,6 +104,7 @@ class Method:
 
 
 METHOD_ATTR = "__apmatrixd_method__"
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 
 
 def call(fn: Handler) -> Any:
@@ -216,9 +218,22 @@ class Dispatcher:
                 return obj, method
         return None
 
-    def __call__(self, msg: Message) -> bool:
+    def children(self, path: str) -> set[str]:
+        prefix = path.rstrip("/") + "/"
+        return {p[len(prefix) :].split("/", 1)[0] for p in self._objects if p.startswith(prefix)}
+
+    def __call__(self, msg: Message) -> bool | Message:
         if msg.message_type != MessageType.METHOD_CALL:
             return False
+        if (
+            msg.interface == INTROSPECTABLE
+            and msg.member == "Introspect"
+            and not msg.signature
+            and msg.path in self._objects
+        ):  # ours, from the shipped XML: argument names included
+            ifaces = self._objects[msg.path]
+            text = introspect(msg.path, ifaces, self.children(msg.path))
+            return Message.new_method_return(msg, "s", [text])
         found = self.find(msg)
         if found is None:
             if msg.unix_fds:  # nothing of dbus-fast's takes a descriptor: never leak one

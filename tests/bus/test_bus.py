@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid as uuidlib
@@ -507,31 +508,32 @@ def test_signals_one_per_object_per_change(daemon: Daemon) -> None:
 
 
 # -- introspection equals the shipped XML ----------------------------------------------------------
-def members(xml: str, wanted: set[str]) -> dict[str, Any]:
+def members(xml: str, wanted: set[str], arg_names: bool = True) -> dict[str, Any]:
+    """Methods (their args in order: name, type, direction), properties (type, access) and
+    signals (args) of the ``wanted`` interfaces; ``arg_names=False`` keeps types only."""
+
+    def args(el: ET.Element, default: str | None) -> list[tuple[str | None, ...]]:
+        """(name, type, direction); a signal's args have no direction (None)."""
+        return [
+            (
+                a.get("name") if arg_names else None,
+                a.get("type"),
+                a.get("direction", default) if default else None,
+            )
+            for a in el.iter("arg")
+        ]
+
     out: dict[str, Any] = {}
     for iface in ET.fromstring(xml).iter("interface"):
         name = iface.get("name", "")
         if name not in wanted:
             continue
         out[name] = {
-            "methods": {
-                m.get("name"): (
-                    "".join(
-                        a.get("type", "") for a in m.iter("arg") if a.get("direction", "in") == "in"
-                    ),
-                    "".join(
-                        a.get("type", "") for a in m.iter("arg") if a.get("direction") == "out"
-                    ),
-                )
-                for m in iface.iter("method")
-            },
+            "methods": {m.get("name"): args(m, "in") for m in iface.iter("method")},
             "properties": {
                 p.get("name"): (p.get("type"), p.get("access")) for p in iface.iter("property")
             },
-            "signals": {
-                s.get("name"): "".join(a.get("type", "") for a in s.iter("arg"))
-                for s in iface.iter("signal")
-            },
+            "signals": {s.get("name"): args(s, None) for s in iface.iter("signal")},
         }
     return out
 
@@ -569,22 +571,59 @@ def test_every_property_survives_busctl_json(daemon: Daemon) -> None:
 
 
 def test_live_introspection_equals_shipped_xml(daemon: Daemon) -> None:
+    """What busctl and gdbus show is the shipped description, argument names included; and
+    what the code implements (dbus-fast's view of the classes, our dispatch table) has
+    exactly its methods, signatures, properties and signals."""
+    from dbus_fast.service import ServiceInterface
+
+    from apmatrixd.bus.base import methods_of
+    from apmatrixd.bus.objects import Adapter, Manager, Matrix
+
     arun(_setup_two_guests(daemon))
+    ours = {MANAGER, MATRIX, ADAPTER}
     live: dict[str, Any] = {}
     for path in (ROOT, path_of(GUEST1), f"{ROOT}/adapters/05"):
         r = busctl(
-            daemon.address,
-            "call",
-            NAME,
-            path,
-            "org.freedesktop.DBus.Introspectable",
-            "Introspect",
-            "--json=short",
-        )
-        live |= members(json.loads(r.stdout)["data"][0], {MANAGER, MATRIX, ADAPTER})
-    canonical = members(XML.read_text(), {MANAGER, MATRIX, ADAPTER})
-    assert set(canonical) == {MANAGER, MATRIX, ADAPTER}
+            daemon.address, "call", NAME, path, "org.freedesktop.DBus.Introspectable",
+            "Introspect", "--json=short",
+        )  # fmt: skip
+        text = json.loads(r.stdout)["data"][0]
+        live |= members(text, ours)
+        if path == ROOT:
+            assert {n.get("name") for n in ET.fromstring(text).findall("node")} == {
+                "matrices",
+                "adapters",
+            }
+            assert "org.freedesktop.DBus.ObjectManager" in text
+    canonical = members(XML.read_text(), ours)
+    assert set(canonical) == ours
     assert live == canonical
+    for cls, iface in ((Manager, MANAGER), (Matrix, MATRIX), (Adapter, ADAPTER)):
+        bare = cls.__new__(cls)
+        ServiceInterface.__init__(bare, iface)  # dbus-fast's view of the class, no service
+        declared = ET.tostring(bare.introspect().to_xml(), encoding="unicode")
+        assert members(declared, {iface}, arg_names=False) == members(
+            XML.read_text(), {iface}, arg_names=False
+        )
+        table = {m.member: (m.in_signature, m.out_signature) for m in methods_of(cls).values()}
+        assert table == {
+            name: (
+                "".join(t for _, t, d in margs if d == "in"),
+                "".join(t for _, t, d in margs if d == "out"),
+            )
+            for name, margs in canonical[iface]["methods"].items()
+        }
+    for iface in canonical.values():  # every argument has a name
+        for margs in (*iface["methods"].values(), *iface["signals"].values()):
+            assert all(n for n, _, _ in margs), margs
+    # gdbus, the other client everyone has, shows the names too
+    if shutil.which("gdbus"):
+        r = subprocess.run(
+            ["gdbus", "introspect", "--address", daemon.address, "--dest", NAME,
+             "--object-path", ROOT],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert "out o matrix" in r.stdout and "Drift(o matrix," in r.stdout, r.stdout
     from dbus_fast.introspection import Node
 
     Node.parse(XML.read_text())  # valid for the library too
