@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 
@@ -9,9 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apmatrixd.core import ApmatrixError, Apqn, Busy, Conflict, HostOwned, InvalidArgument, NotFound
+from apmatrixd.core import (
+    AlreadyExists,
+    ApmatrixError,
+    Apqn,
+    Busy,
+    Conflict,
+    HostOwned,
+    InvalidArgument,
+    NotFound,
+)
 from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
-from apmatrixd.service import Changes, Service
+from apmatrixd.service import Changes, Service, ops
 from apmatrixd.sim.model import Host
 
 G1 = "11111111-1111-4111-8111-111111111111"
@@ -162,3 +172,69 @@ def test_adapter_owners_follow_every_change(
                 getattr(svc, op)(uuid, kind, id)
         for view in svc.adapters():
             assert view.owners == svc.registry.owners_of_adapter(view.id), (op, uuid, kind, id)
+
+
+# -- Update's modes, Configure ----------------------------------------------------------------
+@pytest.fixture
+def two(svc: Service) -> Service:
+    svc.reserve([5, 6], [4, 0x47])
+    svc.create_matrix(G1, name="g1", adapters=[5], domains=[4, 0x47], control_domains=[1])
+    return svc
+
+
+def sets(svc: Service, uuid: str = G1) -> tuple[tuple[int, ...], ...]:
+    m = svc.matrix(uuid)
+    return m.adapters, m.domains, m.control_domains
+
+
+def test_update_modes_change_only_what_they_name(two: Service) -> None:
+    assert sets(two) == ((5,), (4, 0x47), (1, 4, 0x47))
+    two.update(G1, [6], [], [], mode="add", sets=["adapters"])
+    assert sets(two) == ((5, 6), (4, 0x47), (1, 4, 0x47))
+    two.update(G1, [], [0x47], [], mode="remove", sets=["domains"])  # takes its control domain
+    assert sets(two) == ((5, 6), (4,), (1, 4))
+    two.update(G1, [], [0x47], [], mode="add", sets=["domains"])
+    assert sets(two) == ((5, 6), (4, 0x47), (1, 4, 0x47))
+    # usage domains replaced: theirs go, the control domain of its own (01) stays
+    two.update(G1, [], [], [], mode="set", sets=["adapters", "domains"])
+    assert sets(two) == ((), (), (1,))
+    two.update(G1, [5], [4], [], mode="set", sets=["adapters", "domains"])
+    # control domains set to none: the usage domain stays one (ControlUsageDomains)
+    two.update(G1, [], [], [], mode="set", sets=["control_domains"])
+    assert sets(two) == ((5,), (4,), (4,))
+    assert two.matrix(G1).control_usage_domains
+    for mode, which in (("merge", ["domains"]), ("set", ["queues"]), ("set", [])):
+        with pytest.raises(InvalidArgument):
+            two.update(G1, [], [], [], mode=mode, sets=which)
+    assert sets(two) == ((5,), (4,), (4,))
+
+
+def test_two_callers_adding_at_once_both_land(two: Service) -> None:
+    """Each add is decided on the sets as they are when it runs, not as its caller read
+    them: queued behind one another, both adapters end up assigned."""
+
+    async def both() -> None:
+        a = two.submit("Update", ops.update, G1, [6], [], [], "add", ["adapters"])
+        b = two.submit("Update", ops.update, G1, [], [0x47], [], "remove", ["domains"])
+        await asyncio.gather(a, b)
+
+    asyncio.run(both())
+    assert sets(two) == ((5, 6), (4,), (1, 4))
+
+
+def test_configure_renames_and_sets_autostart(two: Service) -> None:
+    two.create_matrix(G2, name="g2", adapters=[6], domains=[4])
+    two.configure(G1, name="guest-one", autostart=True)
+    m = two.matrix(G1)
+    assert (m.name, m.autostart) == ("guest-one", True)
+    assert two.matrix("guest-one").uuid == G1
+    with pytest.raises(AlreadyExists):
+        two.configure(G1, name="g2")
+    for bad in ("a b", "a/b", "x;y", "cafe", "1111", "x" * 256):
+        with pytest.raises(InvalidArgument):
+            two.configure(G1, name=bad)
+        with pytest.raises(InvalidArgument):
+            two.create_matrix(G3, name=bad, adapters=[6], domains=[0x47])
+    two.configure(G1, autostart=False)
+    m = two.matrix(G1)
+    assert (m.name, m.autostart) == ("guest-one", False)

@@ -74,6 +74,7 @@ _READS = frozenset(
         ("org.freedesktop.DBus.Peer", "Ping"),
         ("org.freedesktop.DBus.Peer", "GetMachineId"),
         (names.MANAGER_IFACE, "Check"),
+        (names.MANAGER_IFACE, "CheckWithOptions"),
     }
 )
 

@@ -84,6 +84,7 @@ def matrix_values(m: MatrixView) -> dict[str, Any]:
         "SysfsPath": m.sysfs_path,
         "InUse": bool(m.in_use),
         "Lost": [[a, d, why] for a, d, why in m.lost],
+        "ControlUsageDomains": bool(m.control_usage_domains),
     }
 
 
@@ -102,13 +103,14 @@ def adapter_values(a: AdapterView) -> dict[str, Any]:
     }
 
 
-def parse_options(options: dict[str, Variant]) -> dict[str, Any]:
-    """CreateMatrix's a{sv} as keyword arguments; unknown keys or wrong types are refused."""
+def parse_options(options: dict[str, Variant], schema: dict[str, str] = OPTIONS) -> dict[str, Any]:
+    """An a{sv} as keyword arguments (CreateMatrix's by default); unknown keys or wrong types
+    are refused by name, so a caller learns at once what a daemon of this version takes."""
     out: dict[str, Any] = {}
     for key, var in options.items():
-        want = OPTIONS.get(key)
+        want = schema.get(key)
         if want is None:
-            known = ", ".join(sorted(OPTIONS))
+            known = ", ".join(sorted(schema)) or "none yet"
             raise InvalidArgument(f"unknown option {key!r} (known: {known})")
         if var.signature != want:
             raise InvalidArgument(f"option {key!r} must be of type {want}, not {var.signature}")
@@ -117,16 +119,15 @@ def parse_options(options: dict[str, Variant]) -> dict[str, Any]:
 
 
 RELEASE_OPTIONS = {"force": "b", "timeout": "u"}
+UPDATE_OPTIONS = {"mode": "s", "sets": "as"}
+CONFIGURE_OPTIONS = {"name": "s", "autostart": "b"}
+NO_OPTIONS: dict[str, str] = {}
+"""Reserve/Release/CheckWithOptions take none yet: the a{sv} is where later ones go."""
 
 
 def parse_release(options: dict[str, Variant]) -> tuple[bool, float | None]:
     """StopWithOptions/RemoveWithOptions: ``force`` (b) and ``timeout`` (u, seconds > 0)."""
-    for key, var in options.items():
-        want = RELEASE_OPTIONS.get(key)
-        if want is None:
-            raise InvalidArgument(f"unknown option {key!r} (known: force, timeout)")
-        if var.signature != want:
-            raise InvalidArgument(f"option {key!r} must be of type {want}, not {var.signature}")
+    parse_options(options, RELEASE_OPTIONS)
     timeout = options["timeout"].value if "timeout" in options else None
     if timeout is not None and timeout == 0:
         raise InvalidArgument("timeout must be at least 1 second")
@@ -169,6 +170,21 @@ class Manager(Exported):
 
     @call
     def Release(self, adapters: Ids, domains: Ids) -> Awaitable[None]:
+        return self._service.submit("Release", ops.release, adapters, domains)
+
+    @call
+    def CheckWithOptions(self, adapters: Ids, domains: Ids, uuid: Str, options: Options) -> Clashes:
+        parse_options(options, NO_OPTIONS)
+        return self._service.check_rows(adapters, domains, uuid)
+
+    @call
+    def ReserveWithOptions(self, adapters: Ids, domains: Ids, options: Options) -> Awaitable[None]:
+        parse_options(options, NO_OPTIONS)
+        return self._service.submit("Reserve", ops.reserve, adapters, domains)
+
+    @call
+    def ReleaseWithOptions(self, adapters: Ids, domains: Ids, options: Options) -> Awaitable[None]:
+        parse_options(options, NO_OPTIONS)
         return self._service.submit("Release", ops.release, adapters, domains)
 
     def _own_mdevctl_dir(self, dir: str) -> str:
@@ -231,6 +247,7 @@ class Matrix(Exported):
     SysfsPath = prop("SysfsPath", "s")
     InUse = prop("InUse", "b")
     Lost = prop("Lost", "a(uus)")
+    ControlUsageDomains = prop("ControlUsageDomains", "b")
 
     @call
     def AssignAdapter(self, adapter: U32) -> Awaitable[None]:
@@ -261,6 +278,22 @@ class Matrix(Exported):
         return self._service.submit(
             "Update", ops.update, self.uuid, adapters, domains, control_domains
         )
+
+    @call
+    def UpdateWithOptions(
+        self, adapters: Ids, domains: Ids, control_domains: Ids, options: Options
+    ) -> Awaitable[None]:
+        kw = parse_options(options, UPDATE_OPTIONS)
+        return self._service.submit(
+            "Update", ops.update, self.uuid, adapters, domains, control_domains, **kw
+        )
+
+    @call
+    def Configure(self, options: Options) -> Awaitable[None]:
+        kw = parse_options(options, CONFIGURE_OPTIONS)
+        if not kw:
+            raise InvalidArgument("Configure: give name and/or autostart")
+        return self._service.submit("Configure", ops.configure, self.uuid, **kw)
 
     @call
     def Start(self) -> Awaitable[None]:

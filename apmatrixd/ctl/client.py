@@ -230,10 +230,12 @@ class MatrixInfo:
     sysfs_path: str
     in_use: bool = False
     lost: tuple[tuple[int, int, str], ...] = ()
+    control_usage_domains: bool = True
 
     @classmethod
     def of(cls, path: str, p: dict[str, Any]) -> MatrixInfo:
         return cls(
+            control_usage_domains=bool(p.get("ControlUsageDomains", True)),
             in_use=bool(p.get("InUse", False)),
             lost=tuple((int(a), int(d), str(w)) for a, d, w in p.get("Lost", ())),
             path=path,
@@ -270,6 +272,7 @@ class MatrixInfo:
             "sysfs_path": self.sysfs_path,
             "in_use": self.in_use,
             "lost": [{"adapter": a, "domain": d, "reason": w} for a, d, w in self.lost],
+            "control_usage_domains": self.control_usage_domains,
             "path": self.path,
         }
 

@@ -79,6 +79,15 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any, idtype_none
         _sets(p, idtype_none if verb == "update" else idtype)
         p.set_defaults(func=cmd_change, verb=verb)
 
+    what = "rename a matrix or change its autostart (no APQN changes)"
+    p = sub.add_parser(
+        "configure", parents=[common], help=what, description=what[0].upper() + what[1:] + "."
+    )
+    p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
+    p.add_argument("--name", help="the new name ('' for none)")
+    p.add_argument("--autostart", choices=("yes", "no"), help="start it at boot")
+    p.set_defaults(func=cmd_configure)
+
 
 def _sets(p: argparse.ArgumentParser, idtype: Any) -> None:
     p.add_argument("-a", "--adapters", type=idtype, metavar="IDS", help="adapter ids (hex)")
@@ -188,37 +197,79 @@ async def cmd_lifecycle(conn: Connection, args: argparse.Namespace, out: Output)
     return 0
 
 
+async def cmd_configure(conn: Connection, args: argparse.Namespace, out: Output) -> int:
+    options: dict[str, Variant] = {}
+    if args.name is not None:
+        options["name"] = Variant("s", args.name)
+    if args.autostart is not None:
+        options["autostart"] = Variant("b", args.autostart == "yes")
+    if not options:
+        raise CtlError("configure: give --name and/or --autostart", code=2)
+    m = (await conn.snapshot()).resolve(args.matrix)
+    await conn.call(m.path, names.MATRIX_IFACE, "Configure", "a{sv}", [options])
+    print_matrix(out, (await conn.snapshot()).matrices.get(m.uuid, m))
+    return 0
+
+
+MODES = {"assign": "add", "unassign": "remove", "update": "set"}
+
+
 async def cmd_change(conn: Connection, args: argparse.Namespace, out: Output) -> int:
-    if args.adapters is None and args.domains is None and args.control_domains is None:
+    """The daemon applies the change to the sets as they are when it runs (UpdateWithOptions
+    with mode add/remove/set and only the sets given): two admins' changes both land."""
+    given = {
+        k: v
+        for k, v in (
+            ("adapters", args.adapters),
+            ("domains", args.domains),
+            ("control_domains", args.control_domains),
+        )
+        if v is not None
+    }
+    if not given:
         raise CtlError(
             f"{args.verb}: give at least one of --adapters, --domains, --control-domains", code=2
         )
     snap = await conn.snapshot()
     m = snap.resolve(args.matrix)
-    a0, d0, c0 = set(m.adapters), set(m.domains), set(m.control_domains)
-    a, d, c = (
-        args.adapters or frozenset(),
-        args.domains or frozenset(),
-        args.control_domains or frozenset(),
-    )
-    if args.verb == "assign":
-        new = (a0 | a, d0 | d, c0 | c)
-    elif args.verb == "unassign":
-        new = (a0 - a, d0 - d, c0 - c - d)
-    else:
-        new = (
-            set(a0 if args.adapters is None else a),
-            set(d0 if args.domains is None else d),
-            set(c0 if args.control_domains is None else c),
-        )
+    a, d, c = (sorted(given.get(k, ())) for k in ("adapters", "domains", "control_domains"))
+    # what the change would hold, for the picture drawn with a refusal
+    a_new = set(m.adapters) | set(a) if args.verb != "unassign" else set(m.adapters) - set(a)
+    if args.verb == "update" and "adapters" in given:
+        a_new = set(a)
+    d_new = set(m.domains) | set(d) if args.verb != "unassign" else set(m.domains) - set(d)
+    if args.verb == "update" and "domains" in given:
+        d_new = set(d)
+    options = {"mode": Variant("s", MODES[args.verb]), "sets": Variant("as", sorted(given))}
     await conn.call(
         m.path,
         names.MATRIX_IFACE,
-        "Update",
-        "auauau",
-        [sorted(new[0]), sorted(new[1]), sorted(new[2])],
-        proposal=(frozenset(new[0]), frozenset(new[1]), m.uuid),
+        "UpdateWithOptions",
+        "auauaua{sv}",
+        [a, d, c, options],
+        proposal=(frozenset(a_new), frozenset(d_new), m.uuid),
     )
     after = (await conn.snapshot()).matrices.get(m.uuid, m)
     print_matrix(out, after)
+    kept = _kept_control_domains(args.verb, given, after)
+    if kept and not out.as_json:
+        out.line(
+            f"note: control domains {format_ids(kept)} stay: they are usage domains of this "
+            "matrix, and its usage domains are control domains too (created so; see "
+            "'create --no-control-usage-domains')"
+        )
     return 0
+
+
+def _kept_control_domains(verb: str, given: dict[str, Any], after: MatrixInfo) -> set[int]:
+    """Control domains the caller asked to drop that the matrix keeps as usage domains."""
+    if not after.control_usage_domains or "control_domains" not in given:
+        return set()
+    asked, now = set(given["control_domains"]), set(after.control_domains)
+    if verb == "unassign":
+        kept = asked & now
+    elif verb == "update":
+        kept = now - asked
+    else:
+        return set()
+    return kept & set(after.domains)

@@ -41,7 +41,11 @@ def matrix_block(m: MatrixInfo) -> list[str]:
         ("State", m.state),
         ("Adapters", format_ids(m.adapters)),
         ("Domains", format_ids(m.domains)),
-        ("Control domains", format_ids(m.control_domains)),
+        (
+            "Control domains",
+            format_ids(m.control_domains)
+            + (" (every usage domain is one too)" if m.control_usage_domains else ""),
+        ),
         ("APQNs", format_apqns(m.apqns)),
         ("Guest APQNs", format_apqns(m.guest_apqns)),
         ("Autostart", "yes" if m.autostart else "no"),

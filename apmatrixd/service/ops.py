@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import string
 import uuid as uuidlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
@@ -58,6 +59,26 @@ KINDS: tuple[Kind, ...] = ("adapter", "domain", "control_domain")
 ORDER = ("invalid", "not_found", "exists", "range", "host", "conflict", "busy")
 
 
+NAME_CHARS = frozenset(string.ascii_letters + string.digits + "-_.+@:")
+
+
+def check_name(name: str) -> None:
+    """A matrix name is what an admin types after ``apmatrixctl show``: letters, digits and
+    ``-_.+@:``, at most 255, and not only hex digits and ``-`` (it would read as a UUID
+    prefix, and shadow the matrices whose UUIDs start so). '' is no name."""
+    if not isinstance(name, str) or len(name) > 255:
+        raise InvalidArgument("a name has at most 255 characters")
+    bad = sorted(set(name) - NAME_CHARS)
+    if bad:
+        raise InvalidArgument(
+            f"a name may not contain {''.join(bad)!r} (letters, digits and -_.+@: only)"
+        )
+    if name and set(name) <= set(string.hexdigits + "-"):
+        raise InvalidArgument(
+            f"name {name!r} reads as a UUID prefix (only hex digits and '-'): add a letter g-z"
+        )
+
+
 # -- matrices ---------------------------------------------------------------------------------
 def create_matrix(
     svc: Service,
@@ -77,8 +98,7 @@ def create_matrix(
     c = id_set(control_domains, "control domain")
     if control_usage_domains:
         c |= d
-    if not isinstance(name, str) or len(name) > 255 or "\n" in name:
-        raise InvalidArgument("name must be one line of at most 255 characters")
+    check_name(name)
     m = Matrix(uuid, a, d, c, name=name, autostart=autostart)
     define = DefineMatrix(m)
     if start:
@@ -135,20 +155,60 @@ def change_one(svc: Service, uuid: str, kind: Kind, id: int, *, add: bool) -> Co
     yield from update_sets(svc, m, sets["adapter"], sets["domain"], sets["control_domain"], what)
 
 
+SETS = ("adapters", "domains", "control_domains")
+MODES = ("set", "add", "remove")
+
+
 def update(
     svc: Service,
     uuid: str,
     adapters: Iterable[int],
     domains: Iterable[int],
     control_domains: Iterable[int],
+    mode: str = "set",
+    sets: Iterable[str] = SETS,
 ) -> Command[None]:
+    """Change a matrix's sets, decided on what it holds when the command runs (never on what
+    a caller read earlier, so two callers' changes both land).
+
+    ``mode`` ``set`` replaces the sets named in ``sets`` (default all three) and keeps the
+    others; ``add``/``remove`` add or remove the ids given. With ControlUsageDomains every
+    usage domain stays a control domain: a usage domain added is a control domain too, one
+    removed or replaced takes its control domain along (the control domains of their own are
+    the others), and a control domain that is a usage domain cannot be dropped."""
+    if mode not in MODES:
+        raise InvalidArgument(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    which = set(sets)
+    if not which <= set(SETS) or not which:
+        raise InvalidArgument(f"sets must name some of {', '.join(SETS)}, not {sorted(which)}")
     st = svc.state
     m = st.registry.get(svc.resolve(uuid))
-    a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
-    c = id_set(control_domains, "control domain")
-    if st.meta[m.uuid].control_usage_domains:
-        c |= d
-    yield from update_sets(svc, m, a, d, c, f"Update {m.uuid}")
+    meta = st.meta[m.uuid]
+    base = meta.truth.matrix() if meta.live and meta.truth is not None else m
+    given = {
+        "adapters": id_set(adapters, "adapter"),
+        "domains": id_set(domains, "domain"),
+        "control_domains": id_set(control_domains, "control domain"),
+    }
+    old = {
+        "adapters": base.adapters,
+        "domains": base.domains,
+        "control_domains": base.control_domains,
+    }
+    new = dict(old)
+    for k in which:
+        if mode == "set":
+            new[k] = given[k]
+        elif mode == "add":
+            new[k] = old[k] | given[k]
+        else:
+            new[k] = old[k] - given[k]
+    if meta.control_usage_domains:
+        own = new["control_domains"] - (old["domains"] if "control_domains" not in which else set())
+        new["control_domains"] = frozenset(own | new["domains"])
+    yield from update_sets(
+        svc, m, new["adapters"], new["domains"], new["control_domains"], f"Update {m.uuid}"
+    )
 
 
 def update_sets(
@@ -346,18 +406,33 @@ def remove(
 
 
 def set_autostart(svc: Service, uuid: str, autostart: bool) -> Command[None]:
+    yield from configure(svc, uuid, autostart=autostart)
+
+
+def configure(
+    svc: Service, uuid: str, name: str | None = None, autostart: bool | None = None
+) -> Command[None]:
+    """Rename a matrix and/or change its autostart; None leaves that one as it is."""
     st = svc.state
     m = st.registry.get(svc.resolve(uuid))
-    if m.autostart == autostart:
+    if name is not None:
+        check_name(name)
+    new_name = m.name if name is None else name
+    new_auto = m.autostart if autostart is None else autostart
+    if (new_name, new_auto) == (m.name, m.autostart):
         return
-    change = UpdateMatrix(m.uuid, m.adapters, m.domains, m.control_domains, autostart=autostart)
-    # A flag breaks no rule, even on a definition the kernel's truth clashes with (turning
-    # its autostart off may be exactly what the admin wants): nothing to decide.
+    change = UpdateMatrix(
+        m.uuid, m.adapters, m.domains, m.control_domains, name=new_name, autostart=new_auto
+    )
+    if new_name != m.name:  # a name must stay unique; nothing else can refuse
+        st.registry.decide(change).raise_if_refused(ORDER)
+    # A flag or a name breaks no APQN rule, even on a definition the kernel's truth clashes
+    # with (turning its autostart off may be exactly what the admin wants).
     decision = Decision(change)
     record = st.record(m.uuid, Matrix(m.uuid, m.adapters, m.domains, m.control_domains,
-                                      name=m.name, autostart=autostart))  # fmt: skip
+                                      name=new_name, autostart=new_auto))  # fmt: skip
     tx = Transaction(
-        f"Autostart {m.uuid}",
+        f"Configure {m.uuid}",
         store={m.uuid: record},
         stored_before={m.uuid: st.on_disk.get(m.uuid)},
     )

@@ -218,6 +218,7 @@ class Service:
             lost=loss_reasons(apqns, meta.guest, st.infos, self.kernel.vfio_driver)
             if meta.live
             else (),
+            control_usage_domains=meta.control_usage_domains,
         )
 
     def adapters(self) -> list[AdapterView]:
@@ -269,8 +270,13 @@ class Service:
         adapters: Iterable[int],
         domains: Iterable[int],
         control_domains: Iterable[int],
+        mode: str = "set",
+        sets: Iterable[str] = ops.SETS,
     ) -> None:
-        self.run(ops.update, uuid, adapters, domains, control_domains)
+        self.run(ops.update, uuid, adapters, domains, control_domains, mode, sets)
+
+    def configure(self, uuid: str, name: str | None = None, autostart: bool | None = None) -> None:
+        self.run(ops.configure, uuid, name, autostart)
 
     def start(self, uuid: str) -> None:
         self.run(ops.start, uuid)

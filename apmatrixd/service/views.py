@@ -39,6 +39,8 @@ class MatrixView:
     in_use: bool = False
     # Each assigned APQN the guest does not get, and why: (adapter, domain, reason).
     lost: tuple[tuple[int, int, str], ...] = ()
+    # Every usage domain is a control domain too (CreateMatrix's control_usage_domains).
+    control_usage_domains: bool = True
 
 
 @dataclass(frozen=True)

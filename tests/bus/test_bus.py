@@ -714,3 +714,40 @@ async def _props(daemon: Daemon, path: str, iface: str) -> dict[str, Any]:
         return await c.props(path, iface)
     finally:
         c.close()
+
+
+def test_options_methods_and_configure(daemon: Daemon) -> None:
+    """The a{sv} forms: UpdateWithOptions changes only what it names, decided on the sets as
+    they are; unknown options are refused by name; Configure renames and sets autostart."""
+    arun(_setup_two_guests(daemon))
+    p1 = path_of(GUEST1)
+
+    async def go() -> None:
+        c = await Client.connect(daemon.address)
+        await c.ok(ROOT, MANAGER, "ReserveWithOptions", "auaua{sv}", [[7], [], {}])
+        name, text = await c.error(
+            ROOT, MANAGER, "ReleaseWithOptions", "auaua{sv}", [[7], [], {"x": Variant("b", True)}]
+        )
+        assert name == ERR + "InvalidArgument" and "unknown option 'x'" in text
+        (rows,) = await c.ok(ROOT, MANAGER, "CheckWithOptions", "auausa{sv}", [[6], [4], "", {}])
+        assert [list(r) for r in rows] == [[6, 4, GUEST1]]
+        add = {"mode": Variant("s", "add"), "sets": Variant("as", ["adapters"])}
+        await c.ok(p1, MATRIX, "UpdateWithOptions", "auauaua{sv}", [[7], [9], [9], add])
+        m = await c.props(p1, MATRIX)
+        assert (m["Adapters"], m["Domains"], m["ControlUsageDomains"]) == ([5, 6, 7], [4], True)
+        name, text = await c.error(
+            p1, MATRIX, "UpdateWithOptions", "auauaua{sv}",
+            [[], [], [], {"mode": Variant("s", "merge")}],
+        )  # fmt: skip
+        assert name == ERR + "InvalidArgument" and "unknown mode 'merge'" in text
+        opts = {"name": Variant("s", "web"), "autostart": Variant("b", True)}
+        await c.ok(p1, MATRIX, "Configure", "a{sv}", [opts])
+        m = await c.props(p1, MATRIX)
+        assert (m["Name"], m["Autostart"]) == ("web", True)
+        name, _ = await c.error(
+            p1, MATRIX, "Configure", "a{sv}", [{"name": Variant("s", "guest2")}]
+        )
+        assert name == ERR + "AlreadyExists"
+        c.close()
+
+    arun(go())

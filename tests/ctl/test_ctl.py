@@ -18,7 +18,8 @@ U3 = "33333333-3333-4333-8333-333333333333"
 
 MATRIX_KEYS = {
     "uuid", "name", "state", "adapters", "domains", "control_domains", "apqns",
-    "guest_apqns", "autostart", "adopted", "sysfs_path", "in_use", "lost", "path",
+    "guest_apqns", "autostart", "adopted", "sysfs_path", "in_use", "lost",
+    "control_usage_domains", "path",
 }  # fmt: skip
 HOST_KEYS = {
     "version", "layout", "max_adapter_id", "max_domain_id", "host_adapters", "host_domains",
@@ -139,6 +140,7 @@ def test_list_json_is_the_documented_shape(daemon: Daemon) -> None:
         "sysfs_path": f"/sys/devices/vfio_ap/matrix/{U1}",
         "in_use": False,
         "lost": [],
+        "control_usage_domains": True,
         "path": f"/org/apmatrix/Apmatrix1/matrices/{U1.replace('-', '_')}",
     }
     assert m2["uuid"] == U2 and m2["domains"] == [0x47]
@@ -205,7 +207,19 @@ def test_assign_unassign_update_several_at_once(daemon: Daemon) -> None:
     m = ok(a, "--json", "unassign", "guest1", "-a", "6", "-d", "5,6").json()
     assert (m["adapters"], m["domains"], m["control_domains"]) == ([5], [4, 7], [4, 7, 0x20])
     r = ok(a, "update", "guest1", "-d", "47", "-c", "none")
-    assert "Domains:         47" in r.lines and "Control domains: 47" in r.lines
+    assert "Domains:         47" in r.lines
+    assert "Control domains: 47 (every usage domain is one too)" in r.lines
+    assert r.lines[-1].startswith("note: control domains 47 stay: they are usage domains"), r.out
+    # usage domains replaced: the control domains that were theirs go with them
+    m = ok(a, "--json", "update", "guest1", "-a", "none", "-d", "none").json()
+    assert (m["adapters"], m["domains"], m["control_domains"]) == ([], [], [])
+    ok(a, "update", "guest1", "-a", "5", "-d", "47", "-c", "none")  # as it was
+    # renamed and autostarted over D-Bus (Configure); a name that reads as a UUID is refused
+    m = ok(a, "--json", "configure", "guest1", "--name", "g-one", "--autostart", "yes").json()
+    assert (m["name"], m["autostart"]) == ("g-one", True)
+    r = ctl(a, "configure", "g-one", "--name", "abc1")
+    assert r.rc == 1 and "reads as a UUID prefix" in r.err, r.err
+    ok(a, "configure", "g-one", "--name", "guest1", "--autostart", "no")
     # All or nothing: a refused assign changes nothing and draws the proposal.
     ok(a, "create", "guest2", "-a", "6", "-d", "4")
     r = ctl(a, "assign", "guest1", "-a", "6", "-d", "4")
