@@ -139,10 +139,15 @@
     const call = (path, iface, method, args, type) =>
         client.call(path, iface, method, args, type ? { type } : undefined);
 
+    /* The order apmatrixctl lists and letters matrices in: named ones first, by name, then
+       the unnamed by UUID; compared by code point, as Python sorts, so both agree. */
+    const cmp = (x, y) => (x < y ? -1 : x > y ? 1 : 0);
+    const listing = (x, y) => cmp(x.Name === "" ? 1 : 0, y.Name === "" ? 1 : 0) || cmp(x.Name, y.Name) || cmp(x.Uuid, y.Uuid);
+
     function matrixList() {
         return Object.keys(matrices).map((p) => matrices[p])
             .filter((m) => m && m.valid && m.Uuid !== undefined)
-            .sort((x, y) => (x.Name || "\uffff").localeCompare(y.Name || "\uffff") || x.Uuid.localeCompare(y.Uuid));
+            .sort(listing);
     }
 
     function adapterList() {
@@ -151,11 +156,17 @@
             .sort((x, y) => x.Id - y.Id);
     }
 
-    /* Colours follow UUID order, so a matrix keeps its colour when others are renamed. */
+    /* Letters as apmatrixctl's pictures give them (listing order, A-Z a-z 0-9, then "*"), so
+       one matrix has one letter everywhere; colours follow UUID order, so a matrix keeps its
+       colour when others are renamed. */
+    const LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     function colours(mats) {
         const map = new Map();
-        [...mats].sort((x, y) => x.Uuid.localeCompare(y.Uuid))
-            .forEach((m, i) => map.set(m.Uuid, { colour: PALETTE[i % PALETTE.length], tag: String.fromCharCode(65 + (i % 26)) }));
+        const byUuid = [...mats].sort((x, y) => cmp(x.Uuid, y.Uuid)).map((m) => m.Uuid);
+        [...mats].sort(listing).forEach((m, i) => map.set(m.Uuid, {
+            colour: PALETTE[byUuid.indexOf(m.Uuid) % PALETTE.length],
+            tag: i < LETTERS.length ? LETTERS[i] : "*",
+        }));
         return map;
     }
 
@@ -255,14 +266,18 @@
                 const inHost = here ? !guest.has(d) : hostA.has(a) && hostD.has(d);
                 let cls, owner, title, text = "";
                 if (m) {
-                    /* A live matrix's APQN its guest does not see: the queue is gone, or its
-                       adapter is offline or deconfigured (what makes the matrix degraded). */
-                    const lost = m.State !== "defined" && !guestSees.has(k);
+                    /* A live matrix's APQN its guest does not get. Absent on the host (assigned
+                       ahead, over-provisioned): drawn apart from one the guest had and lost
+                       (adapter offline, deconfigured, queue taken); the reason is the daemon's. */
+                    const notGiven = m.State !== "defined" && !guestSees.has(k);
                     owner = m.Uuid;
-                    cls = "owned" + (lost ? " missing" : "");
+                    cls = "owned" + (notGiven ? (here ? " missing" : " ahead") : "");
                     text = cols.get(m.Uuid).tag;
                     title = `${label(m)} (${m.Uuid})`;
-                    if (lost) title += !here ? ": queue absent on the host" : down ? ": adapter offline or deconfigured, the guest has lost it" : ": not seen by the guest";
+                    if (notGiven) {
+                        const why = (m.Lost || []).find(([la, ld]) => la === a && ld === d);
+                        title += ": " + (why ? why[2] : here ? "not seen by the guest" : "queue absent on the host");
+                    }
                 } else if (!here) {
                     cls = "absent";
                     owner = "absent";
@@ -303,6 +318,7 @@
                 return el("li", {}, sw, label(m));
             }),
             ...(table.querySelector("td.missing") ? [el("li", {}, el("span", { class: "swatch owned missing" }), "lost by its guest")] : []),
+            ...(table.querySelector("td.ahead") ? [el("li", {}, el("span", { class: "swatch owned ahead" }), "assigned, not on this host")] : []),
             ...(preview && preview.clashes.size ? [el("li", {}, el("span", { class: "swatch clash" }), "clash")] : []));
     }
 

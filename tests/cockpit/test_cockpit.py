@@ -8,6 +8,8 @@ what it checks is what the page shows. Waits are on conditions in the page, neve
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -18,10 +20,13 @@ import pytest
 from busrig import ROOT, busctl
 from cockpitrig import REPO, Stack, StackFactory
 
+from apmatrixd.ctl.main import main as ctl_main
+
 pytestmark = pytest.mark.e2e
 
 SCREENSHOT = REPO / "docs" / "cockpit.png"
 MANAGER = ("org.apmatrix.Apmatrix1", ROOT, "org.apmatrix.Apmatrix1.Manager")
+MATRIX = "org.apmatrix.Apmatrix1.Matrix"
 G1 = "11111111-1111-4111-8111-111111111111"
 G2 = "22222222-2222-4222-8222-222222222222"
 ERR = "org.apmatrix.Apmatrix1.Error."
@@ -206,7 +211,24 @@ def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory
     try:
         stack = cockpit_stack("--simulate", "--sim-mount", str(mount))
         for call in (
-            ("Reserve", "auau", "2", "5", "6", "1", "4"),
+            ("Reserve", "auau", "2", "5", "6", "2", "4", "0x47"),
+            (
+                "CreateMatrix",
+                "sa{sv}",
+                G2,
+                "3",
+                "name",
+                "s",
+                "alpha",
+                "adapters",
+                "au",
+                "1",
+                "5",
+                "domains",
+                "au",
+                "1",
+                "0x47",
+            ),
             (
                 "CreateMatrix",
                 "sa{sv}",
@@ -230,6 +252,14 @@ def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory
             assert r.returncode == 0, r.stderr
         page = stack.open()
         page.until(lambda: state_of(stack, G1) == "active", what="guest1 active")
+        # One letter per matrix, as apmatrixctl's picture gives it (listing order: alpha, then
+        # guest1), whatever their UUIDs' order
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert ctl_main(["--address", stack.bus, "picture"]) == 0
+        assert "05   B   A" in out.getvalue(), out.getvalue()
+        page.wait("document.querySelector('#grid td[data-apqn=\"05.0004\"]').textContent == 'B'")
+        assert page.text('#grid td[data-apqn="05.0047"]') == "A"
 
         # Unplug card 05 as the hypervisor would (SE/HMC deconfigure): the page follows.
         (mount / "devices" / "ap" / "card05" / "config").write_text("0\n")
@@ -239,6 +269,8 @@ def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory
         assert "1 of 2" in page.text(f"{row(G1)} td.guest")
         page.wait(f"document.querySelector('{row(G1)} td.guest ul.lost') !== null")
         assert "05.0004: adapter 05 is deconfigured" in page.text(f"{row(G1)} td.guest ul.lost")
+        title = page.eval(f"document.querySelector('{cell}').title")
+        assert title.endswith(": adapter 05 is deconfigured"), title  # the daemon's reason
         page.screenshot(stack.dir / "degraded.png")
         if os.environ.get("APMATRIXD_SCREENSHOT"):
             page.screenshot(SCREENSHOT.with_name("cockpit-degraded.png"))
@@ -251,6 +283,17 @@ def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory
         (mount / "devices" / "ap" / "card05" / "config").write_text("1\n")
         page.until(lambda: state_of(stack, G1) == "active", what="guest1 active again", timeout=15)
         page.wait("!document.querySelector('#grid td.missing')", what="nothing missing")
+
+        # Assigned ahead of hardware the host lacks (the kernel allows it): degraded, but drawn
+        # apart from a lost APQN, and said so in the legend.
+        path = f"{ROOT}/matrices/{G1.replace('-', '_')}"
+        r = busctl(stack.bus, "call", MANAGER[0], path, MATRIX, "AssignAdapter", "u", "10")
+        assert r.returncode == 0, r.stderr
+        page.until(lambda: state_of(stack, G1) == "degraded", what="guest1 degraded", timeout=15)
+        ahead = '#grid td[data-apqn="0a.0004"]'
+        page.wait(f"document.querySelector('{ahead}')?.classList.contains('ahead')")
+        assert not page.eval("document.querySelector('#grid td.missing')")
+        assert "assigned, not on this host" in page.text("#legend")
         assert page.console() == [], page.console()
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)

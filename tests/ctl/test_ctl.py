@@ -384,3 +384,27 @@ def test_big_host_fits_in_80_columns(start: object) -> None:
     assert "10-1f" in r.out and "A" in r.out and "B" in r.out
     r = ok(a, "picture", "wide")
     assert max(map(len, r.lines)) <= 80
+
+
+def test_picture_of_a_degraded_matrix_says_why(start: object, tmp_path: Path) -> None:
+    """A live matrix whose card is deconfigured: the lost APQN is 'not given', with the
+    daemon's reason, not 'matrix not live'."""
+    mount = tmp_path / "sys"
+    mount.mkdir()
+    d = start("--simulate", "--sim-mount", str(mount))  # type: ignore[operator]
+    try:
+        a = d.address
+        ok(a, "reserve", "-a", "5,6", "-d", "4")
+        ok(a, "create", "guest1", "-a", "5,6", "-d", "4")
+        (mount / "devices" / "ap" / "card05" / "config").write_text("0\n")
+        deadline = time.monotonic() + 10
+        while ok(a, "--json", "show", "guest1").json()["state"] != "degraded":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = ok(a, "picture", "guest1")
+        assert "05   o" in r.lines and "06   G" in r.lines, r.out
+        assert "o assigned, not given (why: below)" in r.out and "matrix not live" not in r.out
+        assert "    05.0004  adapter 05 is deconfigured" in r.lines, r.out
+    finally:
+        d.terminate()  # type: ignore[attr-defined]
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
