@@ -41,6 +41,24 @@ def cross(adapters: Iterable[int], domains: Iterable[int]) -> Iterator[Apqn]:
             yield Apqn(a, d)
 
 
-def format_ids(ids: Iterable[int], width: int = 2) -> str:
-    """``05,06`` style, ascending, for messages and logs."""
-    return ",".join(f"{i:0{width}x}" for i in sorted(ids)) or "-"
+def runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Consecutive runs: [4, 5, 6, 9] -> [(4, 6), (9, 9)]."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(set(ids)):
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+def format_ids(ids: Iterable[int], empty: str = "-") -> str:
+    """Ids as a Z admin reads them everywhere (messages, logs, Drift, apmatrixctl): two hex
+    digits as lszcrypt prints them, runs of three or more as ranges (``04-07,47``)."""
+    parts: list[str] = []
+    for lo, hi in runs(ids):
+        if hi - lo >= 2:
+            parts.append(f"{lo:02x}-{hi:02x}")
+        else:
+            parts.extend(f"{i:02x}" for i in range(lo, hi + 1))
+    return ",".join(parts) or empty

@@ -333,6 +333,11 @@ class Snapshot:
         """Named ones first, by name; then the unnamed, by UUID."""
         return sorted(self.matrices.values(), key=lambda m: (m.name == "", m.name, m.uuid))
 
+    def short_label(self, owner: str) -> str:
+        """A matrix's name, else the first 8 digits of its UUID."""
+        m = self.matrices.get(owner)
+        return (m.name or m.uuid[:8]) if m is not None else owner[:8]
+
     def owner_label(self, owner: str) -> str:
         m = self.matrices.get(owner)
         return m.label if m is not None else owner
@@ -350,7 +355,10 @@ class Snapshot:
             return hits[0]
         if hits:
             which = ", ".join(m.label for m in hits)
-            raise CtlError(f"{ref!r} is ambiguous: it starts {which}", code=2)
+            raise CtlError(  # a lookup that failed, like NotFound: exit 1, not a usage error
+                f"InvalidArgument: {ref!r} is ambiguous: it starts {which} (give more of it)",
+                name=names.error_name("InvalidArgument"),
+            )
         raise CtlError(
             f"NotFound: no matrix named {ref!r} (give a name, a UUID or a unique UUID prefix)",
             name=names.error_name("NotFound"),

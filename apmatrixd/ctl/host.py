@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import Any
 
 from apmatrixd.bus import names
@@ -52,15 +53,26 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any) -> None:
 
 
 def pool_lines(host: HostInfo) -> list[str]:
-    kernel = f"Kernel: vfio_ap {host.kernel_generation}" if host.kernel_generation else ""
+    kernel = [f"Kernel: vfio_ap {host.kernel_generation}"] if host.kernel_generation else []
     if kernel and host.kernel_features:
-        kernel += f" ({', '.join(host.kernel_features)})"
+        features = f" ({', '.join(host.kernel_features)})"
+        if len(kernel[0] + features) <= 80:
+            kernel[0] += features
+        else:  # one line per 80 columns, as every other line here
+            kernel += textwrap.wrap(
+                ", ".join(host.kernel_features), 80, initial_indent="  features: ",
+                subsequent_indent="            ",
+            )  # fmt: skip
     return [
-        *([kernel] if kernel else []),
+        *kernel,
         f"Layout: {host.layout}; highest adapter id {host.max_adapter_id:02x}, "
         f"highest domain id {host.max_domain_id:02x}",
         f"Host pool: adapters {format_ids(host.host_adapters)}",
         f"           domains  {format_ids(host.host_domains)}",
+        # the same line means different things per layout: say which
+        "           (apmask/aqmask: ids of absent adapters and domains included)"
+        if host.layout == "upstream"
+        else "           (queues bound to the host's drivers: present ones only)",
     ]
 
 
@@ -74,7 +86,8 @@ async def cmd_adapters(conn: Connection, args: argparse.Namespace, out: Output) 
     out.line()
     rows = []
     for a in ads:
-        held = sorted({snap.owner_label(u) for u in a.owners.values()})
+        # names (or short UUIDs): 'show' gives the rest; full labels ran lines to 160 columns
+        held = sorted({snap.short_label(u) for u in a.owners.values()})
         rows.append(
             [
                 f"{a.id:02x}",
@@ -110,7 +123,7 @@ async def cmd_pool(conn: Connection, args: argparse.Namespace, out: Output) -> i
     if out.as_json:
         out.json({"host": host.json()})
     else:
-        out.lines(pool_lines(host)[-2:])
+        out.lines(pool_lines(host)[-3:])
     return 0
 
 

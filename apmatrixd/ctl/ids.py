@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from apmatrixd.core.apqn import MAX_ID
+from apmatrixd.core.apqn import MAX_ID, format_ids, runs
 
 _ID = re.compile(r"(?:0[xX])?([0-9a-fA-F]{1,4})")
 NONE = "none"
@@ -43,6 +43,12 @@ def parse_ids(text: str, allow_none: bool = False) -> frozenset[int]:
         lo, sep, hi = item.strip().partition("-")
         if sep and (lo != lo.rstrip() or hi != hi.lstrip()):
             raise IdError(f"no spaces inside a range: {item.strip()!r} (write 4-7)")
+        if sep and not lo.strip():
+            raise IdError(f"{item.strip()!r}: ids are never negative; a range is written 4-7")
+        if not item.strip():
+            raise IdError(f"an empty id in {text.strip()!r} (write 4,7 or 4-7)")
+        if sep and not hi.strip():
+            raise IdError(f"{item.strip()!r}: a range needs its last id (write 4-7)")
         first = parse_id(lo)
         last = parse_id(hi) if sep else first
         if last < first:
@@ -51,31 +57,12 @@ def parse_ids(text: str, allow_none: bool = False) -> frozenset[int]:
     return frozenset(out)
 
 
-def runs(ids: Iterable[int]) -> list[tuple[int, int]]:
-    """Consecutive runs: [4, 5, 6, 9] -> [(4, 6), (9, 9)]."""
-    out: list[tuple[int, int]] = []
-    for i in sorted(set(ids)):
-        if out and out[-1][1] == i - 1:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    return out
-
-
-def format_ids(ids: Iterable[int]) -> str:
-    """``04-07,47`` (two hex digits; runs of three or more as ranges); ``-`` if empty."""
-    parts: list[str] = []
-    for lo, hi in runs(ids):
-        if hi - lo >= 2:
-            parts.append(f"{lo:02x}-{hi:02x}")
-        else:
-            parts.extend(f"{i:02x}" for i in range(lo, hi + 1))
-    return ",".join(parts) or "-"
-
-
 def format_apqn(adapter: int, domain: int) -> str:
     return f"{adapter:02x}.{domain:04x}"
 
 
 def format_apqns(apqns: Iterable[tuple[int, int]]) -> str:
     return " ".join(format_apqn(a, d) for a, d in sorted(apqns)) or "-"
+
+
+__all__ = ["IdError", "format_apqn", "format_apqns", "format_ids", "parse_id", "parse_ids", "runs"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -38,14 +39,20 @@ ids:
 JSON_HELP = """\
 json (--json, stable; ids are integers, APQNs [adapter, domain] pairs):
   Matrix  {"uuid", "name", "state", "adapters", "domains", "control_domains",
-           "apqns", "guest_apqns", "autostart", "adopted", "sysfs_path", "path"}
+           "apqns", "guest_apqns", "autostart", "adopted", "sysfs_path", "in_use",
+           "lost": [{"adapter", "domain", "reason"}], "control_usage_domains", "path"}
   Host    {"version", "layout", "max_adapter_id", "max_domain_id",
-           "host_adapters", "host_domains", "settling"}
+           "host_adapters", "host_domains", "settling", "kernel_generation",
+           "kernel_features"}
   Adapter {"id", "type", "mode", "online", "configured", "domains",
-           "guest_domains", "owners": [[domain, uuid]], "path"}
+           "guest_domains", "owners": [[domain, uuid]], "checkstopped",
+           "driver_overrides": [[domain, driver]], "path"}
+  an error (exit status 1) -> {"error": {"name", "message", "exit"}} on stdout,
+           the text on stderr as without --json
   list -> {"matrices": [Matrix]}
-  show, create, start, stop, assign, unassign, update -> Matrix
-  remove -> {"removed": Matrix}
+  show, create, start, stop, assign, unassign, update, configure -> Matrix
+  start, stop of several -> {"matrices": [Matrix]}
+  remove -> {"removed": Matrix}; of several -> {"removed": [Matrix]}
   adapters -> {"host": Host, "adapters": [Adapter]}
   reserve/release -> {"host": Host}
   check -> {"ok", "matrix": uuid|null, "adapters", "domains",
@@ -213,6 +220,9 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return asyncio.run(_run(args, out))
     except CtlError as err:
+        if out.as_json:  # a script reads stdout: the refusal comes there too, as JSON
+            doc = {"error": {"name": err.name or None, "message": str(err), "exit": err.code}}
+            print(json.dumps(doc), flush=True)
         print(f"{PROG}: {err}", file=sys.stderr, flush=True)
         for line in err.picture:
             print(line, file=sys.stderr)

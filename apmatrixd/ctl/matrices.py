@@ -48,7 +48,13 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any, idtype_none
         ("stop", "take a live matrix out of the kernel, keeping its definition"),
     ):
         p = sub.add_parser(verb, parents=[common], help=what)
-        p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
+        p.add_argument(
+            "matrix",
+            metavar="MATRIX",
+            nargs="+",
+            help="name, UUID or unique UUID prefix (several: one after the other, stopping at "
+            "the first refusal)",
+        )
         if verb in ("stop", "remove"):
             p.add_argument(
                 "--force",
@@ -171,29 +177,33 @@ async def cmd_create(conn: Connection, args: argparse.Namespace, out: Output) ->
 
 async def cmd_lifecycle(conn: Connection, args: argparse.Namespace, out: Output) -> int:
     snap = await conn.snapshot()
-    m = snap.resolve(args.matrix)
+    ms = [snap.resolve(ref) for ref in args.matrix]  # every name known before any change
     force, timeout = getattr(args, "force", False), getattr(args, "timeout", None)
     if timeout is not None and (not force or timeout < 1):
         raise CtlError("--timeout needs --force and at least 1 second", 2)
-    if force:
-        opts = {"force": Variant("b", True)}
-        if timeout is not None:
-            opts["timeout"] = Variant("u", timeout)
-        method = f"{args.verb.capitalize()}WithOptions"
-        await conn.call(m.path, names.MATRIX_IFACE, method, "a{sv}", [opts])
-    else:
-        await conn.call(m.path, names.MATRIX_IFACE, args.verb.capitalize())
+    for m in ms:
+        if force:
+            opts = {"force": Variant("b", True)}
+            if timeout is not None:
+                opts["timeout"] = Variant("u", timeout)
+            method = f"{args.verb.capitalize()}WithOptions"
+            await conn.call(m.path, names.MATRIX_IFACE, method, "a{sv}", [opts])
+        else:
+            await conn.call(m.path, names.MATRIX_IFACE, args.verb.capitalize())
+        if args.verb == "remove" and not out.as_json:
+            out.line(f"removed {m.label}")
     if args.verb == "remove":
         if out.as_json:
-            out.json({"removed": m.json()})
-        else:
-            out.line(f"removed {m.label}")
+            docs = [m.json() for m in ms]
+            out.json({"removed": docs[0] if len(docs) == 1 else docs})
         return 0
-    after = (await conn.snapshot()).matrices.get(m.uuid, m)
+    now = (await conn.snapshot()).matrices
+    after = [now.get(m.uuid, m) for m in ms]
     if out.as_json:
-        out.json(after.json())
+        out.json(after[0].json() if len(after) == 1 else {"matrices": [m.json() for m in after]})
     else:
-        out.line(f"{after.label}: {after.state}")
+        for m in after:
+            out.line(f"{m.label}: {m.state}")
     return 0
 
 

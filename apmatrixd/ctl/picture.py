@@ -20,6 +20,8 @@ FREE = "."
 ABSENT = "-"
 CLASH = "!"
 GRANT = "+"
+KEPT = "="
+"""A proposed APQN the matrix being changed already holds."""
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 MANY = "*"
 """The symbol of every matrix past the 62nd."""
@@ -183,7 +185,7 @@ class HostPicture:
         if (a, d) in p.clashes:
             return sym + CLASH
         if a in p.adapters and d in p.domains:
-            return sym + GRANT
+            return sym + (KEPT if p.matrix and owner == p.matrix else GRANT)
         return sym + " "
 
     def lines(self, width: int = WIDTH) -> list[str]:
@@ -209,6 +211,7 @@ class HostPicture:
             f"{ABSENT} absent" if ABSENT in used else "",
             f"{CLASH} clash" if CLASH in marks else "",
             f"{GRANT} proposed, free to take" if GRANT in marks else "",
+            f"{KEPT} proposed, already its own" if KEPT in marks else "",
         ]
         out += pack([x for x in legend if x], width)
         return out
@@ -259,8 +262,9 @@ class GuestPicture:
             f"{len(m.domains)} domain{'s' * (len(m.domains) != 1)} = {n} APQN{'s' * (n != 1)}; "
             f"the guest gets {g}",
         ]
-        if m.sysfs_path:
-            out.append(f"  sysfsdev={m.sysfs_path}")
+        if m.sysfs_path:  # a defined matrix's device exists once it is started
+            later = " (once started: the matrix is only defined)" if m.state == "defined" else ""
+            out.append(f"  sysfsdev={m.sysfs_path}{later}")
         out.append("")
         if not self.rows or not self.cols:
             out.append("(no APQNs assigned)")

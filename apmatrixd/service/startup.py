@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from apmatrixd.core import ApmatrixError, Apqn, DefineMatrix, HostPool, Matrix, Registry
 from apmatrixd.core import SetHostPool as SetPool
-from apmatrixd.core.apqn import cross
+from apmatrixd.core.apqn import cross, format_ids
 from apmatrixd.journal import Intent
 from apmatrixd.kernel import HostSnapshot, Kernel
 from apmatrixd.service import ops, sync
@@ -185,19 +185,9 @@ def _restore_pool(svc: Service, stored: Iterable[StoredMatrix]) -> Command[bool]
 def _pool_text(pool: HostPool) -> str:
     if pool.queues is not None:
         return f"{len(pool.queues)} queues"
-    return f"adapters {_runs(pool.adapters, 2)} x domains {_runs(pool.domains, 4)}"
-
-
-def _runs(ids: Iterable[int], width: int) -> str:
-    """``00-04,07-ff``: a mask of 256 ids in a log line."""
-    out: list[tuple[int, int]] = []
-    for i in sorted(ids):
-        if out and out[-1][1] == i - 1:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    text = [f"{a:0{width}x}" if a == b else f"{a:0{width}x}-{b:0{width}x}" for a, b in out]
-    return ",".join(text) or "none"
+    return (
+        f"adapters {format_ids(pool.adapters, 'none')} x domains {format_ids(pool.domains, 'none')}"
+    )
 
 
 # -- journal recovery (in the worker) ---------------------------------------------------------

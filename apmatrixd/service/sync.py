@@ -46,6 +46,7 @@ from apmatrixd.core import (
     SetHostPool,
     UpdateMatrix,
 )
+from apmatrixd.core.apqn import format_ids
 from apmatrixd.kernel import AdapterInfo, Kernel, KernelError, MdevInfo
 from apmatrixd.service import ops
 from apmatrixd.service.executor import Command, Work
@@ -65,14 +66,14 @@ FULL_READ = 16
 """Beyond this many cards to read with their queues, one read of the whole bus is cheaper."""
 
 
-def ids_text(ids: Iterable[int], width: int) -> str:
-    return ",".join(f"{i:0{width}x}" for i in sorted(ids)) or "none"
+def ids_text(ids: Iterable[int]) -> str:
+    return format_ids(ids, "none")
 
 
 def sets_text(m: Matrix | MdevInfo) -> str:
     return (
-        f"adapters {ids_text(m.adapters, 2)} domains {ids_text(m.domains, 4)}"
-        f" control domains {ids_text(m.control_domains, 4)}"
+        f"adapters {ids_text(m.adapters)} domains {ids_text(m.domains)}"
+        f" control domains {ids_text(m.control_domains)}"
     )
 
 
@@ -81,13 +82,13 @@ def drift_text(
 ) -> str:
     """``adapters: kernel 05,06,07 vs registry 05,06``, one part per differing set."""
     parts = []
-    for label, width, k, r in (
-        ("adapters", 2, kernel.adapters, ours.adapters),
-        ("domains", 4, kernel.domains, ours.domains),
-        ("control domains", 4, kernel.control_domains, ours.control_domains),
+    for label, k, r in (
+        ("adapters", kernel.adapters, ours.adapters),
+        ("domains", kernel.domains, ours.domains),
+        ("control domains", kernel.control_domains, ours.control_domains),
     ):
         if k != r:
-            parts.append(f"{label}: kernel {ids_text(k, width)} vs {where} {ids_text(r, width)}")
+            parts.append(f"{label}: kernel {ids_text(k)} vs {where} {ids_text(r)}")
     return "; ".join(parts)
 
 
@@ -148,6 +149,27 @@ def read_adapters(
     return fresh
 
 
+def _contradicted(infos: Mapping[int, AdapterInfo], mdevs: Mapping[str, MdevInfo]) -> set[int]:
+    """The cards whose ``configured`` the guest views contradict: a guest holds one read as
+    deconfigured, or lacks one read as configured whose queues it would get (the kernel's
+    rule, as ``Kernel._guest_view`` computes it where there is no ``guest_matrix``)."""
+    usage = frozenset(d for a in infos.values() for d in a.domains)
+    out: set[int] = set()
+    for m in mdevs.values():
+        held = {q.adapter for q in m.guest_apqns}
+        domains = m.domains & usage
+        for a in m.adapters:
+            info = infos.get(a)
+            if info is None:
+                continue
+            if a in held:
+                if not info.configured:
+                    out.add(a)
+            elif info.configured and domains and domains <= info.guest_domains:
+                out.add(a)
+    return out
+
+
 def resync(
     svc: Service,
     *,
@@ -171,7 +193,14 @@ def resync(
     def read(_p: object) -> Reading:
         infos = read_adapters(k, known, c, w, n, everything)
         now = infos if infos is not None else known
-        return Reading(infos, k.read_pool(now) if want_pool else None, k.read_mdevs(now))
+        host = k.read_pool(now) if want_pool else None
+        mdevs = k.read_mdevs(now)
+        # guest_matrix is read after the cards (or, for cards this burst does not name, a
+        # batch later): a card that left or came back meanwhile shows in it, not in `now`.
+        # Read those cards again, so no batch shows a guest holding a deconfigured adapter.
+        if stale := _contradicted(now, mdevs):
+            infos = read_adapters(k, now, stale, set(), {}, False)
+        return Reading(infos, host, mdevs)
 
     r: Reading = yield Work("re-reading the AP configuration", read)
     if r.pool is not None and r.pool.queues is not None:
@@ -280,13 +309,13 @@ def _pool_drift(
         parts = []
         if old.adapters != new.adapters:
             parts.append(
-                f"host adapters: kernel {ids_text(new.adapters, 2)} vs registry"
-                f" {ids_text(old.adapters, 2)}"
+                f"host adapters: kernel {ids_text(new.adapters)} vs registry"
+                f" {ids_text(old.adapters)}"
             )
         if old.domains != new.domains:
             parts.append(
-                f"host domains: kernel {ids_text(new.domains, 4)} vs registry"
-                f" {ids_text(old.domains, 4)}"
+                f"host domains: kernel {ids_text(new.domains)} vs registry"
+                f" {ids_text(old.domains)}"
             )
         return "; ".join(parts)
     now = svc.state.infos

@@ -162,7 +162,7 @@ def test_show_by_name_uuid_and_prefix(daemon: Daemon) -> None:
     assert r.lines[0] == "Name:            guest2"
     ok(a, "create", "--uuid", "11112222-0000-4000-8000-000000000000", "--no-start")
     r = ctl(a, "show", "1111")
-    assert r.rc == 2 and "ambiguous" in r.err
+    assert r.rc == 1 and "ambiguous" in r.err
     r = ctl(a, "show", "nosuch")
     assert r.rc == 1
     assert r.err.startswith("apmatrixctl: NotFound: no matrix named 'nosuch'")
@@ -225,7 +225,9 @@ def test_assign_unassign_update_several_at_once(daemon: Daemon) -> None:
     r = ctl(a, "assign", "guest1", "-a", "6", "-d", "4")
     assert r.rc == 1
     assert r.err.splitlines()[0].startswith("apmatrixctl: Conflict: APQNs already in use: 06.0004")
-    assert "05  .+  A+  .   ." in r.err and "06  B!  .+  .   ." in r.err, r.err
+    # 05.0047 is guest1's already: '=' (not '+', which reads as something to take)
+    assert "05  .+  A=  .   ." in r.err and "06  B!  .+  .   ." in r.err, r.err
+    assert "= proposed, already its own" in r.err
     assert ok(a, "--json", "show", "guest1").json()["adapters"] == [5]
     r = ctl(a, "check", "guest1", "-a", "6", "-d", "4")
     assert r.rc == 1 and "06.0004  owned by guest2" in r.out
@@ -236,12 +238,15 @@ def test_assign_unassign_update_several_at_once(daemon: Daemon) -> None:
 def test_adapters_reserve_release(daemon: Daemon) -> None:
     a = daemon.address
     r = ok(a, "adapters")
-    assert r.lines[0].startswith("Kernel: vfio_ap 6.19+ (guest_matrix, hotplug, ap_config")
-    assert r.lines[2] == "Host pool: adapters 00-ff"
-    assert r.lines[5].split() == [
+    assert r.lines[0] == "Kernel: vfio_ap 6.19+"  # the features wrap: 80 columns
+    assert r.lines[1].startswith("  features: guest_matrix, hotplug, ap_config")
+    assert max(map(len, r.lines)) <= 80, r.out
+    lines = r.lines[r.lines.index("Host pool: adapters 00-ff") :]
+    assert lines[2] == "           (apmask/aqmask: ids of absent adapters and domains included)"
+    assert lines[4].split() == [
         "CARD", "TYPE", "MODE", "STATUS", "CONFIG", "DOMAINS", "VFIO", "HELD", "BY",
     ]  # fmt: skip
-    assert r.lines[6].split() == [
+    assert lines[5].split() == [
         "05",
         "CEX5C",
         "CCA-Coproc",
@@ -252,7 +257,10 @@ def test_adapters_reserve_release(daemon: Daemon) -> None:
         "-",
     ]
     r = ok(a, "reserve", "-a", "5", "-d", "4,47")
-    assert r.lines == ["Host pool: adapters 00-04,06-ff", "           domains  00-03,05-46,48-ff"]
+    assert r.lines[:2] == [
+        "Host pool: adapters 00-04,06-ff",
+        "           domains  00-03,05-46,48-ff",
+    ]
     ok(a, "create", "guest1", "-a", "5", "-d", "4")
     doc = ok(a, "--json", "adapters").json()
     assert set(doc) == {"host", "adapters"} and set(doc["host"]) == HOST_KEYS
@@ -263,7 +271,8 @@ def test_adapters_reserve_release(daemon: Daemon) -> None:
         "CEX5C",
         [[4, ok(a, "--json", "show", "guest1").json()["uuid"]]],
     )
-    assert "guest1" in ok(a, "adapters").lines[6]
+    (row5,) = [ln for ln in ok(a, "adapters").lines if ln.startswith("05 ")]
+    assert row5.rstrip().endswith("  guest1"), row5  # the name: show gives the UUID
     r = ctl(a, "release", "-a", "5")
     assert r.rc == 1 and r.err.startswith("apmatrixctl: Busy: ")
     ok(a, "remove", "guest1")
@@ -408,3 +417,28 @@ def test_picture_of_a_degraded_matrix_says_why(start: object, tmp_path: Path) ->
     finally:
         d.terminate()  # type: ignore[attr-defined]
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+
+
+def test_rough_edges_a_new_user_found(daemon: Daemon) -> None:
+    a = daemon.address
+    two_guests(a)
+    # --json: a refusal is JSON on stdout too (and the line on stderr)
+    r = ctl(a, "--json", "create", "guest3", "-a", "6", "-d", "47")
+    assert r.rc == 1 and r.err.startswith("apmatrixctl: Conflict: ")
+    doc = r.json()
+    assert doc["error"]["name"] == "org.apmatrix.Apmatrix1.Error.Conflict"
+    assert doc["error"]["exit"] == 1 and "06.0047" in doc["error"]["message"]
+    r = ctl(a, "--json", "show", "nosuch")
+    assert r.rc == 1 and r.json()["error"]["name"] == "org.apmatrix.Apmatrix1.Error.NotFound"
+    # a negative id is named as such
+    r = ctl_exe("--address", a, "assign", "guest1", "-a", "-1")
+    assert r.rc == 2 and "ids are never negative" in r.err, r.err
+    # a defined matrix's sysfsdev does not exist yet: said so
+    ok(a, "stop", "guest1")
+    assert "(once started: the matrix is only defined)" in ok(a, "picture", "guest1").out
+    # several matrices at once
+    r = ok(a, "start", "guest1", "guest2")
+    assert r.lines == [f"guest1 ({U1}): active", f"guest2 ({U2}): active"]
+    doc = ok(a, "--json", "remove", "guest1", "guest2").json()
+    assert [m["uuid"] for m in doc["removed"]] == [U1, U2]
+    assert ok(a, "--json", "list").json() == {"matrices": []}
