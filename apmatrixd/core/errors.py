@@ -74,13 +74,27 @@ class AlreadyExists(ApmatrixError):
 
 class _ClashError(ApmatrixError):
     what = "clash"
+    also = ""
+    """How the clashes of the other kind are introduced, when a change has both (the error is
+    named after one kind; the text names every APQN under the kind it really is)."""
 
     def __init__(self, clashes: list[Clash], context: str = "") -> None:
         self.clashes = sorted(clashes)
-        shown = "; ".join(map(str, self.clashes[:32]))
-        more = f"; and {len(self.clashes) - 32} more" if len(self.clashes) > 32 else ""
+        mine = [c for c in self.clashes if self._mine(c)]
+        other = [c for c in self.clashes if not self._mine(c)]
         prefix = f"{context}: " if context else ""
-        super().__init__(f"{prefix}{self.what}: {shown}{more}")
+        text = f"{prefix}{self.what}: {_listed(mine)}"
+        if other and self.also:
+            text += f"; {self.also}: {_listed(other)}"
+        super().__init__(text)
+
+    def _mine(self, clash: Clash) -> bool:
+        return True
+
+
+def _listed(clashes: list[Clash]) -> str:
+    more = f"; and {len(clashes) - 32} more" if len(clashes) > 32 else ""
+    return "; ".join(map(str, clashes[:32])) + more
 
 
 class Conflict(_ClashError):
@@ -88,6 +102,10 @@ class Conflict(_ClashError):
 
     name = "Conflict"
     what = "APQNs already in use"
+    also = "and still belonging to the host"
+
+    def _mine(self, clash: Clash) -> bool:
+        return clash.owner != "host"
 
 
 class HostOwned(_ClashError):
@@ -95,6 +113,10 @@ class HostOwned(_ClashError):
 
     name = "HostOwned"
     what = "APQNs still belong to the host"
+    also = "and already in use"
+
+    def _mine(self, clash: Clash) -> bool:
+        return clash.owner == "host"
 
 
 class Busy(_ClashError):

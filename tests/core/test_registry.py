@@ -85,6 +85,11 @@ def test_host_owned_apqns_are_refused_before_sharing(reg: Registry) -> None:
     with pytest.raises(HostOwned) as exc:
         decision.raise_if_refused()
     assert {c.owner for c in exc.value.clashes} == {"host", U1}
+    # each APQN named under what it is: the guest-held one is no host APQN
+    assert str(exc.value) == (
+        "APQNs still belong to the host: 07.0004 owned by host; "
+        f"and already in use: 06.0004 owned by {U1}"
+    )
 
 
 def test_only_adapters_or_only_domains_never_clash(reg: Registry) -> None:
