@@ -53,7 +53,8 @@ class StartupError(Exception):
     """Something the admin must fix; printed as one line, exit status 1."""
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's options (also the source of its man page, apmatrixd(8))."""
     p = argparse.ArgumentParser(
         prog="apmatrixd",
         description="Keeps IBM Z AP matrices (vfio_ap mediated devices) conflict-free and "
@@ -121,6 +122,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.sim_mount and args.simulate is None:
         p.error("--sim-mount needs --simulate")

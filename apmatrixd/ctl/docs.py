@@ -175,3 +175,100 @@ def man_page(parser: argparse.ArgumentParser) -> str:
         "\\fBbusctl\\fR(1)",
     ]
     return "\n".join(L) + "\n"
+
+
+# -- apmatrixd(8) -------------------------------------------------------------------------------
+DAEMON_DESCRIPTION = """\
+apmatrixd keeps the AP crypto configuration of an IBM Z KVM host conflict-free. On the AP bus
+an adapter is split into domains; an (adapter, domain) pair is an APQN, one AP queue. The
+vfio_ap driver hands APQNs to KVM guests through mediated devices (matrices): adapters x usage
+domains, plus control domains. An APQN may belong to at most one guest and must first be taken
+from the host's own drivers (the host pool: /sys/bus/ap/apmask and aqmask).
+
+apmatrixd is the one place that decides who owns what. It refuses every conflicting change
+before it reaches the kernel, naming the APQNs that clash and their owners; follows hot plug
+through udev; keeps every matrix definition and the host pool's reservations in its state
+directory across restarts, reboots and crashes; never writes back what the kernel or an admin
+changed behind its back (it reports that as Drift); and serves all of it on the system D-Bus
+as org.apmatrix.Apmatrix1. apmatrixctl(1), Cockpit and busctl(1) are its clients."""
+
+DAEMON_SECTIONS = [
+    (
+        "D-BUS INTERFACE",
+        "Bus name org.apmatrix.Apmatrix1. /org/apmatrix/Apmatrix1: Manager and ObjectManager;\n"
+        "/org/apmatrix/Apmatrix1/matrices/UUID: Matrix, one per matrix;\n"
+        "/org/apmatrix/Apmatrix1/adapters/ID: Adapter, one per AP card.\n"
+        "The interface description, with every method, property, signal and error, is\n"
+        "org.apmatrix.Apmatrix1.xml (installed with the package; the daemon introspects as it).",
+    ),
+    (
+        "AUTHORISATION",
+        "Reading is open to everyone. Every change needs uid 0 or polkit:\n"
+        "org.apmatrix.apmatrix1.manage (CreateMatrix, every Matrix method),\n"
+        "org.apmatrix.apmatrix1.reserve (Reserve, Release), both auth_admin_keep;\n"
+        "org.apmatrix.apmatrix1.import-mdevctl and .export-mdevctl, auth_admin every time.\n"
+        "If polkit cannot be reached, non-root callers are refused.",
+    ),
+    (
+        "FILES",
+        "/var/lib/apmatrixd/ (StateDirectory=): matrices/UUID.json, host.json, boot.json,\n"
+        "    journal (the intent of a change in flight)\n"
+        "/etc/mdevctl.d/: mdevctl's definitions (ImportMdevctl, ExportMdevctl)\n"
+        "/run/lock/s390apconfig.lock: s390-tools' AP configuration lock, held around AP writes\n"
+        "/usr/lib/systemd/system/apmatrixd.service, /usr/lib/tmpfiles.d/apmatrixd.conf\n"
+        "/usr/share/dbus-1/system.d/org.apmatrix.Apmatrix1.conf (bus policy)\n"
+        "/usr/share/polkit-1/actions/org.apmatrix.apmatrix1.policy",
+    ),
+    (
+        "ENVIRONMENT",
+        "DBUS_SYSTEM_BUS_ADDRESS  the system bus, instead of the default socket\n"
+        "STATE_DIRECTORY          set by systemd: the state directory\n"
+        "NOTIFY_SOCKET, WATCHDOG_USEC  set by systemd: readiness and watchdog (Type=notify)\n"
+        "APMATRIXD_TEST_KILL_AT   with --simulate only: a test hook that kills the daemon at\n"
+        "                         the Nth store step (ignored, with a warning, otherwise)",
+    ),
+    (
+        "SIGNALS",
+        "SIGTERM, SIGINT: stop taking changes, let the queued ones finish (at most 5 s; a change\n"
+        "cut short is rolled back at the next start), release the bus name, exit 0.",
+    ),
+    (
+        "EXIT STATUS",
+        "0 stopped on request; 1 could not start (one line says why) or lost the bus.",
+    ),
+]
+
+
+def daemon_man_page() -> str:
+    from apmatrixd.daemon import build_parser
+
+    parser = build_parser()
+    L = [
+        ".\\\" Generated from apmatrixd's argument parser (tools/gen-ctl-docs): do not edit.",
+        f'.TH APMATRIXD 8 "" "apmatrixd {__version__}" "System Administration"',
+        ".SH NAME",
+        "apmatrixd \\- IBM Z AP matrix (vfio_ap) manager, on the system D-Bus",
+        ".SH SYNOPSIS",
+        "\\fBapmatrixd\\fR [\\fIOPTIONS\\fR]",
+        ".SH DESCRIPTION",
+        _roff(DAEMON_DESCRIPTION).replace("\n\n", "\n.PP\n"),
+        ".SH OPTIONS",
+    ]
+    for a in _options(parser):
+        L += [".TP", _opt_synopsis(a), _roff(a.help or "")]
+    for title, text in DAEMON_SECTIONS:
+        L += [f".SH {title}", ".nf", _roff(text), ".fi"]
+    L += [
+        ".SH EXAMPLES",
+        ".nf",
+        _roff(
+            "systemctl enable --now apmatrixd\n"
+            "apmatrixd --simulate --session        # a simulated host, for trying it out\n"
+            "busctl tree org.apmatrix.Apmatrix1"
+        ),
+        ".fi",
+        ".SH SEE ALSO",
+        "\\fBapmatrixctl\\fR(1), \\fBlszcrypt\\fR(8), \\fBchzdev\\fR(8), "
+        "\\fBmdevctl\\fR(8), \\fBbusctl\\fR(1), \\fBpolkit\\fR(8), \\fBsystemd.exec\\fR(5)",
+    ]
+    return "\n".join(L) + "\n"

@@ -110,7 +110,12 @@ def _common(top: bool) -> argparse.ArgumentParser:
         help="the system bus (default; honours DBUS_SYSTEM_BUS_ADDRESS)",
     )
     x.add_argument("--session", action="store_true", default=off, help="the session bus")
-    p.add_argument("--json", action="store_true", default=off, help="print JSON (shapes below)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=off,
+        help="print JSON (its shapes: apmatrixctl --help, or JSON in apmatrixctl(1))",
+    )
     return p
 
 

@@ -24,6 +24,25 @@ def test_man_page_is_up_to_date() -> None:
     assert shipped == man_page(build_parser()), REGEN
 
 
+def test_the_daemon_man_page_ships_up_to_date_and_renders() -> None:
+    """apmatrixctl(1) names apmatrixd(8) in SEE ALSO: it ships, from the daemon's parser."""
+    from apmatrixd.ctl.docs import daemon_man_page
+    from apmatrixd.daemon import build_parser as daemon_parser
+
+    page = REPO / "ctl" / "apmatrixd.8"
+    assert page.read_text() == daemon_man_page(), REGEN
+    for a in daemon_parser()._actions:
+        for opt in a.option_strings:
+            assert opt.replace("-", "\\-") in page.read_text(), opt
+    need_tool("man", "man-db")
+    r = subprocess.run(
+        ["man", "-l", str(page)], capture_output=True, text=True, timeout=20,
+        env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin", "MANPAGER": "cat", "PAGER": "cat"},
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "AUTHORISATION" in r.stdout and "--mdevctl-dir" in r.stdout
+
+
 def test_every_command_is_documented_and_completed() -> None:
     parser = build_parser()
     comp, man = bash_completion(parser), man_page(parser)
