@@ -289,7 +289,8 @@ class GuestPicture:
                 out += [f"    {a:02x}.{d:04x}  {why}" for a, d, why in m.lost[:16]]
                 if len(m.lost) > 16:
                     out.append(f"    ... and {len(m.lost) - 16} more (show --json lists them)")
-        out.append(f"  control domains: {format_ids(m.control_domains)}")
+        cud = " (every usage domain is one too)" if m.control_usage_domains else ""
+        out.append(f"  control domains: {format_ids(m.control_domains)}{cud}")
         return out
 
     def json(self) -> dict[str, Any]:

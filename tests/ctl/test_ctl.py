@@ -442,3 +442,19 @@ def test_rough_edges_a_new_user_found(daemon: Daemon) -> None:
     doc = ok(a, "--json", "remove", "guest1", "guest2").json()
     assert [m["uuid"] for m in doc["removed"]] == [U1, U2]
     assert ok(a, "--json", "list").json() == {"matrices": []}
+
+
+def test_the_host_pool_line_says_what_it_counts_on_each_layout(start: object) -> None:
+    """Upstream shows the masks (absent ids included), the 2017 layout the bound queues: the
+    same line said different things."""
+    for scenario, note in (
+        ("default", "(apmask/aqmask: ids of absent adapters and domains included)"),
+        ("rfc2017", "(queues bound to the host's drivers: present ones only)"),
+    ):
+        d = start("--simulate", scenario)  # type: ignore[operator]
+        r = ok(d.address, "reserve", "-a", "5,6", "-d", "4,47,ab,ff")
+        assert r.lines[2].strip() == note, (scenario, r.out)
+        if scenario == "rfc2017":
+            assert r.lines[0] == "Host pool: adapters -", r.out
+        ok(d.address, "create", "g", "-a", "5", "-d", "4")
+        d.terminate()  # type: ignore[attr-defined]
