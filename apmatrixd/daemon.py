@@ -343,6 +343,8 @@ async def _connect_and_serve(args: argparse.Namespace, service: Service, early: 
         hint = " (--session needs a session bus: run under dbus-run-session)"
         hint = hint if args.session else ""
         raise StartupError(f"no bus to connect to: {err}{hint}") from None
+    except OSError as err:  # dbus-fast < 2 connects the socket in the constructor
+        raise StartupError(f"cannot connect to the bus: {err.strerror or err}") from None
     try:
         await bus.connect()
     except (OSError, ValueError, DBusError) as err:

@@ -34,7 +34,9 @@ from dbus_fast import DBusError, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.constants import PropertyAccess
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+from dbus_fast.service import ServiceInterface, dbus_property
+from dbus_fast.service import method as dbus_method  # the name every version has (1.x-5.x)
+from dbus_fast.service import signal as dbus_signal
 from dbus_fast.signature import get_signature_tree
 
 from apmatrixd.bus import names
@@ -92,6 +94,16 @@ def drop_unwanted_reads(msg: Message) -> bool:
 
 
 @dataclass(frozen=True)
+class Sig:
+    """The D-Bus signature of an ``Annotated`` type (``Annotated[list[int], Sig("au")]``).
+
+    Ours, not ``dbus_fast.annotations`` (4.0+): what dbus-fast is handed is always the plain
+    signature string, which every version from Debian 12's 1.84 on reads."""
+
+    signature: str
+
+
+@dataclass(frozen=True)
 class Method:
     """One of our D-Bus methods, as :class:`Dispatcher` runs it."""
 
@@ -136,13 +148,16 @@ def call(fn: Handler) -> Any:
         log.error("%s.%s reached without the dispatcher: refused", self.name, member)
         raise DBusError(names.ACCESS_DENIED, f"{self.name}.{member}: not dispatched by apmatrixd")
 
-    undispatched.__signature__ = sig.replace(  # type: ignore[attr-defined]
-        parameters=params,
-        return_annotation=inspect.Signature.empty if ret is type(None) else ret,
-    )
-    declared = dbus_method()(undispatched)
     in_types = [_signature_of(p.annotation) for p in params[1:]]
     out_sig = "" if ret in (type(None), inspect.Signature.empty) else _signature_of(ret)
+    undispatched.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[
+            params[0],
+            *(p.replace(annotation=t) for p, t in zip(params[1:], in_types, strict=False)),
+        ],
+        return_annotation=out_sig or inspect.Signature.empty,
+    )
+    declared = dbus_method()(undispatched)
     setattr(
         declared,
         METHOD_ATTR,
@@ -284,6 +299,16 @@ def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def signal(signature: str) -> Callable[[Handler], Any]:
+    """Declare a D-Bus signal whose arguments have ``signature`` (the method returns them)."""
+
+    def decorate(fn: Handler) -> Any:
+        fn.__annotations__ = {"return": signature}  # a string: every dbus-fast version reads it
+        return dbus_signal()(fn)
+
+    return decorate
 
 
 def prop(name: str, signature: str) -> Any:

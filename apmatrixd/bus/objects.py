@@ -12,11 +12,9 @@ from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from dbus_fast import Variant
-from dbus_fast.annotations import DBusObjectPath, DBusSignature, DBusStr, DBusUInt32
-from dbus_fast.service import dbus_signal
 
 from apmatrixd.bus import names
-from apmatrixd.bus.base import Exported, call, prop
+from apmatrixd.bus.base import Exported, Sig, call, prop, signal
 from apmatrixd.core import InvalidArgument
 from apmatrixd.service import ops
 
@@ -24,15 +22,14 @@ if TYPE_CHECKING:
     from apmatrixd.auth import Authority
     from apmatrixd.service import AdapterView, HostView, MatrixView, Service
 
-Str = DBusStr
-Path = DBusObjectPath
-U32 = DBusUInt32
-Fd = Annotated[int, DBusSignature("h")]
-Ids = Annotated[list[int], DBusSignature("au")]
-Paths = Annotated[list[str], DBusSignature("ao")]
-Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
-Clashes = Annotated[list[tuple[int, int, str]], DBusSignature("a(uus)")]
-DriftArgs = Annotated[list[str], DBusSignature("os")]
+Str = Annotated[str, Sig("s")]
+Path = Annotated[str, Sig("o")]
+U32 = Annotated[int, Sig("u")]
+Fd = Annotated[int, Sig("h")]
+Ids = Annotated[list[int], Sig("au")]
+Paths = Annotated[list[str], Sig("ao")]
+Options = Annotated[dict[str, Variant], Sig("a{sv}")]
+Clashes = Annotated[list[tuple[int, int, str]], Sig("a(uus)")]
 
 OPTIONS: dict[str, str] = {
     "adapters": "au",
@@ -220,8 +217,8 @@ class Manager(Exported):
     async def ExportMdevctlFd(self, dir: Fd) -> None:
         await self._service.submit("ExportMdevctl", ops.export_mdevctl, dir)
 
-    @dbus_signal()
-    def Drift(self, matrix: str, what: str) -> DriftArgs:
+    @signal("os")
+    def Drift(self, matrix: str, what: str) -> list[str]:
         """Sysfs no longer matches what the daemon holds for ``matrix``."""
         return [matrix, what]
 

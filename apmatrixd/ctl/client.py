@@ -11,9 +11,13 @@ from typing import Any
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.errors import DBusFastError, InvalidAddressError
+from dbus_fast.errors import AuthError, DBusError, InvalidAddressError
 
 from apmatrixd.bus import names
+
+BUS_FAILURES = (OSError, EOFError, TimeoutError, AuthError, DBusError)
+"""What a lost or refused bus connection raises, in every dbus-fast version (1.84 has no
+DBusFastError base class)."""
 
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 CALL_TIMEOUT = 120.0
@@ -89,9 +93,14 @@ class Connection:
                 bus = MessageBus(bus_type=kind, negotiate_unix_fd=True)
         except InvalidAddressError as err:
             raise CtlError(f"bad bus address {target.address!r}: {err}", code=2) from None
+        except OSError as err:  # dbus-fast < 2 connects the socket in the constructor
+            raise CtlError(
+                f"cannot reach {target.describe()} ({err.strerror or err}); "
+                f"apmatrixd is not running there: {HOW_TO_START}"
+            ) from None
         try:
             await asyncio.wait_for(bus.connect(), 15)
-        except (OSError, DBusFastError, TimeoutError, ValueError) as err:
+        except (*BUS_FAILURES, ValueError) as err:
             why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             raise CtlError(
                 f"cannot reach {target.describe()} ({why or type(err).__name__}); "
@@ -125,7 +134,7 @@ class Connection:
         )
         try:
             reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)
-        except (TimeoutError, OSError, EOFError, DBusFastError) as err:
+        except BUS_FAILURES as err:
             raise CtlError(f"no answer from apmatrixd ({err or type(err).__name__})") from None
         if reply is None:
             raise CtlError("the connection to the bus was lost")

@@ -176,8 +176,12 @@ def test_a_method_dbus_fast_runs_itself_is_refused() -> None:
     assert getattr(declared, METHOD_ATTR).in_signature == "auau"
     wrapped = declared.__wrapped__  # type: ignore[attr-defined]  # dbus-fast keeps the function
 
+    from dbus_fast.service import ServiceInterface
+
+    bare = Manager.__new__(Manager)
+    ServiceInterface.__init__(bare, "org.apmatrix.Apmatrix1.Manager")
     with pytest.raises(DBusError, match="not dispatched") as e:
-        asyncio.run(wrapped(Manager.__new__(Manager), [1], [2]))
+        asyncio.run(wrapped(bare, [1], [2]))
     assert e.value.type == "org.freedesktop.DBus.Error.AccessDenied"
 
 
