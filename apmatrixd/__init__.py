@@ -1,3 +1,3 @@
 """apmatrixd: keeps IBM Z AP matrices (vfio_ap mediated devices) conflict-free."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,0 +1,99 @@
+"""The Debian packages: built by tools/package from debian/, laid out as a distribution would,
+depending only on the distribution's own packages, and lintian-clean (no errors)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rigs import need_tool
+
+REPO = Path(__file__).resolve().parent.parent
+VERSION = next(
+    ln.split('"')[1] for ln in (REPO / "pyproject.toml").read_text().splitlines()
+    if ln.startswith("version = ")
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def debs() -> Iterator[dict[str, Path]]:
+    for tool, pkg in (("dpkg-buildpackage", "dpkg-dev"), ("dh", "debhelper"),
+                      ("lintian", "lintian")):  # fmt: skip
+        need_tool(tool, pkg)
+    r = subprocess.run(
+        [str(REPO / "tools" / "package"), "deb"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    yield {
+        name: REPO / "dist" / f"{name}_{VERSION}_all.deb"
+        for name in ("apmatrixd", "apmatrixd-sim", "cockpit-apmatrix")
+    }
+
+
+def contents(deb: Path) -> set[str]:
+    r = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True)
+    return {ln.split()[5].lstrip(".") for ln in r.stdout.splitlines() if not ln.endswith("/")}
+
+
+def field(deb: Path, name: str) -> str:
+    r = subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def test_the_daemon_package_holds_what_a_host_needs(debs: dict[str, Path]) -> None:
+    files = contents(debs["apmatrixd"])
+    for path in (
+        "/usr/bin/apmatrixd",
+        "/usr/bin/apmatrixctl",
+        "/lib/systemd/system/apmatrixd.service",
+        "/usr/lib/tmpfiles.d/apmatrixd.conf",
+        "/usr/share/dbus-1/system.d/org.apmatrix.Apmatrix1.conf",
+        "/usr/share/dbus-1/system-services/org.apmatrix.Apmatrix1.service",
+        "/usr/share/dbus-1/interfaces/org.apmatrix.Apmatrix1.xml",
+        "/usr/share/polkit-1/actions/org.apmatrix.apmatrix1.policy",
+        "/usr/share/man/man1/apmatrixctl.1.gz",
+        "/usr/share/man/man8/apmatrixd.8.gz",
+        "/usr/share/bash-completion/completions/apmatrixctl",
+        "/usr/share/doc/apmatrixd/README.md.gz",
+        "/usr/lib/python3/dist-packages/apmatrixd/daemon.py",
+        "/usr/lib/python3/dist-packages/apmatrixd/bus/org.apmatrix.Apmatrix1.xml",
+    ):
+        assert path in files, path
+    # the emulator (and its FUSE) is not on a production host
+    assert not [f for f in files if "/apmatrixd/sim/" in f or f.endswith("apmatrixd-sim")]
+    depends = field(debs["apmatrixd"], "Depends")
+    assert "python3-dbus-fast (>= 1.84)" in depends and "python3-pyudev (>= 0.24)" in depends
+    assert "mfusepy" not in depends and "fuse" not in depends
+
+
+def test_the_emulator_and_the_cockpit_page_are_packages_of_their_own(
+    debs: dict[str, Path],
+) -> None:
+    sim = contents(debs["apmatrixd-sim"])
+    assert "/usr/bin/apmatrixd-sim" in sim
+    assert "/usr/lib/python3/dist-packages/apmatrixd/sim/scenarios/default.toml" in sim
+    page = contents(debs["cockpit-apmatrix"])
+    assert {f"/usr/share/cockpit/apmatrix/{f}" for f in
+            ("index.html", "apmatrix.js", "apmatrix.css", "manifest.json")} <= page  # fmt: skip
+    assert "cockpit-bridge" in field(debs["cockpit-apmatrix"], "Depends")
+
+
+def test_the_unit_is_enabled_and_the_lock_created_at_install(debs: dict[str, Path]) -> None:
+    r = subprocess.run(
+        ["dpkg-deb", "-I", str(debs["apmatrixd"]), "postinst"], capture_output=True, text=True
+    )
+    assert "deb-systemd-helper" in r.stdout and "apmatrixd.service" in r.stdout, r.stdout
+    assert "systemd-tmpfiles" in r.stdout and "apmatrixd.conf" in r.stdout
+
+
+def test_lintian_reports_no_errors(debs: dict[str, Path]) -> None:
+    r = subprocess.run(
+        ["lintian", "--no-tag-display-limit", *map(str, debs.values())],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    tags = [ln for ln in r.stdout.splitlines() if ln[:2] in ("E:", "W:")]
+    assert not [t for t in tags if t.startswith("E:")], r.stdout
+    # the one warning left: apmatrixd-sim has no man page (a test tool; --help documents it)
+    assert tags == ["W: apmatrixd-sim: no-manual-page [usr/bin/apmatrixd-sim]"], tags
