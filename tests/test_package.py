@@ -97,3 +97,52 @@ def test_lintian_reports_no_errors(debs: dict[str, Path]) -> None:
     assert not [t for t in tags if t.startswith("E:")], r.stdout
     # the one warning left: apmatrixd-sim has no man page (a test tool; --help documents it)
     assert tags == ["W: apmatrixd-sim: no-manual-page [usr/bin/apmatrixd-sim]"], tags
+
+
+ALLOWED_RPMLINT = {
+    "no-signature",  # a local build: the distribution signs what it ships
+    "no-packager-tag",  # set by the build system, not the spec (Fedora's guidelines)
+    "hardcoded-library-path",  # the python3_sitelib fallback for rpm without python macros
+    "no-dependency-on",  # 'locales-sim': rpmlint reads -sim as a locale suffix
+}
+"""rpmlint errors left, each for a reason of this build host, not of the package."""
+
+
+def test_the_rpms_have_the_same_layout_and_rpmlint_only_what_a_local_build_gives() -> None:
+    for tool, pkg in (("rpmbuild", "rpm"), ("rpmlint", "rpmlint")):
+        need_tool(tool, pkg)
+    r = subprocess.run(
+        [str(REPO / "tools" / "package"), "rpm"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    rpms = {n: REPO / "dist" / f"{n}-{VERSION}-1.noarch.rpm"
+            for n in ("apmatrixd", "apmatrixd-sim", "cockpit-apmatrix")}  # fmt: skip
+    listed = {
+        n: set(subprocess.run(["rpm", "-qlp", str(p)], capture_output=True, text=True,
+                              check=True).stdout.split())
+        for n, p in rpms.items()
+    }  # fmt: skip
+    for path in ("/usr/bin/apmatrixd", "/usr/bin/apmatrixctl",
+                 "/usr/lib/systemd/system/apmatrixd.service",
+                 "/usr/lib/tmpfiles.d/apmatrixd.conf",
+                 "/usr/share/dbus-1/system.d/org.apmatrix.Apmatrix1.conf",
+                 "/usr/share/polkit-1/actions/org.apmatrix.apmatrix1.policy",
+                 "/usr/share/man/man8/apmatrixd.8"):  # fmt: skip
+        assert path in listed["apmatrixd"], path
+    assert not [f for f in listed["apmatrixd"] if "/apmatrixd/sim" in f]
+    assert "/usr/bin/apmatrixd-sim" in listed["apmatrixd-sim"]
+    assert "/usr/share/cockpit/apmatrix/index.html" in listed["cockpit-apmatrix"]
+    requires = subprocess.run(
+        ["rpm", "-qp", "--requires", str(rpms["apmatrixd"])], capture_output=True, text=True
+    ).stdout
+    assert "python3-dbus-fast >= 1.84" in requires and "python3-pyudev >= 0.24" in requires
+    scripts = subprocess.run(
+        ["rpm", "-qp", "--scripts", str(rpms["apmatrixd"])], capture_output=True, text=True
+    ).stdout
+    assert "apmatrixd.service" in scripts and "systemd-tmpfiles" in scripts, scripts
+    lint = subprocess.run(
+        ["rpmlint", *map(str, rpms.values()), str(REPO / "packaging" / "apmatrixd.spec")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = {ln.split(" E: ")[1].split()[0] for ln in lint.stdout.splitlines() if " E: " in ln}
+    assert errors <= ALLOWED_RPMLINT, lint.stdout
