@@ -1,4 +1,4 @@
-# bash completion for apmatrixctl 0.1.0, generated from its argument parser
+# bash completion for apmatrixctl 0.2.0, generated from its argument parser
 # by `apmatrixctl --print-completion bash`: do not edit (tools/gen-ctl-docs rewrites it).
 _apmatrixctl() {
     local cur prev cmd="" i bus=() opts="" matrix=0 dirs=0
