@@ -272,3 +272,50 @@ def daemon_man_page() -> str:
         "\\fBmdevctl\\fR(8), \\fBbusctl\\fR(1), \\fBpolkit\\fR(8), \\fBsystemd.exec\\fR(5)",
     ]
     return "\n".join(L) + "\n"
+
+
+# -- apmatrixd-sim(1) ---------------------------------------------------------------------------
+def sim_man_page() -> str:
+    from apmatrixd.sim.cli import build_parser
+
+    parser = build_parser()
+    subs, helps = _subparsers(parser)
+    L = [
+        ".\\\" Generated from apmatrixd-sim's argument parser (tools/gen-ctl-docs): do not edit.",
+        f'.TH APMATRIXD\\-SIM 1 "" "apmatrixd {__version__}" "User Commands"',
+        ".SH NAME",
+        "apmatrixd\\-sim \\- the apmatrixd kernel emulator: an IBM Z AP host without hardware",
+        ".SH SYNOPSIS",
+        "\\fBapmatrixd\\-sim\\fR [\\fB\\-v\\fR] \\fICOMMAND\\fR [\\fIARGS\\fR]",
+        ".SH DESCRIPTION",
+        _roff(
+            "An emulation of the s390 AP bus and the vfio_ap driver of every kernel generation "
+            "apmatrixd supports (5.15 to 6.19), served as a FUSE file system that lszcrypt, "
+            "chzcrypt, mdevctl and apmatrixd itself (--sysfs-root) read and write like /sys, "
+            "with fake KVM guests that hold mdevs open. apmatrixd --simulate runs the same "
+            "model in process. For trying apmatrixd out and for tests."
+        ),
+        ".SH COMMANDS",
+    ]
+    for name, sp in subs.items():
+        L += [".TP", f"\\fB{_roff(name)}\\fR", _roff(helps.get(name, ""))]
+        for a in _positionals(sp):
+            meta = a.metavar or ("{" + ",".join(a.choices) + "}" if a.choices else a.dest.upper())
+            L += [".RS", ".TP", f"\\fI{_roff(str(meta))}\\fR", _roff(a.help or ""), ".RE"]
+        for a in _options(sp):
+            if a.dest != "help":  # argparse's %(default)s, as --help shows it
+                text = (a.help or "") % dict(vars(a), prog="apmatrixd-sim")
+                L += [".RS", ".TP", _opt_synopsis(a), _roff(text), ".RE"]
+    L += [
+        ".SH EXAMPLES",
+        ".nf",
+        _roff(
+            "apmatrixd-sim mount /tmp/apsys --scenario default --kernel 6.0\n"
+            "lszcrypt -V    # with the emulated tree bound over /sys/bus/ap, /sys/devices/ap\n"
+            "apmatrixd-sim guest attach /tmp/apsys 11111111-1111-4111-8111-111111111111"
+        ),
+        ".fi",
+        ".SH SEE ALSO",
+        "\\fBapmatrixd\\fR(8), \\fBapmatrixctl\\fR(1), \\fBlszcrypt\\fR(8), \\fBmdevctl\\fR(8)",
+    ]
+    return "\n".join(L) + "\n"

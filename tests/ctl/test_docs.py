@@ -43,6 +43,15 @@ def test_the_daemon_man_page_ships_up_to_date_and_renders() -> None:
     assert "AUTHORISATION" in r.stdout and "--mdevctl-dir" in r.stdout
 
 
+def test_the_emulator_man_page_ships_up_to_date() -> None:
+    from apmatrixd.ctl.docs import sim_man_page
+
+    page = (REPO / "ctl" / "apmatrixd-sim.1").read_text()
+    assert page == sim_man_page(), REGEN
+    for cmd in ("mount", "guest", "scenarios", "show", "demo"):
+        assert f"\\fB{cmd}\\fR" in page, cmd
+
+
 def test_every_command_is_documented_and_completed() -> None:
     parser = build_parser()
     comp, man = bash_completion(parser), man_page(parser)
