@@ -203,6 +203,14 @@ def test_update_modes_change_only_what_they_name(two: Service) -> None:
     two.update(G1, [], [], [], mode="set", sets=["control_domains"])
     assert sets(two) == ((5,), (4,), (4,))
     assert two.matrix(G1).control_usage_domains
+    # one id at a time, the same rule: a usage domain stays a control domain, one removed
+    # takes its control domain along
+    two.unassign(G1, "control_domain", 4)
+    assert sets(two) == ((5,), (4,), (4,))
+    two.assign(G1, "domain", 0x47)
+    two.unassign(G1, "domain", 4)
+    assert sets(two) == ((5,), (0x47,), (0x47,))
+    two.update(G1, [5], [4], [], mode="set", sets=["adapters", "domains"])
     for mode, which in (("merge", ["domains"]), ("set", ["queues"]), ("set", [])):
         with pytest.raises(InvalidArgument):
             two.update(G1, [], [], [], mode=mode, sets=which)

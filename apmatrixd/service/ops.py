@@ -128,31 +128,17 @@ def create_matrix(
 
 
 def change_one(svc: Service, uuid: str, kind: Kind, id: int, *, add: bool) -> Command[None]:
-    """Assign or unassign one adapter, domain or control domain."""
+    """Assign or unassign one adapter, domain or control domain: :func:`update` of one id, so
+    ControlUsageDomains means the same for both."""
     if kind not in KINDS:
         raise InvalidArgument(f"unknown kind {kind!r}")
-    st = svc.state
-    m = st.registry.get(svc.resolve(uuid))
-    meta = st.meta[m.uuid]
-    (one,) = id_set([id], kind.replace("_", " "))
-    # A drifted matrix changes from what the kernel holds: the admin sees and edits those sets.
-    base = meta.truth.matrix() if meta.live and meta.truth is not None else m
-    sets = {
-        "adapter": set(base.adapters),
-        "domain": set(base.domains),
-        "control_domain": set(base.control_domains),
-    }
-    targets = [kind]
-    if kind == "domain" and meta.control_usage_domains:
-        targets.append("control_domain")
-    for t in targets:
-        if add:
-            sets[t].add(one)
-        else:
-            sets[t].discard(one)
+    one = {k: [id] if k == kind else [] for k in KINDS}
     verb = "Assign" if add else "Unassign"
-    what = f"{verb}{kind.title().replace('_', '')} {id:#x} of {m.uuid}"
-    yield from update_sets(svc, m, sets["adapter"], sets["domain"], sets["control_domain"], what)
+    what = f"{verb}{kind.title().replace('_', '')} {id:#x} of {svc.resolve(uuid)}"
+    yield from update(
+        svc, uuid, one["adapter"], one["domain"], one["control_domain"],
+        "add" if add else "remove", [f"{kind}s"], what,
+    )  # fmt: skip
 
 
 SETS = ("adapters", "domains", "control_domains")
@@ -167,6 +153,7 @@ def update(
     control_domains: Iterable[int],
     mode: str = "set",
     sets: Iterable[str] = SETS,
+    what: str = "",
 ) -> Command[None]:
     """Change a matrix's sets, decided on what it holds when the command runs (never on what
     a caller read earlier, so two callers' changes both land).
@@ -207,7 +194,7 @@ def update(
         own = new["control_domains"] - (old["domains"] if "control_domains" not in which else set())
         new["control_domains"] = frozenset(own | new["domains"])
     yield from update_sets(
-        svc, m, new["adapters"], new["domains"], new["control_domains"], f"Update {m.uuid}"
+        svc, m, new["adapters"], new["domains"], new["control_domains"], what or f"Update {m.uuid}"
     )
 
 

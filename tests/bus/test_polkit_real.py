@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from busrig import HERE
-from rigs import need_tool
+from rigs import need_tool, unavailable
 
 from apmatrixd.bus import names
 
@@ -31,7 +31,9 @@ INTERACTIVE = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 @pytest.fixture(scope="module")
 def steps() -> Iterator[dict[str, Any]]:
     if os.geteuid() != 0:
-        pytest.skip("needs root (mount namespace, polkitd drops to its own user)")
+        unavailable(
+            "needs root (mount namespace, polkitd drops to its own user)", installable=False
+        )
     need_tool("/usr/lib/polkit-1/polkitd", "polkitd")
     need_tool("unshare", "util-linux")
     work = Path(tempfile.mkdtemp(prefix="apm-polkit-", dir="/tmp"))
