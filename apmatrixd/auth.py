@@ -34,6 +34,9 @@ ACTIONS: dict[str, str | None] = {
     f"{names.MANAGER_IFACE}.ImportMdevctlFd": names.ACTION_IMPORT,
     f"{names.MANAGER_IFACE}.ExportMdevctl": names.ACTION_EXPORT,
     f"{names.MANAGER_IFACE}.ExportMdevctlFd": names.ACTION_EXPORT,
+    # mdevctl's callout (run by mdevctl as root): what mdevctl may do is a change decision
+    f"{names.MANAGER_IFACE}.ProposeMdevctl": names.ACTION_MANAGE,
+    f"{names.MANAGER_IFACE}.ReloadMdevctl": names.ACTION_MANAGE,
     **{
         f"{names.MATRIX_IFACE}.{m}": names.ACTION_MANAGE
         for m in (
@@ -51,6 +54,7 @@ ACTIONS: dict[str, str | None] = {
             "Remove",
             "StopWithOptions",
             "RemoveWithOptions",
+            "TakeOver",
         )
     },
 }

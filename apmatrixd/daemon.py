@@ -115,10 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mdevctl-dir",
-        default=MDEVCTL_DIR,
         metavar="DIR",
-        help="mdevctl's configuration directory, the one ImportMdevctl/ExportMdevctl open by "
-        f"path (default {MDEVCTL_DIR}; any other comes as a descriptor the caller opened)",
+        help="mdevctl's configuration directory: its definitions there that are not ours are "
+        "held as mdevctl-managed matrices (read at start, at each rescan and on ReloadMdevctl), "
+        "and the one ImportMdevctl/ExportMdevctl open by path (default "
+        f"{MDEVCTL_DIR}; any other comes as a descriptor the caller opened). With --simulate "
+        "the simulated host has no mdevctl definitions unless this is given",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -132,7 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--sim-mount needs --simulate")
     if args.rescan_interval < 0:
         p.error("--rescan-interval must be >= 0")
-    if not os.path.isabs(args.mdevctl_dir):
+    if args.mdevctl_dir is not None and not os.path.isabs(args.mdevctl_dir):
         p.error("--mdevctl-dir must be an absolute path")
     if args.simulate is not None and args.sysfs_root:
         p.error("--simulate and --sysfs-root exclude each other")
@@ -239,7 +241,9 @@ async def run(args: argparse.Namespace) -> int:
     kernel = make_kernel(args)
     service = Service(kernel, store=make_store(args))
     service.in_use_timeout = max(args.in_use_timeout, 0.0)
-    service.mdevctl_dir = os.path.normpath(args.mdevctl_dir)
+    # A simulated host is not this machine: the host's own mdevctl definitions are not its.
+    service.mdevctl_dir = os.path.normpath(args.mdevctl_dir or MDEVCTL_DIR)
+    service.watch_mdevctl = args.mdevctl_dir is not None or args.simulate is None
     interval = notify.watchdog_interval()
     watchdog = asyncio.ensure_future(_watchdog(interval)) if interval else None
     with contextlib.ExitStack() as cleanup:

@@ -86,6 +86,12 @@ def parse_file(path: Path, data: bytes) -> Definition:
         uuid = normalize_uuid(path.name)
     except InvalidArgument:
         raise _fail(path, "file name is not a UUID (mdevctl names files by UUID)") from None
+    return parse_definition(uuid, data, path)
+
+
+def parse_definition(uuid: str, data: bytes, path: Path) -> Definition:
+    """A definition's JSON (a file's, or what mdevctl gives its callouts on stdin) for
+    ``uuid``; errors name ``path``."""
     try:
         obj: Any = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -317,3 +323,90 @@ def _write_at(dir_fd: int, name: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
+
+
+Fingerprint = tuple[int, int, int]
+"""(inode, mtime_ns, size) of a definition file: re-read only what changed since."""
+
+
+@dataclass
+class Scan:
+    """What one look at mdevctl's directory found (see :func:`scan_dir`)."""
+
+    present: dict[str, Fingerprint]  # every definition file there, by UUID
+    read: dict[str, Definition]  # the new or changed ones that parsed
+    broken: dict[str, str]  # new or changed ones that did not: uuid -> why
+
+
+def _open_parent(config_dir: str, absent: type[OSError]) -> int | None:
+    """An fd of ``<config_dir>/matrix`` (no link followed), or None on ``absent``."""
+    try:
+        top = _open_dir(config_dir)
+    except absent:
+        return None
+    try:
+        return _open_dir(PARENT, dir_fd=top)
+    except absent:
+        return None
+    finally:
+        os.close(top)
+
+
+def scan_dir(config_dir: str, seen: dict[str, Fingerprint]) -> Scan:
+    """The definitions under ``<config_dir>/matrix`` that differ from ``seen``.
+
+    Each file is stat'ed (cheap: the rescan does this every 30 s) and only new or changed
+    ones are read, through directory fds without following links, as :func:`read_dir` does.
+    No directory (mdevctl not installed, or nothing defined yet) is an empty scan. Only
+    files whose name is a UUID count: mdevctl names its files so."""
+    fd = _open_parent(config_dir, OSError)
+    if fd is None:
+        return Scan({}, {}, {})
+    base = Path(config_dir) / PARENT
+    out = Scan({}, {}, {})
+    try:
+        for name in sorted(os.listdir(fd)):
+            try:
+                uuid = normalize_uuid(name)
+            except InvalidArgument:
+                continue
+            try:
+                s = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue  # gone since the listing
+            if not stat.S_ISREG(s.st_mode):
+                continue
+            fp = (s.st_ino, s.st_mtime_ns, s.st_size)
+            out.present[uuid] = fp
+            if seen.get(uuid) == fp:
+                continue
+            try:
+                data = _read_regular(base / name, fd)
+                if data is None:
+                    del out.present[uuid]
+                    continue
+                out.read[uuid] = parse_file(base / name, data)
+            except InvalidArgument as err:
+                out.broken[uuid] = str(err)
+    finally:
+        os.close(fd)
+    return out
+
+
+def remove_at(config_dir: str, uuid: str) -> bool:
+    """Remove ``<config_dir>/matrix/<uuid>`` if it is a regular file; True if removed.
+    OSError as it comes; nothing there is False."""
+    fd = _open_parent(config_dir, FileNotFoundError)
+    if fd is None:
+        return False
+    try:
+        s = os.stat(uuid, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISREG(s.st_mode):
+            return False
+        os.unlink(uuid, dir_fd=fd)
+        os.fsync(fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)

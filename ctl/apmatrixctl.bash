@@ -18,7 +18,7 @@ _apmatrixctl() {
         --print-completion) COMPREPLY=($(compgen -W "bash" -- "$cur")); return ;;
     esac
     if [[ -z $cmd ]]; then
-        COMPREPLY=($(compgen -W "-h --help --address --system --session --json --version --print-completion --print-man list show create remove start stop assign unassign update configure adapters reserve release check picture monitor import-mdevctl export-mdevctl" -- "$cur"))
+        COMPREPLY=($(compgen -W "-h --help --address --system --session --json --version --print-completion --print-man list show create remove start stop take-over assign unassign update configure adapters reserve release check picture monitor import-mdevctl export-mdevctl" -- "$cur"))
         return
     fi
     case $cmd in
@@ -28,6 +28,7 @@ _apmatrixctl() {
         remove) opts="-h --help --address --system --session --json --force --timeout"; matrix=1; dirs=0 ;;
         start) opts="-h --help --address --system --session --json"; matrix=1; dirs=0 ;;
         stop) opts="-h --help --address --system --session --json --force --timeout"; matrix=1; dirs=0 ;;
+        take-over) opts="-h --help --address --system --session --json"; matrix=1; dirs=0 ;;
         assign) opts="-h --help --address --system --session --json -a --adapters -d --domains -c --control-domains"; matrix=1; dirs=0 ;;
         unassign) opts="-h --help --address --system --session --json -a --adapters -d --domains -c --control-domains"; matrix=1; dirs=0 ;;
         update) opts="-h --help --address --system --session --json -a --adapters -d --domains -c --control-domains"; matrix=1; dirs=0 ;;

@@ -47,6 +47,10 @@ def test_the_daemon_package_holds_what_a_host_needs(debs: dict[str, Path]) -> No
     for path in (
         "/usr/bin/apmatrixd",
         "/usr/bin/apmatrixctl",
+        "/usr/bin/apmatrixd-callout",
+        "/usr/lib/mdevctl/scripts.d/callouts/00-apmatrixd-callout",
+        "/etc/mdevctl.d/scripts.d/callouts/00-apmatrixd-callout",
+        "/usr/share/man/man8/apmatrixd-callout.8.gz",
         "/lib/systemd/system/apmatrixd.service",
         "/usr/lib/tmpfiles.d/apmatrixd.conf",
         "/usr/share/dbus-1/system.d/org.apmatrix.Apmatrix1.conf",
@@ -120,7 +124,8 @@ def test_the_rpms_have_the_same_layout_and_rpmlint_only_what_a_local_build_gives
                               check=True).stdout.split())
         for n, p in rpms.items()
     }  # fmt: skip
-    for path in ("/usr/bin/apmatrixd", "/usr/bin/apmatrixctl",
+    for path in ("/usr/bin/apmatrixd", "/usr/bin/apmatrixctl", "/usr/bin/apmatrixd-callout",
+                 "/usr/lib/mdevctl/scripts.d/callouts/00-apmatrixd-callout",
                  "/usr/lib/systemd/system/apmatrixd.service",
                  "/usr/lib/tmpfiles.d/apmatrixd.conf",
                  "/usr/share/dbus-1/system.d/org.apmatrix.Apmatrix1.conf",

@@ -29,12 +29,14 @@ ERRORS = frozenset(
         "Unavailable",
         "DriverOverride",
         "Timeout",
+        "NotManaged",
     }
 )
 """The error suffixes of spec §2, and ours: ``Storage`` (the state directory could not be
 written, the change was undone), ``Unavailable`` (a kernel before 6.0 assigns only bound
 queues), ``DriverOverride`` (queues bound by driver_override, 6.19+), ``Timeout`` (a guest did
-not let go in time); each core/kernel/store error class carries one as ``name``."""
+not let go in time), ``NotManaged`` (a matrix mdevctl or someone else manages: TakeOver
+first); each core/kernel/store error class carries one as ``name``."""
 FAILED = ERROR_PREFIX + "Failed"
 """Our extension: an unexpected failure inside the daemon (details go to the log, not the bus)."""
 

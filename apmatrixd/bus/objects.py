@@ -16,7 +16,7 @@ from dbus_fast import Variant
 from apmatrixd.bus import names
 from apmatrixd.bus.base import Exported, Sig, call, prop, signal
 from apmatrixd.core import InvalidArgument
-from apmatrixd.service import ops
+from apmatrixd.service import managers, ops
 
 if TYPE_CHECKING:
     from apmatrixd.auth import Authority
@@ -78,6 +78,7 @@ def matrix_values(m: MatrixView) -> dict[str, Any]:
         "State": m.state,
         "Autostart": bool(m.autostart),
         "Adopted": bool(m.adopted),
+        "Manager": m.manager,
         "SysfsPath": m.sysfs_path,
         "InUse": bool(m.in_use),
         "Lost": [[a, d, why] for a, d, why in m.lost],
@@ -118,6 +119,7 @@ def parse_options(options: dict[str, Variant], schema: dict[str, str] = OPTIONS)
 RELEASE_OPTIONS = {"force": "b", "timeout": "u"}
 UPDATE_OPTIONS = {"mode": "s", "sets": "as"}
 CONFIGURE_OPTIONS = {"name": "s", "autostart": "b"}
+PROPOSE_OPTIONS = {"autostart": "b"}
 NO_OPTIONS: dict[str, str] = {}
 """Reserve/Release/CheckWithOptions take none yet: the a{sv} is where later ones go."""
 
@@ -217,6 +219,26 @@ class Manager(Exported):
     async def ExportMdevctlFd(self, dir: Fd) -> None:
         await self._service.submit("ExportMdevctl", ops.export_mdevctl, dir)
 
+    @call
+    def ProposeMdevctl(
+        self,
+        action: Str,
+        uuid: Str,
+        adapters: Ids,
+        domains: Ids,
+        control_domains: Ids,
+        options: Options,
+    ) -> Awaitable[None]:
+        kw = parse_options(options, PROPOSE_OPTIONS)
+        return self._service.submit(
+            "ProposeMdevctl", managers.propose, action, uuid, adapters, domains,
+            control_domains, **kw,
+        )  # fmt: skip
+
+    @call
+    async def ReloadMdevctl(self) -> None:
+        await self._service.submit("ReloadMdevctl", managers.reload)
+
     @signal("os")
     def Drift(self, matrix: str, what: str) -> list[str]:
         """Sysfs no longer matches what the daemon holds for ``matrix``."""
@@ -241,6 +263,7 @@ class Matrix(Exported):
     State = prop("State", "s")
     Autostart = prop("Autostart", "b")
     Adopted = prop("Adopted", "b")
+    Manager = prop("Manager", "s")
     SysfsPath = prop("SysfsPath", "s")
     InUse = prop("InUse", "b")
     Lost = prop("Lost", "a(uus)")
@@ -313,6 +336,10 @@ class Matrix(Exported):
     def RemoveWithOptions(self, options: Options) -> Awaitable[None]:
         force, timeout = parse_release(options)
         return self._service.submit("Remove", ops.remove, self.uuid, force, timeout)
+
+    @call
+    def TakeOver(self) -> Awaitable[None]:
+        return self._service.submit("TakeOver", managers.take_over, self.uuid)
 
     def _change(self, what: str, kind: ops.Kind, id: int, *, add: bool) -> Awaitable[None]:
         return self._service.submit(what, ops.change_one, self.uuid, kind, id, add=add)

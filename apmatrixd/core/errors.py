@@ -162,6 +162,13 @@ class DriverOverride(ApmatrixError):
         super().__init__(f"{what}: queues bound by driver_override: {shown}{more}")
 
 
+class NotManaged(ApmatrixError):
+    """The matrix is managed by mdevctl or by someone else (an mdev made outside apmatrixd):
+    apmatrixd changes, starts, stops or removes only its own, unless an admin takes it over."""
+
+    name = "NotManaged"
+
+
 class Timeout(ApmatrixError):
     """The kernel did not finish in time (a guest that does not let go of its matrix)."""
 

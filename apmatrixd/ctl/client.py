@@ -240,6 +240,7 @@ class MatrixInfo:
     in_use: bool = False
     lost: tuple[tuple[int, int, str], ...] = ()
     control_usage_domains: bool = True
+    manager: str = "apmatrixd"
 
     @classmethod
     def of(cls, path: str, p: dict[str, Any]) -> MatrixInfo:
@@ -258,6 +259,7 @@ class MatrixInfo:
             state=str(p.get("State", "")),
             autostart=bool(p.get("Autostart", False)),
             adopted=bool(p.get("Adopted", False)),
+            manager=str(p.get("Manager", "apmatrixd")),
             sysfs_path=str(p.get("SysfsPath", "")),
         )
 
@@ -278,6 +280,7 @@ class MatrixInfo:
             "guest_apqns": [list(x) for x in sorted(self.guest_apqns)],
             "autostart": self.autostart,
             "adopted": self.adopted,
+            "manager": self.manager,
             "sysfs_path": self.sysfs_path,
             "in_use": self.in_use,
             "lost": [{"adapter": a, "domain": d, "reason": w} for a, d, w in self.lost],

@@ -274,6 +274,58 @@ def daemon_man_page() -> str:
     return "\n".join(L) + "\n"
 
 
+CALLOUT_DESCRIPTION = """\
+mdevctl runs the programs in its callout directories before and after it defines, modifies, \
+starts, stops or undefines a mediated device, with the device's JSON on standard input, and \
+takes the answer of the first that does not exit 2 (mdevctl 1.3 asks them in name order, so \
+this one is installed as 00-apmatrixd-callout, before s390-tools' ap-check; 1.2 asks in the \
+directory's order). For vfio_ap-passthrough devices this one asks apmatrixd on the system bus.
+
+Before define, modify and start, and for modify --live, apmatrixd decides the proposed matrix \
+as it decides its own changes (ProposeMdevctl): a refusal is one line naming every clashing \
+APQN and its owner, and mdevctl writes nothing. After define, modify and undefine apmatrixd \
+reads mdevctl's definition again (ReloadMdevctl) and holds it as a matrix mdevctl manages: \
+its APQNs count in every decision, and apmatrixd never changes it unless an admin takes it \
+over (apmatrixctl take-over). For get attributes it prints the live matrix's assignments.
+
+When apmatrixd is not running (it is not started for this) the callout exits 2, so the next \
+callout (ap-check) still guards; apmatrixd reads what mdevctl defined meanwhile when it starts."""
+
+
+# -- apmatrixd-callout(8) -----------------------------------------------------------------------
+def callout_man_page() -> str:
+    from apmatrixd import callout
+
+    parser = callout.parser()
+    L = [
+        ".\\\" Generated from apmatrixd-callout's parser (tools/gen-ctl-docs): do not edit.",
+        f'.TH APMATRIXD\\-CALLOUT 8 "" "apmatrixd {__version__}" "System Administration"',
+        ".SH NAME",
+        "apmatrixd\\-callout \\- mdevctl callout: apmatrixd decides what mdevctl does with vfio_ap"
+        " matrices",
+        ".SH SYNOPSIS",
+        "\\fBapmatrixd\\-callout\\fR "
+        + " ".join(_opt_synopsis(a) for a in _options(parser) if a.dest != "help"),
+        ".SH DESCRIPTION",
+        _roff(CALLOUT_DESCRIPTION).replace("\n\n", "\n.PP\n"),
+        ".SH FILES",
+        ".nf",
+        _roff(
+            "/usr/lib/mdevctl/scripts.d/callouts/00-apmatrixd-callout    (mdevctl 1.3)\n"
+            "/etc/mdevctl.d/scripts.d/callouts/00-apmatrixd-callout      (mdevctl 1.2)"
+        ),
+        ".fi",
+        ".SH EXIT STATUS",
+        _roff(
+            "0 allowed (or nothing to decide); 1 refused, one line on standard error says why; "
+            "2 not a vfio_ap device, or apmatrixd is not running: the next callout is asked."
+        ),
+        ".SH SEE ALSO",
+        "\\fBmdevctl\\fR(8), \\fBapmatrixd\\fR(8), \\fBapmatrixctl\\fR(1)",
+    ]
+    return "\n".join(L) + "\n"
+
+
 # -- apmatrixd-sim(1) ---------------------------------------------------------------------------
 def sim_man_page() -> str:
     from apmatrixd.sim.cli import build_parser

@@ -46,6 +46,10 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any, idtype_none
         ("remove", "stop if live, then forget a matrix"),
         ("start", "make a defined matrix live in the kernel"),
         ("stop", "take a live matrix out of the kernel, keeping its definition"),
+        (
+            "take-over",
+            "make a matrix mdevctl manages, or an mdev made outside apmatrixd, apmatrixd's",
+        ),
     ):
         p = sub.add_parser(verb, parents=[common], help=what)
         p.add_argument(
@@ -124,12 +128,13 @@ async def cmd_list(conn: Connection, args: argparse.Namespace, out: Output) -> i
         out.line("no matrices (create one with: apmatrixctl create NAME -a IDS -d IDS)")
         return 0
     out.table(
-        ["NAME", "UUID", "STATE", "ADAPTERS", "DOMAINS", "CONTROL", "APQNS", "GUEST"],
+        ["NAME", "UUID", "STATE", "MANAGER", "ADAPTERS", "DOMAINS", "CONTROL", "APQNS", "GUEST"],
         [
             [
                 m.name or "-",
                 m.uuid,
                 m.state,
+                m.manager,
                 format_ids(m.adapters),
                 format_ids(m.domains),
                 format_ids(m.control_domains),
@@ -189,7 +194,8 @@ async def cmd_lifecycle(conn: Connection, args: argparse.Namespace, out: Output)
             method = f"{args.verb.capitalize()}WithOptions"
             await conn.call(m.path, names.MATRIX_IFACE, method, "a{sv}", [opts])
         else:
-            await conn.call(m.path, names.MATRIX_IFACE, args.verb.capitalize())
+            method = args.verb.title().replace("-", "")
+            await conn.call(m.path, names.MATRIX_IFACE, method)
         if args.verb == "remove" and not out.as_json:
             out.line(f"removed {m.label}")
     if args.verb == "remove":
@@ -203,7 +209,8 @@ async def cmd_lifecycle(conn: Connection, args: argparse.Namespace, out: Output)
         out.json(after[0].json() if len(after) == 1 else {"matrices": [m.json() for m in after]})
     else:
         for m in after:
-            out.line(f"{m.label}: {m.state}")
+            by = f", managed by {m.manager}" if m.manager != "apmatrixd" else ""
+            out.line(f"{m.label}: {m.state}{by}")
     return 0
 
 

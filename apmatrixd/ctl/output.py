@@ -10,6 +10,12 @@ from typing import Any, TextIO
 from apmatrixd.ctl.client import MatrixInfo
 from apmatrixd.ctl.ids import format_apqns, format_ids
 
+MANAGED_BY = {
+    "apmatrixd": "apmatrixd",
+    "mdevctl": "mdevctl (its definition; apmatrixctl take-over to manage it here)",
+    "external": "nobody: an mdev made outside apmatrixd (apmatrixctl take-over to manage it)",
+}
+
 
 class Output:
     def __init__(self, as_json: bool, stream: TextIO | None = None) -> None:
@@ -49,7 +55,7 @@ def matrix_block(m: MatrixInfo) -> list[str]:
         ("APQNs", format_apqns(m.apqns)),
         ("Guest APQNs", format_apqns(m.guest_apqns)),
         ("Autostart", "yes" if m.autostart else "no"),
-        ("Adopted", "yes" if m.adopted else "no"),
+        ("Managed by", MANAGED_BY.get(m.manager, m.manager)),
         ("Sysfs path", m.sysfs_path or "-"),
         ("In use", "yes, a guest runs with it" if m.in_use else "no"),
     ]

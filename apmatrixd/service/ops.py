@@ -35,13 +35,21 @@ from apmatrixd.core import (
     SetHostPool,
     UpdateMatrix,
 )
-from apmatrixd.core.errors import DriverOverride, GuestRunning, Unavailable, _ClashError
+from apmatrixd.core.errors import (
+    Clash,
+    DriverOverride,
+    GuestRunning,
+    NotManaged,
+    Unavailable,
+    _ClashError,
+)
 from apmatrixd.core.matrix import id_set, normalize_uuid
 from apmatrixd.core.registry import unavailable_before_60
 from apmatrixd.kernel import AdapterInfo, KernelError, MdevInfo
 from apmatrixd.kernel.errors import KernelTimeout
+from apmatrixd.service import managers
 from apmatrixd.service.executor import Command, Work
-from apmatrixd.service.state import Changes, Meta
+from apmatrixd.service.state import APMATRIXD, MDEVCTL, Changes, Meta
 from apmatrixd.service.tx import MatrixStep, Transaction
 from apmatrixd.service.views import MatrixView
 from apmatrixd.store import Reservations, StoredMatrix, StoreError
@@ -79,6 +87,46 @@ def check_name(name: str) -> None:
         )
 
 
+def refuse(svc: Service, decision: Decision) -> None:
+    """Raise the decision's refusal, if any, naming who manages each matrix it clashes with
+    (an mdevctl definition or an mdev made outside apmatrixd reads as such, not as ours)."""
+    err = decision.error(ORDER)
+    if err is None:
+        return
+    if isinstance(err, _ClashError):
+        named = [_owned_by(svc, c) for c in err.clashes]
+        if named != err.clashes:
+            raise type(err)(named)
+    raise err
+
+
+def _owned_by(svc: Service, c: Clash) -> Clash:
+    meta = svc.state.meta.get(c.owner)
+    if meta is None or meta.manager == APMATRIXD:
+        return c
+    label = c.owner_name or c.owner
+    if meta.manager == MDEVCTL:
+        return c._replace(owner_name=f"mdevctl's definition {label}")
+    return c._replace(owner_name=f"mdev {label}, made outside apmatrixd")
+
+
+def managed(svc: Service, m: Matrix, what: str) -> None:
+    """apmatrixd changes only the matrices it manages; the others are refused by name."""
+    manager = svc.state.meta[m.uuid].manager
+    if manager == APMATRIXD:
+        return
+    if manager == MDEVCTL:
+        owner = f"mdevctl manages matrix {m.label} (its definition in {svc.mdevctl_dir})"
+        how = "use mdevctl for it"
+    else:
+        owner = f"matrix {m.label} was made outside apmatrixd (an mdev nobody defined)"
+        how = "leave it to whoever made it"
+    raise NotManaged(
+        f"{owner}: apmatrixd does not {what} it; {how}, or take it over first "
+        f"(TakeOver, apmatrixctl take-over {m.label})"
+    )
+
+
 # -- matrices ---------------------------------------------------------------------------------
 def create_matrix(
     svc: Service,
@@ -104,7 +152,7 @@ def create_matrix(
     if start:
         no_override_claimed(svc, m)
     decision = st.registry.decide(define)
-    decision.raise_if_refused(ORDER)
+    refuse(svc, decision)
     if start:
         yield from live_rules(svc, None, m)
     record = st.record(uuid, m, control_usage_domains)
@@ -120,7 +168,7 @@ def create_matrix(
         guest = (yield from svc.read_guest(uuid)) or ()
     st.registry.apply(define, ORDER, decision)
     st.meta[uuid] = Meta(live=start, control_usage_domains=control_usage_domains, guest=guest)
-    _stored(svc, uuid, record)
+    stored(svc, uuid, record)
     changes = Changes(matrices_added={uuid})
     st.touch_adapters(changes, a)
     svc.emit(changes)
@@ -170,6 +218,7 @@ def update(
         raise InvalidArgument(f"sets must name some of {', '.join(SETS)}, not {sorted(which)}")
     st = svc.state
     m = st.registry.get(svc.resolve(uuid))
+    managed(svc, m, "change")
     meta = st.meta[m.uuid]
     base = meta.truth.matrix() if meta.live and meta.truth is not None else m
     given = {
@@ -202,12 +251,13 @@ def update_sets(
     svc: Service, m: Matrix, a: Iterable[int], d: Iterable[int], c: Iterable[int], what: str
 ) -> Command[None]:
     st = svc.state
+    managed(svc, m, "change")
     change = UpdateMatrix(m.uuid, frozenset(a), frozenset(d), frozenset(c))
     meta = st.meta[m.uuid]
     if meta.live:
         no_override_claimed(svc, m.with_sets(change.adapters, change.domains))
     decision = st.registry.decide(change)
-    decision.raise_if_refused(ORDER)
+    refuse(svc, decision)
     drifted = meta.live and meta.truth is not None
     if decision.noop and not drifted:
         return
@@ -228,7 +278,7 @@ def update_sets(
     st.set_truth(m.uuid, None)
     if guest is not None:
         meta.guest = guest
-    _stored(svc, m.uuid, record)
+    stored(svc, m.uuid, record)
     changes = Changes(matrices_changed={m.uuid})
     # An adapter's owners change only if it came or went, or if the domains changed.
     old = truth.matrix() if truth is not None else m
@@ -244,12 +294,11 @@ def start(svc: Service, uuid: str) -> Command[None]:
     meta = st.meta[m.uuid]
     if meta.live:
         return
+    managed(svc, m, "start")
     # Its own APQNs against everything else, the kernel's truth included: a drifted matrix
     # or host pool holding one of them is named here, not by the kernel's EADDRINUSE.
     no_override_claimed(svc, m)
-    st.registry.decide(
-        UpdateMatrix(m.uuid, m.adapters, m.domains, m.control_domains)
-    ).raise_if_refused(ORDER)
+    refuse(svc, st.registry.decide(UpdateMatrix(m.uuid, m.adapters, m.domains, m.control_domains)))
     yield from live_rules(svc, None, m)
     yield from _creating(
         svc, Transaction(f"Start {m.uuid}", matrices=[MatrixStep(m.uuid, None, m)]), m
@@ -350,6 +399,7 @@ def stop(
     meta = st.meta[m.uuid]
     if not meta.live:
         return
+    managed(svc, m, "stop")
     wait = yield from _guest_check(svc, m, "stop", force, timeout)
     step = MatrixStep(m.uuid, st.kernel_sets(m.uuid), None, wait)
     try:
@@ -369,6 +419,7 @@ def remove(
 ) -> Command[None]:
     st = svc.state
     m = st.registry.get(svc.resolve(uuid))
+    managed(svc, m, "remove")
     st.registry.decide(RemoveMatrix(m.uuid)).raise_if_refused(ORDER)
     meta = st.meta[m.uuid]
     wait = (yield from _guest_check(svc, m, "remove", force, timeout)) if meta.live else None
@@ -387,9 +438,27 @@ def remove(
     st.registry.apply(RemoveMatrix(m.uuid))
     del st.meta[m.uuid]
     st.on_disk.pop(m.uuid, None)
+    yield from _unexport(svc, m.uuid)
     changes = Changes(matrices_removed={m.uuid})
     st.touch_adapters(changes, m.adapters)
     svc.emit(changes)
+
+
+def _unexport(svc: Service, uuid: str) -> Command[None]:
+    """A matrix of ours is gone: so is its file in mdevctl's directory (exported or imported),
+    or mdevctl would start it again at the next boot. Best effort: the removal stands."""
+    if not svc.watch_mdevctl:
+        return
+    try:
+        removed = yield Work(f"removing {uuid} from {svc.mdevctl_dir}",
+                             lambda _p: mdevctl.remove_at(svc.mdevctl_dir, uuid))  # fmt: skip
+    except OSError as err:
+        log.warning("matrix %s removed, but not its mdevctl file: %s", uuid, err.strerror)
+        return
+    if removed:
+        svc.state.mdevctl_seen.pop(uuid, None)
+        log.info("removed mdevctl's file of matrix %s (%s/%s)", uuid, svc.mdevctl_dir,
+                 mdevctl.PARENT)  # fmt: skip
 
 
 def set_autostart(svc: Service, uuid: str, autostart: bool) -> Command[None]:
@@ -402,6 +471,7 @@ def configure(
     """Rename a matrix and/or change its autostart; None leaves that one as it is."""
     st = svc.state
     m = st.registry.get(svc.resolve(uuid))
+    managed(svc, m, "configure")
     if name is not None:
         check_name(name)
     new_name = m.name if name is None else name
@@ -425,15 +495,16 @@ def configure(
     )
     yield from svc.transact(tx)
     st.registry.apply(change, ORDER, decision)
-    _stored(svc, m.uuid, record)
+    stored(svc, m.uuid, record)
     svc.emit(Changes(matrices_changed={m.uuid}))
 
 
-def _stored(svc: Service, uuid: str, record: StoredMatrix) -> None:
-    """A change written through us: the matrix is ours (no longer merely adopted)."""
+def stored(svc: Service, uuid: str, record: StoredMatrix) -> None:
+    """A change written through us: the matrix is ours."""
     if svc.store is not None:
         svc.state.on_disk[uuid] = record
-    svc.state.meta[uuid].adopted = False
+    meta = svc.state.meta[uuid]
+    meta.manager, meta.definition = APMATRIXD, None
 
 
 # -- start what waits ---------------------------------------------------------------------------
@@ -450,6 +521,8 @@ def start_waiting(svc: Service) -> Command[list[str]]:
         return started  # bindings_complete() starts them
     for uuid in sorted(st.registry.matrices):
         m, meta = st.registry.matrices[uuid], st.meta[uuid]
+        if meta.manager != APMATRIXD:
+            continue  # mdevctl starts its own (at boot, from its udev rule)
         if not m.autostart or meta.live or not all(map(st.present, m.apqns())):
             continue
         refusal = st.registry.decide(
@@ -639,75 +712,77 @@ def import_mdevctl(svc: Service, config_dir: mdevctl.ConfigDir) -> Command[list[
     command ends; only the worker touches it).
 
     The definitions are judged together, against each other and against every matrix
-    and the host pool: the first refusal names the file. A UUID that is live here only
-    because it was adopted, with the same sets, becomes ours (stored) instead. Imported
+    and the host pool: the first refusal names the file. A UUID that mdevctl manages, or
+    a live mdev nobody defined whose kernel sets are the file's, is taken over (stored as
+    ours) instead. Imported
     matrices are ``defined``; ``start: auto`` becomes ``autostart``. Returns the UUIDs.
     """
     if isinstance(config_dir, str):
         mdevctl.check_path(config_dir)  # a bad argument is refused before any I/O
     where = mdevctl.describe(config_dir)
     defs = yield Work(f"reading {where}", lambda _p: mdevctl.read_dir(config_dir))
+    yield from managers.reload(svc)  # what mdevctl holds now counts, not what it held
     st = svc.state
     scratch = copy.deepcopy(st.registry)
-    claims: list[mdevctl.Definition] = []
+    claims: list[UpdateMatrix] = []
     news: list[Matrix] = []
     for d in defs:
         m = Matrix(d.uuid, d.adapters, d.domains, d.control_domains, autostart=d.autostart)
         have = scratch.matrices.get(d.uuid)
+        change: DefineMatrix | UpdateMatrix = DefineMatrix(m)
         if have is not None:
-            meta = st.meta.get(d.uuid)
-            same = (have.adapters, have.domains, have.control_domains) == (
-                m.adapters,
-                m.domains,
-                m.control_domains,
-            )
-            if meta is not None and meta.adopted and d.uuid not in st.on_disk and same:
-                claims.append(d)
-                continue
-            raise AlreadyExists(f"{d.source}: matrix {d.uuid} already exists")
-        err = scratch.decide(DefineMatrix(m)).error(ORDER)
+            # One mdevctl manages, or an mdev nobody defined: the import takes it over, with
+            # the file's sets (a live one only if the kernel holds the same).
+            meta = st.meta[d.uuid]
+            live = st.kernel_sets(d.uuid)
+            sets = (m.adapters, m.domains, m.control_domains)
+            if meta.manager == APMATRIXD or (
+                live is not None and (live.adapters, live.domains, live.control_domains) != sets
+            ):
+                raise AlreadyExists(f"{d.source}: matrix {d.uuid} already exists")
+            change = UpdateMatrix(d.uuid, *sets, name=have.name, autostart=d.autostart)
+            scratch.clear_truth(d.uuid)  # its own claims are no reason to refuse
+        err = scratch.decide(change).error(ORDER)
         if isinstance(err, _ClashError):
-            raise type(err)(err.clashes, d.source)
+            raise type(err)([_owned_by(svc, c) for c in err.clashes], d.source)
         if isinstance(err, OutOfRange):
             raise OutOfRange(err.violations, d.source)
         if err is not None:
             raise type(err)(f"{d.source}: {err}")
-        scratch.apply(DefineMatrix(m), ORDER)
-        news.append(m)
+        scratch.apply(change, ORDER)
+        if isinstance(change, UpdateMatrix):
+            claims.append(change)
+        else:
+            news.append(m)
     records: dict[str, StoredMatrix | None] = {}
     for m in news:
         records[m.uuid] = st.record(m.uuid, m, m.domains <= m.control_domains)
-    claimed = []
-    for d in claims:  # decided before any I/O, applied after it without deciding again
-        have = st.registry.get(d.uuid)
-        change = UpdateMatrix(
-            d.uuid, have.adapters, have.domains, have.control_domains, autostart=d.autostart
-        )
-        claimed.append((change, st.registry.decide(change)))
-        claimed[-1][1].raise_if_refused(ORDER)
-    for d in claims:
-        have = st.registry.get(d.uuid)
-        cud = st.meta[d.uuid].control_usage_domains
-        records[d.uuid] = st.record(d.uuid, Matrix(d.uuid, have.adapters, have.domains,
-                                    have.control_domains, have.name, d.autostart), cud)  # fmt: skip
+    for c in claims:
+        have = st.registry.get(c.uuid)
+        cud = st.meta[c.uuid].control_usage_domains
+        m = Matrix(c.uuid, c.adapters, c.domains, c.control_domains, have.name, bool(c.autostart))
+        records[c.uuid] = st.record(c.uuid, m, cud)
     tx = Transaction(
         f"ImportMdevctl {where}",
         store=records,
         stored_before={u: st.on_disk.get(u) for u in records},
     )
     yield from svc.transact(tx)
+    # decided together on the scratch registry, applied without deciding again
     for m in news:
-        st.registry.restore(DefineMatrix(m))  # decided together on the scratch registry
+        st.registry.restore(DefineMatrix(m))
         st.meta[m.uuid] = Meta(control_usage_domains=m.domains <= m.control_domains)
-    for change, decision in claimed:
-        st.registry.apply(change, ORDER, decision)
+    for c in claims:
+        st.registry.clear_truth(c.uuid)
+        st.registry.restore(c)
+        st.meta[c.uuid].truth = None
     for u, rec in records.items():
         assert rec is not None
-        _stored(svc, u, rec)
+        stored(svc, u, rec)
     uuids = [d.uuid for d in defs]
     log.info("imported %d mdevctl definition(s) from %s", len(uuids), where)
     changes = Changes(matrices_added={m.uuid for m in news})
-    changes.matrices_changed |= {d.uuid for d in claims}
+    changes.matrices_changed |= {c.uuid for c in claims}
     for m in news:
         st.touch_adapters(changes, m.adapters)
     svc.emit(changes)

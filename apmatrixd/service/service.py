@@ -20,7 +20,7 @@ from apmatrixd.core import Apqn, Clash, InvalidArgument, NotFound, Registry
 from apmatrixd.core.matrix import id_set, normalize_uuid
 from apmatrixd.kernel import Kernel, KernelError
 from apmatrixd.kernel.features import Features
-from apmatrixd.service import ops, startup
+from apmatrixd.service import managers, ops, startup
 from apmatrixd.service.executor import Command, Executor, Work
 from apmatrixd.service.state import Changes, State
 from apmatrixd.service.tx import Transaction
@@ -58,6 +58,9 @@ class Service:
         self.in_use_timeout = 30.0
         # The one mdevctl directory D-Bus callers may name by path (--mdevctl-dir).
         self.mdevctl_dir = "/etc/mdevctl.d"
+        # Hold mdevctl's definitions there as mdevctl-managed matrices (the daemon sets it;
+        # tests that want it say so, so none reads the host's own /etc/mdevctl.d).
+        self.watch_mdevctl = False
         self._generation_learnt = False
 
     # -- the state, for readers -----------------------------------------------------------
@@ -195,6 +198,8 @@ class Service:
         m = st.registry.get(self.resolve(uuid))
         meta = st.meta[m.uuid]
         sets = meta.truth.matrix() if meta.truth is not None and meta.live else m
+        if not meta.live and meta.definition is not None:
+            sets = meta.definition  # mdevctl's, held as claims: it breaks a rule
         apqns = tuple(sets.apqns())
         if not meta.live:
             state = "defined"
@@ -213,6 +218,7 @@ class Service:
             state=state,
             autostart=m.autostart,
             adopted=meta.adopted,
+            manager=meta.manager,
             sysfs_path=self.kernel.mdev_sysfs_path(m.uuid),
             in_use=meta.in_use and meta.live,
             lost=loss_reasons(apqns, meta.guest, st.infos, self.kernel.vfio_driver)
@@ -304,3 +310,21 @@ class Service:
 
     def export_mdevctl(self, config_dir: str | int) -> list[str]:
         return self.run(ops.export_mdevctl, config_dir)
+
+    def take_over(self, uuid: str) -> None:
+        self.run(managers.take_over, uuid)
+
+    def reload_mdevctl(self) -> Changes:
+        return self.run(managers.reload)
+
+    def propose_mdevctl(
+        self,
+        action: str,
+        uuid: str,
+        adapters: Iterable[int] = (),
+        domains: Iterable[int] = (),
+        control_domains: Iterable[int] = (),
+        autostart: bool = False,
+    ) -> None:
+        self.run(managers.propose, action, uuid, list(adapters), list(domains),
+                 list(control_domains), autostart)  # fmt: skip

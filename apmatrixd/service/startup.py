@@ -23,7 +23,9 @@ In this order, before READY=1:
    the daemon was not running: that is drift, adopted (the file follows the kernel) and sent
    as a ``Drift`` signal once the daemon serves (``Service.startup_drift``). Nothing an admin
    did is written back.
-5. Every autostart matrix whose APQNs are all present is started.
+5. mdevctl's definitions that are not ours are held as mdevctl-managed matrices
+   (:mod:`apmatrixd.service.managers`).
+6. Every autostart matrix of ours whose APQNs are all present is started.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ from apmatrixd.core import SetHostPool as SetPool
 from apmatrixd.core.apqn import cross, format_ids
 from apmatrixd.journal import Intent
 from apmatrixd.kernel import HostSnapshot, Kernel
-from apmatrixd.service import ops, sync
+from apmatrixd.service import managers, ops, sync
 from apmatrixd.service.executor import Command, Work
-from apmatrixd.service.state import Meta
+from apmatrixd.service.state import APMATRIXD, EXTERNAL, Changes, Meta
 from apmatrixd.service.tx import Transaction
 from apmatrixd.store import Contents, Reservations, Store, StoredMatrix
 
@@ -83,7 +85,7 @@ def load(svc: Service) -> Command[None]:
         st.registry.restore(DefineMatrix(m))
         st.meta[m.uuid] = Meta(
             live=True,
-            adopted=sm is None,
+            manager=APMATRIXD if sm is not None else EXTERNAL,
             control_usage_domains=(
                 sm.control_usage_domains if sm else m.domains <= m.control_domains
             ),
@@ -138,6 +140,11 @@ def load(svc: Service) -> Command[None]:
         for uuid, meta in st.meta.items():
             if meta.live and uuid in snap.mdevs:
                 meta.guest = tuple(sorted(snap.mdevs[uuid].guest_apqns))
+    found = yield Work("reading mdevctl's definitions", lambda _p: managers.scan(svc))
+    if found is not None:
+        held = Changes()
+        managers.take_scan(svc, held, found)
+        drift += held.drift
     svc.startup_drift = drift
     ready = yield Work("reading the AP bus bindings", lambda _p: svc.kernel.bindings_complete())
     st.bindings_ready = ready

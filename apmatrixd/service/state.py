@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from apmatrixd.core import Apqn, Matrix, Registry
 from apmatrixd.kernel import AdapterInfo, MdevInfo
 from apmatrixd.kernel.snapshot import LAYOUTS
+from apmatrixd.mdevctl import Fingerprint
 from apmatrixd.service.views import AdapterView
 from apmatrixd.store import Reservations, StoredMatrix
 
@@ -47,12 +48,21 @@ class Changes:
 VFIO_AP = LAYOUTS["upstream"].vfio_driver
 
 
+APMATRIXD, MDEVCTL, EXTERNAL = "apmatrixd", "mdevctl", "external"
+MANAGERS = (APMATRIXD, MDEVCTL, EXTERNAL)
+"""Who manages a matrix: its definition is ours (stored), mdevctl's (a file in its directory),
+or nobody's (an mdev made by hand, KubeVirt, a CEX DRA driver). Only ours are changed here."""
+
+
 @dataclass
 class Meta:
     """What the daemon knows of a matrix beyond its sets."""
 
     live: bool = False
-    adopted: bool = False
+    manager: str = APMATRIXD
+    # mdevctl's definition of a live mdevctl-managed matrix (the registry holds the kernel's
+    # sets while it is live, the definition's once it stops).
+    definition: Matrix | None = None
     control_usage_domains: bool = True
     guest: tuple[Apqn, ...] = ()
     # What sysfs holds when it drifted to sets the registry cannot accept: shown in the
@@ -63,6 +73,11 @@ class Meta:
     # A forced Stop/Remove gave up waiting for the guest: the kernel removes the mdev when
     # the guest lets go, and the resync that sees it go says so (not "removed outside").
     release_pending: str = ""
+
+    @property
+    def adopted(self) -> bool:
+        """Found live without a definition (the ``Adopted`` property)."""
+        return self.manager == EXTERNAL
 
 
 @dataclass
@@ -79,6 +94,8 @@ class State:
     adapters: dict[int, AdapterView] = field(default_factory=dict)
     reservations: Reservations = field(default_factory=Reservations)
     on_disk: dict[str, StoredMatrix] = field(default_factory=dict)  # as last written
+    # mdevctl's definition files as last looked at (see mdevctl.scan_dir)
+    mdevctl_seen: dict[str, Fingerprint] = field(default_factory=dict)
     on_disk_reservations: Reservations = field(default_factory=Reservations)
     settling: bool = False
     pending: str = ""  # what a command has been waiting on for long (Manager.Pending)

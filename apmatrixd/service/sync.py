@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from apmatrixd import mdevctl
 from apmatrixd.core import (
     ApmatrixError,
     Apqn,
@@ -48,9 +49,9 @@ from apmatrixd.core import (
 )
 from apmatrixd.core.apqn import format_ids
 from apmatrixd.kernel import AdapterInfo, Kernel, KernelError, MdevInfo
-from apmatrixd.service import ops
+from apmatrixd.service import managers, ops
 from apmatrixd.service.executor import Command, Work
-from apmatrixd.service.state import Changes, Meta
+from apmatrixd.service.state import EXTERNAL, MDEVCTL, Changes, Meta
 from apmatrixd.service.tx import Transaction
 from apmatrixd.store import StoredMatrix
 
@@ -108,6 +109,7 @@ class Reading:
     infos: dict[int, AdapterInfo] | None  # None: the adapters were not asked for
     pool: HostPool | None
     mdevs: dict[str, MdevInfo]
+    definitions: mdevctl.Scan | None = None  # mdevctl's directory, with the pool
 
 
 def read_adapters(
@@ -200,7 +202,8 @@ def resync(
         # Read those cards again, so no batch shows a guest holding a deconfigured adapter.
         if stale := _contradicted(now, mdevs):
             infos = read_adapters(k, now, stale, set(), {}, False)
-        return Reading(infos, host, mdevs)
+        # mdevctl's definitions change without a uevent too: looked at with the pool.
+        return Reading(infos, host, mdevs, managers.scan(svc) if want_pool else None)
 
     r: Reading = yield Work("re-reading the AP configuration", read)
     if r.pool is not None and r.pool.queues is not None:
@@ -212,6 +215,8 @@ def resync(
     if r.pool is not None:
         _sync_pool(svc, changes, r.pool, before)
     adopted = _sync_mdevs(svc, changes, r.mdevs)
+    if r.definitions is not None:
+        managers.take_scan(svc, changes, r.definitions)
     svc.emit(changes)
     if adopted:
         yield from store_adopted(svc, adopted)
@@ -335,7 +340,7 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
     adopted: list[str] = []
     for uuid, gone in sorted(st.meta.items()):
         if gone.live and uuid not in seen:
-            if gone.adopted and uuid not in st.on_disk:
+            if gone.manager == EXTERNAL:
                 # Only ever adopted, never ours: nothing keeps it once its mdev is gone.
                 m = st.registry.get(uuid)
                 st.registry.apply(RemoveMatrix(uuid))
@@ -347,6 +352,10 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
             gone.live, gone.guest, gone.in_use = False, (), False
             st.set_truth(uuid, None)
             changes.matrices_changed.add(uuid)
+            if gone.manager == MDEVCTL:
+                managers.stopped(svc, changes, uuid)
+                _drift(changes, uuid, "mdev removed outside apmatrixd; mdevctl's definition stays")
+                continue
             if gone.release_pending:
                 what = f"the guest let go: the mdev is gone after the {gone.release_pending}"
                 gone.release_pending = ""
@@ -362,7 +371,13 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
         if not meta.live:
             meta.live = True
             changes.matrices_changed.add(uuid)
-            _drift(changes, uuid, "started outside apmatrixd")
+            if meta.manager == MDEVCTL:  # its definition waits while the kernel's sets rule
+                if meta.definition is None:  # (already there if it broke a rule)
+                    meta.definition = m
+                st.set_truth(uuid, None)
+                _drift(changes, uuid, "started outside apmatrixd (mdevctl's definition)")
+            else:
+                _drift(changes, uuid, "started outside apmatrixd")
         if _same_sets(info, m):
             if meta.truth is not None:  # back in step with the registry
                 st.set_truth(uuid, None)
@@ -432,7 +447,7 @@ def _adopt(svc: Service, changes: Changes, info: MdevInfo) -> None:
         what += f" (not adopted: {err})"
     st.meta[m.uuid] = Meta(
         live=True,
-        adopted=True,
+        manager=EXTERNAL,
         control_usage_domains=m.domains <= m.control_domains,
         guest=tuple(sorted(info.guest_apqns)),
         in_use=info.in_use,

@@ -35,6 +35,7 @@ class MatrixView:
     state: str  # defined | active | degraded
     autostart: bool
     adopted: bool
+    manager: str
     sysfs_path: str
     in_use: bool = False
     # Each assigned APQN the guest does not get, and why: (adapter, domain, reason).

@@ -46,9 +46,14 @@ ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 
 
 def apmatrixd_argv() -> list[str]:
-    """The installed console script, as a unit's ExecStart= would run it."""
+    """The installed console script, as a unit's ExecStart= would run it, with an mdevctl
+    directory of its own (a later --mdevctl-dir wins): no test daemon reads or writes the
+    host's /etc/mdevctl.d, and none sees another's."""
     exe = Path(sys.executable).parent / "apmatrixd"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "apmatrixd.daemon"]
+    own = tempfile.mkdtemp(prefix="apmatrixd-test-mdevctl-")
+    atexit.register(shutil.rmtree, own, ignore_errors=True)
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "apmatrixd.daemon"]
+    return [*argv, "--mdevctl-dir", own]
 
 
 # -- the bus ------------------------------------------------------------------------------------

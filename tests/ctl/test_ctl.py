@@ -18,7 +18,7 @@ U3 = "33333333-3333-4333-8333-333333333333"
 
 MATRIX_KEYS = {
     "uuid", "name", "state", "adapters", "domains", "control_domains", "apqns",
-    "guest_apqns", "autostart", "adopted", "sysfs_path", "in_use", "lost",
+    "guest_apqns", "autostart", "adopted", "manager", "sysfs_path", "in_use", "lost",
     "control_usage_domains", "path",
 }  # fmt: skip
 HOST_KEYS = {
@@ -137,6 +137,7 @@ def test_list_json_is_the_documented_shape(daemon: Daemon) -> None:
         "guest_apqns": [[5, 4], [6, 4]],
         "autostart": False,
         "adopted": False,
+        "manager": "apmatrixd",
         "sysfs_path": f"/sys/devices/vfio_ap/matrix/{U1}",
         "in_use": False,
         "lost": [],
@@ -146,10 +147,30 @@ def test_list_json_is_the_documented_shape(daemon: Daemon) -> None:
     assert m2["uuid"] == U2 and m2["domains"] == [0x47]
     r = ok(a, "list")
     assert r.lines[0].split() == [
-        "NAME", "UUID", "STATE", "ADAPTERS", "DOMAINS", "CONTROL", "APQNS", "GUEST",
+        "NAME", "UUID", "STATE", "MANAGER", "ADAPTERS", "DOMAINS", "CONTROL", "APQNS", "GUEST",
     ]  # fmt: skip
-    assert r.lines[1].split() == ["guest1", U1, "active", "05,06", "04", "04", "2", "2"]
-    assert r.lines[2].split() == ["guest2", U2, "active", "05,06", "47", "47", "2", "2"]
+    assert r.lines[1].split() == [
+        "guest1",
+        U1,
+        "active",
+        "apmatrixd",
+        "05,06",
+        "04",
+        "04",
+        "2",
+        "2",
+    ]
+    assert r.lines[2].split() == [
+        "guest2",
+        U2,
+        "active",
+        "apmatrixd",
+        "05,06",
+        "47",
+        "47",
+        "2",
+        "2",
+    ]
 
 
 def test_show_by_name_uuid_and_prefix(daemon: Daemon) -> None:

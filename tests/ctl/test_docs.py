@@ -43,6 +43,14 @@ def test_the_daemon_man_page_ships_up_to_date_and_renders() -> None:
     assert "AUTHORISATION" in r.stdout and "--mdevctl-dir" in r.stdout
 
 
+def test_the_callout_man_page_ships_up_to_date() -> None:
+    from apmatrixd.ctl.docs import callout_man_page
+
+    page = (REPO / "ctl" / "apmatrixd-callout.8").read_text()
+    assert page == callout_man_page(), REGEN
+    assert "00\\-apmatrixd\\-callout" in page and "ap\\-check" in page
+
+
 def test_the_emulator_man_page_ships_up_to_date() -> None:
     from apmatrixd.ctl.docs import sim_man_page
 

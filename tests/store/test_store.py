@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from apmatrixd.core import Apqn, Conflict
+from apmatrixd.core.errors import NotManaged
 from apmatrixd.journal import Journal
 from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Service
@@ -265,18 +266,31 @@ def test_a_create_cut_by_a_crash_can_be_retried(tmp_path: Path) -> None:
     assert svc2.create_matrix(G1, adapters=[5, 6], domains=[4]).state == "active"
 
 
-def test_an_unknown_live_mdev_is_adopted_and_stored_once_changed(tmp_path: Path) -> None:
+def test_an_unknown_live_mdev_is_external_until_taken_over(tmp_path: Path) -> None:
     host = Host.from_name("default")
     svc = service(host, tmp_path)
     svc.reserve([5], [4])
     svc.kernel.create_mdev(G2)
     svc.kernel.assign(G2, "adapter", 5)
     svc2 = service(host, tmp_path)
-    assert svc2.matrix(G2).adopted
+    assert (svc2.matrix(G2).adopted, svc2.matrix(G2).manager) == (True, "external")
     assert not (tmp_path / "matrices" / f"{G2}.json").exists()
+    for change in (
+        lambda: svc2.assign(G2, "domain", 4),
+        lambda: svc2.configure(G2, name="mine"),
+        lambda: svc2.stop(G2),
+        lambda: svc2.remove(G2),
+    ):
+        with pytest.raises(NotManaged, match="made outside apmatrixd.*take it over"):
+            change()
+    assert svc2.kernel.mdev_exists(G2) and svc2.matrix(G2).adapters == (5,)
+    svc2.take_over(G2)
+    assert (svc2.matrix(G2).adopted, svc2.matrix(G2).manager) == (False, "apmatrixd")
+    assert json.loads((tmp_path / "matrices" / f"{G2}.json").read_text())["adapters"] == [5]
     svc2.assign(G2, "domain", 4)
-    assert not svc2.matrix(G2).adopted
     assert json.loads((tmp_path / "matrices" / f"{G2}.json").read_text())["domains"] == [4]
+    svc3 = service(host, tmp_path)  # a restart keeps it ours
+    assert svc3.matrix(G2).manager == "apmatrixd" and svc3.matrix(G2).domains == (4,)
 
 
 def test_a_store_failure_undoes_the_change(tmp_path: Path, scenario: str) -> None:
