@@ -129,6 +129,7 @@ def load(svc: Service) -> Command[None]:
             log.warning("drift: matrix %s changed while apmatrixd was not running: %s",
                         sm.uuid, what)  # fmt: skip
             drift.append((sm.uuid, f"changed while apmatrixd was not running: {what}"))
+            st.stats.drift("while_stopped")
             adopted.append(sm.uuid)
     if adopted:  # the files follow the kernel (the registry holds its sets): a restart keeps it
         yield from sync.store_adopted(svc, adopted)
@@ -139,6 +140,7 @@ def load(svc: Service) -> Command[None]:
             if meta.live and uuid in snap.mdevs:
                 meta.guest = tuple(sorted(snap.mdevs[uuid].guest_apqns))
     svc.startup_drift = drift
+    st.stats.rescanned()
     ready = yield Work("reading the AP bus bindings", lambda _p: svc.kernel.bindings_complete())
     st.bindings_ready = ready
     if not ready:

@@ -50,7 +50,7 @@ from apmatrixd.core.apqn import format_ids
 from apmatrixd.kernel import AdapterInfo, Kernel, KernelError, MdevInfo
 from apmatrixd.service import ops
 from apmatrixd.service.executor import Command, Work
-from apmatrixd.service.state import Changes, Meta
+from apmatrixd.service.state import Changes, DriftKind, Meta
 from apmatrixd.service.tx import Transaction
 from apmatrixd.store import StoredMatrix
 
@@ -212,6 +212,8 @@ def resync(
     if r.pool is not None:
         _sync_pool(svc, changes, r.pool, before)
     adopted = _sync_mdevs(svc, changes, r.mdevs)
+    if r.pool is not None:  # the pool and every mdev re-read: what the rescan timer asks for
+        st.stats.rescanned()
     svc.emit(changes)
     if adopted:
         yield from store_adopted(svc, adopted)
@@ -291,6 +293,7 @@ def _sync_pool(
         reg.truth_pool = new
         err = decision.error()
         log.warning("the host pool changed outside apmatrixd and cannot be adopted: %s", err)
+        svc.state.stats.drift("host_pool", adopted=False)
         changes.drift.append((MANAGER, f"{what or 'host pool changed'} (not adopted: {err})"))
         return
     reg.apply(SetHostPool(new))
@@ -298,6 +301,7 @@ def _sync_pool(
     changes.host_changed = True
     if what:
         log.warning("drift: %s", what)
+        svc.state.stats.drift("host_pool")
         changes.drift.append((MANAGER, what))
 
 
@@ -342,7 +346,8 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
                 del st.meta[uuid]
                 changes.matrices_removed.add(uuid)
                 st.touch_adapters(changes, m.adapters)
-                _drift(changes, uuid, "mdev removed outside apmatrixd; it was only adopted")
+                _drift(svc, changes, uuid, "removed",
+                       "mdev removed outside apmatrixd; it was only adopted")  # fmt: skip
                 continue
             gone.live, gone.guest, gone.in_use = False, (), False
             st.set_truth(uuid, None)
@@ -350,9 +355,10 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
             if gone.release_pending:
                 what = f"the guest let go: the mdev is gone after the {gone.release_pending}"
                 gone.release_pending = ""
-                _drift(changes, uuid, f"{what} timed out; kept as a definition")
+                _drift(svc, changes, uuid, "released", f"{what} timed out; kept as a definition")
                 continue
-            _drift(changes, uuid, "mdev removed outside apmatrixd; kept as a definition")
+            _drift(svc, changes, uuid, "removed",
+                   "mdev removed outside apmatrixd; kept as a definition")  # fmt: skip
     for uuid, info in sorted(seen.items()):
         meta = st.meta.get(uuid)
         if meta is None:
@@ -362,7 +368,7 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
         if not meta.live:
             meta.live = True
             changes.matrices_changed.add(uuid)
-            _drift(changes, uuid, "started outside apmatrixd")
+            _drift(svc, changes, uuid, "started", "started outside apmatrixd")
         if _same_sets(info, m):
             if meta.truth is not None:  # back in step with the registry
                 st.set_truth(uuid, None)
@@ -394,7 +400,7 @@ def _take_truth(svc: Service, changes: Changes, m: Matrix, info: MdevInfo) -> bo
         st.set_truth(m.uuid, info)
         what += f" (not adopted: {err})"
     changes.matrices_changed.add(m.uuid)
-    _drift(changes, m.uuid, what)
+    _drift(svc, changes, m.uuid, "sets", what, adopted)
     return adopted
 
 
@@ -440,9 +446,13 @@ def _adopt(svc: Service, changes: Changes, info: MdevInfo) -> None:
     st.set_truth(m.uuid, truth)
     changes.matrices_added.add(m.uuid)
     st.touch_adapters(changes, m.adapters)
-    _drift(changes, m.uuid, what)
+    _drift(svc, changes, m.uuid, "created", what, adopted=err is None)
 
 
-def _drift(changes: Changes, uuid: str, what: str) -> None:
+def _drift(
+    svc: Service, changes: Changes, uuid: str, kind: DriftKind, what: str, adopted: bool = True
+) -> None:
+    """One Drift signal, counted by kind (Manager.Statistics)."""
+    svc.state.stats.drift(kind, adopted)
     log.warning("drift: matrix %s: %s", uuid, what)
     changes.drift.append((uuid, what))
