@@ -18,10 +18,19 @@ from busrig import Daemon, DaemonFactory
 from ctlrig import CTL, ctl, ok
 from rigs import REPO, free_port, need_tool, unavailable
 
-pytest.importorskip("prometheus_client")  # a Recommends: apmatrixctl works without it
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from apmatrixd import __version__
 
-from apmatrixd import __version__  # noqa: E402
+try:  # a Recommends: apmatrixctl works without it, these tests do not
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError:
+    text_string_to_metric_families = None
+
+
+@pytest.fixture(autouse=True)
+def _prometheus_client() -> None:
+    if text_string_to_metric_families is None:
+        unavailable("prometheus_client not installed (apt-get install python3-prometheus-client)")
+
 
 ERR = "org.apmatrix.Apmatrix1.Error."
 U1 = "11111111-1111-4111-8111-111111111111"
@@ -240,7 +249,10 @@ def test_node_exporter_serves_the_textfile(start: DaemonFactory, tmp_path: Path)
 def test_alert_rules_parse_and_name_only_our_metrics(daemon: Daemon) -> None:
     """The rules are YAML of Prometheus' shape, and every metric their expressions name is
     one apmatrixctl metrics writes (every family is there, even one with no sample yet)."""
-    yaml = pytest.importorskip("yaml")
+    try:
+        import yaml
+    except ImportError:
+        unavailable("PyYAML not installed (apt-get install python3-yaml)")
     ok(daemon.address, "reserve", "-a", "5", "-d", "4")
     ok(daemon.address, "create", "g", "-a", "5", "-d", "4")
     families = list(text_string_to_metric_families(ok(daemon.address, "metrics").out))
