@@ -357,6 +357,7 @@ async def _connect_and_serve(args: argparse.Namespace, service: Service, early: 
         authority = Authority(bus)
         await authority.install()
         tree = ObjectTree(bus, service, authority)
+        bus.dispatcher.on_refused = service.count_refusal
         tree.export()
         held = early.release()  # from now on the tree hears every drift itself
         try:

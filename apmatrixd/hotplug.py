@@ -122,7 +122,9 @@ class HotPlug:
         return fut
 
     def _command(self) -> Command[Changes]:
-        s, self._queued, self._queued_future = self._queued or Scope(), None, None
+        # Not `or`: a Scope is false without events, as the timer's (pool only) is.
+        s = self._queued if self._queued is not None else Scope()
+        self._queued, self._queued_future = None, None
         return self._resync(s)
 
     def _resync(self, s: Scope) -> Command[Changes]:

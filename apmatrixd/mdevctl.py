@@ -22,17 +22,16 @@ decides whether the definitions fit together and with ours.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
-import secrets
 import stat
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from apmatrixd.atfile import replace_at
 from apmatrixd.core.apqn import MAX_ID
 from apmatrixd.core.errors import InvalidArgument, NotFound
 from apmatrixd.core.matrix import normalize_uuid
@@ -305,24 +304,7 @@ def write_dir(config_dir: ConfigDir, files: dict[str, bytes]) -> Path:
 def _write_at(dir_fd: int, name: str, data: bytes) -> None:
     if "/" in name or name.startswith("."):
         raise InvalidArgument(f"not a definition file name: {name!r}")
-    tmp = f".{name}.tmp-{secrets.token_hex(8)}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
-    try:
-        try:
-            view = memoryview(data)
-            done = 0
-            while done < len(view):
-                done += os.write(fd, view[done:])
-            os.fchmod(fd, 0o644)  # what mdevctl writes, whatever the umask
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
+    replace_at(dir_fd, name, data)  # 0644, what mdevctl writes
 
 
 Fingerprint = tuple[int, int, int]

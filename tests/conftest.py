@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bus"))
 
 from busrig import Daemon, DaemonFactory, PolkitMock, PrivateBus, start_daemon
-from rigs import need_tool, unavailable
+from rigs import force_unmount, need_fuse, need_tool, unavailable
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +81,16 @@ def start(system_bus: str, polkit: PolkitMock) -> Iterator[DaemonFactory]:
 @pytest.fixture
 def daemon(start: DaemonFactory) -> Daemon:
     return start()
+
+
+@pytest.fixture
+def mnt() -> Iterator[Path]:
+    """An empty directory for ``--sim-mount`` (root, /dev/fuse); unmounted whatever happens."""
+    need_fuse()
+    with tempfile.TemporaryDirectory(prefix="apmatrixd-simmount-") as top:
+        where = Path(top) / "sys"
+        where.mkdir()
+        try:
+            yield where
+        finally:
+            force_unmount(where)

@@ -81,6 +81,14 @@ def in_netns(script: str, *args: str, timeout: float = 20.0) -> subprocess.Compl
     )
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (a server of a test binds it next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def is_mount(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` is a mountpoint (by /proc/self/mounts, which never blocks on FUSE)."""
     target = os.path.realpath(path)

@@ -173,10 +173,16 @@ def test_over_provisioned_matrix_says_why_each_apqn_is_lost() -> None:
     svc.create_matrix(G1, adapters=[5, 6, 7], domains=[4, 0x10])  # 07 and 0x10 absent: 6.0+ ok
     assert host.write("devices/ap/card06/config", b"0")
     svc.run(sync.resync, everything=True)
-    lost = {(a, d): why for a, d, why in svc.matrix(G1).lost}
+    lost = {(a, d): why for a, d, _kind, why in svc.matrix(G1).lost}
     assert lost[(7, 4)] == "adapter 07 is not in the host's configuration"
     assert lost[(6, 4)] == "adapter 06 is deconfigured"
     assert lost[(5, 0x10)].startswith("domain 0010 is not a usage domain of this host")
+    kinds = {(a, d): kind for a, d, kind, _why in svc.matrix(G1).lost}
+    assert [kinds[(7, 4)], kinds[(6, 4)], kinds[(5, 0x10)]] == [
+        "absent",
+        "deconfigured",
+        "no_queue",
+    ]
     assert (5, 4) not in lost and svc.matrix(G1).state == "degraded"
 
 

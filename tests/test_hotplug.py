@@ -531,6 +531,24 @@ def test_rescan_timer_finds_drift() -> None:
     run("default", body, rescan_interval=0.05)
 
 
+def test_the_rescan_reads_the_host_pool() -> None:
+    """The timer's scope names no event, only the pool: it must still be read (a scope
+    without events is false, and was once taken for none)."""
+
+    async def body(r: Rig) -> None:
+        await r.idle()
+        reads: list[object] = []
+        real = r.svc.kernel.read_pool
+        r.svc.kernel.read_pool = lambda *a: reads.append(a) or real(*a)  # type: ignore[method-assign]
+        await r.hp.rescan()
+        assert len(reads) == 1
+        r.hp.request_resync()
+        await r.idle()
+        assert len(reads) == 2
+
+    run("default", body)
+
+
 # -- storms ---------------------------------------------------------------------------------------
 def test_storm_of_65536_queues_coming_online() -> None:
     """All 65,536 queues of a 256x256 host come online (plus 256 card events), written from

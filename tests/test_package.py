@@ -3,6 +3,7 @@ depending only on the distribution's own packages, and lintian-clean (no errors)
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,9 @@ def test_the_daemon_package_holds_what_a_host_needs(debs: dict[str, Path]) -> No
         "/etc/mdevctl.d/scripts.d/callouts/00-apmatrixd-callout",
         "/usr/share/man/man8/apmatrixd-callout.8.gz",
         "/lib/systemd/system/apmatrixd.service",
+        "/lib/systemd/system/apmatrixd-metrics.service",
+        "/lib/systemd/system/apmatrixd-metrics.timer",
+        "/usr/share/doc/apmatrixd/examples/apmatrix-alerts.yml",
         "/usr/lib/tmpfiles.d/apmatrixd.conf",
         "/usr/share/dbus-1/system.d/org.apmatrix.Apmatrix1.conf",
         "/usr/share/dbus-1/system-services/org.apmatrix.Apmatrix1.service",
@@ -70,6 +74,8 @@ def test_the_daemon_package_holds_what_a_host_needs(debs: dict[str, Path]) -> No
     depends = field(debs["apmatrixd"], "Depends")
     assert "python3-dbus-fast (>= 1.84)" in depends and "python3-pyudev (>= 0.24)" in depends
     assert "mfusepy" not in depends and "fuse" not in depends
+    # only apmatrixctl metrics needs prometheus_client: recommended, at a version Debian 12 has
+    assert "python3-prometheus-client (>= 0.16)" in field(debs["apmatrixd"], "Recommends")
 
 
 def test_the_emulator_and_the_cockpit_page_are_packages_of_their_own(
@@ -90,6 +96,9 @@ def test_the_unit_is_enabled_and_the_lock_created_at_install(debs: dict[str, Pat
     )
     assert "deb-systemd-helper" in r.stdout and "apmatrixd.service" in r.stdout, r.stdout
     assert "systemd-tmpfiles" in r.stdout and "apmatrixd.conf" in r.stdout
+    # the metrics timer is the admin's to enable (a host without node_exporter wants none):
+    # on a first install only its state is recorded
+    assert "deb-systemd-helper update-state 'apmatrixd-metrics.timer'" in r.stdout, r.stdout
 
 
 def test_lintian_reports_no_errors(debs: dict[str, Path]) -> None:
@@ -127,12 +136,16 @@ def test_the_rpms_have_the_same_layout_and_rpmlint_only_what_a_local_build_gives
     for path in ("/usr/bin/apmatrixd", "/usr/bin/apmatrixctl", "/usr/bin/apmatrixd-callout",
                  "/usr/lib/mdevctl/scripts.d/callouts/00-apmatrixd-callout",
                  "/usr/lib/systemd/system/apmatrixd.service",
+                 "/usr/lib/systemd/system/apmatrixd-metrics.timer",
                  "/usr/lib/tmpfiles.d/apmatrixd.conf",
                  "/usr/share/dbus-1/system.d/org.apmatrix.Apmatrix1.conf",
                  "/usr/share/polkit-1/actions/org.apmatrix.apmatrix1.policy",
                  "/usr/share/man/man8/apmatrixd.8"):  # fmt: skip
         assert path in listed["apmatrixd"], path
     assert not [f for f in listed["apmatrixd"] if "/apmatrixd/sim" in f]
+    # %doc: /usr/share/doc/apmatrixd/ (Fedora), apmatrixd-VERSION/ (SLES, Debian's rpm)
+    assert [f for f in listed["apmatrixd"] if re.fullmatch(
+        r"/usr/share/doc/apmatrixd[^/]*/apmatrix-alerts\.yml", f)]  # fmt: skip
     assert "/usr/bin/apmatrixd-sim" in listed["apmatrixd-sim"]
     assert "/usr/share/cockpit/apmatrix/index.html" in listed["cockpit-apmatrix"]
     requires = subprocess.run(

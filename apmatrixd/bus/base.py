@@ -211,6 +211,8 @@ class Dispatcher:
         self._bus = bus
         self._objects: dict[str, dict[str, Exported]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Told the error name of every call answered with an error (Manager.Statistics).
+        self.on_refused: Callable[[str], None] | None = None
 
     def add(self, path: str, obj: Exported) -> None:
         self._objects.setdefault(path, {})[obj.name] = obj
@@ -285,6 +287,7 @@ class Dispatcher:
                 result = await result
         except Exception as exc:
             err = to_dbus_error(exc, key)
+            self._refused(err.type)
             return Message.new_error(msg, err.type, err.text)
         if method.out_count == 0:
             body: list[Any] = []
@@ -293,6 +296,13 @@ class Dispatcher:
         else:
             body = list(result)
         return Message.new_method_return(msg, method.out_signature, body)
+
+    def _refused(self, name: str) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(name)
+            except Exception:  # counting must never cost the caller its answer
+                log.exception("counting a refused call failed")
 
 
 def _close_all(fds: Iterable[int]) -> None:
@@ -313,9 +323,16 @@ def signal(signature: str) -> Callable[[Handler], Any]:
 
 def prop(name: str, signature: str) -> Any:
     """A read-only property served from the object's value cache."""
+    return live_prop(name, signature, lambda self: self.values[name])
+
+
+def live_prop(name: str, signature: str, read: Callable[[Any], Any]) -> Any:
+    """A read-only property computed at each read (``read(obj)``), neither cached nor
+    signalled (the XML says EmitsChangedSignal false): counters that change too often for
+    a signal each time."""
 
     def getter(self: Exported) -> Any:
-        return self.values[name]
+        return read(self)
 
     getter.__name__ = name
     getter.__qualname__ = name
@@ -504,6 +521,7 @@ __all__ = [
     "Method",
     "call",
     "drop_unwanted_reads",
+    "live_prop",
     "methods_of",
     "prop",
     "to_dbus_error",

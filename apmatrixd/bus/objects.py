@@ -8,15 +8,16 @@ writes the kernel and the store, and reports what changed; the
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 from dbus_fast import Variant
 
 from apmatrixd.bus import names
-from apmatrixd.bus.base import Exported, Sig, call, prop, signal
+from apmatrixd.bus.base import Exported, Sig, call, live_prop, prop, signal
 from apmatrixd.core import InvalidArgument
 from apmatrixd.service import managers, ops
+from apmatrixd.service.state import DRIFT_KINDS, Statistics
 
 if TYPE_CHECKING:
     from apmatrixd.auth import Authority
@@ -66,6 +67,21 @@ def manager_values(host: HostView) -> dict[str, Any]:
     }
 
 
+def statistics_value(stats: Statistics) -> dict[str, Variant]:
+    """Manager.Statistics: every drift kind (0 included), refusals by error name, the time of
+    the last rescan in microseconds since the epoch (0: none yet)."""
+
+    def by_kind(counts: Mapping[str, int]) -> Variant:
+        return Variant("a{st}", {k: counts.get(k, 0) for k in DRIFT_KINDS})
+
+    return {
+        "drifts": by_kind(stats.drifts),
+        "drifts_not_adopted": by_kind(stats.drifts_not_adopted),
+        "refused": Variant("a{st}", dict(sorted(stats.refused.items()))),
+        "last_rescan": Variant("t", round(stats.last_rescan * 1_000_000)),
+    }
+
+
 def matrix_values(m: MatrixView) -> dict[str, Any]:
     return {
         "Uuid": m.uuid,
@@ -81,7 +97,8 @@ def matrix_values(m: MatrixView) -> dict[str, Any]:
         "Manager": m.manager,
         "SysfsPath": m.sysfs_path,
         "InUse": bool(m.in_use),
-        "Lost": [[a, d, why] for a, d, why in m.lost],
+        "Lost": [[a, d, why] for a, d, _kind, why in m.lost],
+        "LostReasons": [[a, d, kind] for a, d, kind, _why in m.lost],
         "ControlUsageDomains": bool(m.control_usage_domains),
     }
 
@@ -152,6 +169,9 @@ class Manager(Exported):
     Pending = prop("Pending", "s")
     KernelGeneration = prop("KernelGeneration", "s")
     KernelFeatures = prop("KernelFeatures", "as")
+    Statistics = live_prop(
+        "Statistics", "a{sv}", lambda self: statistics_value(self._service.state.stats)
+    )
 
     @call
     async def CreateMatrix(self, uuid: Str, options: Options) -> Path:
@@ -267,6 +287,7 @@ class Matrix(Exported):
     SysfsPath = prop("SysfsPath", "s")
     InUse = prop("InUse", "b")
     Lost = prop("Lost", "a(uus)")
+    LostReasons = prop("LostReasons", "a(uus)")
     ControlUsageDomains = prop("ControlUsageDomains", "b")
 
     @call

@@ -167,7 +167,7 @@ class Connection:
         (objs,) = await self.call(
             names.MANAGER_PATH, names.OBJECT_MANAGER_IFACE, "GetManagedObjects"
         )
-        snap = Snapshot(HostInfo.of(host))
+        snap = Snapshot(HostInfo.of(host), statistics=host.get("Statistics", {}))
         for path, ifaces in objs.items():
             if names.MATRIX_IFACE in ifaces:
                 m = MatrixInfo.of(path, unvariant(ifaces[names.MATRIX_IFACE]))
@@ -241,6 +241,7 @@ class MatrixInfo:
     lost: tuple[tuple[int, int, str], ...] = ()
     control_usage_domains: bool = True
     manager: str = "apmatrixd"
+    lost_reasons: tuple[tuple[int, int, str], ...] = ()  # Lost's APQNs, the reason as a word
 
     @classmethod
     def of(cls, path: str, p: dict[str, Any]) -> MatrixInfo:
@@ -248,6 +249,7 @@ class MatrixInfo:
             control_usage_domains=bool(p.get("ControlUsageDomains", True)),
             in_use=bool(p.get("InUse", False)),
             lost=tuple((int(a), int(d), str(w)) for a, d, w in p.get("Lost", ())),
+            lost_reasons=tuple((int(a), int(d), str(w)) for a, d, w in p.get("LostReasons", ())),
             path=path,
             uuid=str(p.get("Uuid", names.uuid_of_path(path) or "")),
             name=str(p.get("Name", "")),
@@ -340,6 +342,7 @@ class Snapshot:
     host: HostInfo
     matrices: dict[str, MatrixInfo] = field(default_factory=dict)
     adapters: dict[int, AdapterInfo] = field(default_factory=dict)
+    statistics: dict[str, Any] = field(default_factory=dict)  # the Manager's Statistics
 
     def sorted_matrices(self) -> list[MatrixInfo]:
         """Named ones first, by name; then the unnamed, by UUID."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from apmatrixd import __version__
-from apmatrixd.ctl import host, matrices, mdevctl, monitor
+from apmatrixd.ctl import host, matrices, mdevctl, metrics, monitor
 from apmatrixd.ctl.client import Connection, CtlError, Target
 from apmatrixd.ctl.ids import IdError, parse_ids
 from apmatrixd.ctl.output import Output
@@ -142,6 +142,7 @@ def build_parser() -> Parser:
     host.register(sub, common, ids)
     monitor.register(sub, common)
     mdevctl.register(sub, common)
+    metrics.register(sub, common)
     return p
 
 

@@ -132,8 +132,7 @@ def hold(svc: Service, changes: Changes, m: Matrix) -> None:
         reg.set_truth(m.uuid, m.adapters, m.domains)
         meta.definition = m
         what = f"mdevctl's definition breaks a rule ({err}); its APQNs are claimed, not held"
-        log.warning("drift: matrix %s: %s", m.uuid, what)
-        changes.drift.append((m.uuid, what))
+        sync.drift(svc, changes, m.uuid, "mdevctl", what, adopted=False)
     changes.matrices_changed.add(m.uuid)
     st.touch_adapters(changes, m.adapters | (old.adapters if old is not None else frozenset()))
 

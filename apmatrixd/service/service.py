@@ -93,6 +93,12 @@ class Service:
             self.state.pending = text
             self.emit(Changes(host_changed=True))
 
+    def count_refusal(self, error: str) -> None:
+        """A call was answered with the D-Bus error ``error`` (Manager.Statistics).
+
+        On the loop, where the reply is made: see :class:`~apmatrixd.service.state.Statistics`."""
+        self.state.stats.refused[error] += 1
+
     def set_settling(self, settling: bool) -> None:
         """The Manager's ``Settling``: true while a burst of uevents is being absorbed.
 

@@ -131,6 +131,7 @@ def load(svc: Service) -> Command[None]:
             log.warning("drift: matrix %s changed while apmatrixd was not running: %s",
                         sm.uuid, what)  # fmt: skip
             drift.append((sm.uuid, f"changed while apmatrixd was not running: {what}"))
+            st.stats.drift("while_stopped")
             adopted.append(sm.uuid)
     if adopted:  # the files follow the kernel (the registry holds its sets): a restart keeps it
         yield from sync.store_adopted(svc, adopted)
@@ -146,6 +147,7 @@ def load(svc: Service) -> Command[None]:
         managers.take_scan(svc, held, found)
         drift += held.drift
     svc.startup_drift = drift
+    st.stats.rescanned()
     ready = yield Work("reading the AP bus bindings", lambda _p: svc.kernel.bindings_complete())
     st.bindings_ready = ready
     if not ready:

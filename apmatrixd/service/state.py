@@ -8,8 +8,11 @@ all: a commit step never awaits.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 from apmatrixd.core import Apqn, Matrix, Registry
 from apmatrixd.kernel import AdapterInfo, MdevInfo
@@ -46,6 +49,39 @@ class Changes:
 
 
 VFIO_AP = LAYOUTS["upstream"].vfio_driver
+
+DriftKind = Literal[
+    "sets", "created", "removed", "started", "host_pool", "while_stopped", "released", "mdevctl"
+]
+DRIFT_KINDS: tuple[DriftKind, ...] = get_args(DriftKind)
+"""The kinds of Drift the daemon tells apart: a live matrix's sets changed outside, an mdev
+created outside, one removed outside, a defined matrix found live, the host pool changed
+outside, a stored matrix changed while apmatrixd was not running (found at start-up), and the
+mdev of a forced Stop/Remove that timed out gone once its guest let go, and an mdevctl
+definition that breaks a rule (written while apmatrixd was not guarding)."""
+
+
+@dataclass
+class Statistics:
+    """What only the daemon can know, counted since it started (Manager.Statistics, metrics).
+
+    Changed on the event loop only, never from the worker: by a command's commit step (drift,
+    rescans) and by the dispatcher as it answers a call with an error (a refusal is counted
+    where its reply is made; queuing it as a command would count it late, behind a slow kernel
+    write, and let a flood of refused calls grow the queue)."""
+
+    drifts: Counter[str] = field(default_factory=Counter)
+    drifts_not_adopted: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)  # D-Bus error name -> calls
+    last_rescan: float = 0.0  # wall clock (time.time()) of the last full re-read; 0: none yet
+
+    def drift(self, kind: DriftKind, adopted: bool = True) -> None:
+        self.drifts[kind] += 1
+        if not adopted:
+            self.drifts_not_adopted[kind] += 1
+
+    def rescanned(self) -> None:
+        self.last_rescan = time.time()
 
 
 APMATRIXD, MDEVCTL, EXTERNAL = "apmatrixd", "mdevctl", "external"
@@ -102,6 +138,7 @@ class State:
     # Autostart waits for the AP bus to report its bindings complete (or for a timeout), so
     # no matrix starts against a half-probed bus (mdevctl #53).
     bindings_ready: bool = True
+    stats: Statistics = field(default_factory=Statistics)
 
     # -- inventory ------------------------------------------------------------------------
     def take_inventory(self, infos: dict[int, AdapterInfo]) -> None:

@@ -51,7 +51,7 @@ from apmatrixd.core.apqn import format_ids
 from apmatrixd.kernel import AdapterInfo, Kernel, KernelError, MdevInfo
 from apmatrixd.service import managers, ops
 from apmatrixd.service.executor import Command, Work
-from apmatrixd.service.state import EXTERNAL, MDEVCTL, Changes, Meta
+from apmatrixd.service.state import EXTERNAL, MDEVCTL, Changes, DriftKind, Meta
 from apmatrixd.service.tx import Transaction
 from apmatrixd.store import StoredMatrix
 
@@ -217,6 +217,8 @@ def resync(
     adopted = _sync_mdevs(svc, changes, r.mdevs)
     if r.definitions is not None:
         managers.take_scan(svc, changes, r.definitions)
+    if r.pool is not None:  # the pool and every mdev re-read: what the rescan timer asks for
+        st.stats.rescanned()
     svc.emit(changes)
     if adopted:
         yield from store_adopted(svc, adopted)
@@ -296,6 +298,7 @@ def _sync_pool(
         reg.truth_pool = new
         err = decision.error()
         log.warning("the host pool changed outside apmatrixd and cannot be adopted: %s", err)
+        svc.state.stats.drift("host_pool", adopted=False)
         changes.drift.append((MANAGER, f"{what or 'host pool changed'} (not adopted: {err})"))
         return
     reg.apply(SetHostPool(new))
@@ -303,6 +306,7 @@ def _sync_pool(
     changes.host_changed = True
     if what:
         log.warning("drift: %s", what)
+        svc.state.stats.drift("host_pool")
         changes.drift.append((MANAGER, what))
 
 
@@ -347,21 +351,24 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
                 del st.meta[uuid]
                 changes.matrices_removed.add(uuid)
                 st.touch_adapters(changes, m.adapters)
-                _drift(changes, uuid, "mdev removed outside apmatrixd; it was only adopted")
+                drift(svc, changes, uuid, "removed",
+                       "mdev removed outside apmatrixd; it was only adopted")  # fmt: skip
                 continue
             gone.live, gone.guest, gone.in_use = False, (), False
             st.set_truth(uuid, None)
             changes.matrices_changed.add(uuid)
             if gone.manager == MDEVCTL:
                 managers.stopped(svc, changes, uuid)
-                _drift(changes, uuid, "mdev removed outside apmatrixd; mdevctl's definition stays")
+                what = "mdev removed outside apmatrixd; mdevctl's definition stays"
+                drift(svc, changes, uuid, "removed", what)
                 continue
             if gone.release_pending:
                 what = f"the guest let go: the mdev is gone after the {gone.release_pending}"
                 gone.release_pending = ""
-                _drift(changes, uuid, f"{what} timed out; kept as a definition")
+                drift(svc, changes, uuid, "released", f"{what} timed out; kept as a definition")
                 continue
-            _drift(changes, uuid, "mdev removed outside apmatrixd; kept as a definition")
+            drift(svc, changes, uuid, "removed",
+                   "mdev removed outside apmatrixd; kept as a definition")  # fmt: skip
     for uuid, info in sorted(seen.items()):
         meta = st.meta.get(uuid)
         if meta is None:
@@ -375,9 +382,10 @@ def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> li
                 if meta.definition is None:  # (already there if it broke a rule)
                     meta.definition = m
                 st.set_truth(uuid, None)
-                _drift(changes, uuid, "started outside apmatrixd (mdevctl's definition)")
+                what = "started outside apmatrixd (mdevctl's definition)"
+                drift(svc, changes, uuid, "started", what)
             else:
-                _drift(changes, uuid, "started outside apmatrixd")
+                drift(svc, changes, uuid, "started", "started outside apmatrixd")
         if _same_sets(info, m):
             if meta.truth is not None:  # back in step with the registry
                 st.set_truth(uuid, None)
@@ -409,7 +417,7 @@ def _take_truth(svc: Service, changes: Changes, m: Matrix, info: MdevInfo) -> bo
         st.set_truth(m.uuid, info)
         what += f" (not adopted: {err})"
     changes.matrices_changed.add(m.uuid)
-    _drift(changes, m.uuid, what)
+    drift(svc, changes, m.uuid, "sets", what, adopted)
     return adopted
 
 
@@ -455,9 +463,13 @@ def _adopt(svc: Service, changes: Changes, info: MdevInfo) -> None:
     st.set_truth(m.uuid, truth)
     changes.matrices_added.add(m.uuid)
     st.touch_adapters(changes, m.adapters)
-    _drift(changes, m.uuid, what)
+    drift(svc, changes, m.uuid, "created", what, adopted=err is None)
 
 
-def _drift(changes: Changes, uuid: str, what: str) -> None:
+def drift(
+    svc: Service, changes: Changes, uuid: str, kind: DriftKind, what: str, adopted: bool = True
+) -> None:
+    """One Drift signal, counted by kind (Manager.Statistics)."""
+    svc.state.stats.drift(kind, adopted)
     log.warning("drift: matrix %s: %s", uuid, what)
     changes.drift.append((uuid, what))

@@ -373,10 +373,15 @@ class Client:
         return {k: unvariant(x.value) for k, x in values.items()}
 
     async def snapshot(self) -> dict[str, Any]:
-        """Everything the daemon exports: manager props + GetManagedObjects."""
+        """Everything the daemon exports: manager props + GetManagedObjects, less the
+        Manager's Statistics (counters of what happened, a refusal included: not state)."""
         (objs,) = await self.ok(ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+        manager = await self.props(ROOT, MANAGER)
+        manager.pop("Statistics", None)
+        for ifs in objs.values():
+            ifs.get(MANAGER, {}).pop("Statistics", None)
         return {
-            "manager": await self.props(ROOT, MANAGER),
+            "manager": manager,
             "objects": {
                 p: {i: {k: unvariant(x.value) for k, x in ps.items()} for i, ps in ifs.items()}
                 for p, ifs in objs.items()

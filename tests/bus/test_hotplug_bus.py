@@ -12,32 +12,18 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from busrig import MANAGER, MATRIX, NAME, ROOT, Client, Daemon, DaemonFactory, arun, unvariant
 from dbus_fast import Variant
-from rigs import force_unmount, is_mount, need_fuse
+from rigs import is_mount
 
 G1 = "11111111-1111-4111-8111-111111111111"
 P1 = f"{ROOT}/matrices/{G1.replace('-', '_')}"
 ADAPTER5 = f"{ROOT}/adapters/05"
-
-
-@pytest.fixture
-def mnt() -> Iterator[Path]:
-    need_fuse()
-    with tempfile.TemporaryDirectory(prefix="apmatrixd-simmount-") as top:
-        where = Path(top) / "sys"
-        where.mkdir()
-        try:
-            yield where
-        finally:
-            force_unmount(where)
 
 
 def sh(mnt: Path, script: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, str(HERE.parent / "bus"))
 
 from busrig import Daemon, PrivateBus, start_daemon  # noqa: E402
 from cdp import Browser, Page, chromium_path  # noqa: E402
+from rigs import free_port  # noqa: E402
 
 REPO = HERE.parent.parent
 PACKAGE = REPO / "cockpit"
@@ -52,13 +52,6 @@ def missing() -> str | None:
     if shutil.which("dbus-daemon") is None:
         return "dbus-daemon not installed"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
