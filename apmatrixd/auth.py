@@ -34,6 +34,7 @@ ACTIONS: dict[str, str | None] = {
     f"{names.MANAGER_IFACE}.ImportMdevctlFd": names.ACTION_IMPORT,
     f"{names.MANAGER_IFACE}.ExportMdevctl": names.ACTION_EXPORT,
     f"{names.MANAGER_IFACE}.ExportMdevctlFd": names.ACTION_EXPORT,
+    f"{names.MATRIX_IFACE}.LibvirtXML": None,
     **{
         f"{names.MATRIX_IFACE}.{m}": names.ACTION_MANAGE
         for m in (

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from dbus_fast import Variant
 
+from apmatrixd import libvirt
 from apmatrixd.bus import names
 from apmatrixd.bus.base import Exported, Sig, call, prop, signal
 from apmatrixd.core import InvalidArgument
@@ -30,6 +31,7 @@ Ids = Annotated[list[int], Sig("au")]
 Paths = Annotated[list[str], Sig("ao")]
 Options = Annotated[dict[str, Variant], Sig("a{sv}")]
 Clashes = Annotated[list[tuple[int, int, str]], Sig("a(uus)")]
+TwoStr = Annotated[tuple[str, str], Sig("ss")]
 
 OPTIONS: dict[str, str] = {
     "adapters": "au",
@@ -313,6 +315,13 @@ class Matrix(Exported):
     def RemoveWithOptions(self, options: Options) -> Awaitable[None]:
         force, timeout = parse_release(options)
         return self._service.submit("Remove", ops.remove, self.uuid, force, timeout)
+
+    @call
+    def LibvirtXML(self) -> TwoStr:
+        """A read: the XML is made from the sets the properties show."""
+        m = self._service.matrix(self.uuid)
+        hostdev = libvirt.hostdev_xml(m.uuid)
+        return hostdev, libvirt.nodedev_xml(m.uuid, m.adapters, m.domains, m.control_domains)
 
     def _change(self, what: str, kind: ops.Kind, id: int, *, add: bool) -> Awaitable[None]:
         return self._service.submit(what, ops.change_one, self.uuid, kind, id, add=add)

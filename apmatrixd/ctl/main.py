@@ -62,6 +62,7 @@ json (--json, stable; ids are integers, APQNs [adapter, domain] pairs):
   picture MATRIX -> {"view": "guest", "matrix": Matrix,
                      "cells": [{"apqn", "assigned", "present", "guest"}]}
   import-mdevctl -> {"imported": [Matrix]}; export-mdevctl -> {"exported": dir}
+  libvirt -> {"matrix": uuid, "hostdev": xml, "nodedev": xml}
   monitor -> one object per line: {"time", "signal", "path", ...signal data}"""
 
 EXIT_HELP = """\
