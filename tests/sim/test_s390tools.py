@@ -2,72 +2,34 @@
 generation: their output and exit codes are what that kernel would give.
 
 The tools are built once from ``../shared/third-party/s390-tools-*.tar.gz`` (unpatched; they
-honour ``SYSFS_ROOT``) into ``build/`` and reused by later runs.
+honour ``SYSFS_ROOT``) into ``build/`` and reused by later runs (``s390rig``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
-import shutil
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rigs import need_fuse, need_tool, unavailable
+from rigs import need_fuse
+from s390rig import built
 
 from apmatrixd.sim.fuse import Mount, mount
 from apmatrixd.sim.model import Host
 from apmatrixd.sim.profile import PROFILES
 
-REPO = Path(__file__).resolve().parents[2]
-# Next to the checkout (../shared/third-party), or where APMATRIXD_THIRD_PARTY says.
-THIRD_PARTY = [
-    Path(p)
-    for p in (
-        os.environ.get("APMATRIXD_THIRD_PARTY", ""),
-        REPO.parent / "shared" / "third-party",
-        "/work/shared/third-party",
-    )  # fmt: skip
-    if str(p)
-]
 G1 = "11111111-1111-4111-8111-111111111111"
-
-
-def _tarball() -> Path:
-    for folder in THIRD_PARTY:
-        found = sorted(folder.glob("s390-tools-*.tar.gz"))
-        if found:
-            return found[-1]
-    where = ", ".join(map(str, THIRD_PARTY))
-    unavailable(f"no s390-tools source in {where}", installable=False)
 
 
 @pytest.fixture(scope="module")
 def tools() -> Path:
     """The directory holding the built lszcrypt and chzcrypt (built once, cached)."""
-    need_tool("gcc", "gcc")
-    need_tool("make", "make")
-    tarball = _tarball()
-    out = REPO / "build" / tarball.name.removesuffix(".tar.gz")
-    zcrypt = out / "s390-tools" / "zconf" / "zcrypt"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:  # two test workers: one builds
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (zcrypt / "lszcrypt").exists() or not (zcrypt / "chzcrypt").exists():
-            shutil.rmtree(out / "s390-tools", ignore_errors=True)
-            with tarfile.open(tarball) as tar:
-                tar.extractall(out, filter="data")
-            src = out / "s390-tools"
-            for cmd in (["make", "-C", "libutil"], ["make", "-C", "zconf/zcrypt", "lszcrypt",
-                                                    "chzcrypt"]):  # fmt: skip
-                r = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600)
-                assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return zcrypt
+    src = built(("libutil",), ("zconf/zcrypt", "lszcrypt", "chzcrypt"))
+    return src / "zconf" / "zcrypt"
 
 
 @pytest.fixture
