@@ -59,3 +59,49 @@ def built(*steps: tuple[str, ...]) -> Path:
             r = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=900)
             assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
     return src
+
+
+# chzdev takes the s390 configuration lock in /run/lock: a private one, never the host's.
+ZDEV_SH = """set -e
+mount -t tmpfs -o mode=0755 apmatrixd-zdev-lock /run/lock
+exec "$@"
+"""
+
+
+def zdev() -> Path:
+    """The directory holding the built chzdev and lszdev."""
+    return built(("libutil",), ("libap",), ("zdev",)) / "zdev" / "src"
+
+
+def run_zdev(tool: str, sysfs: Path, etc: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``tool`` (chzdev or lszdev) in a private mount namespace, reading sysfs at ``sysfs``
+    (libap honours SYSFS_ROOT) and every ``/etc`` file below ``etc`` (``--base``): the udev
+    rule it keeps and mdevctl's definitions it checks."""
+    need_tool("unshare", "util-linux")
+    argv = [str(zdev() / tool), *args, "--base", f"/etc={etc}"]
+    if tool == "chzdev":
+        argv += ["--no-settle", "--no-module-load", "--no-root-update", "--yes"]
+    env = dict(os.environ, SYSFS_ROOT=str(sysfs))
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", ZDEV_SH, "sh",
+         *argv],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def lszdev_masks(sysfs: Path, etc: Path) -> dict[str, frozenset[int]]:
+    """What ``lszdev -t ap -p`` shows of chzdev's persistent masks: the host's ids per mask
+    (it prints them in decimal, as ranges)."""
+    r = run_zdev("lszdev", sysfs, etc, "-t", "ap", "-p")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out: dict[str, frozenset[int]] = {}
+    for line in r.stdout.splitlines():
+        words = line.split(None, 1)
+        if len(words) == 2 and words[0] in ("apmask", "aqmask"):
+            ids: set[int] = set()
+            for part in words[1].strip().strip('"').split(","):
+                if part:
+                    lo, _, hi = part.partition("-")
+                    ids.update(range(int(lo), int(hi or lo) + 1))
+            out[words[0]] = frozenset(ids)
+    return out
