@@ -65,7 +65,27 @@ def manager_values(host: HostView) -> dict[str, Any]:
         "Pending": host.pending,
         "KernelGeneration": host.kernel_generation,
         "KernelFeatures": list(host.kernel_features),
+        "BootHostPool": boot_host_pool(host),
     }
+
+
+def boot_host_pool(host: HostView) -> dict[str, Variant]:
+    """Manager.BootHostPool: chzdev's persistent masks, for guests (see the interface XML)."""
+    pool = host.boot_pool
+    if pool is None:
+        return {}
+    out = {"file": Variant("s", pool.path)}
+    if pool.error:
+        out["error"] = Variant("s", pool.error)
+    if pool.apmask is not None and pool.reserved_adapters is not None:
+        out["apmask"] = Variant("s", pool.apmask)
+        out["reserved_adapters"] = Variant("au", _ids(pool.reserved_adapters))
+    if pool.aqmask is not None and pool.reserved_domains is not None:
+        out["aqmask"] = Variant("s", pool.aqmask)
+        out["reserved_domains"] = Variant("au", _ids(pool.reserved_domains))
+    if host.boot_drift:
+        out["drift"] = Variant("s", host.boot_drift)
+    return out
 
 
 def matrix_values(m: MatrixView) -> dict[str, Any]:
@@ -152,6 +172,7 @@ class Manager(Exported):
     Pending = prop("Pending", "s")
     KernelGeneration = prop("KernelGeneration", "s")
     KernelFeatures = prop("KernelFeatures", "as")
+    BootHostPool = prop("BootHostPool", "a{sv}")
 
     @call
     async def CreateMatrix(self, uuid: Str, options: Options) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from apmatrixd.chzdev import BootPool, Stamp
 from apmatrixd.core import Apqn, Matrix, Registry
 from apmatrixd.kernel import AdapterInfo, MdevInfo
 from apmatrixd.kernel.snapshot import LAYOUTS
@@ -85,6 +86,11 @@ class State:
     # Autostart waits for the AP bus to report its bindings complete (or for a timeout), so
     # no matrix starts against a half-probed bus (mdevctl #53).
     bindings_ready: bool = True
+    # chzdev's persistent masks as last read (Manager.BootHostPool; service/boot.py), the
+    # file's stamp then, and the disagreement with our reservations last signalled.
+    boot_pool: BootPool | None = None
+    boot_stamp: Stamp | None = None
+    boot_drift: str = ""
 
     # -- inventory ------------------------------------------------------------------------
     def take_inventory(self, infos: dict[int, AdapterInfo]) -> None:

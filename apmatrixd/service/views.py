@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from apmatrixd.chzdev import BootPool
 from apmatrixd.core import Apqn
 from apmatrixd.kernel.snapshot import AdapterInfo
 
@@ -21,6 +22,8 @@ class HostView:
     pending: str = ""
     kernel_generation: str = ""
     kernel_features: tuple[str, ...] = ()
+    boot_pool: BootPool | None = None  # chzdev's persistent masks; None: no rule file
+    boot_drift: str = ""  # where our reservations disagree with them
 
 
 @dataclass(frozen=True)
