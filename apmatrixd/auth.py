@@ -37,6 +37,7 @@ ACTIONS: dict[str, str | None] = {
     # mdevctl's callout (run by mdevctl as root): what mdevctl may do is a change decision
     f"{names.MANAGER_IFACE}.ProposeMdevctl": names.ACTION_MANAGE,
     f"{names.MANAGER_IFACE}.ReloadMdevctl": names.ACTION_MANAGE,
+    f"{names.MATRIX_IFACE}.LibvirtXML": None,
     **{
         f"{names.MATRIX_IFACE}.{m}": names.ACTION_MANAGE
         for m in (

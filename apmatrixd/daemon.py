@@ -27,6 +27,7 @@ from apmatrixd.auth import Authority
 from apmatrixd.bus import names
 from apmatrixd.bus.base import ApmatrixBus
 from apmatrixd.bus.tree import ObjectTree
+from apmatrixd.chzdev import RULES_DIR
 from apmatrixd.core import ApmatrixError
 from apmatrixd.service import Changes
 
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{MDEVCTL_DIR}; any other comes as a descriptor the caller opened). With --simulate "
         "the simulated host has no mdevctl definitions unless this is given",
     )
+    p.add_argument(
+        "--udev-rules-dir",
+        metavar="DIR",
+        help="with --simulate: read chzdev's persistent AP masks (41-ap.rules) for the emulated "
+        f"host from DIR (default: none; a real host's are read from {RULES_DIR})",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -138,6 +145,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--mdevctl-dir must be an absolute path")
     if args.simulate is not None and args.sysfs_root:
         p.error("--simulate and --sysfs-root exclude each other")
+    if args.udev_rules_dir is not None and args.simulate is None:
+        p.error(f"--udev-rules-dir needs --simulate (a real host's rules are in {RULES_DIR})")
+    if args.udev_rules_dir is not None and not os.path.isabs(args.udev_rules_dir):
+        p.error("--udev-rules-dir must be an absolute path")
     return args
 
 
@@ -251,7 +262,8 @@ async def run(args: argparse.Namespace) -> int:
             cleanup.callback(watchdog.cancel)
         cleanup.callback(service.executor.close)
         # Listen before reading: nothing that happens during the enumeration is missed.
-        cleanup.callback(start_events(args, kernel, service).close)
+        hotplug = start_events(args, kernel, service)
+        cleanup.callback(hotplug.close)
         early = EarlyDrift()
         service.subscribe(early)
         try:
@@ -263,6 +275,9 @@ async def run(args: argparse.Namespace) -> int:
             raise StartupError(f"state directory {args.state_dir}: {err.strerror}") from None
         except ApmatrixError as err:
             raise StartupError(f"start-up: {err}") from None
+        rules = RULES_DIR if args.simulate is None else args.udev_rules_dir
+        if rules is not None:
+            await watch_boot_pool(service, hotplug, rules)
         if args.sim_mount:
             cleanup.callback(mount_sim(kernel, args.sim_mount).stop)
         if not service.state.bindings_ready:
@@ -302,6 +317,22 @@ def start_events(args: argparse.Namespace, kernel: Kernel, service: Service) -> 
     except (OSError, ImportError) as err:
         log.warning("no udev monitor (%s): hot plug is seen by the rescan timer only", err)
     return hotplug
+
+
+async def watch_boot_pool(service: Service, hotplug: HotPlug, directory: str) -> None:
+    """chzdev's persistent masks: read now, again at every rescan (when the file changed), and
+    compared with the reservations whenever those change (service/boot.py)."""
+    from apmatrixd.service import boot
+
+    what = f"reading chzdev's persistent AP masks in {directory}"
+    await service.submit(what, boot.refresh, directory)
+
+    def reread() -> None:
+        fut = service.submit(what, boot.refresh, directory)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    hotplug.on_rescan.append(reread)
+    service.subscribe(boot.follow(service))
 
 
 def mount_sim(kernel: Kernel, where: str) -> Mount:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from apmatrixd.events import ApEvent, EventPump, Scope, Source
@@ -85,6 +85,8 @@ class HotPlug:
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = 0
         self._closed = False
+        # What else the slow timer looks at (chzdev's persistent masks: daemon.py).
+        self.on_rescan: list[Callable[[], None]] = []
         service.subscribe(self._count)
         service.on_resync = self.request_resync
 
@@ -103,7 +105,10 @@ class HotPlug:
     def rescan(self) -> asyncio.Future[Changes]:
         """The slow timer: the host pool and every mdev (the changes no uevent announces)."""
         self.rescans += 1
-        return self.submit(Scope(pool=True))
+        fut = self.submit(Scope(pool=True))
+        for hook in self.on_rescan:
+            hook()
+        return fut
 
     def request_resync(self) -> None:
         """A command could not read back what it did: re-read the pool and every mdev."""

@@ -27,6 +27,7 @@ import json
 import os
 import stat
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,18 @@ def _read_regular(path: Path, dir_fd: int | None = None) -> bytes | None:
         os.close(fd)
 
 
+def assignments(
+    adapters: Iterable[int], domains: Iterable[int], control_domains: Iterable[int]
+) -> list[tuple[str, str]]:
+    """A matrix as the sysfs writes that make it, in the order they are made: adapters, usage
+    domains, control domains, each ascending, in the kernel's hex widths (``0x05``,
+    ``0x0047``). mdevctl's ``attrs`` and libvirt's node device ``<attr>`` elements."""
+    out = [("assign_adapter", f"0x{a:02x}") for a in sorted(adapters)]
+    out += [("assign_domain", f"0x{d:04x}") for d in sorted(domains)]
+    out += [("assign_control_domain", f"0x{d:04x}") for d in sorted(control_domains)]
+    return out
+
+
 def format_definition(
     adapters: frozenset[int] | tuple[int, ...],
     domains: frozenset[int] | tuple[int, ...],
@@ -261,9 +274,7 @@ def format_definition(
     mdev_type: str = TYPES[0],
 ) -> bytes:
     """The file mdevctl would write for this matrix (ids in the kernel's hex widths)."""
-    attrs: list[dict[str, str]] = [{"assign_adapter": f"0x{a:02x}"} for a in sorted(adapters)]
-    attrs += [{"assign_domain": f"0x{d:04x}"} for d in sorted(domains)]
-    attrs += [{"assign_control_domain": f"0x{d:04x}"} for d in sorted(control_domains)]
+    attrs = [{k: v} for k, v in assignments(adapters, domains, control_domains)]
     obj = {"mdev_type": mdev_type, "start": "auto" if autostart else "manual", "attrs": attrs}
     return (json.dumps(obj, indent=2) + "\n").encode()
 

@@ -363,7 +363,10 @@
         r.control = el("td", { class: "ids" });
         r.guest = el("td", { class: "guest" });
         r.sysfs = el("code", { class: "sysfs" });
-        r.copy = el("button", { type: "button", class: "small copy", text: "Copy", title: "Copy for QEMU -device vfio-ap,sysfsdev=… or libvirt <hostdev>", onclick: () => copySysfs(r) });
+        r.copy = el("button", { type: "button", class: "small copy", text: "Copy", title: "Copy for QEMU -device vfio-ap,sysfsdev=…", onclick: () => copyText(r.copy, Promise.resolve(r.sysfs.textContent)) });
+        /* libvirt's two texts come from the daemon (Matrix.LibvirtXML), made from the sets it holds */
+        r.hostdev = el("button", { type: "button", class: "small copy-hostdev", text: "<hostdev>", title: "Copy the <hostdev> element for the libvirt domain's <devices>", onclick: () => copyText(r.hostdev, libvirtXml(r, 0)) });
+        r.nodedev = el("button", { type: "button", class: "small copy-nodedev", text: "nodedev", title: "Copy the node device XML for virsh nodedev-define", onclick: () => copyText(r.nodedev, libvirtXml(r, 1)) });
         r.start = el("button", { type: "button", class: "small", text: "Start", onclick: () => act(`Start ${r.label}`, call(r.path, MATRIX, "Start", [])) });
         r.stop = el("button", { type: "button", class: "small", text: "Stop", onclick: () => act(`Stop ${r.label}`, call(r.path, MATRIX, "Stop", [])) });
         r.remove = el("button", { type: "button", class: "small danger", text: "Remove", onclick: () => removeClicked(r) });
@@ -379,7 +382,7 @@
         r.id.addEventListener("blur", () => window.setTimeout(() => { if (previewOwner === r) clearPreview(); }, 200));
         r.tr = el("tr", { dataset: { uuid: m.Uuid } },
             r.name, r.uuidCell, r.state, r.adapters, r.domains, r.control, r.guest,
-            el("td", { class: "sysfs-cell" }, r.sysfs, r.copy),
+            el("td", { class: "sysfs-cell" }, r.sysfs, r.copy, r.hostdev, r.nodedev),
             el("td", { class: "actions" },
                 el("div", { class: "btns" }, r.start, r.stop, r.remove),
                 el("div", { class: "assign" }, r.kind, r.id, r.assign, r.unassign)));
@@ -599,7 +602,7 @@
             `${what}d adapters ${formatIds(ads)}, domains ${formatIds(doms)}`);
     }
 
-    /* -- copy SysfsPath ---------------------------------------------------------------------- */
+    /* -- copy SysfsPath and libvirt's XML ---------------------------------------------------- */
     function legacyCopy(text) {
         const ta = el("textarea", { class: "offscreen", readonly: true });
         ta.value = text;
@@ -615,20 +618,29 @@
         return ok;
     }
 
-    function copySysfs(r) {
-        const text = r.sysfs.textContent;
+    /* Copies what `text` (a promise) gives; the button says whether that worked. */
+    function copyText(button, text) {
+        const label = button.dataset.label || (button.dataset.label = button.textContent);
         const done = (ok) => {
-            r.copy.textContent = ok ? "Copied" : "Copy failed";
-            r.copy.dataset.copied = ok ? "true" : "false";
+            button.textContent = ok ? "Copied" : "Copy failed";
+            button.dataset.copied = ok ? "true" : "false";
             window.setTimeout(() => {
-                r.copy.textContent = "Copy";
-                r.copy.dataset.copied = "";
+                button.textContent = label;
+                button.dataset.copied = "";
             }, 3000);
         };
-        const viaApi = navigator.clipboard && window.isSecureContext
-            ? navigator.clipboard.writeText(text)
-            : Promise.reject(new Error("no clipboard API"));
-        viaApi.then(() => done(true), () => done(legacyCopy(text)));
+        text.then((t) => {
+            const viaApi = navigator.clipboard && window.isSecureContext
+                ? navigator.clipboard.writeText(t)
+                : Promise.reject(new Error("no clipboard API"));
+            viaApi.then(() => done(true), () => done(legacyCopy(t)));
+        }, () => done(false));
+    }
+
+    /* [hostdev, nodedev][which] of a matrix, as the daemon makes them; a refusal is an alert. */
+    function libvirtXml(r, which) {
+        return act(`Copy libvirt XML of ${r.label}`, call(r.path, MATRIX, "LibvirtXML", []))
+            .then((reply) => (reply ? reply[which] : Promise.reject(new Error("no reply"))));
     }
 
     /* -- adapters table ---------------------------------------------------------------------- */

@@ -18,7 +18,7 @@ _apmatrixctl() {
         --print-completion) COMPREPLY=($(compgen -W "bash" -- "$cur")); return ;;
     esac
     if [[ -z $cmd ]]; then
-        COMPREPLY=($(compgen -W "-h --help --address --system --session --json --version --print-completion --print-man list show create remove start stop take-over assign unassign update configure adapters reserve release check picture monitor import-mdevctl export-mdevctl metrics" -- "$cur"))
+        COMPREPLY=($(compgen -W "-h --help --address --system --session --json --version --print-completion --print-man list show create remove start stop take-over assign unassign update configure libvirt adapters reserve release check picture monitor import-mdevctl export-mdevctl metrics" -- "$cur"))
         return
     fi
     case $cmd in
@@ -33,6 +33,7 @@ _apmatrixctl() {
         unassign) opts="-h --help --address --system --session --json -a --adapters -d --domains -c --control-domains"; matrix=1; dirs=0 ;;
         update) opts="-h --help --address --system --session --json -a --adapters -d --domains -c --control-domains"; matrix=1; dirs=0 ;;
         configure) opts="-h --help --address --system --session --json --name --autostart"; matrix=1; dirs=0 ;;
+        libvirt) opts="-h --help --address --system --session --json --nodedev"; matrix=1; dirs=0 ;;
         adapters) opts="-h --help --address --system --session --json"; matrix=0; dirs=0 ;;
         reserve) opts="-h --help --address --system --session --json -a --adapters -d --domains"; matrix=0; dirs=0 ;;
         release) opts="-h --help --address --system --session --json -a --adapters -d --domains"; matrix=0; dirs=0 ;;

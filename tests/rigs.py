@@ -7,7 +7,6 @@ Python 3.11 has no ``os.unshare``; the netns side runs in a child under ``unshar
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
 import shutil
@@ -15,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -109,49 +107,6 @@ def force_unmount(path: str | os.PathLike[str]) -> None:
     """Detach a FUSE mount whatever state its server is in; call before removing the dir."""
     if is_mount(path):
         subprocess.run(["fusermount3", "-uz", os.fspath(path)], capture_output=True, check=False)
-
-
-# -- s390-tools, built from its source ----------------------------------------------------------
-REPO = Path(__file__).resolve().parents[1]
-# Next to the checkout (../shared/third-party), or where APMATRIXD_THIRD_PARTY says.
-THIRD_PARTY = [
-    Path(p)
-    for p in (
-        os.environ.get("APMATRIXD_THIRD_PARTY", ""),
-        REPO.parent / "shared" / "third-party",
-        "/work/shared/third-party",
-    )  # fmt: skip
-    if str(p)
-]
-
-
-def s390_tools(*binaries: str) -> Path:
-    """The s390-tools source tree (unpatched, from ``s390-tools-*.tar.gz``) with ``binaries``
-    (paths in it, e.g. ``ap_tools/ap-check``) built; built once into ``build/`` and reused."""
-    need_tool("gcc", "gcc")
-    need_tool("make", "make")
-    found = sorted(f for folder in THIRD_PARTY for f in folder.glob("s390-tools-*.tar.gz"))
-    if not found:
-        unavailable(f"no s390-tools source in {', '.join(map(str, THIRD_PARTY))}",
-                    installable=False)  # fmt: skip
-    tarball = found[-1]
-    out = REPO / "build" / tarball.name.removesuffix(".tar.gz")
-    src = out / "s390-tools"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:  # two test workers: one builds
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        missing = [b for b in binaries if not (src / b).exists()]
-        if missing and not (src / "libutil" / "libutil.a").exists():
-            shutil.rmtree(src, ignore_errors=True)
-            with tarfile.open(tarball) as tar:
-                tar.extractall(out, filter="data")
-            missing = list(binaries)
-        cmds = [["make", "-C", "libutil"]] if missing else []
-        cmds += [["make", "-C", str(Path(b).parent), Path(b).name] for b in missing]
-        for cmd in cmds:
-            r = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600)
-            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return src
 
 
 # -- the real-host rig ---------------------------------------------------------------------------

@@ -77,6 +77,7 @@ _READS = frozenset(
         ("org.freedesktop.DBus.Peer", "GetMachineId"),
         (names.MANAGER_IFACE, "Check"),
         (names.MANAGER_IFACE, "CheckWithOptions"),
+        (names.MATRIX_IFACE, "LibvirtXML"),
     }
 )
 

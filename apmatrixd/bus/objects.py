@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from dbus_fast import Variant
 
+from apmatrixd import libvirt
 from apmatrixd.bus import names
 from apmatrixd.bus.base import Exported, Sig, call, live_prop, prop, signal
 from apmatrixd.core import InvalidArgument
@@ -31,6 +32,7 @@ Ids = Annotated[list[int], Sig("au")]
 Paths = Annotated[list[str], Sig("ao")]
 Options = Annotated[dict[str, Variant], Sig("a{sv}")]
 Clashes = Annotated[list[tuple[int, int, str]], Sig("a(uus)")]
+TwoStr = Annotated[tuple[str, str], Sig("ss")]
 
 OPTIONS: dict[str, str] = {
     "adapters": "au",
@@ -64,6 +66,7 @@ def manager_values(host: HostView) -> dict[str, Any]:
         "Pending": host.pending,
         "KernelGeneration": host.kernel_generation,
         "KernelFeatures": list(host.kernel_features),
+        "BootHostPool": boot_host_pool(host),
     }
 
 
@@ -80,6 +83,25 @@ def statistics_value(stats: Statistics) -> dict[str, Variant]:
         "refused": Variant("a{st}", dict(sorted(stats.refused.items()))),
         "last_rescan": Variant("t", round(stats.last_rescan * 1_000_000)),
     }
+
+
+def boot_host_pool(host: HostView) -> dict[str, Variant]:
+    """Manager.BootHostPool: chzdev's persistent masks, for guests (see the interface XML)."""
+    pool = host.boot_pool
+    if pool is None:
+        return {}
+    out = {"file": Variant("s", pool.path)}
+    if pool.error:
+        out["error"] = Variant("s", pool.error)
+    if pool.apmask is not None and pool.reserved_adapters is not None:
+        out["apmask"] = Variant("s", pool.apmask)
+        out["reserved_adapters"] = Variant("au", _ids(pool.reserved_adapters))
+    if pool.aqmask is not None and pool.reserved_domains is not None:
+        out["aqmask"] = Variant("s", pool.aqmask)
+        out["reserved_domains"] = Variant("au", _ids(pool.reserved_domains))
+    if host.boot_drift:
+        out["drift"] = Variant("s", host.boot_drift)
+    return out
 
 
 def matrix_values(m: MatrixView) -> dict[str, Any]:
@@ -172,6 +194,7 @@ class Manager(Exported):
     Statistics = live_prop(
         "Statistics", "a{sv}", lambda self: statistics_value(self._service.state.stats)
     )
+    BootHostPool = prop("BootHostPool", "a{sv}")
 
     @call
     async def CreateMatrix(self, uuid: Str, options: Options) -> Path:
@@ -361,6 +384,13 @@ class Matrix(Exported):
     @call
     def TakeOver(self) -> Awaitable[None]:
         return self._service.submit("TakeOver", managers.take_over, self.uuid)
+
+    @call
+    def LibvirtXML(self) -> TwoStr:
+        """A read: the XML is made from the sets the properties show."""
+        m = self._service.matrix(self.uuid)
+        hostdev = libvirt.hostdev_xml(m.uuid)
+        return hostdev, libvirt.nodedev_xml(m.uuid, m.adapters, m.domains, m.control_domains)
 
     def _change(self, what: str, kind: ops.Kind, id: int, *, add: bool) -> Awaitable[None]:
         return self._service.submit(what, ops.change_one, self.uuid, kind, id, add=add)

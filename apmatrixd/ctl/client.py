@@ -194,10 +194,12 @@ class HostInfo:
     settling: bool
     kernel_generation: str = ""
     kernel_features: tuple[str, ...] = ()
+    boot_host_pool: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @classmethod
     def of(cls, p: dict[str, Any]) -> HostInfo:
         return cls(
+            boot_host_pool=dict(p.get("BootHostPool", {})),
             kernel_generation=str(p.get("KernelGeneration", "")),
             kernel_features=tuple(str(x) for x in p.get("KernelFeatures", ())),
             version=str(p.get("Version", "")),
@@ -220,6 +222,7 @@ class HostInfo:
             "settling": self.settling,
             "kernel_generation": self.kernel_generation,
             "kernel_features": list(self.kernel_features),
+            "boot_host_pool": self.boot_host_pool,
         }
 
 

@@ -214,6 +214,8 @@ DAEMON_SECTIONS = [
         "/var/lib/apmatrixd/ (StateDirectory=): matrices/UUID.json, host.json, boot.json,\n"
         "    journal (the intent of a change in flight)\n"
         "/etc/mdevctl.d/: mdevctl's definitions (ImportMdevctl, ExportMdevctl)\n"
+        "/etc/udev/rules.d/41-ap.rules: chzdev's persistent AP masks, read only\n"
+        "    (Manager.BootHostPool)\n"
         "/run/lock/s390apconfig.lock: s390-tools' AP configuration lock, held around AP writes\n"
         "/usr/lib/systemd/system/apmatrixd.service, /usr/lib/tmpfiles.d/apmatrixd.conf\n"
         "/usr/share/dbus-1/system.d/org.apmatrix.Apmatrix1.conf (bus policy)\n"

@@ -76,6 +76,36 @@ def pool_lines(host: HostInfo) -> list[str]:
     ]
 
 
+def boot_lines(host: HostInfo) -> list[str]:
+    """chzdev's persistent masks (Manager.BootHostPool), if the host has any."""
+    pool = host.boot_host_pool
+    if not pool:
+        return []
+    lines = [f"At boot (chzdev, {pool.get('file', '?')}):"]
+    if pool.get("error"):
+        return [*lines, f"  not used: the file {pool['error']}"]
+    kept = "as the kernel boots (chzdev keeps no {})"
+    adapters = pool.get("reserved_adapters")
+    domains = pool.get("reserved_domains")
+    lines += [
+        "  for guests: adapters "
+        + (format_ids(adapters) if adapters is not None else kept.format("apmask")),
+        "              domains  "
+        + (format_ids(domains) if domains is not None else kept.format("aqmask")),
+    ]
+    return [*lines, *drift_lines(host)]
+
+
+def drift_lines(host: HostInfo) -> list[str]:
+    """Where apmatrixd's reservations and chzdev's persistent masks disagree."""
+    where = host.boot_host_pool.get("drift")
+    if not where:
+        return []
+    return textwrap.wrap(
+        str(where), 80, initial_indent="  differs from apmatrixd: ", subsequent_indent="    "
+    )
+
+
 async def cmd_adapters(conn: Connection, args: argparse.Namespace, out: Output) -> int:
     snap = await conn.snapshot()
     ads = [snap.adapters[i] for i in sorted(snap.adapters)]
@@ -83,6 +113,7 @@ async def cmd_adapters(conn: Connection, args: argparse.Namespace, out: Output) 
         out.json({"host": snap.host.json(), "adapters": [a.json() for a in ads]})
         return 0
     out.lines(pool_lines(snap.host))
+    out.lines(boot_lines(snap.host))
     out.line()
     rows = []
     for a in ads:
@@ -124,6 +155,9 @@ async def cmd_pool(conn: Connection, args: argparse.Namespace, out: Output) -> i
         out.json({"host": host.json()})
     else:
         out.lines(pool_lines(host)[-3:])
+        if lines := drift_lines(host):  # this change may be what chzdev disagrees with
+            out.line(f"At boot (chzdev, {host.boot_host_pool.get('file', '?')}):")
+            out.lines(lines)
     return 0
 
 

@@ -43,7 +43,8 @@ json (--json, stable; ids are integers, APQNs [adapter, domain] pairs):
            "lost": [{"adapter", "domain", "reason"}], "control_usage_domains", "path"}
   Host    {"version", "layout", "max_adapter_id", "max_domain_id",
            "host_adapters", "host_domains", "settling", "kernel_generation",
-           "kernel_features"}
+           "kernel_features", "boot_host_pool": {"file", "apmask",
+           "reserved_adapters", "aqmask", "reserved_domains", "error", "drift"}}
   Adapter {"id", "type", "mode", "online", "configured", "domains",
            "guest_domains", "owners": [[domain, uuid]], "checkstopped",
            "driver_overrides": [[domain, driver]], "path"}
@@ -62,6 +63,7 @@ json (--json, stable; ids are integers, APQNs [adapter, domain] pairs):
   picture MATRIX -> {"view": "guest", "matrix": Matrix,
                      "cells": [{"apqn", "assigned", "present", "guest"}]}
   import-mdevctl -> {"imported": [Matrix]}; export-mdevctl -> {"exported": dir}
+  libvirt -> {"matrix": uuid, "hostdev": xml, "nodedev": xml}
   monitor -> one object per line: {"time", "signal", "path", ...signal data}"""
 
 EXIT_HELP = """\

@@ -1,4 +1,5 @@
-"""Verbs on matrices: list, show, create, remove, start, stop, assign, unassign, update."""
+"""Verbs on matrices: list, show, create, remove, start, stop, assign, unassign, update,
+configure, libvirt."""
 
 from __future__ import annotations
 
@@ -97,6 +98,21 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any, idtype_none
     p.add_argument("--name", help="the new name ('' for none)")
     p.add_argument("--autostart", choices=("yes", "no"), help="start it at boot")
     p.set_defaults(func=cmd_configure)
+
+    p = sub.add_parser(
+        "libvirt",
+        parents=[common],
+        help="print the matrix's <hostdev> for a libvirt domain (--nodedev: its node device)",
+        description="Print the <hostdev mode='subsystem' type='mdev' model='vfio-ap'> element "
+        "that gives a libvirt domain this matrix (paste it into <devices>, or 'virsh "
+        "attach-device DOMAIN FILE'); with --nodedev, the node device XML 'virsh "
+        "nodedev-define FILE' takes to define the same matrix through libvirt and mdevctl.",
+    )
+    p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
+    p.add_argument(
+        "--nodedev", action="store_true", help="the node device XML for virsh nodedev-define"
+    )
+    p.set_defaults(func=cmd_libvirt)
 
 
 def _sets(p: argparse.ArgumentParser, idtype: Any) -> None:
@@ -290,3 +306,13 @@ def _kept_control_domains(verb: str, given: dict[str, Any], after: MatrixInfo) -
     else:
         return set()
     return kept & set(after.domains)
+
+
+async def cmd_libvirt(conn: Connection, args: argparse.Namespace, out: Output) -> int:
+    m = (await conn.snapshot()).resolve(args.matrix)
+    hostdev, nodedev = await conn.call(m.path, names.MATRIX_IFACE, "LibvirtXML")
+    if out.as_json:
+        out.json({"matrix": m.uuid, "hostdev": hostdev, "nodedev": nodedev})
+    else:
+        out.lines(str(nodedev if args.nodedev else hostdev).splitlines())
+    return 0

@@ -20,7 +20,7 @@ from apmatrixd.core import Apqn, Clash, InvalidArgument, NotFound, Registry
 from apmatrixd.core.matrix import id_set, normalize_uuid
 from apmatrixd.kernel import Kernel, KernelError
 from apmatrixd.kernel.features import Features
-from apmatrixd.service import managers, ops, startup
+from apmatrixd.service import boot, managers, ops, startup
 from apmatrixd.service.executor import Command, Executor, Work
 from apmatrixd.service.state import Changes, State
 from apmatrixd.service.tx import Transaction
@@ -194,6 +194,8 @@ class Service:
             pending=self.state.pending,
             kernel_generation=self.kernel.features.generation,
             kernel_features=tuple(self.kernel.features.names()),
+            boot_pool=self.state.boot_pool,
+            boot_drift=boot.disagreement(self.state),
         )
 
     def matrices(self) -> list[MatrixView]:

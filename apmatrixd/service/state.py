@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
+from apmatrixd.chzdev import BootPool, Stamp
 from apmatrixd.core import Apqn, Matrix, Registry
 from apmatrixd.kernel import AdapterInfo, MdevInfo
 from apmatrixd.kernel.snapshot import LAYOUTS
@@ -139,6 +140,11 @@ class State:
     # no matrix starts against a half-probed bus (mdevctl #53).
     bindings_ready: bool = True
     stats: Statistics = field(default_factory=Statistics)
+    # chzdev's persistent masks as last read (Manager.BootHostPool; service/boot.py), the
+    # file's stamp then, and the disagreement with our reservations last signalled.
+    boot_pool: BootPool | None = None
+    boot_stamp: Stamp | None = None
+    boot_drift: str = ""
 
     # -- inventory ------------------------------------------------------------------------
     def take_inventory(self, infos: dict[int, AdapterInfo]) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from apmatrixd.chzdev import BootPool
 from apmatrixd.core import Apqn
 from apmatrixd.kernel.snapshot import AdapterInfo
 
@@ -22,6 +23,8 @@ class HostView:
     pending: str = ""
     kernel_generation: str = ""
     kernel_features: tuple[str, ...] = ()
+    boot_pool: BootPool | None = None  # chzdev's persistent masks; None: no rule file
+    boot_drift: str = ""  # where our reservations disagree with them
 
 
 @dataclass(frozen=True)

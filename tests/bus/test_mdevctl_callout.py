@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 from busrig import MANAGER, MATRIX, ROOT, Client, arun, busctl
-from rigs import NsRig, need_fuse, need_netns, need_tool, s390_tools
+from rigs import NsRig, need_fuse, need_netns, need_tool
+from s390rig import built
 
 from apmatrixd import callout
 from apmatrixd.bus import names
@@ -206,7 +207,7 @@ def test_mdevctl_asks_apmatrixd_through_its_callout(nsrig: NsRig, system_bus: st
         daemon.close()
 
     # apmatrixd not running: the callout defers to ap-check, which still guards
-    ap_check = s390_tools("ap_tools/ap-check") / "ap_tools" / "ap-check"
+    ap_check = built(("libutil",), ("ap_tools", "ap-check")) / "ap_tools" / "ap-check"
     # mdevctl 1.2 asks in directory (readdir) order, not name order: pick a name for ap-check
     # that this directory lists after ours (1.3 sorts by name: "00-" comes first there)
     for i in range(64):

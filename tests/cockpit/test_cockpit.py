@@ -171,6 +171,15 @@ def test_page_shows_the_host_and_manages_matrices(cockpit_stack: StackFactory) -
     sysfs = page.text(f"{row(G1)} code.sysfs")
     assert sysfs == f"/sys/devices/vfio_ap/matrix/{G1}"
     assert page.eval("navigator.clipboard.readText()") == sysfs
+    # ... and libvirt's <hostdev> and node device XML, as the daemon makes them.
+    r = busctl(stack.bus, "call", MANAGER[0], f"{ROOT}/matrices/{G1.replace('-', '_')}", MATRIX,
+               "LibvirtXML", "--json=short")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    hostdev, nodedev = json.loads(r.stdout)["data"]
+    for button, text in (("copy-hostdev", hostdev), ("copy-nodedev", nodedev)):
+        page.click(f"{row(G1)} button.{button}")
+        page.wait(f"document.querySelector('{row(G1)} button.{button}').dataset.copied === 'true'")
+        assert page.eval("navigator.clipboard.readText()") == text
 
     # Stop, start, remove guest2 with the buttons.
     page.click(f"{row(G2)} .btns button:nth-child(2)")  # Stop

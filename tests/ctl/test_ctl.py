@@ -23,7 +23,7 @@ MATRIX_KEYS = {
 }  # fmt: skip
 HOST_KEYS = {
     "version", "layout", "max_adapter_id", "max_domain_id", "host_adapters", "host_domains",
-    "settling", "kernel_generation", "kernel_features",
+    "settling", "kernel_generation", "kernel_features", "boot_host_pool",
 }  # fmt: skip
 ADAPTER_KEYS = {
     "id", "type", "mode", "online", "configured", "domains", "guest_domains", "owners", "path",

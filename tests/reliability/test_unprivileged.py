@@ -1,6 +1,6 @@
 """Unprivileged callers: as nobody (``setpriv``, Debian's python3 + dbus-fast in a separate
 process), every mutating method is refused with AccessDenied and changes nothing, while every
-property, GetManagedObjects, Introspect, Peer.Ping and Check work.
+property, GetManagedObjects, Introspect, Peer.Ping, Check and LibvirtXML work.
 
 The methods are enumerated from the shipped introspection XML: every method there except the
 read-only ones named in READ_ONLY is taken for a mutating one, so a method added to the API
@@ -34,7 +34,7 @@ from busrig import (
 from relrig import OURS, SimFactory, check_all, path_of
 
 G1 = "11111111-1111-4111-8111-111111111111"
-READ_ONLY = {f"{MANAGER}.Check", f"{MANAGER}.CheckWithOptions"}
+READ_ONLY = {f"{MANAGER}.Check", f"{MANAGER}.CheckWithOptions", f"{MATRIX}.LibvirtXML"}
 """The only methods of ours open to everyone (auth.ACTIONS maps them to None)."""
 PATHS = {MANAGER: ROOT, MATRIX: path_of(G1), ADAPTER: f"{ROOT}/adapters/05"}
 PROPS = "org.freedesktop.DBus.Properties"
@@ -109,6 +109,7 @@ def test_nobody_is_refused_every_change_and_reads_everything(
     reads: list[tuple[str, str, str, str, list[Any]]] = [
         (ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", "", []),
         (ROOT, MANAGER, "Check", "auaus", [[6], [4, 0x47], ""]),
+        (path_of(G1), MATRIX, "LibvirtXML", "", []),
         (ROOT, "org.freedesktop.DBus.Peer", "Ping", "", []),
     ]
     for iface, parts in the_api.items():

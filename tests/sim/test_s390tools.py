@@ -2,7 +2,7 @@
 generation: their output and exit codes are what that kernel would give.
 
 The tools are built once from ``../shared/third-party/s390-tools-*.tar.gz`` (unpatched; they
-honour ``SYSFS_ROOT``) into ``build/`` and reused by later runs.
+honour ``SYSFS_ROOT``) into ``build/`` and reused by later runs (``s390rig``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rigs import need_fuse, s390_tools
+from rigs import need_fuse
+from s390rig import built
 
 from apmatrixd.sim.fuse import Mount, mount
 from apmatrixd.sim.model import Host
@@ -27,7 +28,7 @@ G1 = "11111111-1111-4111-8111-111111111111"
 @pytest.fixture(scope="module")
 def tools() -> Path:
     """The directory holding the built lszcrypt and chzcrypt (built once, cached)."""
-    src = s390_tools("zconf/zcrypt/lszcrypt", "zconf/zcrypt/chzcrypt")
+    src = built(("libutil",), ("zconf/zcrypt", "lszcrypt", "chzcrypt"))
     return src / "zconf" / "zcrypt"
 
 
