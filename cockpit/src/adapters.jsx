@@ -1,6 +1,6 @@
 /* The host's adapters (cards): type, mode, state, queues and who holds them, and the queues
    bound by driver_override to another driver; one adapter's queues open below its row. */
-import React, { useState } from "react";
+import React, { useCallback, useState } from "react";
 import { Card, CardBody, CardHeader, CardTitle } from "@patternfly/react-core/dist/esm/components/Card/index.js";
 import { Label } from "@patternfly/react-core/dist/esm/components/Label/index.js";
 import { Pagination } from "@patternfly/react-core/dist/esm/components/Pagination/index.js";
@@ -35,6 +35,37 @@ function Queues({ a, byUuid }) {
     );
 }
 
+/* One adapter; drawn again only when it, its holders' names or its queue list change. */
+const AdapterRow = React.memo(function AdapterRow({ a, i, isOpen, toggle, held, byUuid }) {
+    const overrides = a.DriverOverrides || [];
+    return (
+        <Tbody isExpanded={isOpen}>
+            <Tr data-adapter={hex2(a.Id)}>
+                <Td expand={{ rowIndex: i, isExpanded: isOpen, onToggle: () => toggle(a.Id), expandId: `adapter-${hex2(a.Id)}` }} />
+                <Td dataLabel="Adapter" className="id"><code>{hex2(a.Id)}</code></Td>
+                <Td dataLabel="Type" className="type">{a.Type}</Td>
+                <Td dataLabel="Mode" className="mode">{a.Mode}</Td>
+                <Td dataLabel="Online" className="online">{yes(a.Online, "online")}</Td>
+                <Td dataLabel="Configured" className="configured">
+                    {yes(a.Configured, "configured")}
+                    {a.Checkstopped && <Label isCompact color="red" className="checkstopped">checkstopped</Label>}
+                </Td>
+                <Td dataLabel="Domains" className="ids">{formatIds(a.Domains || [])}</Td>
+                <Td dataLabel="In vfio pool" className="ids">{formatIds(a.GuestDomains || [])}</Td>
+                <Td dataLabel="Held by matrices" className="held">{held || "—"}</Td>
+                <Td dataLabel="driver_override" className="overrides">
+                    {overrides.length ? `${overrides.length} queue${overrides.length === 1 ? "" : "s"}: ` +
+                        overrides.map(([dd, drv]) => `${hex2(a.Id)}.${dd.toString(16).padStart(4, "0")} → ${drv}`).slice(0, 3).join(", ") +
+                        (overrides.length > 3 ? " …" : "") : "—"}
+                </Td>
+            </Tr>
+            {isOpen && <Tr isExpanded className="queues-row">
+                <Td colSpan={10}><ExpandableRowContent><Queues a={a} byUuid={byUuid} /></ExpandableRowContent></Td>
+            </Tr>}
+        </Tbody>
+    );
+});
+
 export function AdaptersCard({ d }) {
     const [open, setOpen] = useState(new Set());
     const [page, setPage] = useState(1);
@@ -42,11 +73,11 @@ export function AdaptersCard({ d }) {
     const pages = Math.max(1, Math.ceil(d.adapters.length / perPage));
     const p = Math.min(page, pages);
     const rows = d.adapters.slice((p - 1) * perPage, p * perPage);
-    const toggle = (id) => setOpen((o) => {
+    const toggle = useCallback((id) => setOpen((o) => {
         const n = new Set(o);
         if (!n.delete(id)) n.add(id);
         return n;
-    });
+    }), []);
     return (
         <Card id="adapters-card">
             <CardHeader><CardTitle component="h2" id="adapters-title">Adapters</CardTitle></CardHeader>
@@ -63,38 +94,11 @@ export function AdaptersCard({ d }) {
                                 .map((h) => <Th key={h} modifier="wrap">{h}</Th>)}
                         </Tr>
                     </Thead>
-                    {rows.map((a, i) => {
-                        const held = [...new Set((a.Owners || []).map(([, u]) => u))];
-                        const overrides = a.DriverOverrides || [];
-                        const isOpen = open.has(a.Id);
-                        return (
-                            <Tbody key={a.Id} isExpanded={isOpen}>
-                                <Tr data-adapter={hex2(a.Id)}>
-                                    <Td expand={{ rowIndex: i, isExpanded: isOpen, onToggle: () => toggle(a.Id), expandId: `adapter-${hex2(a.Id)}` }} />
-                                    <Td dataLabel="Adapter" className="id"><code>{hex2(a.Id)}</code></Td>
-                                    <Td dataLabel="Type" className="type">{a.Type}</Td>
-                                    <Td dataLabel="Mode" className="mode">{a.Mode}</Td>
-                                    <Td dataLabel="Online" className="online">{yes(a.Online, "online")}</Td>
-                                    <Td dataLabel="Configured" className="configured">
-                                        {yes(a.Configured, "configured")}
-                                        {a.Checkstopped && <Label isCompact color="red" className="checkstopped">checkstopped</Label>}
-                                    </Td>
-                                    <Td dataLabel="Domains" className="ids">{formatIds(a.Domains || [])}</Td>
-                                    <Td dataLabel="In vfio pool" className="ids">{formatIds(a.GuestDomains || [])}</Td>
-                                    <Td dataLabel="Held by matrices" className="held">
-                                        {held.map((u) => { const m = d.byUuid.get(u); return m ? label(m) : u }).join(", ") || "—"}
-                                    </Td>
-                                    <Td dataLabel="driver_override" className="overrides">
-                                        {overrides.length ? `${overrides.length} queue${overrides.length === 1 ? "" : "s"}: ` +
-                                            overrides.map(([dd, drv]) => `${hex2(a.Id)}.${dd.toString(16).padStart(4, "0")} → ${drv}`).slice(0, 3).join(", ") +
-                                            (overrides.length > 3 ? " …" : "") : "—"}
-                                    </Td>
-                                </Tr>
-                                {isOpen && <Tr isExpanded className="queues-row">
-                                    <Td colSpan={10}><ExpandableRowContent><Queues a={a} byUuid={d.byUuid} /></ExpandableRowContent></Td>
-                                </Tr>}
-                            </Tbody>);
-                    })}
+                    {rows.map((a, i) => (
+                        <AdapterRow key={a.Id} a={a} i={i} isOpen={open.has(a.Id)} toggle={toggle}
+                                    held={[...new Set((a.Owners || []).map(([, u]) => u))]
+                                        .map((u) => { const m = d.byUuid.get(u); return m ? label(m) : u }).join(", ")}
+                                    byUuid={open.has(a.Id) ? d.byUuid : null} />))}
                 </Table>
             </CardBody>
         </Card>

@@ -151,7 +151,7 @@ export function Application({ model }) {
                                     <GridItem span={12}>
                                         <GridCard d={d} />
                                     </GridItem>
-                                    <GridItem lg={7} span={12}><CreateCard d={d} version={state.version} /></GridItem>
+                                    <GridItem lg={7} span={12}><CreateCard version={preview && preview.owner === "create" ? state.version : 0} /></GridItem>
                                     <GridItem lg={5} span={12}><PoolCard manager={state.manager} /></GridItem>
                                     <GridItem span={12}><MatricesCard d={d} /></GridItem>
                                     <GridItem span={12}><AdaptersCard d={d} /></GridItem>

@@ -39,8 +39,10 @@ export function CheckResult({ id, result }) {
 
 const EMPTY = { name: "", uuid: "", adapters: "", domains: "", control: "", start: true, autostart: false };
 
-export function CreateCard({ d, version }) {
-    const { model, act, addAlert, check, clear, preview } = usePage();
+/* version: the daemon's state while this form's Check is shown (0 otherwise), so that another
+   admin's change checks again. */
+export const CreateCard = React.memo(function CreateCard({ version }) {
+    const { model, act, addAlert, check, clear, byUuid } = usePage();
     const [v, setV] = useState(EMPTY);
     const [result, setResult] = useState(checkText(null));
     const [busy, setBusy] = useState(false);
@@ -55,7 +57,6 @@ export function CreateCard({ d, version }) {
 
     /* Check as the ids are typed, and again when another admin's change may have made or
        settled a clash (the daemon's state moved on: a new version). */
-    const previewing = preview && preview.owner === "create";
     const typed = v.adapters.trim() || v.domains.trim() || v.control.trim();
     useEffect(() => {
         window.clearTimeout(timer.current);
@@ -74,10 +75,10 @@ export function CreateCard({ d, version }) {
                 return;
             }
             check("create", ids.adapters, ids.domains, "").then((r) => {
-                if (r !== undefined) setResult(checkText(r, d.byUuid));
+                if (r !== undefined) setResult(checkText(r, byUuid()));
             });
         }, 150);
-    }, [v.adapters, v.domains, v.control, previewing ? version : 0]); // eslint-disable-line react-hooks/exhaustive-deps
+    }, [v.adapters, v.domains, v.control, version]); // eslint-disable-line react-hooks/exhaustive-deps
 
     const submit = (ev) => {
         ev.preventDefault();
@@ -141,9 +142,9 @@ export function CreateCard({ d, version }) {
             </CardBody>
         </Card>
     );
-}
+});
 
-export function PoolCard({ manager }) {
+export const PoolCard = React.memo(function PoolCard({ manager }) {
     const { model, act, addAlert } = usePage();
     const [ads, setAds] = useState("");
     const [doms, setDoms] = useState("");
@@ -186,4 +187,4 @@ export function PoolCard({ manager }) {
             </CardBody>
         </Card>
     );
-}
+});

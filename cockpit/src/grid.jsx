@@ -27,6 +27,16 @@ function Swatch({ cls, tag, colour }) {
     return <span className={"swatch " + cls} style={colour ? { "--owner": colour } : undefined} aria-hidden="true">{tag}</span>;
 }
 
+/* One APQN, drawn again only when what it shows changes: a change to one matrix redraws its
+   own cells, not the window's thousand. */
+const Cell = React.memo(function Cell({ cls, title, name, owner, clash, r, c, focused, colour, text }) {
+    return (
+        <td role="gridcell" className={"cell " + cls} title={title} aria-label={title}
+            data-apqn={name} data-owner={owner} data-clash={clash ? "true" : undefined} data-r={r} data-c={c}
+            tabIndex={focused ? 0 : -1} style={colour ? { "--owner": colour } : undefined}>{text}</td>
+    );
+});
+
 /* Everything about the host that does not depend on the window shown. */
 function useHost(d) {
     const hostAxes = useMemo(() => {
@@ -157,13 +167,8 @@ export function GridCard({ d }) {
                 title += "; proposed";
             }
             const name = apqnName(a, dom);
-            return (
-                <td key={dom} role="gridcell" className={"cell " + cls} title={`${name}: ${title}`}
-                    aria-label={`${name}: ${title}`} data-apqn={name} data-owner={owner}
-                    data-clash={clash ? "true" : undefined} data-r={r} data-c={c}
-                    tabIndex={focus[0] === r && focus[1] === c ? 0 : -1}
-                    style={colour ? { "--owner": colour } : undefined}>{text}</td>
-            );
+            return <Cell key={dom} cls={cls} title={`${name}: ${title}`} name={name} owner={owner} clash={!!clash}
+                         r={r} c={c} focused={focus[0] === r && focus[1] === c} colour={colour} text={text} />;
         });
         const why = !ad ? "absent" : down ? (ad.Configured ? "offline" : "deconfigured") : "";
         return (

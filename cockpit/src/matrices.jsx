@@ -3,7 +3,7 @@
  * and copy of the sysfsdev; a matrix's detail in the drawer (every property, the reasons its
  * guest lacks APQNs, rename, autostart, assign and unassign with a Check while typing).
  */
-import React, { useEffect, useRef, useState } from "react";
+import React, { useCallback, useEffect, useRef, useState } from "react";
 import { Button } from "@patternfly/react-core/dist/esm/components/Button/index.js";
 import { Card, CardBody, CardHeader, CardTitle } from "@patternfly/react-core/dist/esm/components/Card/index.js";
 import { Checkbox } from "@patternfly/react-core/dist/esm/components/Checkbox/index.js";
@@ -185,7 +185,11 @@ export function MatricesCard({ d }) {
     const [page, setPage] = useState(1);
     const [perPage, setPerPage] = useState(20);
     const { ask, run, dialog } = useLifecycle();
-    const askOrRun = (verb, m) => (verb === "Start" ? run("Start", m, false) : ask(verb, m));
+    /* One function for every row's buttons, so that a row is drawn again only when its
+       matrix changes (a host may have a thousand). */
+    const latest = useRef(null);
+    latest.current = { ask, run };
+    const askOrRun = useCallback((verb, m) => (verb === "Start" ? latest.current.run("Start", m, false) : latest.current.ask(verb, m)), []);
 
     const shown = filter ? d.matrices.filter((m) => matches(m, filter)) : d.matrices;
     const pages = Math.max(1, Math.ceil(shown.length / perPage));

@@ -141,10 +141,14 @@ export class Apmatrix {
             byUuid = new Map(matrices.map((m) => [m.Uuid, m]));
             const uuids = matrices.map((m) => m.Uuid).sort(cmp);
             const rank = new Map(uuids.map((u, i) => [u, i]));
-            tags = new Map(matrices.map((m, i) => [m.Uuid, {
-                colour: PALETTE[rank.get(m.Uuid) % PALETTE.length],
-                tag: i < LETTERS.length ? LETTERS[i] : "*",
-            }]));
+            /* The same tag object while a matrix's letter and colour stay, so that its row
+               and cells are not drawn again when another matrix changes. */
+            tags = new Map(matrices.map((m, i) => {
+                const colour = PALETTE[rank.get(m.Uuid) % PALETTE.length];
+                const tag = i < LETTERS.length ? LETTERS[i] : "*";
+                const old = prev && prev.tags.get(m.Uuid);
+                return [m.Uuid, old && old.colour === colour && old.tag === tag ? old : { colour, tag }];
+            }));
         }
         const adapters = sameAdapters
             ? prev.adapters
