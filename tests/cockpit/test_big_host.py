@@ -76,6 +76,7 @@ def median(xs: list[float]) -> float:
     return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
+@pytest.mark.timeout(300)  # ~40 s alone; three page loads of 1,256 objects on a busy machine
 def test_a_big_host_with_a_thousand_matrices(cockpit_stack: StackFactory, tmp_path: Path) -> None:
     state = big_state(tmp_path / "state", N, autostart=True)
     stack = cockpit_stack("--simulate", "big", "--state-dir", str(state))
