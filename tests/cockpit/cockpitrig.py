@@ -164,15 +164,17 @@ class Stack:
 StackFactory = Callable[..., Stack]
 
 
-def start_stack(cleanups: list[Callable[[], None]], *daemon_args: str, uid: int = 0) -> Stack:
-    """Bus, daemon (``--simulate`` unless ``daemon_args``), cockpit-ws (as ``uid``) and a
-    browser tab, in that order; each part's undo is appended to ``cleanups`` (run them in
-    reverse)."""
+def start_stack(
+    cleanups: list[Callable[[], None]], *daemon_args: str, uid: int = 0, ready_timeout: float = 15
+) -> Stack:
+    """Bus, daemon (``--simulate`` unless ``daemon_args``; READY=1 within ``ready_timeout``
+    s), cockpit-ws (as ``uid``) and a browser tab, in that order; each part's undo is appended
+    to ``cleanups`` (run them in reverse)."""
     d = Path(tempfile.mkdtemp(prefix="apm-cockpit-", dir="/tmp"))
     cleanups.append(lambda: shutil.rmtree(d, ignore_errors=True))
     bus = PrivateBus.start()
     cleanups.append(bus.stop)
-    daemon = start_daemon(bus.address, daemon_args or ("--simulate",))
+    daemon = start_daemon(bus.address, daemon_args or ("--simulate",), ready_timeout=ready_timeout)
     daemons = [daemon]
 
     def stop_daemons() -> None:
