@@ -35,8 +35,13 @@ def table(rows: list[Row]) -> str:
 def render(doc: dict[str, Any]) -> str:
     """RESULTS.md from a run's results.json and the hand-written head and notes (so the notes
     can be corrected with ``--render`` without running again: the figures stay the run's)."""
+    from bench import cockpitbench
+
     meta, errors = doc["meta"], doc.get("errors", {})
     rows = [Row(**r) for r in doc["rows"]]
+    page = cockpitbench.load()
+    if page:
+        rows += cockpitbench.rows(page)
     tmpl = (BENCH / "RESULTS.head.md").read_text() if (BENCH / "RESULTS.head.md").exists() else ""
     tail = (BENCH / "RESULTS.notes.md").read_text() if (BENCH / "RESULTS.notes.md").exists() else ""
     before, after = meta["loadavg_before"], meta["loadavg_after"]
@@ -56,7 +61,15 @@ def render(doc: dict[str, Any]) -> str:
             if meta["full"]
             else f" (a partial run: {quick}suites {', '.join(meta['suites'])} only)"
         )
-        + ". Every row below is from this one run. "
+        + ". Every row below is from this one run"
+        + (
+            f" except the Cockpit page's two, measured in the browser by "
+            f"tests/cockpit/test_big_host.py on {page['measured']} (commit {page['commit']}; "
+            "`APMATRIXD_BENCH_COCKPIT=1` writes bench/cockpit.json)"
+            if page
+            else ""
+        )
+        + ". "
         f"Load average before {before}, after {after} (the bench's own)"
         + (
             ": **the machine was busy** before the run (other work running); the ratios, "

@@ -201,7 +201,11 @@ class Daemon:
 
 
 def start_daemon(
-    address: str, args: Sequence[str] = ("--simulate",), watchdog_usec: int = 0, wait: bool = True
+    address: str,
+    args: Sequence[str] = ("--simulate",),
+    watchdog_usec: int = 0,
+    wait: bool = True,
+    ready_timeout: float = 15,
 ) -> Daemon:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # sender pid: NotifyAccess=main
@@ -215,7 +219,7 @@ def start_daemon(
     with open(err, "wb") as f:
         proc = subprocess.Popen([*apmatrixd_argv(), *args], env=env, stderr=f)
     d = Daemon(proc, sock, address, err)
-    if wait and d.wait_for("READY=1", 15) is None:
+    if wait and d.wait_for("READY=1", ready_timeout) is None:
         proc.kill()
         proc.wait()
         raise AssertionError(f"no READY=1 (rc={proc.returncode}): {d.stderr()}")

@@ -290,18 +290,35 @@ class Page:
     def text(self, selector: str) -> str:
         return str(self.eval(f"document.querySelector({json.dumps(selector)})?.textContent ?? ''"))
 
-    def screenshot(self, path: Path) -> None:
-        """The whole page, from the top."""
-        self.eval("window.scrollTo(0, 0)")
-        w, h = self.eval(
-            "[document.documentElement.scrollWidth, document.documentElement.scrollHeight]"
+    def screenshot(self, path: Path, width: int = 1360, height: int = 1000) -> None:
+        """The whole page, from the top. A PatternFly page scrolls inside its main container
+        (the page itself is one screen high), so the window is made as tall as the content of
+        the tallest scrolled box for the picture, then put back."""
+        h = self.eval(
+            """(() => {
+                let extra = 0;
+                for (const e of document.querySelectorAll('*')) {
+                    const y = getComputedStyle(e).overflowY;
+                    if ((y === 'auto' || y === 'scroll') && e.scrollHeight > e.clientHeight) {
+                        e.scrollTop = 0;
+                        extra = Math.max(extra, e.scrollHeight - e.clientHeight);
+                    }
+                }
+                window.scrollTo(0, 0);
+                return Math.max(document.documentElement.scrollHeight, window.innerHeight + extra);
+            })()"""
         )
-        data = self.send(
-            "Page.captureScreenshot",
-            {
-                "format": "png",
-                "captureBeyondViewport": True,
-                "clip": {"x": 0, "y": 0, "width": w, "height": h, "scale": 1},
-            },
-        )["data"]
+        metrics = {"width": width, "deviceScaleFactor": 1, "mobile": False}
+        self.send("Emulation.setDeviceMetricsOverride", {**metrics, "height": int(h)})
+        try:
+            self.wait("new Promise(r => requestAnimationFrame(() => setTimeout(() => r(true), 0)))")
+            data = self.send(
+                "Page.captureScreenshot",
+                {
+                    "format": "png",
+                    "clip": {"x": 0, "y": 0, "width": width, "height": h, "scale": 1},
+                },
+            )["data"]
+        finally:
+            self.send("Emulation.setDeviceMetricsOverride", {**metrics, "height": height})
         path.write_bytes(base64.b64decode(data))

@@ -26,12 +26,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "bus"))
 
-from busrig import Daemon, PrivateBus, start_daemon  # noqa: E402
+from busrig import Daemon, PrivateBus, as_user, start_daemon  # noqa: E402
 from cdp import Browser, Page, chromium_path  # noqa: E402
 from rigs import free_port  # noqa: E402
 
 REPO = HERE.parent.parent
-PACKAGE = REPO / "cockpit"
+PACKAGE = REPO / "cockpit" / "dist"
 COCKPIT_WS = next(
     (p for p in ("/usr/lib/cockpit/cockpit-ws", "/usr/libexec/cockpit-ws") if os.path.exists(p)),
     None,
@@ -61,11 +61,16 @@ class Cockpit:
     log: Path
 
     @classmethod
-    def start(cls, bus_address: str, home: Path) -> Cockpit:
+    def start(cls, bus_address: str, home: Path, uid: int = 0) -> Cockpit:
+        """cockpit-ws, and so its bridge, as ``uid``: root is a session with administrative
+        access on; another user (no sudo to turn it on) one where it is off."""
         share = home / "share"
         (share / "cockpit").mkdir(parents=True)
         # Where a user's own Cockpit packages live (~/.local/share/cockpit/<name>).
         (share / "cockpit" / "apmatrix").symlink_to(PACKAGE)
+        if uid:
+            for p in (home, share, share / "cockpit"):
+                os.chown(p, uid, uid)
         env = dict(
             os.environ,
             DBUS_SYSTEM_BUS_ADDRESS=bus_address,
@@ -80,6 +85,7 @@ class Cockpit:
             with open(log, "wb") as f:
                 proc = subprocess.Popen(
                     [
+                        *(as_user(uid) if uid else []),
                         COCKPIT_WS,
                         "--no-tls",
                         "--local-session=cockpit-bridge",
@@ -151,14 +157,17 @@ class Stack:
 StackFactory = Callable[..., Stack]
 
 
-def start_stack(cleanups: list[Callable[[], None]], *daemon_args: str) -> Stack:
-    """Bus, daemon (``--simulate`` unless ``daemon_args``), cockpit-ws and a browser tab, in
-    that order; each part's undo is appended to ``cleanups`` (run them in reverse)."""
+def start_stack(
+    cleanups: list[Callable[[], None]], *daemon_args: str, uid: int = 0, ready_timeout: float = 15
+) -> Stack:
+    """Bus, daemon (``--simulate`` unless ``daemon_args``; READY=1 within ``ready_timeout``
+    s), cockpit-ws (as ``uid``) and a browser tab, in that order; each part's undo is appended
+    to ``cleanups`` (run them in reverse)."""
     d = Path(tempfile.mkdtemp(prefix="apm-cockpit-", dir="/tmp"))
     cleanups.append(lambda: shutil.rmtree(d, ignore_errors=True))
     bus = PrivateBus.start()
     cleanups.append(bus.stop)
-    daemon = start_daemon(bus.address, daemon_args or ("--simulate",))
+    daemon = start_daemon(bus.address, daemon_args or ("--simulate",), ready_timeout=ready_timeout)
     daemons = [daemon]
 
     def stop_daemons() -> None:
@@ -169,7 +178,7 @@ def start_stack(cleanups: list[Callable[[], None]], *daemon_args: str) -> Stack:
             assert rc == 0 and "Traceback" not in err, err
 
     cleanups.append(stop_daemons)
-    cockpit = Cockpit.start(bus.address, d)
+    cockpit = Cockpit.start(bus.address, d, uid)
     cleanups.append(cockpit.stop)
     browser = Browser.launch(d / "profile")
     cleanups.append(browser.close)

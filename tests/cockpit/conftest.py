@@ -13,13 +13,14 @@ from rigs import unavailable
 
 @pytest.fixture
 def cockpit_stack() -> Iterator[StackFactory]:
-    """start(*daemon_args) -> Stack: bus, daemon, cockpit-ws, browser tab; all stopped after."""
+    """start(*daemon_args, uid=0, ready_timeout=15) -> Stack: bus, daemon, cockpit-ws (as
+    uid), browser tab; all stopped after."""
     if reason := missing():
         unavailable(reason, installable=os.geteuid() == 0)
     cleanups: list[Callable[[], None]] = []
 
-    def start(*daemon_args: str) -> Stack:
-        return start_stack(cleanups, *daemon_args)
+    def start(*daemon_args: str, uid: int = 0, ready_timeout: float = 15) -> Stack:
+        return start_stack(cleanups, *daemon_args, uid=uid, ready_timeout=ready_timeout)
 
     yield start
     errors = []

@@ -86,8 +86,9 @@ def test_page_shows_the_host_and_manages_matrices(cockpit_stack: StackFactory) -
     # The host as the daemon reports it: two adapters, eight APQNs, all in the host pool.
     assert "upstream layout" in page.text("#host-info")
     adapters = page.eval(
-        "[...document.querySelectorAll('#adapters tbody tr')].map(tr => "
-        "[...tr.cells].slice(0, 5).map(td => td.textContent))"
+        "[...document.querySelectorAll('#adapters tr[data-adapter]')].map(tr => "
+        "['id', 'type', 'mode', 'online', 'configured'].map(c => tr.querySelector('td.' + c)"
+        ".textContent))"
     )
     assert adapters == [
         ["05", "CEX5C", "CCA-Coproc", "yes", "yes"],
@@ -95,6 +96,7 @@ def test_page_shows_the_host_and_manages_matrices(cockpit_stack: StackFactory) -
     ]
     apqns = [f"{a:02x}.{d:04x}" for a in (5, 6) for d in (0x04, 0x47, 0xAB, 0xFF)]
     assert cells(stack) == dict.fromkeys(apqns, "host")
+    assert page.text("#kernel-generation").startswith("vfio_ap ")  # told from sysfs
 
     # Reserve adapter 05 and domains 04 47 for guests (apmask/aqmask): an APQN stays with the
     # host only if both its adapter and its domain do, so only 06.00ab and 06.00ff remain.
@@ -154,15 +156,27 @@ def test_page_shows_the_host_and_manages_matrices(cockpit_stack: StackFactory) -
         page.screenshot(SCREENSHOT)
     page.click("#create-form button[type=reset]")
     page.wait("!document.querySelector('#grid td.proposed')", what="the preview cleared")
+    assert page.eval("document.getElementById('create-adapters').value") == ""
 
-    # Assign domain 47 to guest1: the row's live Check marks guest2's APQNs; refused.
-    page.eval(f"document.querySelector('{row(G1)} select.kind').value = 'Domain'")
-    page.fill(f"{row(G1)} input.assign-id", "47")
+    # guest1's details: assign domain 47; the live Check marks guest2's APQNs; refused.
+    page.click(f"{row(G1)} button.details")
+    page.wait(f"!!document.querySelector('#matrix-detail[data-uuid=\"{G1}\"]')", what="details")
+    assert page.eval("document.getElementById('assign-kind').value") == "Domain"
+    page.fill("#assign-id", "47")
     page.until(lambda: clashes(stack) == ["05.0047", "06.0047"], what="assign preview")
-    page.click(f"{row(G1)} .assign button")  # Assign
+    assert "guest2" in page.text("#assign-check")
+    page.click("#assign-submit")
     conflicts = f'#alerts .alert[data-error-name="{ERR}Conflict"]'
     page.wait(f"document.querySelectorAll('{conflicts}').length == 2", what="a 2nd Conflict")
     assert "Assign domain 47 on guest1" in page.text("#alerts .alert")
+    # ... while adapter 05 is already guest1's: nothing new to check, and the grid can show
+    # guest1 alone.
+    page.fill("#assign-id", "")
+    page.wait("!document.querySelector('#grid td.proposed')", what="the assign preview cleared")
+    page.click("#grid-view-matrix")
+    wait_cells(stack, {"05.0004": G1, "06.0004": G1}, "only guest1's APQNs")
+    assert len(cells(stack)) == 2
+    page.click("#grid-view-all")
 
     # The sysfsdev for QEMU/libvirt goes to the clipboard.
     stack.browser.grant(stack.cockpit.base, "clipboardReadWrite", "clipboardSanitizedWrite")
@@ -181,14 +195,24 @@ def test_page_shows_the_host_and_manages_matrices(cockpit_stack: StackFactory) -
         page.wait(f"document.querySelector('{row(G1)} button.{button}').dataset.copied === 'true'")
         assert page.eval("navigator.clipboard.readText()") == text
 
-    # Stop, start, remove guest2 with the buttons.
-    page.click(f"{row(G2)} .btns button:nth-child(2)")  # Stop
+    # Rename guest1 and turn autostart on from its details (Configure).
+    page.fill("#configure-name", "guest1b")
+    page.click("#configure-rename")
+    page.wait(f"document.querySelector('{row(G1)} td.name').textContent.endsWith('guest1b')")
+    page.click("#configure-autostart")
+    page.wait(f"document.querySelector('{row(G1)} td.state').textContent.includes('autostart')")
+    page.click("#matrix-detail button[aria-label='Close details']")
+    page.wait("!document.getElementById('matrix-detail')", what="details closed")
+
+    # Stop, start, remove guest2 with the buttons; Remove asks first.
+    page.click(f"{row(G2)} button.stop")
     page.until(lambda: state_of(stack, G2) == "defined", what="guest2 stopped")
-    page.click(f"{row(G2)} .btns button:nth-child(1)")  # Start
+    page.click(f"{row(G2)} button.start")
     page.until(lambda: state_of(stack, G2) == "active", what="guest2 started")
-    page.click(f"{row(G2)} .btns button.danger")
-    page.wait(f"document.querySelector('{row(G2)} button.danger').dataset.confirm === 'true'")
-    page.click(f"{row(G2)} .btns button.danger")
+    page.click(f"{row(G2)} button.remove")
+    page.wait("!!document.getElementById('confirm-dialog')", what="the Remove dialog")
+    assert "Remove guest2?" in page.text("#confirm-dialog")
+    page.click("#confirm-submit")
     page.wait(f"!document.querySelector('{row(G2)}')", what="guest2 gone")
     wait_cells(stack, {"05.0047": "free", "06.0047": "free", "05.0004": G1}, "guest2's APQNs free")
 
@@ -285,7 +309,7 @@ def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory
             page.screenshot(SCREENSHOT.with_name("cockpit-degraded.png"))
         assert page.text('#adapters tr[data-adapter="05"] td.configured') == "no"
         assert page.eval("document.querySelector('#grid th.adapter.down')?.textContent") == (
-            "05CEX5C"
+            "05CEX5C (deconfigured)"
         )
 
         # Plugged back: active again, nothing missing.
@@ -307,3 +331,132 @@ def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
         mount.rmdir()
+
+
+NOBODY = 65534
+GUEST1 = ("3", "name", "s", "guest1", "adapters", "au", "2", "5", "6", "domains", "au", "1", "4")
+
+
+def two_guests(stack: Stack) -> None:
+    """guest1 = 05 06 x 04 and guest2 = 05 06 x 47, created with busctl (as root)."""
+    for call in (
+        ("Reserve", "auau", "2", "5", "6", "2", "4", "0x47"),
+        ("CreateMatrix", "sa{sv}", G1, *GUEST1),
+        ("CreateMatrix", "sa{sv}", G2, *GUEST2),
+    ):
+        r = busctl(stack.bus, "call", *MANAGER, *call)
+        assert r.returncode == 0, r.stderr
+
+
+def test_without_administrative_access_changes_are_offered_disabled(
+    cockpit_stack: StackFactory,
+) -> None:
+    # Cockpit's bridge as a user who cannot turn administrative access on: what a session
+    # with it off is. Reading and Check are open to everyone; every change is shown disabled
+    # with the reason, and never tried.
+    stack = cockpit_stack(uid=NOBODY)
+    two_guests(stack)
+    page = stack.open()
+    page.wait("!!document.getElementById('admin-alert')", what="the read-only notice")
+    assert "administrative access is off" in page.text("#admin-alert").lower()
+    page.until(lambda: state_of(stack, G1) == "active", what="guest1 shown")
+    changes = [
+        "#create-submit",
+        "#pool-reserve",
+        "#pool-release",
+        f"{row(G1)} button.stop",
+        f"{row(G1)} button.remove",
+    ]
+    for sel in changes:
+        attrs = page.eval(
+            f"(e => [e.getAttribute('aria-disabled'), e.getAttribute('aria-describedby')])"
+            f"(document.querySelector({json.dumps(sel)}))"
+        )
+        assert attrs == ["true", "admin-reason"], (sel, attrs)
+    # The reason, on the button itself (a tooltip on hover and focus).
+    page.click("#pool-reserve")
+    page.wait(
+        "[...document.querySelectorAll('.pf-v6-c-tooltip')]"
+        ".some(t => t.textContent.includes('Administrative access is off'))",
+        what="the reason as the button's tooltip",
+    )
+    # Pressing them does nothing; the Check while typing still works and sees guest1.
+    page.fill("#create-adapters", "06")
+    page.fill("#create-domains", "04")
+    page.click("#create-submit")
+    page.click(f"{row(G1)} button.remove")
+    page.fill("#create-domains", "04 47")
+    wait_check(stack, 2)
+    assert clashes(stack) == ["06.0004", "06.0047"]
+    assert page.eval("document.querySelectorAll('#alerts .alert').length") == 0
+    assert not page.eval("document.getElementById('confirm-dialog')")
+    r = busctl(stack.bus, "tree", "--list", MANAGER[0])
+    assert len([p for p in r.stdout.split() if "/matrices/" in p]) == 2
+    # Details are read-only too: the autostart switch is disabled, assign has no way in.
+    page.click(f"{row(G1)} button.details")
+    page.wait("!!document.getElementById('matrix-detail')", what="details")
+    assert page.eval("document.getElementById('configure-autostart').disabled")
+    assert page.eval("document.getElementById('assign-submit').getAttribute('aria-disabled')")
+    assert page.console() == [], page.console()
+
+
+def test_the_page_follows_cockpits_theme_and_the_keyboard(cockpit_stack: StackFactory) -> None:
+    stack = cockpit_stack()
+    two_guests(stack)
+    # "auto" (Cockpit's default) follows the browser's colour scheme.
+    stack.page.send(
+        "Emulation.setEmulatedMedia",
+        {"features": [{"name": "prefers-color-scheme", "value": "dark"}]},
+    )
+    page = stack.open()
+    dark = "document.documentElement.classList.contains('pf-v6-theme-dark')"
+    page.wait(dark, what="the dark theme")
+    # PatternFly's dark tokens in use: a dark card on a darker page, light text.
+    luminance = """(sel => {
+        const [r, g, b] = getComputedStyle(document.querySelector(sel))[PROP]
+            .match(/[0-9.]+/g).map(Number);
+        return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255;
+    })"""
+    card = luminance.replace("PROP", "'backgroundColor'")
+    text = luminance.replace("PROP", "'color'")
+    assert page.eval(f"{card}('#matrices-card')") < 0.25
+    assert page.eval(f"{text}('#matrices-title')") > 0.75
+    # A preview with a clash, as in the light picture.
+    page.fill("#create-name", "guest3")
+    page.fill("#create-adapters", "06")
+    page.fill("#create-domains", "47 ab")
+    wait_check(stack, 1)
+    page.screenshot(stack.dir / "dark.png")
+    if os.environ.get("APMATRIXD_SCREENSHOT"):
+        page.screenshot(SCREENSHOT.with_name("cockpit-dark.png"))
+    # The shell's choice wins over the browser's: it tells its frames with "cockpit-style",
+    # another window's change arrives as a "storage" event.
+    page.eval(
+        "localStorage.setItem('shell:style', 'light');"
+        "window.dispatchEvent(new CustomEvent('cockpit-style', {detail: {style: 'light'}}))"
+    )
+    page.wait(f"!{dark}", what="the light theme")
+    assert page.eval(f"{card}('#matrices-card')") > 0.9
+    page.eval(
+        "localStorage.setItem('shell:style', 'auto');"
+        "window.dispatchEvent(new StorageEvent('storage', {key: 'shell:style'}))"
+    )
+    page.wait(dark, what="the dark theme again")
+
+    # Keyboard and screen reader basics: every field has a label; the grid is one tab stop
+    # and the arrow keys move in it; a cell says what it is.
+    unlabelled = page.eval(
+        "[...document.querySelectorAll('input:not([type=hidden]), select')]"
+        ".filter(e => !e.labels?.length && !e.getAttribute('aria-label')"
+        " && !e.getAttribute('aria-labelledby')).map(e => e.outerHTML)"
+    )
+    assert unlabelled == []
+    assert page.eval("document.querySelectorAll('#grid td[tabindex=\"0\"]').length") == 1
+    page.eval("document.querySelector('#grid td[tabindex=\"0\"]').focus()")
+    for key, want in (("ArrowRight", "05.0047"), ("ArrowDown", "06.0047"), ("Home", "06.0004")):
+        for kind in ("keyDown", "keyUp"):
+            page.send("Input.dispatchKeyEvent", {"type": kind, "key": key, "code": key})
+        page.wait(f"document.activeElement?.dataset.apqn === '{want}'", what=f"{key} to {want}")
+    label = page.eval("document.activeElement.getAttribute('aria-label')")
+    assert label == f"06.0004: guest1 ({G1})", label
+    assert page.console() == [], page.console()
