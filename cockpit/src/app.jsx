@@ -17,10 +17,12 @@ import { describe } from "./errors.js";
 import { CreateCard, PoolCard } from "./forms.jsx";
 import { GridCard } from "./grid.jsx";
 import { hex2, key } from "./ids.js";
-import { MatricesCard, MatrixDetail } from "./matrices.jsx";
+import { MatrixDetail } from "./detail.jsx";
+import { MatricesCard } from "./matrices.jsx";
 import { MANAGER, ROOT, label } from "./model.js";
+import { Statistics } from "./statistics.jsx";
 
-function HostInfo({ manager }) {
+function HostInfo({ manager, statistics, refresh }) {
     if (!manager) return <span id="host-info">apmatrixd is not available</span>;
     const features = manager.KernelFeatures || [];
     return (
@@ -32,6 +34,7 @@ function HostInfo({ manager }) {
                     <Label isCompact color="blue" id="kernel-generation" tabIndex={0}>vfio_ap {manager.KernelGeneration}</Label>
                 </Tooltip>}
             <Label isCompact>adapters 00-{hex2(manager.MaxAdapterId)}, domains 00-{hex2(manager.MaxDomainId)}</Label>
+            <Statistics statistics={statistics} refresh={refresh} />
             {manager.Settling && <Label isCompact color="orange" id="settling">settling…</Label>}
             {manager.Pending && <Label isCompact color="orange" id="pending">waiting on the kernel: {manager.Pending}</Label>}
         </LabelGroup>
@@ -87,6 +90,8 @@ export function Application({ model }) {
     const [alerts, dispatch] = useReducer(alertsReducer, []);
     const [selected, setSelected] = useState(null);
     const { preview, check, clear } = useCheck(model);
+    const [statistics, setStatistics] = useState(null);
+    const refreshStatistics = useCallback(() => model.statistics().then(setStatistics, () => setStatistics(null)), [model]);
 
     const addAlert = useCallback((alert) => {
         const id = alertId();
@@ -99,6 +104,7 @@ export function Application({ model }) {
 
     useEffect(() => {
         model.subscribeDrift((path, what) => {
+            refreshStatistics();
             const m = model.getState().matrices.get(path);
             addAlert({ variant: "warning", title: `${m ? label(m) : path} changed behind apmatrixd's back`, detail: what });
         });
@@ -106,7 +112,10 @@ export function Application({ model }) {
             variant: "danger", title: "Lost the connection to the system bus",
             detail: cockpit.message(options), name: options.problem, sticky: true,
         }));
-    }, [model, addAlert]);
+    }, [model, addAlert, refreshStatistics]);
+    /* Statistics again whenever a new daemon's Manager appears (at load, after a restart). */
+    const daemonUp = state.ready && !!state.manager;
+    useEffect(() => { if (daemonUp) refreshStatistics() }, [daemonUp, refreshStatistics]);
 
     useLayoutEffect(() => {
         const app = document.getElementById("app");
@@ -134,7 +143,7 @@ export function Application({ model }) {
                             <PageSection hasBodyWrapper={false} className="apmatrix-top">
                                 <Flex alignItems={{ default: "alignItemsCenter" }} spaceItems={{ default: "spaceItemsLg" }}>
                                     <FlexItem><Title headingLevel="h1" size="2xl">AP crypto matrices</Title></FlexItem>
-                                    <FlexItem>{state.ready ? <HostInfo manager={state.manager} /> : <span id="host-info">connecting to apmatrixd…</span>}</FlexItem>
+                                    <FlexItem>{state.ready ? <HostInfo manager={state.manager} statistics={statistics} refresh={refreshStatistics} /> : <span id="host-info">connecting to apmatrixd…</span>}</FlexItem>
                                 </Flex>
                             </PageSection>
                             <PageSection hasBodyWrapper={false} className="apmatrix-body">

@@ -17,6 +17,7 @@ const ERROR_TITLES = {
     Unavailable: "This kernel cannot do that",
     DriverOverride: "Refused: a queue is bound to another driver (driver_override)",
     Timeout: "The guest did not let go in time; nothing was changed",
+    NotManaged: "Refused: another tool manages this matrix (take it over first)",
     Failed: "apmatrixd failed unexpectedly (see its journal)",
 };
 const DBUS_TITLES = {

@@ -1,8 +1,10 @@
-/* Create a matrix (its Check runs while the ids are typed) and the host pool (Reserve, Release). */
+/* Create a matrix (its Check runs while the ids are typed) and the host pool (Reserve, Release,
+   and what chzdev's persistent masks make of it at boot). */
 import React, { useEffect, useRef, useState } from "react";
 import { ActionGroup, Form, FormGroup } from "@patternfly/react-core/dist/esm/components/Form/index.js";
 import { Button } from "@patternfly/react-core/dist/esm/components/Button/index.js";
 import { Card, CardBody, CardHeader, CardTitle } from "@patternfly/react-core/dist/esm/components/Card/index.js";
+import { Alert } from "@patternfly/react-core/dist/esm/components/Alert/index.js";
 import { Checkbox } from "@patternfly/react-core/dist/esm/components/Checkbox/index.js";
 import { Content } from "@patternfly/react-core/dist/esm/components/Content/index.js";
 import { TextInput } from "@patternfly/react-core/dist/esm/components/TextInput/index.js";
@@ -11,7 +13,7 @@ import cockpit from "./cockpit.js";
 import { usePage } from "./actions.js";
 import { ownerLabel } from "./grid.jsx";
 import { apqnName, formatIds, parseIds } from "./ids.js";
-import { MANAGER, ROOT } from "./model.js";
+import { MANAGER, ROOT, unvariant } from "./model.js";
 import { ChangeButton } from "./widgets.jsx";
 
 /* What a Check answered, as one line for the form. */
@@ -144,6 +146,35 @@ export const CreateCard = React.memo(function CreateCard({ version }) {
     );
 });
 
+/* Manager.BootHostPool: the host pool chzdev's udev rule sets at boot, and where apmatrixd's
+   own reservations (applied again at every boot) disagree with it. */
+function BootPool({ value }) {
+    const pool = unvariant(value || {});
+    if (!pool.file) {
+        return <Content component="small" id="boot-pool" className="hint" data-file="">
+            At boot: no persistent AP masks from chzdev (<code>41-ap.rules</code>); the host boots with the kernel&apos;s, then apmatrixd reserves its own.
+        </Content>;
+    }
+    const ids = (list, mask) => (list ? formatIds(list) : `as the kernel boots (chzdev keeps no ${mask})`);
+    return (
+        <div id="boot-pool" className="boot-pool" data-file={pool.file}>
+            <div>At boot (chzdev, <code>{pool.file}</code>):</div>
+            {pool.error
+                ? <div id="boot-pool-error" className="muted">not used: the file {pool.error}</div>
+                : <>
+                    <div>for guests: adapters <code id="boot-pool-adapters">{ids(pool.reserved_adapters, "apmask")}</code></div>
+                    <div>× domains <code id="boot-pool-domains">{ids(pool.reserved_domains, "aqmask")}</code></div>
+                </>}
+            {pool.drift &&
+                <Alert id="boot-pool-drift" isInline isPlain variant="warning" title="chzdev and apmatrixd disagree about the host pool at boot">
+                    <p id="boot-pool-drift-text">{pool.drift}.</p>
+                    <p>After a reboot the host pool depends on whether udev&apos;s rule or apmatrixd runs last: make them agree
+                        (<code>chzdev -t ap apmask=… aqmask=… -p</code>, or Reserve and Release here).</p>
+                </Alert>}
+        </div>
+    );
+}
+
 export const PoolCard = React.memo(function PoolCard({ manager }) {
     const { model, act, addAlert } = usePage();
     const [ads, setAds] = useState("");
@@ -172,6 +203,7 @@ export const PoolCard = React.memo(function PoolCard({ manager }) {
                     <div>Host keeps adapters <code id="pool-adapters-now">{formatIds(manager ? manager.HostAdapters : [])}</code></div>
                     <div>× domains <code id="pool-domains-now">{formatIds(manager ? manager.HostDomains : [])}</code></div>
                 </div>
+                {manager && <BootPool value={manager.BootHostPool} />}
                 <Form id="pool-form" isHorizontal onSubmit={(ev) => ev.preventDefault()}>
                     <FormGroup label="Adapters" fieldId="pool-adapters">
                         <TextInput id="pool-adapters" value={ads} onChange={(ev, x) => setAds(x)} placeholder="05 06" autoComplete="off" />

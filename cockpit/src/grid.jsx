@@ -13,7 +13,7 @@ import { Toolbar, ToolbarContent, ToolbarItem } from "@patternfly/react-core/dis
 
 import { usePage } from "./actions.js";
 import { apqnName, hex2, key, unkey } from "./ids.js";
-import { label } from "./model.js";
+import { MANAGERS, label, managerOf } from "./model.js";
 
 const PER_PAGE = [16, 32, 64].map((n) => ({ title: String(n), value: n }));
 
@@ -111,6 +111,7 @@ export function GridCard({ d }) {
     const shownA = rows.slice((ap - 1) * perPage, ap * perPage);
     const shownD = cols.slice((dp - 1) * perPage, dp * perPage);
     const inWindow = new Set();
+    const managers = new Set();
     let anyMissing = false;
     let anyAhead = false;
 
@@ -134,11 +135,13 @@ export function GridCard({ d }) {
                 inWindow.add(m.Uuid);
                 owner = m.Uuid;
                 colour = tag.colour;
-                cls = "owned" + (notGiven ? (here ? " missing" : " ahead") : "");
+                const who = managerOf(m);
+                cls = "owned" + (notGiven ? (here ? " missing" : " ahead") : "") + (who === "apmatrixd" ? "" : " by-" + who);
+                managers.add(who);
                 if (notGiven && here) anyMissing = true;
                 if (notGiven && !here) anyAhead = true;
                 text = tag.tag;
-                title = `${label(m)} (${m.Uuid})`;
+                title = `${label(m)} (${m.Uuid})` + (who === "apmatrixd" ? "" : `, managed by ${MANAGERS[who] ? MANAGERS[who].name : who}`);
                 if (notGiven) {
                     const why = held.lost.get(k);
                     title += ": " + (why || (here ? "not seen by the guest" : "queue absent on the host"));
@@ -240,9 +243,13 @@ export function GridCard({ d }) {
                     <li><Swatch cls="absent" />absent</li>
                     {legendMatrices.slice(0, 24).map((m) => {
                         const t = d.tags.get(m.Uuid);
-                        return <li key={m.Uuid}><Swatch cls="owned" tag={t.tag} colour={t.colour} />{label(m)}</li>;
+                        const who = managerOf(m);
+                        return <li key={m.Uuid} data-manager={who}><Swatch cls={"owned by-" + who} tag={t.tag} colour={t.colour} />{label(m)}
+                            {who !== "apmatrixd" && <span className="muted"> ({MANAGERS[who] ? MANAGERS[who].short : who})</span>}</li>;
                     })}
                     {legendMatrices.length > 24 && <li>… {legendMatrices.length - 24} more matrices</li>}
+                    {managers.has("mdevctl") && <li id="legend-mdevctl"><Swatch cls="owned by-mdevctl" />managed by mdevctl (round)</li>}
+                    {managers.has("external") && <li id="legend-external"><Swatch cls="owned by-external" />made outside apmatrixd (corner cut)</li>}
                     {anyMissing && <li><Swatch cls="owned missing" />lost by its guest</li>}
                     {anyAhead && <li><Swatch cls="owned ahead" />assigned, not on this host</li>}
                     {preview && preview.clashes.size > 0 && <li><Swatch cls="clash" />clash</li>}

@@ -30,6 +30,26 @@ const PALETTE = ["#2b9af3", "#f0ab00", "#4cb140", "#8f7bdf", "#ec7a08", "#009596
 
 export const label = (m) => m.Name || m.Uuid.slice(0, 8);
 
+/* An a{sv} value as the bridge gives it ({t, v} per variant), as plain values. */
+export const unvariant = (x) => (x && typeof x === "object" && "t" in x && "v" in x ? unvariant(x.v)
+    : x && typeof x === "object" && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).map(([k, v]) => [k, unvariant(v)]))
+        : x);
+
+/* Who manages a matrix (its Manager property): apmatrixd changes only its own, the daemon
+   answers NotManaged for the others until TakeOver; so the page offers no change of theirs. */
+export const MANAGERS = {
+    apmatrixd: { name: "apmatrixd", short: "apmatrixd" },
+    mdevctl: { name: "mdevctl", short: "mdevctl", text: "its definition is mdevctl's (/etc/mdevctl.d)" },
+    external: { name: "another tool", short: "external", text: "made outside apmatrixd: a live mdev nobody defined (KubeVirt, a CEX DRA driver, a shell)" },
+};
+export const managerOf = (m) => m.Manager || "apmatrixd";
+export function notManaged(m) {
+    const who = managerOf(m);
+    if (who === "apmatrixd") return "";
+    const how = who === "mdevctl" ? "change it with mdevctl, or " : "";
+    return `Managed by ${MANAGERS[who] ? MANAGERS[who].name : who}: apmatrixd changes only its own matrices; ${how}Take over to change it here.`;
+}
+
 export class Apmatrix {
     constructor() {
         this.client = cockpit.dbus(NAME, { bus: "system", superuser: "try" });
@@ -172,6 +192,13 @@ export class Apmatrix {
 
     call(path, iface, method, args, type) {
         return this.client.call(path, iface, method, args, type ? { type } : undefined);
+    }
+
+    /* Manager.Statistics sends no PropertiesChanged: read when wanted (the page asks at
+       start, after a Drift and when its popover opens). */
+    statistics() {
+        return this.client.call(ROOT, "org.freedesktop.DBus.Properties", "Get", [MANAGER, "Statistics"], { type: "ss" })
+            .then(([v]) => unvariant(v));
     }
 
     subscribeDrift(fn) {

@@ -178,14 +178,14 @@ def test_page_shows_the_host_and_manages_matrices(cockpit_stack: StackFactory) -
     assert len(cells(stack)) == 2
     page.click("#grid-view-all")
 
-    # The sysfsdev for QEMU/libvirt goes to the clipboard.
+    # The sysfsdev for QEMU goes to the clipboard from the matrix's row (the details show it).
     stack.browser.grant(stack.cockpit.base, "clipboardReadWrite", "clipboardSanitizedWrite")
     page.click(f"{row(G1)} button.copy")
     page.wait(f"document.querySelector('{row(G1)} button.copy').dataset.copied === 'true'")
-    sysfs = page.text(f"{row(G1)} code.sysfs")
+    sysfs = page.text("#matrix-detail code.sysfs")
     assert sysfs == f"/sys/devices/vfio_ap/matrix/{G1}"
     assert page.eval("navigator.clipboard.readText()") == sysfs
-    # ... and libvirt's <hostdev> and node device XML, as the daemon makes them.
+    # ... and libvirt's <hostdev> and node device XML, as the daemon makes them (LibvirtXML).
     r = busctl(stack.bus, "call", MANAGER[0], f"{ROOT}/matrices/{G1.replace('-', '_')}", MATRIX,
                "LibvirtXML", "--json=short")  # fmt: skip
     assert r.returncode == 0, r.stderr
