@@ -184,6 +184,7 @@ MATRIX_CALLS = {
     "Start": "",
     "Stop": "",
     "Remove": "",
+    "TakeOver": "",
 }
 MANAGER_CALLS = {
     "CreateMatrix": "sa{sv}",
@@ -192,6 +193,8 @@ MANAGER_CALLS = {
     "Release": "auau",
     "ImportMdevctl": "s",
     "ExportMdevctl": "s",
+    "ProposeMdevctl": "ssauauaua{sv}",
+    "ReloadMdevctl": "",
 }
 WRONG_SIGS = [
     "",
