@@ -11,6 +11,7 @@ the daemon's objects through the page, which proves it).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -155,6 +156,16 @@ class Stack:
 
 
 StackFactory = Callable[..., Stack]
+
+
+def disabled_reason(stack: Stack, selector: str) -> str | None:
+    """Why the page offers a change button disabled (its tooltip's text), or None when it may
+    be pressed."""
+    out = stack.page.eval(
+        f"(e => e.getAttribute('aria-disabled') === 'true' ? e.dataset.disabledReason : null)"
+        f"(document.querySelector({json.dumps(selector)}))"
+    )
+    return None if out is None else str(out)
 
 
 def start_stack(

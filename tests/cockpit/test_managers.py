@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from busrig import ROOT, busctl
-from cockpitrig import REPO, Stack, StackFactory
+from cockpitrig import REPO, StackFactory, disabled_reason
 from test_chzdev import RULE  # chzdev -t ap apmask=-5,-6 aqmask=-4,-0x47 -p
 
 pytestmark = pytest.mark.e2e
@@ -28,15 +28,6 @@ SHELL = "33333333-3333-4333-8333-333333333333"
 
 def row(uuid: str) -> str:
     return f'#matrices tr[data-uuid="{uuid}"]'
-
-
-def disabled(stack: Stack, sel: str) -> str | None:
-    """The reason a change button is offered disabled, or None if it may be pressed."""
-    out = stack.page.eval(
-        f"(e => e.getAttribute('aria-disabled') === 'true' ? e.dataset.disabledReason : null)"
-        f"(document.querySelector({json.dumps(sel)}))"
-    )
-    return None if out is None else str(out)
 
 
 def test_matrices_of_other_managers_and_the_boot_host_pool(
@@ -84,16 +75,16 @@ def test_matrices_of_other_managers_and_the_boot_host_pool(
 
         # Only apmatrixd's own matrix offers changes; the others say why, and offer Take over.
         for sel in (f"{row(OURS)} button.stop", f"{row(OURS)} button.remove"):
-            assert disabled(stack, sel) is None, sel
+            assert disabled_reason(stack, sel) is None, sel
         assert not page.eval(f"!!document.querySelector('{row(OURS)} button.takeover')")
-        why = disabled(stack, f"{row(MDEVCTL)} button.start")
+        why = disabled_reason(stack, f"{row(MDEVCTL)} button.start")
         assert why and why.startswith("Managed by mdevctl: apmatrixd changes only its own"), why
         assert "change it with mdevctl, or Take over" in why
-        assert disabled(stack, f"{row(MDEVCTL)} button.remove") == why
-        why = disabled(stack, f"{row(SHELL)} button.stop")
+        assert disabled_reason(stack, f"{row(MDEVCTL)} button.remove") == why
+        why = disabled_reason(stack, f"{row(SHELL)} button.stop")
         assert why and why.startswith("Managed by another tool"), why
         for uuid in (MDEVCTL, SHELL):
-            assert disabled(stack, f"{row(uuid)} button.takeover") is None
+            assert disabled_reason(stack, f"{row(uuid)} button.takeover") is None
 
         # The grid tells them apart by shape, the legend and the tooltips say whose they are.
         cell = '#grid td[data-apqn="05.0047"]'
@@ -113,8 +104,8 @@ def test_matrices_of_other_managers_and_the_boot_host_pool(
         page.wait("!!document.getElementById('detail-not-managed')", what="details")
         assert "/etc/mdevctl.d" in page.text("#detail-not-managed")
         assert page.eval("document.getElementById('configure-autostart').disabled")
-        assert (disabled(stack, "#assign-submit") or "").startswith("Managed by mdevctl")
-        assert (disabled(stack, "#configure-rename") or "").startswith("Managed by mdevctl")
+        assert (disabled_reason(stack, "#assign-submit") or "").startswith("Managed by mdevctl")
+        assert (disabled_reason(stack, "#configure-rename") or "").startswith("Managed by mdevctl")
         page.click("#matrix-detail button[aria-label='Close details']")
 
         # chzdev's boot masks, and where apmatrixd's reservations disagree with them.
@@ -149,7 +140,7 @@ def test_matrices_of_other_managers_and_the_boot_host_pool(
             f"document.querySelector('{row(SHELL)} td.manager').textContent === 'apmatrixd'",
             what="the mdev apmatrixd's",
         )
-        assert disabled(stack, f"{row(SHELL)} button.stop") is None
+        assert disabled_reason(stack, f"{row(SHELL)} button.stop") is None
         assert not page.eval(f"!!document.querySelector('{row(SHELL)} button.takeover')")
         page.click(f"{row(SHELL)} button.stop")
         page.wait(f"document.querySelector('{row(SHELL)} td.state').dataset.state === 'defined'")
