@@ -302,6 +302,8 @@ def test_unplugged_adapter_marks_the_matrix_degraded(cockpit_stack: StackFactory
         assert "1 of 2" in page.text(f"{row(G1)} td.guest")
         page.wait(f"document.querySelector('{row(G1)} td.guest ul.lost') !== null")
         assert "05.0004: adapter 05 is deconfigured" in page.text(f"{row(G1)} td.guest ul.lost")
+        item = f"document.querySelector('{row(G1)} td.guest ul.lost li')"
+        assert page.eval(f"{item}.dataset.reason") == "deconfigured"  # LostReasons' word
         title = page.eval(f"document.querySelector('{cell}').title")
         assert title.endswith(": adapter 05 is deconfigured"), title  # the daemon's reason
         page.screenshot(stack.dir / "degraded.png")
