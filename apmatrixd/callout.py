@@ -10,7 +10,8 @@ s390-tools' ``ap-check``, and:
 
 - ``pre`` of ``define``, ``modify``, ``start`` and ``live`` of ``modify``: apmatrixd decides the
   proposed matrix (ProposeMdevctl) as it decides its own; a refusal is one line naming every
-  clashing APQN and its owner, and exit 1 vetoes mdevctl (it writes nothing);
+  clashing APQN and its owner, and exit 1 vetoes mdevctl (it writes nothing). A live modify
+  is also carried out by apmatrixd: mdevctl 1.3 leaves its sysfs writes to the callout;
 - ``post`` of ``define``, ``modify``, ``undefine``: apmatrixd reads the definition (ReloadMdevctl)
   and holds it as an mdevctl-managed matrix;
 - ``get attributes``: the live matrix's assignments; ``get capabilities``: what this supports;

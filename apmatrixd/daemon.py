@@ -48,6 +48,8 @@ DEFAULT_STATE_DIR = "/var/lib/apmatrixd"
 MDEVCTL_DIR = "/etc/mdevctl.d"
 STOP_WAIT = 5.0
 """Seconds a stop waits for queued changes (a change cut short is rolled back at start)."""
+RELEASE_WAIT = 2.0
+"""Seconds a stop waits for the bus to confirm the name is released (exit frees it anyway)."""
 
 
 class StartupError(Exception):
@@ -430,16 +432,22 @@ async def _serve(bus: ApmatrixBus, service: Service, drift: list[tuple[str, str]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for t in pending:
         t.cancel()
+    # Both may be done in one turn (SIGTERM as the bus goes down at poweroff): read every
+    # outcome, else asyncio logs "Task exception was never retrieved" at exit.
+    why = next((e for t in done if not t.cancelled() and (e := t.exception())), None)
     if not stop.is_set():
-        why = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
-        log.error("lost the bus connection%s", f" ({why})" if why else "")
+        reason = f" ({str(why) or type(why).__name__})" if why else ""  # EOFError says nothing
+        log.error("lost the bus connection%s", reason)
         notify.notify("STOPPING=1", "STATUS=lost the bus connection", wait=5.0)
         return 1
     notify.notify("STOPPING=1", "STATUS=stopping", wait=5.0)
     log.info("stopping")
     service.executor.refuse("apmatrixd is stopping")
-    with contextlib.suppress(DBusError, OSError, EOFError):
-        await bus.release_name(names.BUS_NAME)
+    # Only on a live bus, and bounded: a call made once the bus is gone is never answered
+    # (dbus-fast fails only the calls pending when it noticed), and a stop must not hang.
+    if bus.connected:
+        with contextlib.suppress(DBusError, OSError, EOFError, TimeoutError):
+            await asyncio.wait_for(bus.release_name(names.BUS_NAME), RELEASE_WAIT)
     if service.executor.busy:  # let the changes queued so far finish (a cut one is undone)
         log.info("waiting for %s", service.executor.running or "queued changes")
         with contextlib.suppress(TimeoutError):

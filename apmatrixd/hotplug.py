@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from apmatrixd.events import ApEvent, EventPump, Scope, Source
 from apmatrixd.kernel import KernelError
 from apmatrixd.service import sync
-from apmatrixd.service.executor import Command
+from apmatrixd.service.executor import Command, Stopping
 from apmatrixd.service.state import Changes
 from apmatrixd.service.sync import MANAGER, drift_text
 
@@ -158,6 +158,8 @@ class HotPlug:
         err = fut.exception()
         if err is None:
             self._backoff = 0
+            return
+        if isinstance(err, Stopping):  # the daemon is stopping: nothing left to re-read for
             return
         self.failures += 1
         delay = min(RETRY_FIRST * 2**self._backoff, RETRY_MAX)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import select
 import threading
@@ -24,6 +25,7 @@ from apmatrixd.events import ApEvent, EventPump, Scope, SimSource, classify
 from apmatrixd.hotplug import HotPlug, drift_text, scope_of
 from apmatrixd.kernel import Kernel, KernelError, MdevInfo, TreeSysfs
 from apmatrixd.service import Changes, Service, ops
+from apmatrixd.service.executor import Stopping
 from apmatrixd.sim.model import Host
 from apmatrixd.store import Store
 
@@ -385,6 +387,24 @@ def test_a_resync_that_keeps_failing_is_retried_with_backoff(
         assert r.svc.adapter(0x0B).type == "CEX8P"
         assert len(calls) == 5
         assert calls[2] - calls[1] >= 0.09 and calls[4] - calls[3] >= 0.19  # 0.1 s, then 0.2 s
+
+    run("default", body)
+
+
+def test_a_stopping_daemon_neither_retries_nor_logs_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A rescan due while the daemon stops is refused by the queue (Stopping): not a failure to
+    log with a traceback and retry every 0.1 s until systemd's kill."""
+
+    async def body(r: Rig) -> None:
+        r.svc.executor.refuse("apmatrixd is stopping")
+        fut = r.hp.rescan()
+        with pytest.raises(Stopping):
+            await fut
+        await asyncio.sleep(0.3)  # a retry would be due after 0.1 s
+        assert r.hp.failures == 0 and r.hp.resyncs == 0
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
 
     run("default", body)
 

@@ -383,6 +383,9 @@ class PatientWriter(_MessageWriter):
         if not self.bus.connected:  # gone (dropped, or the bus went away): nothing to write to
             if future is not None and not future.done():
                 future.set_exception(ConnectionError("the bus connection is closed"))
+                # Marked as seen: a signal sent as the bus goes away is awaited by nobody, and
+                # the loss is logged once ("lost the bus connection"), not per message.
+                future.exception()
             return
         super().schedule_write(msg, future)
         if self.queued > self.LIMIT:

@@ -285,7 +285,8 @@ directory's order). For vfio_ap-passthrough devices this one asks apmatrixd on t
 
 Before define, modify and start, and for modify --live, apmatrixd decides the proposed matrix \
 as it decides its own changes (ProposeMdevctl): a refusal is one line naming every clashing \
-APQN and its owner, and mdevctl writes nothing. After define, modify and undefine apmatrixd \
+APQN and its owner, and mdevctl writes nothing; a live modify, whose sysfs writes mdevctl \
+leaves to its callout, apmatrixd then carries out. After define, modify and undefine apmatrixd \
 reads mdevctl's definition again (ReloadMdevctl) and holds it as a matrix mdevctl manages: \
 its APQNs count in every decision, and apmatrixd never changes it unless an admin takes it \
 over (apmatrixctl take-over). For get attributes it prints the live matrix's assignments.

@@ -36,7 +36,7 @@ from apmatrixd.core.matrix import id_set, normalize_uuid
 from apmatrixd.service import ops, sync
 from apmatrixd.service.executor import Command, Work
 from apmatrixd.service.state import APMATRIXD, EXTERNAL, MDEVCTL, Changes, Meta
-from apmatrixd.service.tx import Transaction
+from apmatrixd.service.tx import MatrixStep, Transaction
 
 if TYPE_CHECKING:
     from apmatrixd.service.service import Service
@@ -216,8 +216,10 @@ def propose(
     autostart: bool = False,
 ) -> Command[None]:
     """Decide what mdevctl is about to do (``action`` of :data:`PROPOSALS`) as apmatrixd
-    decides its own changes; a refusal names every clashing APQN and its owner. Nothing
-    changes here: mdevctl's ``post`` asks for a :func:`reload` once its file is written."""
+    decides its own changes; a refusal names every clashing APQN and its owner. For
+    ``define``/``modify``/``start`` nothing changes here (mdevctl's ``post`` asks for a
+    :func:`reload` once its file is written; uevents tell of a start); ``live`` is also carried
+    out, as mdevctl leaves a live modify to its callout."""
     if action not in PROPOSALS:
         raise InvalidArgument(f"unknown mdevctl action {action!r} (known: {', '.join(PROPOSALS)})")
     uuid = normalize_uuid(uuid)
@@ -246,10 +248,29 @@ def propose(
     ops.no_override_claimed(svc, m)
     ops.refuse(svc, st.registry.decide(change))
     yield from ops.live_rules(svc, st.kernel_sets(uuid) if live else None, m)
-    log.info(
-        "mdevctl may %s %s: adapters %s domains %s",
-        action,
-        uuid,
-        sync.ids_text(a),
-        sync.ids_text(d),
-    )
+    if action == "live":
+        yield from _live(svc, uuid, m)
+        return
+    log.info("mdevctl may %s %s: %s", action, uuid, sync.sets_text(m))
+
+
+def _live(svc: Service, uuid: str, m: Matrix) -> Command[None]:
+    """Carry out mdevctl's live modify, as its callout must (mdevctl 1.3 writes nothing for
+    it: ap-check does the sysfs writes): the mdev goes to ``m``'s sets in one transaction,
+    nothing is stored (the definition is mdevctl's), and the registry follows the kernel."""
+    st = svc.state
+    have = st.registry.get(uuid)
+    new = have.with_sets(m.adapters, m.domains, m.control_domains)
+    step = MatrixStep(uuid, st.kernel_sets(uuid), new)
+    yield from svc.transact(Transaction(f"mdevctl live modify {uuid}", matrices=[step]))
+    guest = yield from svc.read_guest(uuid)
+    st.registry.clear_truth(uuid)
+    st.registry.restore(UpdateMatrix(uuid, new.adapters, new.domains, new.control_domains))
+    meta = st.meta[uuid]
+    meta.truth = None
+    if guest is not None:
+        meta.guest = guest
+    log.info("mdevctl changed live matrix %s: %s", uuid, sync.sets_text(new))
+    changes = Changes(matrices_changed={uuid})
+    st.touch_adapters(changes, have.adapters | new.adapters)
+    svc.emit(changes)

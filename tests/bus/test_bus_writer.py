@@ -1,13 +1,16 @@
-"""The daemon's bus connection when the bus stops reading it: bounded, then dropped."""
+"""The daemon's bus connection when the bus stops reading it (bounded, then dropped) and when
+the bus goes away as the daemon stops (it exits at once, quietly)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import subprocess
+import time
 
 import pytest
-from busrig import PrivateBus
+from busrig import PrivateBus, start_daemon
 from dbus_fast import Message
 
 from apmatrixd.bus.base import ApmatrixBus, PatientWriter
@@ -49,3 +52,42 @@ def test_a_bus_that_stops_reading_is_dropped_past_the_queue_limit(
     # dropped only past the limit: what the sockets took (4 MiB send buffer and the stopped
     # daemon's receive buffer) plus the limit itself, not at the first full socket
     assert PatientWriter.LIMIT < sent < 4 * PatientWriter.LIMIT, sent
+
+
+@pytest.mark.parametrize("bus_first", [True, False], ids=["bus-gone-then-sigterm", "at-once"])
+def test_sigterm_while_the_bus_goes_away_exits_at_once_and_quietly(bus_first: bool) -> None:
+    """At shutdown dbus-daemon may stop at the same moment as apmatrixd (a poweroff stops both).
+    The daemon is frozen while its bus dies and SIGTERM arrives, so it wakes to both at once
+    (or, ``bus-gone-then-sigterm``, to a bus already gone): it must exit within a few seconds,
+    never wait for a reply that cannot come (systemd would kill it after 90 s), and log no
+    traceback or never-retrieved exception."""
+    for _ in range(3):  # both orders of the two wake-ups within one loop turn get their chance
+        bus_daemon = PrivateBus.start()
+        d = start_daemon(bus_daemon.address)
+        try:
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            bus_daemon.proc.kill()
+            bus_daemon.proc.wait(5)
+            if bus_first:
+                os.kill(d.proc.pid, signal.SIGCONT)
+                time.sleep(0.2)
+                d.proc.send_signal(signal.SIGTERM)
+            else:
+                d.proc.send_signal(signal.SIGTERM)
+                os.kill(d.proc.pid, signal.SIGCONT)
+            try:
+                rc = d.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                d.proc.wait()
+                pytest.fail(f"apmatrixd still running 5 s after SIGTERM: {d.stderr()}")
+            err = d.stderr()
+            assert rc in (0, 1), err
+            for bad in ("Traceback", "never retrieved", "Errno 9", "resync failed"):
+                assert bad not in err, err
+        finally:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+            d.close()
+            bus_daemon.stop()

@@ -212,3 +212,26 @@ def test_export_writes_only_ours(svc: Service, tmp_path: Path) -> None:
     assert theirs.read_bytes() == before  # mdevctl's own file, as mdevctl wrote it
     svc.reload_mdevctl()  # our exported file is not read back as mdevctl's
     assert (svc.matrix(G1).manager, svc.matrix(G2).manager) == ("apmatrixd", "mdevctl")
+
+
+def test_a_live_modify_is_decided_and_carried_out(svc: Service, tmp_path: Path) -> None:
+    """mdevctl 1.3 leaves a live modify's sysfs writes to its callout: apmatrixd does them."""
+    svc.create_matrix(G1, name="guest1", adapters=[5], domains=[4])
+    define(tmp_path / "etc", G2, adapters=[6], domains=[0x47])
+    svc.reload_mdevctl()
+    k = svc.kernel
+    k.create_mdev(G2)
+    k.assign(G2, "adapter", 6)
+    k.assign(G2, "domain", 0x47)
+    svc.run(_resync)
+    with pytest.raises(Conflict, match="05.0004 owned by guest1"):
+        svc.propose_mdevctl("live", G2, [5, 6], [4, 0x47])
+    assert k.read_mdevs(svc.state.infos)[G2].adapters == {6}  # refused: nothing written
+    svc.propose_mdevctl("live", G2, [6], [4, 0x47])
+    assert k.read_mdevs(svc.state.infos)[G2].domains == {4, 0x47}
+    m = svc.matrix(G2)
+    assert (m.manager, m.domains, m.state) == ("mdevctl", (4, 0x47), "active")
+    assert not (tmp_path / "state" / "matrices" / f"{G2}.json").exists()  # not ours
+    k.remove_mdev(G2)  # stopped: its definition (without the live change) holds again
+    svc.run(_resync)
+    assert svc.matrix(G2).domains == (0x47,)
