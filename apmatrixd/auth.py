@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 ACTIONS: dict[str, str | None] = {
     f"{names.MANAGER_IFACE}.CreateMatrix": names.ACTION_MANAGE,
+    # Matrices and the host pool together: an action of its own, so that allowing `manage`
+    # alone never lets a caller reserve. A check (dry run) is the same method and action: the
+    # authoriser judges the method before reading any argument.
+    f"{names.MANAGER_IFACE}.Apply": names.ACTION_APPLY,
     f"{names.MANAGER_IFACE}.Check": None,
     f"{names.MANAGER_IFACE}.CheckWithOptions": None,
     f"{names.MANAGER_IFACE}.Reserve": names.ACTION_RESERVE,

@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.common import BENCH, Row, cpus, load, say
 
-SUITES = ("bus", "hotplug", "mdevctl")
+SUITES = ("bus", "hotplug", "mdevctl", "fleet")
 
 
 def table(rows: list[Row]) -> str:
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                     from bench import busbench as mod
                 elif name == "hotplug":
                     from bench import hotbench as mod  # type: ignore[no-redef]
+                elif name == "fleet":
+                    from bench import fleetbench as mod  # type: ignore[no-redef]
                 else:
                     from bench import mdevbench as mod  # type: ignore[no-redef]
                 (work / name).mkdir()

@@ -18,7 +18,7 @@ _apmatrixctl() {
         --print-completion) COMPREPLY=($(compgen -W "bash" -- "$cur")); return ;;
     esac
     if [[ -z $cmd ]]; then
-        COMPREPLY=($(compgen -W "-h --help --address --system --session --json --version --print-completion --print-man list show create remove start stop take-over assign unassign update configure libvirt adapters reserve release check picture monitor import-mdevctl export-mdevctl metrics" -- "$cur"))
+        COMPREPLY=($(compgen -W "-h --help --address --system --session --json --version --print-completion --print-man list show create remove start stop take-over assign unassign update configure libvirt adapters reserve release check picture monitor import-mdevctl export-mdevctl metrics apply" -- "$cur"))
         return
     fi
     case $cmd in
@@ -43,6 +43,7 @@ _apmatrixctl() {
         import-mdevctl) opts="-h --help --address --system --session --json"; matrix=0; dirs=1 ;;
         export-mdevctl) opts="-h --help --address --system --session --json"; matrix=0; dirs=1 ;;
         metrics) opts="-h --help --address --system --session --json --textfile"; matrix=0; dirs=0 ;;
+        apply) opts="-h --help --address --system --session --json --check --prune"; matrix=0; dirs=0 ;;
         *) return ;;
     esac
     if [[ $cur == -* ]]; then

@@ -18,9 +18,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from busrig import Daemon, apmatrixd_argv
+
+if TYPE_CHECKING:
+    from apmatrixd.service import Service
+    from apmatrixd.sim.model import Host
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -262,3 +266,41 @@ class NsRig:
                 words = line.replace(",", "").split()
                 return int(words[words.index("sent") + 1]), int(words[words.index("dropped") + 1])
         return None
+
+
+def everything(host: Host, svc: Service, state: Path) -> dict[str, Any]:
+    """What a refused or failed change must leave exactly as it was: the registry, the kernel
+    (read afresh), the state directory's bytes, and no intent pending. (The journal file is
+    written and cleared by every change, a failed one too.)"""
+    from apmatrixd.journal import Journal
+    from apmatrixd.kernel import Kernel, TreeSysfs
+
+    return {
+        "matrices": svc.matrices(),
+        "host": svc.host,
+        "adapters": svc.adapters(),
+        "violations": svc.registry.violations(),
+        "kernel": Kernel(TreeSysfs(host)).read_host(),
+        "masks": [
+            host.read(f"bus/ap/{m}") for m in ("apmask", "aqmask") if host.exists(f"bus/ap/{m}")
+        ],
+        "files": {
+            str(p.relative_to(state)): p.read_bytes()
+            for p in state.rglob("*")
+            if p.is_file() and p.name != "journal"
+        },
+        "intent": Journal(state).read(),
+    }
+
+
+def recording_writes(host: Host) -> list[str]:
+    """The paths the emulator is written to from now on, in order (a list that grows)."""
+    seen: list[str] = []
+    real = host.write
+
+    def record(path: str, data: bytes) -> int:
+        seen.append(path)
+        return real(path, data)
+
+    host.write = record  # type: ignore[method-assign]
+    return seen

@@ -59,6 +59,8 @@ def to_dbus_error(exc: BaseException, member: str) -> DBusError:
     if isinstance(exc, DBusError):
         return exc
     suffix = getattr(type(exc), "name", None)
+    if isinstance(suffix, str) and isinstance(getattr(exc, "name", None), str):
+        suffix = exc.name  # type: ignore[attr-defined]  # one refusal of several names its own
     if isinstance(exc, Exception) and isinstance(suffix, str) and suffix in names.ERRORS:
         return DBusError(names.error_name(suffix), str(exc) or suffix)
     log.error("%s failed unexpectedly", member, exc_info=exc)

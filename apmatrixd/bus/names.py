@@ -45,6 +45,8 @@ INTERACTIVE_AUTH_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorization
 
 ACTION_MANAGE = "org.apmatrix.apmatrix1.manage"
 ACTION_RESERVE = "org.apmatrix.apmatrix1.reserve"
+ACTION_APPLY = "org.apmatrix.apmatrix1.apply"
+"""Apply a declared document: matrices and the host pool in one call (manage + reserve)."""
 ACTION_IMPORT = "org.apmatrix.apmatrix1.import-mdevctl"
 ACTION_EXPORT = "org.apmatrix.apmatrix1.export-mdevctl"
 """Import/Export of mdevctl files: root reads and writes files where the caller says, so it

@@ -17,12 +17,13 @@ from apmatrixd import libvirt
 from apmatrixd.bus import names
 from apmatrixd.bus.base import Exported, Sig, call, live_prop, prop, signal
 from apmatrixd.core import InvalidArgument
-from apmatrixd.service import managers, ops
+from apmatrixd.service import apply, managers, ops
 from apmatrixd.service.state import DRIFT_KINDS, Statistics
 
 if TYPE_CHECKING:
     from apmatrixd.auth import Authority
     from apmatrixd.service import AdapterView, HostView, MatrixView, Service
+    from apmatrixd.service.apply import Applied
 
 Str = Annotated[str, Sig("s")]
 Path = Annotated[str, Sig("o")]
@@ -155,6 +156,7 @@ def parse_options(options: dict[str, Variant], schema: dict[str, str] = OPTIONS)
     return out
 
 
+APPLY_OPTIONS = {"check": "b", "prune": "b"}
 RELEASE_OPTIONS = {"force": "b", "timeout": "u"}
 UPDATE_OPTIONS = {"mode": "s", "sets": "as"}
 CONFIGURE_OPTIONS = {"name": "s", "autostart": "b"}
@@ -171,6 +173,28 @@ def parse_release(options: dict[str, Variant]) -> tuple[bool, float | None]:
         raise InvalidArgument("timeout must be at least 1 second")
     force = bool(options["force"].value) if "force" in options else False
     return force, float(timeout) if timeout is not None else None
+
+
+def applied_value(result: Applied) -> dict[str, Variant]:
+    """Apply's answer: ``changed`` and the ``plan``, one a{sv} per step (see the XML)."""
+    steps: list[dict[str, Variant]] = []
+    for step in result.plan:
+        out = {
+            "action": Variant("s", step.action),
+            "target": Variant("s", step.target),
+            "text": Variant("s", step.text),
+        }
+        if step.uuid:
+            out["uuid"] = Variant("s", step.uuid)
+        for key, ids in (
+            ("adapters", step.adapters),
+            ("domains", step.domains),
+            ("control_domains", step.control_domains),
+        ):
+            if ids is not None:
+                out[key] = Variant("au", _ids(ids))
+        steps.append(out)
+    return {"changed": Variant("b", result.changed), "plan": Variant("aa{sv}", steps)}
 
 
 class Manager(Exported):
@@ -201,6 +225,15 @@ class Manager(Exported):
         kwargs = parse_options(options)
         view = await self._service.submit("CreateMatrix", ops.create_matrix, uuid, **kwargs)
         return self._tree.ensure_matrix(view.uuid)
+
+    @call
+    async def Apply(self, document: Str, options: Options) -> Options:
+        kw = parse_options(options, APPLY_OPTIONS)
+        result = await self._service.submit("Apply", apply.apply, document, **kw)
+        for step in result.plan:
+            if step.action == "create" and not kw.get("check"):
+                self._tree.ensure_matrix(step.uuid)
+        return applied_value(result)
 
     @call
     def Check(self, adapters: Ids, domains: Ids, uuid: Str) -> Clashes:

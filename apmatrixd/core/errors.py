@@ -173,3 +173,31 @@ class Timeout(ApmatrixError):
     """The kernel did not finish in time (a guest that does not let go of its matrix)."""
 
     name = "Timeout"
+
+
+RANK = (
+    "InvalidArgument",
+    "NotFound",
+    "AlreadyExists",
+    "NotManaged",
+    "HostOwned",
+    "Conflict",
+    "Busy",
+    "Unavailable",
+    "DriverOverride",
+)
+"""Which refusal names several problems of one change: the most basic first (a typo before
+an ownership question), as :data:`apmatrixd.service.ops.ORDER` does for one decision."""
+
+
+class Refusals(ApmatrixError):
+    """Several problems of one change (a declared document), each with where it is, in one
+    refusal named after the most basic of them; the text lists every one."""
+
+    def __init__(self, problems: list[tuple[str, ApmatrixError]]) -> None:
+        self.problems = problems
+        names = [err.name for _where, err in problems]
+        self.name = min(names, key=lambda n: RANK.index(n) if n in RANK else len(RANK))
+        n = len(problems)
+        head = f"{n} problem{'s' if n != 1 else ''}: " if n > 1 else ""
+        super().__init__(head + "; ".join(f"{where}: {err}" for where, err in problems))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from apmatrixd import __version__
-from apmatrixd.ctl import host, matrices, mdevctl, metrics, monitor
+from apmatrixd.ctl import apply, host, matrices, mdevctl, metrics, monitor
 from apmatrixd.ctl.client import Connection, CtlError, Target
 from apmatrixd.ctl.ids import IdError, parse_ids
 from apmatrixd.ctl.output import Output
@@ -64,6 +64,8 @@ json (--json, stable; ids are integers, APQNs [adapter, domain] pairs):
                      "cells": [{"apqn", "assigned", "present", "guest"}]}
   import-mdevctl -> {"imported": [Matrix]}; export-mdevctl -> {"exported": dir}
   libvirt -> {"matrix": uuid, "hostdev": xml, "nodedev": xml}
+  apply -> {"changed": bool, "plan": [{"action", "target", "text", "uuid",
+            "adapters", "domains", "control_domains"}]} (the keys a step has)
   monitor -> one object per line: {"time", "signal", "path", ...signal data}"""
 
 EXIT_HELP = """\
@@ -145,6 +147,7 @@ def build_parser() -> Parser:
     monitor.register(sub, common)
     mdevctl.register(sub, common)
     metrics.register(sub, common)
+    apply.register(sub, common)
     return p
 
 

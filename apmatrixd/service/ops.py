@@ -438,13 +438,13 @@ def remove(
     st.registry.apply(RemoveMatrix(m.uuid))
     del st.meta[m.uuid]
     st.on_disk.pop(m.uuid, None)
-    yield from _unexport(svc, m.uuid)
+    yield from drop_mdevctl_file(svc, m.uuid)
     changes = Changes(matrices_removed={m.uuid})
     st.touch_adapters(changes, m.adapters)
     svc.emit(changes)
 
 
-def _unexport(svc: Service, uuid: str) -> Command[None]:
+def drop_mdevctl_file(svc: Service, uuid: str) -> Command[None]:
     """A matrix of ours is gone: so is its file in mdevctl's directory (exported or imported),
     or mdevctl would start it again at the next boot. Best effort: the removal stands."""
     if not svc.watch_mdevctl:
@@ -582,7 +582,7 @@ def reserve(svc: Service, adapters: Iterable[int], domains: Iterable[int]) -> Co
     """Take these adapters and domains from the host's drivers, for guests."""
     st = svc.state
     a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
-    new = reserved_pool(_kernel_pool(svc), a, d)
+    new = reserved_pool(kernel_pool(svc), a, d)
     yield from set_pool(svc, new, st.reservations.reserve(a, d), "Reserve")
 
 
@@ -590,11 +590,11 @@ def release(svc: Service, adapters: Iterable[int], domains: Iterable[int]) -> Co
     """Give these adapters and domains back to the host's drivers."""
     st = svc.state
     a, d = id_set(adapters, "adapter"), id_set(domains, "domain")
-    new = released_pool(st.infos, _kernel_pool(svc), a, d)
+    new = released_pool(st.infos, kernel_pool(svc), a, d)
     yield from set_pool(svc, new, st.reservations.release(a, d), "Release")
 
 
-def _kernel_pool(svc: Service) -> HostPool:
+def kernel_pool(svc: Service) -> HostPool:
     """The host pool as the kernel holds it: a Reserve moves from there, so an admin's edit
     that could not be adopted is neither undone nor merged into by it."""
     reg = svc.state.registry
@@ -607,7 +607,7 @@ def set_pool(svc: Service, new: HostPool, reservations: Reservations, what: str)
     change = SetHostPool(new)
     decision = reg.decide(change)
     decision.raise_if_refused(ORDER)
-    old = _kernel_pool(svc)
+    old = kernel_pool(svc)
     if new == old and decision.noop:
         if reservations != st.reservations:  # the intent is kept even if the masks agree
             tx = Transaction(
@@ -638,7 +638,7 @@ def set_pool(svc: Service, new: HostPool, reservations: Reservations, what: str)
         if not found:
             raise
         raise DriverOverride(found, f"{what} cannot change apmask/aqmask") from err
-    infos, mdevs = yield from _reread_after_pool(svc, old, new)
+    infos, mdevs = yield from reread_after_pool(svc, old, new)
     registry_old = reg.pool
     reg.apply(change, ORDER, decision)
     reg.truth_pool = None
@@ -646,6 +646,20 @@ def set_pool(svc: Service, new: HostPool, reservations: Reservations, what: str)
     if svc.store is not None:
         st.on_disk_reservations = reservations
     changes = Changes(host_changed=True)
+    pool_moved(svc, changes, registry_old, new, infos, mdevs)
+    svc.emit(changes)
+
+
+def pool_moved(
+    svc: Service,
+    changes: Changes,
+    registry_old: HostPool,
+    new: HostPool,
+    infos: dict[int, AdapterInfo | None] | None,
+    mdevs: dict[str, MdevInfo] | None,
+) -> None:
+    """Commit what :func:`reread_after_pool` read: the cards' views, the guests' views."""
+    st = svc.state
     if infos is not None:
         for a, info in infos.items():
             if info is None:
@@ -665,10 +679,9 @@ def set_pool(svc: Service, new: HostPool, reservations: Reservations, what: str)
                 if guest != meta.guest:
                     meta.guest = guest
                     changes.matrices_changed.add(u)
-    svc.emit(changes)
 
 
-def _reread_after_pool(
+def reread_after_pool(
     svc: Service, old: HostPool, new: HostPool
 ) -> Command[tuple[dict[int, AdapterInfo | None] | None, dict[str, MdevInfo] | None]]:
     """The cards whose queues moved and the guest views, best effort."""

@@ -20,7 +20,8 @@ from apmatrixd.core import Apqn, Clash, InvalidArgument, NotFound, Registry
 from apmatrixd.core.matrix import id_set, normalize_uuid
 from apmatrixd.kernel import Kernel, KernelError
 from apmatrixd.kernel.features import Features
-from apmatrixd.service import boot, managers, ops, startup
+from apmatrixd.service import apply, boot, managers, ops, startup
+from apmatrixd.service.apply import Applied
 from apmatrixd.service.executor import Command, Executor, Work
 from apmatrixd.service.state import Changes, State
 from apmatrixd.service.tx import Transaction
@@ -318,6 +319,9 @@ class Service:
 
     def export_mdevctl(self, config_dir: str | int) -> list[str]:
         return self.run(ops.export_mdevctl, config_dir)
+
+    def apply(self, document: str, check: bool = False, prune: bool = False) -> Applied:
+        return self.run(apply.apply, document, check, prune)
 
     def take_over(self, uuid: str) -> None:
         self.run(managers.take_over, uuid)

@@ -51,6 +51,13 @@ def pool_json(p: HostPool) -> dict[str, Any]:
     return {"adapters": sorted(p.adapters), "domains": sorted(p.domains)}
 
 
+def narrowed(old: HostPool, new: HostPool) -> HostPool:
+    """What both pools give the host: the host pool between a reserve and a release."""
+    if old.queues is not None and new.queues is not None:
+        return HostPool(queues=old.queues & new.queues)
+    return HostPool(old.adapters & new.adapters, old.domains & new.domains)
+
+
 @dataclass(frozen=True)
 class MatrixStep:
     """Take the mdev of ``uuid`` from what the kernel holds to ``target`` (None: no mdev).
@@ -79,6 +86,11 @@ class Transaction:
     # The store first, then the kernel: a removal, whose kernel write has no inverse, so
     # that a store failure leaves it undone (start-up completes one cut between the two).
     store_first: bool = False
+    # Several matrices at once (Apply): each mdev to remove is emptied first, where the
+    # other steps may need its APQNs, and removed after every other write, re-created
+    # (empty, then refilled) if a later write fails. Only for mdevs no guest uses: the
+    # caller refuses those, so the re-created mdev is the one that was there.
+    removals_last: bool = False
 
     def store_ops(self) -> list[tuple[str, StoredMatrix | None]]:
         return [(u, r) for u, r in self.store.items() if self.stored_before.get(u) != r]
@@ -89,6 +101,10 @@ class Transaction:
     def execute(self, kernel: Kernel, store: Store | None, progress: Progress) -> None:
         found: dict[str, Matrix | None] = {}
         writes: list[Write] = []
+        removals: list[Write] = []
+        if self.pool is not None:  # reserve before any matrix takes the queues ...
+            old, new = self.pool
+            writes += kernel.plan_pool(old, narrowed(old, new))
         for st in self.matrices:
             now = st.believed
             if st.believed is not None:
@@ -103,9 +119,18 @@ class Transaction:
                     2, kernel.mdev_path(st.uuid), "reading", "the mdev was removed outside"
                 )
             found[st.uuid] = now
+            if self.removals_last and now is not None and st.target is None:
+                empty = Matrix(st.uuid)
+                writes += kernel.plan_matrix(st.uuid, now, empty)
+                create = kernel.plan_matrix(st.uuid, None, empty)[0]
+                assert create.undo_path is not None
+                removals.append(Write(create.undo_path, create.undo_data, create.path, create.data))
+                continue
             writes += kernel.plan_matrix(st.uuid, now, st.target, st.wait)
-        if self.pool is not None:
-            writes += kernel.plan_pool(*self.pool)
+        if self.pool is not None:  # ... and release once no matrix holds them
+            old, new = self.pool
+            writes += kernel.plan_pool(narrowed(old, new), new)
+        writes += removals
         ops = self.store_ops() if store is not None else []
         res = store is not None and self.writes_reservations()
         if not writes and not ops and not res:

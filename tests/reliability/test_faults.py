@@ -24,8 +24,8 @@ import pytest
 from busrig import MANAGER, MATRIX, ROOT, Client, arun
 from dbus_fast import Variant
 from relrig import ERR, SimFactory, check_all, path_of
+from rigs import everything, recording_writes
 
-from apmatrixd.journal import Journal
 from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Service
 from apmatrixd.sim.model import Host
@@ -55,38 +55,9 @@ def setup(scenario: str, state: Path) -> tuple[Host, Service]:
 def writes_of(scenario: str, op: str, state: Path) -> list[str]:
     """The sysfs writes ``op`` makes, in order, as the emulator sees their paths."""
     host, svc = setup(scenario, state)
-    seen: list[str] = []
-    real = host.write
-
-    def record(path: str, data: bytes) -> int:
-        seen.append(path)
-        return real(path, data)
-
-    host.write = record  # type: ignore[method-assign]
+    seen = recording_writes(host)
     OPS[op](svc)
     return seen
-
-
-def everything(host: Host, svc: Service, state: Path) -> dict[str, Any]:
-    """The registry, the kernel (read afresh) and the state directory's bytes."""
-    return {
-        "matrices": svc.matrices(),
-        "host": svc.host,
-        "adapters": svc.adapters(),
-        "violations": svc.registry.violations(),
-        "kernel": Kernel(TreeSysfs(host)).read_host(),
-        "masks": [
-            host.read(f"bus/ap/{m}") for m in ("apmask", "aqmask") if host.exists(f"bus/ap/{m}")
-        ],
-        # The intent journal is written and cleared by every change, a failed one too: what
-        # counts is that no intent is left pending.
-        "files": {
-            str(p.relative_to(state)): p.read_bytes()
-            for p in state.rglob("*")
-            if p.is_file() and p.name != "journal"
-        },
-        "intent": Journal(state).read(),
-    }
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
