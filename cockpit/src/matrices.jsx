@@ -1,7 +1,7 @@
 /*
  * The matrices: a filtered, paged table (a host may have a thousand) with who manages each,
- * start, stop, remove, take over and the copy buttons for QEMU and libvirt; a matrix's
- * detail opens in the drawer (detail.jsx).
+ * start, stop, remove, take over and the copy buttons for QEMU and libvirt, and "Apply a
+ * layout" (apply.jsx); a matrix's detail opens in the drawer (detail.jsx).
  */
 import React, { useCallback, useRef, useState } from "react";
 import { Button } from "@patternfly/react-core/dist/esm/components/Button/index.js";
@@ -12,6 +12,7 @@ import { Toolbar, ToolbarContent, ToolbarGroup, ToolbarItem } from "@patternfly/
 import { Table, Tbody, Td, Th, Thead, Tr } from "@patternfly/react-table/dist/esm/components/Table/index.js";
 
 import { usePage } from "./actions.js";
+import { ApplyButton } from "./apply.jsx";
 import { apqnName, formatIds } from "./ids.js";
 import { managerOf } from "./model.js";
 import { CopyButtons, LostList, ManagerLabel, MatrixActions, StateLabels, guestText, useLifecycle } from "./lifecycle.jsx";
@@ -84,8 +85,7 @@ export function MatricesCard({ d }) {
                             <SearchInput id="matrix-filter" aria-label="Filter matrices" placeholder="Filter by name, UUID, state, manager or id"
                                          value={filter} onChange={(ev, x) => { setFilter(x); setPage(1) }} onClear={() => setFilter("")} />
                         </ToolbarItem>
-                        {/* The place for "Apply a layout" (the declared-state dry run and apply). */}
-                        <ToolbarGroup id="matrices-tools" />
+                        <ToolbarGroup id="matrices-tools"><ToolbarItem><ApplyButton /></ToolbarItem></ToolbarGroup>
                         <ToolbarItem variant="pagination" align={{ default: "alignEnd" }}>{pager("top")}</ToolbarItem>
                     </ToolbarContent>
                 </Toolbar>

@@ -366,6 +366,7 @@ def test_without_administrative_access_changes_are_offered_disabled(
         "#create-submit",
         "#pool-reserve",
         "#pool-release",
+        "#apply-open",  # Apply needs administrative access even for its dry run
         f"{row(G1)} button.stop",
         f"{row(G1)} button.remove",
     ]
