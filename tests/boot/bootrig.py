@@ -50,7 +50,8 @@ SUITE = "bookworm"
 ROOT_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "polkitd",
     "libpam-systemd",  # polkitd depends on default-logind | logind
-    "python3", "python3-dbus-fast", "python3-pyudev",  # apmatrixd's Depends: no network inside
+    # apmatrixd's Depends (no network inside)
+    "python3", "python3-dbus-fast", "python3-pyudev", "python3-yaml",
     "fuse3", "libfuse3-3",  # the emulator's FUSE face
 )  # fmt: skip
 GROUP = "apmatrix"
