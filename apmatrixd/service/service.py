@@ -22,6 +22,7 @@ from apmatrixd.kernel import Kernel, KernelError
 from apmatrixd.kernel.features import Features
 from apmatrixd.service import boot, managers, ops, startup
 from apmatrixd.service.executor import Command, Executor, Work
+from apmatrixd.service.group import GroupCommit
 from apmatrixd.service.state import Changes, State
 from apmatrixd.service.tx import Transaction
 from apmatrixd.service.views import AdapterView, HostView, MatrixView, loss_reasons
@@ -50,6 +51,8 @@ class Service:
         self.store = store
         self.state = State(layout=kernel.layout, version=version)
         self.executor = Executor(self._on_pending, pending_after)
+        self.grouping = GroupCommit(self.state, kernel, store, self._send)
+        self.executor.grouping = self.grouping
         self._listeners: list[Listener] = []
         self.startup_drift: list[tuple[str, str]] = []  # sent once the daemon serves
         # Asked for when a command could not read back what it did (hotplug.py answers).
@@ -77,9 +80,16 @@ class Service:
         self._listeners.append(listener)
 
     def emit(self, changes: Changes) -> None:
+        """Tell the listeners (the bus: signals); a group's members' wait for its flush."""
         if self._generation_learnt:  # said with the change that taught it
             self._generation_learnt = False
             changes.host_changed = True
+        if self.grouping.held is not None:
+            self.grouping.held.merge(changes)
+            return
+        self._send(changes)
+
+    def _send(self, changes: Changes) -> None:
         if not changes:
             return
         for listener in list(self._listeners):
@@ -91,7 +101,7 @@ class Service:
     def _on_pending(self, text: str) -> None:
         if text != self.state.pending:
             self.state.pending = text
-            self.emit(Changes(host_changed=True))
+            self._send(Changes(host_changed=True))  # now, even while a group holds its own
 
     def count_refusal(self, error: str) -> None:
         """A call was answered with the D-Bus error ``error`` (Manager.Statistics).
@@ -113,7 +123,8 @@ class Service:
         may hold what nobody knows yet (an mdev removed outside, a failed undo)."""
         before = self.kernel.features
         try:
-            yield Work(tx.what, lambda p: tx.execute(self.kernel, self.store, p))
+            group = self.grouping.current
+            yield Work(tx.what, lambda p: tx.execute(self.kernel, self.store, p, group))
         except Exception:
             self.request_resync()
             self._learnt(before)
@@ -172,6 +183,17 @@ class Service:
     ) -> asyncio.Future[T]:
         """Queue an operation; the future has its result once it is committed."""
         return self.executor.submit(what, lambda: op(self, *args, **kw))
+
+    def change(
+        self,
+        what: str,
+        op: Callable[Concatenate[Service, P], Command[T]],
+        *args: P.args,
+        **kw: P.kwargs,
+    ) -> asyncio.Future[T]:
+        """Queue a caller's change whose kernel writes all have an inverse: it may be made
+        durable together with the ones queued behind it (see group.py)."""
+        return self.executor.submit(what, lambda: op(self, *args, **kw), group=True)
 
     # -- views ------------------------------------------------------------------------------
     @property
