@@ -12,6 +12,7 @@ import functools
 import os
 import random
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -336,3 +337,30 @@ def test_the_journal_reads_a_group_as_one_change(tmp_path: Path) -> None:
     assert torn is not None and torn.what == "Assign"
     j.end()
     assert Journal(tmp_path).read() is None
+
+
+def test_reads_are_answered_while_a_group_is_stored(tmp_path: Path) -> None:
+    """The flush runs in the worker: Check and the properties answer meanwhile (the loop is
+    never blocked), and show each member's change as it was applied."""
+    slow = {"on": False}
+
+    def slow_disk(step: str) -> None:
+        if slow["on"] and step == "fsync-dir":
+            time.sleep(0.3)
+
+    svc = service(tmp_path, slow_disk)
+    svc.create_matrix(UUIDS[0], adapters=[5], domains=[4])
+    slow["on"] = True
+    reads: list[tuple[int, ...]] = []
+
+    async def go() -> list[Any]:
+        futs = [assign(svc, UUIDS[0], "control_domain", c)() for c in (1, 2)]
+        while not all(f.done() for f in futs):
+            reads.append(svc.matrix(UUIDS[0]).control_domains)
+            assert len(svc.check_rows([5], [4])) == 1
+            await asyncio.sleep(0.01)
+        return [f.result() for f in futs]
+
+    assert asyncio.run(go()) == [None, None]
+    assert len(reads) >= 10  # answered all through the 0.3 s the group took to store
+    assert reads[-1] == (1, 2, 4)
