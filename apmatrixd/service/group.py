@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from apmatrixd.core import Apqn
 from apmatrixd.journal import JournalError
-from apmatrixd.kernel import Kernel, Write
+from apmatrixd.kernel import Kernel, KernelError, Write
 from apmatrixd.service.executor import Progress
 from apmatrixd.service.state import Changes, State
 from apmatrixd.store import Reservations, Store, StoredMatrix, StoreError
@@ -50,6 +51,7 @@ class Group:
     )
     reservations: tuple[Reservations, Reservations] | None = None
     members: int = 0  # transactions held
+    guests: set[str] = field(default_factory=set)  # guest views to read once stored
 
     def join(self, tx: Transaction, done: list[Write]) -> None:
         """``tx`` did ``done`` in the kernel; its store writes wait for :meth:`flush`."""
@@ -112,12 +114,20 @@ class GroupCommit:
     state as it was before, the signals held until the group is on disk."""
 
     def __init__(
-        self, state: State, kernel: Kernel, store: Store | None, emit: Callable[[Changes], None]
+        self,
+        state: State,
+        kernel: Kernel,
+        store: Store | None,
+        emit: Callable[[Changes], None],
+        resync: Callable[[], None],
     ) -> None:
         self._state = state
         self._kernel = kernel
         self._store = store
         self._emit = emit
+        self._resync = resync
+        self._guests: dict[str, frozenset[Apqn]] = {}
+        self._unread = False
         self.current: Group | None = None
         self.held: Changes | None = None  # the members' signals, sent once on disk
         self._before: State | None = None
@@ -131,8 +141,18 @@ class GroupCommit:
         return self.current.members if self.current is not None else 0
 
     def flush(self, progress: Progress) -> None:
+        """The group stored, then the guest views of the matrices it changed, one read each
+        (a member reads none: 100 changes of one matrix read it once)."""
         assert self.current is not None
         self.current.flush(progress)
+        self._guests, self._unread = {}, False
+        for u in sorted(self.current.guests):
+            progress.text = f"reading the guest view of {u}"
+            try:
+                self._guests[u] = self._kernel.read_guest(u)
+            except KernelError as err:  # the change stays; a resync reads it again
+                log.warning("re-reading matrix %s after a group of changes failed: %s", u, err)
+                self._unread = True
 
     def abandon(self, progress: Progress) -> None:
         assert self.current is not None
@@ -143,5 +163,16 @@ class GroupCommit:
         if not durable and self._before is not None:
             self._state.restore(self._before)
         self.current, self.held, self._before = None, None, None
-        if durable and held:
+        if not durable:
+            return
+        assert held is not None
+        for u, guest in self._guests.items():
+            meta = self._state.meta.get(u)
+            if meta is not None and meta.live and tuple(sorted(guest)) != meta.guest:
+                meta.guest = tuple(sorted(guest))
+                held.matrices_changed.add(u)
+        self._guests = {}
+        if held:
             self._emit(held)
+        if self._unread:
+            self._resync()

@@ -51,7 +51,7 @@ class Service:
         self.store = store
         self.state = State(layout=kernel.layout, version=version)
         self.executor = Executor(self._on_pending, pending_after)
-        self.grouping = GroupCommit(self.state, kernel, store, self._send)
+        self.grouping = GroupCommit(self.state, kernel, store, self._send, self.request_resync)
         self.executor.grouping = self.grouping
         self._listeners: list[Listener] = []
         self.startup_drift: list[tuple[str, str]] = []  # sent once the daemon serves
@@ -140,7 +140,15 @@ class Service:
             self._generation_learnt = True
 
     def read_guest(self, uuid: str) -> Command[tuple[Apqn, ...] | None]:
-        """What the guest of ``uuid`` gets now; None (logged, resync asked) if unreadable."""
+        """What the guest of ``uuid`` gets now; None (logged, resync asked) if unreadable.
+
+        In a group it is read once per matrix, when the group is stored (group.py): until
+        then the last view read stands (None for a new matrix)."""
+        group = self.grouping.current
+        if group is not None:
+            group.guests.add(uuid)
+            meta = self.state.meta.get(uuid)
+            return meta.guest if meta is not None else None
         try:
             guest = yield Work(f"reading the guest view of {uuid}",
                                lambda _p: self.kernel.read_guest(uuid))  # fmt: skip

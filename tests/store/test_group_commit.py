@@ -116,10 +116,37 @@ def test_a_group_does_one_directory_fsync(tmp_path: Path, fsyncs: dict[str, int]
         assert stored[uuid].control_domains >= {1, 2}
         assert svc.matrix(uuid).control_domains == tuple(sorted(stored[uuid].control_domains))
     assert stored[u[0]].domains == {4}
+    assert [svc.matrix(uuid).state for uuid in u] == ["active"] * 3  # guest views read
     # The journal holds no intent: a restart finds nothing to roll back, and no drift.
     again = Service(Kernel(TreeSysfs(host)), store=Store(tmp_path))
     again.load()
     assert again.startup_drift == [] and stored_view(again) == stored_view(svc)
+
+
+def test_a_group_reads_each_guest_view_once(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    svc.create_matrix(UUIDS[0], adapters=[5], domains=[4])
+    svc.create_matrix(UUIDS[1], adapters=[6], domains=[0x47], start=False)
+    reads: list[str] = []
+    real = svc.kernel.read_guest
+
+    def counting(uuid: str) -> Any:
+        reads.append(uuid)
+        return real(uuid)
+
+    svc.kernel.read_guest = counting  # type: ignore[method-assign]
+    got = run_all(
+        svc,
+        [assign(svc, UUIDS[0], "domain", d) for d in (0x47, 0xAB)]
+        + [lambda: svc.change("Start", ops.start, UUIDS[1])]
+        + [lambda: svc.change("CreateMatrix", ops.create_matrix, UUIDS[2], adapters=[6],
+                              domains=[0xFF])],
+    )  # fmt: skip
+    assert got[:3] == [None, None, None] and got[3].uuid == UUIDS[2]
+    assert sorted(reads) == sorted(UUIDS[:3])  # one each, the two changes of UUIDS[0] too
+    views = [svc.matrix(u) for u in UUIDS[:3]]
+    assert [v.state for v in views] == ["active"] * 3
+    assert views[0].guest_apqns == ((5, 4), (5, 0x47), (5, 0xAB))
 
 
 def test_a_lone_change_still_syncs_as_before(tmp_path: Path, fsyncs: dict[str, int]) -> None:
