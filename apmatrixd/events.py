@@ -138,11 +138,15 @@ class Scope:
     pool: bool = False  # the host pool (masks, or queues between drivers) may have moved
     bindings: bool = False  # the bus said BINDINGS=complete
     events: int = 0  # how many events this scope sums up
+    # The rescan timer's alone: the pool and a slice of the mdevs (sync.rescan_slice); any
+    # event or loss merged in makes it a read of every mdev again.
+    sliced: bool = False
 
     def add(self, e: ApEvent) -> None:
         """One event into the scope. What an event does not say precisely (an action we do
         not know on a card or a queue) costs a read of its whole card, never a miss."""
         self.events += 1
+        self.sliced = False
         a = e.adapter
         if e.kind == "card" and a is not None:
             if e.action == "change":
@@ -171,6 +175,7 @@ class Scope:
     def lose(self) -> None:
         """Events were lost: only a read of everything can be trusted."""
         self.everything = self.pool = True
+        self.sliced = False
 
     def _whole(self, a: int) -> None:
         self.whole.add(a)
@@ -191,6 +196,7 @@ class Scope:
         self.pool |= other.pool
         self.bindings |= other.bindings
         self.events += other.events
+        self.sliced = self.sliced and other.sliced
 
     def __bool__(self) -> bool:
         return bool(self.events or self.everything)

@@ -103,9 +103,10 @@ class HotPlug:
         return self.submit(s)
 
     def rescan(self) -> asyncio.Future[Changes]:
-        """The slow timer: the host pool and every mdev (the changes no uevent announces)."""
+        """The slow timer: the host pool and a slice of the mdevs (the changes no uevent
+        announces; :func:`~apmatrixd.service.sync.rescan_slice` says what it skips)."""
         self.rescans += 1
-        fut = self.submit(Scope(pool=True))
+        fut = self.submit(Scope(pool=True, sliced=True))
         for hook in self.on_rescan:
             hook()
         return fut
@@ -134,6 +135,9 @@ class HotPlug:
 
     def _resync(self, s: Scope) -> Command[Changes]:
         self.resyncs += 1
+        only = None
+        if s.sliced:
+            only = sync.rescan_slice(self.service, self.rescans, self.rescan_interval)
         try:
             changes: Changes = yield from sync.resync(
                 self.service,
@@ -143,6 +147,7 @@ class HotPlug:
                 everything=s.everything,
                 pool=s.pool,
                 bindings=s.bindings,
+                only=only,
             )
         except KernelError as err:
             # Something vanished while it was read (a card leaving mid-burst): read it all.

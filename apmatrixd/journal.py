@@ -1,8 +1,8 @@
-"""The intent journal: what a change is about to do, on disk before its first write.
+"""The intent journal: what a change is about to do, written before its first write.
 
 One file, ``<state-dir>/journal``, holds at most one intent: the commands run one at a time,
-so there is never more than one change in flight. Before the first kernel or store write of a
-change its intent is written and made durable (``fdatasync``): every matrix and the host pool
+so there is never more than one change (or one group of them, below) in flight. Before the
+first kernel or store write of a change its intent is written: every matrix and the host pool
 it touches, each with what the kernel held before and should hold after, and the stored
 records before and after. After the change is stored the intent is cleared.
 
@@ -10,20 +10,44 @@ At start-up (:mod:`apmatrixd.service.startup`) an intent still there names the o
 that may have been cut by a crash, and only that change is rolled back or completed; every
 other difference between the kernel and the stored definitions is an admin's (drift).
 
+What is synced, and why no more: a daemon crash (kill -9, a bug) keeps the page cache, so
+the intent it reads back is the one written, synced or not. Only a machine crash loses
+unsynced writes, and it takes the mdevs and the masks with it (the next boot starts from
+the boot masks, without mdevs): the kernel part of an intent then has nothing left to roll
+back. So the intent is made durable (``fdatasync``) only before a change writes several
+files, whose renames a machine crash could leave durable in part, with only the intent to
+tell start-up to take them all back; one file's rename is atomic on its own. An intent a
+machine crash leaves from an earlier change (its clear or the next intent lost) is harmless:
+start-up judges an intent of an earlier boot by the store alone, and the stored records are
+then its ``after`` (done), or have moved on, or are its ``before`` (nothing to write).
+
 The clear needs no fsync when the change wrote the store: a crash that loses the clear leaves
 an intent whose stored records already equal its ``after`` (the change is recognisably
-done), and the next intent overwrites it durably. A change that writes only the kernel
-(start, stop) is done only if the kernel still shows ``after``, which a later admin edit can
-undo, and one that writes the store first (a removal) is judged by the kernel too (its files
-are put back if its mdevs are still there): the clear of both is made durable too.
+done). A change that writes only the kernel (start, stop) is done only if the kernel still
+shows ``after``, which a later admin edit can undo, and one that writes the store first (a
+removal) is judged by the kernel too (its files are put back if its mdevs are still there):
+the clear of both is made durable too.
 
-Format: a header line ``APMJ1 <length> <crc32>`` (hex, 8 digits each) and that many bytes of
-JSON. A torn write fails the length or the checksum and reads as no intent: it was torn
-before it was durable, that is before any write of its change.
+A group of changes (commands queued behind one another, made durable together: see
+:mod:`apmatrixd.service.group`) writes one record per member, appended before the member's
+first kernel write (a member that fails and undoes itself is cut off again), and synced once
+before the group's store writes if it writes more than one file, as for one change. The
+records are read back as one change (:meth:`Intent.then`) from what the kernel and the store
+held before the first member to what the last one wants: each matrix's earliest ``before``
+and latest ``after``, and ``kernel_low``/``kernel_high`` (the pool: ``low``/``high``), the
+intersection and union of every set the group passed through, so start-up takes for ours
+anything the kernel holds within those bounds, and rolls the group back whole.
+
+Format: records, each a header line ``APMJ1 <length> <crc32>`` (hex, 8 digits each) and that
+many bytes of JSON, ended by a record of length 0 (a clear is that alone). A torn record
+fails the length or the checksum and ends the intent there: only a machine crash tears one
+(a daemon crash leaves what was written), and then at most one file of its change can have
+been renamed, atomically.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import logging
@@ -100,6 +124,43 @@ class Intent:
             "reservations": self.reservations,
         }
 
+    def then(self, later: Intent, what: str) -> Intent:
+        """This change followed by ``later``, as one (a group; see the module docstring)."""
+        out = Intent(what, copy.deepcopy(self.matrices), self.pool, self.reservations, later.boot)
+        for u, item in later.matrices.items():
+            have = out.matrices.get(u)
+            seen: list[dict[str, list[int]]] = []
+            if "kernel_before" in item:
+                seen = [item["kernel_before"] or NO_MDEV, item.get("kernel_after") or NO_MDEV]
+                if have is not None and "kernel_low" in have:
+                    seen += [have["kernel_low"], have["kernel_high"]]
+                elif have is not None and "kernel_before" in have:
+                    seen += [have["kernel_before"] or NO_MDEV, have.get("kernel_after") or NO_MDEV]
+            if have is None:
+                out.matrices[u] = merged = dict(item)
+            else:
+                merged = have
+                for key in ("kernel_after", "stored_after"):
+                    if key in item:
+                        merged[key] = item[key]
+                for key in ("kernel_before", "stored_before"):
+                    if key in item and key not in merged:
+                        merged[key] = item[key]
+                merged["stored"] = bool(merged.get("stored") or item.get("stored"))
+            if seen:
+                merged["kernel_low"], merged["kernel_high"] = _bounds(seen)
+        if later.pool is not None:
+            first = self.pool or later.pool
+            pools = [later.pool["before"], later.pool["after"]]
+            pools += [first["low"], first["high"]] if "low" in first else [first["before"]]
+            low, high = _pool_bounds(pools)
+            out.pool = {"before": first["before"], "after": later.pool["after"],
+                        "low": low, "high": high}  # fmt: skip
+        if later.reservations is not None:
+            first = self.reservations or later.reservations
+            out.reservations = {"before": first["before"], "after": later.reservations["after"]}
+        return out
+
     @classmethod
     def from_json(cls, data: object) -> Intent:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -123,6 +184,35 @@ class Intent:
         return cls(str(data.get("what", "")), matrices, pool, res, str(boot), first)
 
 
+NO_MDEV: dict[str, list[int]] = {"adapters": [], "domains": [], "control_domains": []}
+
+
+def _bounds(images: list[dict[str, list[int]]]) -> tuple[dict[str, list[int]], ...]:
+    """The intersection and the union of kernel images (sets; an mdev's absence is empty)."""
+    out: list[dict[str, list[int]]] = [{}, {}]
+    for key in ("adapters", "domains", "control_domains"):
+        sets = [set(i[key]) for i in images]
+        out[0][key] = sorted(set.intersection(*sets))
+        out[1][key] = sorted(set.union(*sets))
+    return out[0], out[1]
+
+
+def _pool_bounds(pools: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """The intersection and the union of host pools as ``pool_json`` writes them."""
+    keys = ("queues",) if all("queues" in p for p in pools) else ("adapters", "domains")
+    low: dict[str, Any] = {}
+    high: dict[str, Any] = {}
+    for key in keys:
+        if key == "queues":
+            sets = [{tuple(q) for q in p["queues"]} for p in pools]
+            low[key] = sorted(list(q) for q in set.intersection(*sets))
+            high[key] = sorted(list(q) for q in set.union(*sets))
+        else:
+            ids = [set(p.get(key, [])) for p in pools]
+            low[key], high[key] = sorted(set.intersection(*ids)), sorted(set.union(*ids))
+    return low, high
+
+
 def _no_fault(_step: str) -> None:
     pass
 
@@ -135,6 +225,7 @@ class Journal:
         self.fault: Fault = fault or _no_fault
         self._fd = -1
         self._durable_clear = True
+        self._end = 0  # where the next record of a group goes
 
     def _open(self) -> int:
         if self._fd < 0:
@@ -154,32 +245,68 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
 
-    def _put(self, body: bytes, step: str) -> None:
-        header = b"%s %08x %08x\n" % (MAGIC, len(body), zlib.crc32(body))
-        data = header + body
+    @staticmethod
+    def _record(body: bytes) -> bytes:
+        return b"%s %08x %08x\n" % (MAGIC, len(body), zlib.crc32(body)) + body
+
+    def _put(self, body: bytes, step: str, at: int = 0) -> None:
+        """One record at ``at``, and the end mark after it: whatever an earlier, longer
+        group left behind it is not read as a part of this intent."""
+        data = self._record(body) + (self._record(b"") if body else b"")
         fd = self._open()
         self.fault(step)
         done = 0
         while done < len(data):
-            n = os.pwrite(fd, data[done:], done)
+            n = os.pwrite(fd, data[done:], at + done)
             if n <= 0:
                 raise OSError(errno.EIO, "short write to the journal")
             done += n
+        self._end = at + (HEADER + len(body) if body else 0)
 
     def begin(self, intent: Intent) -> None:
         """Write ``intent`` and make it durable; JournalError if that fails."""
-        body = json.dumps(intent.to_json(), sort_keys=True).encode()
+        self.stage(intent)
+        self.sync()
+
+    def stage(self, intent: Intent) -> None:
+        """Write ``intent`` without a sync (see the module docstring); JournalError if that
+        fails."""
+        self._write(self._body(intent), 0)
+        self._durable_clear = intent.store_first or not intent.writes_store
+
+    def append(self, intent: Intent) -> int:
+        """Add the intent of a group's next member, without a sync; the mark to
+        :meth:`cut` it off again. JournalError if that fails."""
+        mark = self._end
+        self._write(self._body(intent), mark)
+        self._durable_clear = self._durable_clear and not intent.writes_store
+        return mark
+
+    def cut(self, mark: int) -> None:
+        """Drop the records from ``mark`` on (a member that failed and undid itself)."""
+        self._write(b"", mark)
+
+    def _write(self, body: bytes, at: int) -> None:
         try:
-            self._put(body, "journal-write")
-            self.fault("journal-sync")
-            os.fdatasync(self._fd)
-        except JournalError:
-            raise
+            self._put(body, "journal-write", at)
         except OSError as err:
             raise JournalError(
-                err.errno, f"cannot write the intent journal {self.path}: " f"{err.strerror}"
+                err.errno, f"cannot write the intent journal {self.path}: {err.strerror}"
             ) from err
-        self._durable_clear = intent.store_first or not intent.writes_store
+
+    @staticmethod
+    def _body(intent: Intent) -> bytes:
+        return json.dumps(intent.to_json(), sort_keys=True).encode()
+
+    def sync(self) -> None:
+        """Make the intent written by :meth:`stage` durable."""
+        try:
+            self.fault("journal-sync")
+            os.fdatasync(self._open())
+        except OSError as err:
+            raise JournalError(
+                err.errno, f"cannot sync the intent journal {self.path}: {err.strerror}"
+            ) from err
 
     def end(self) -> None:
         """The change is done (or undone): clear the intent (see the module docstring)."""
@@ -192,7 +319,9 @@ class Journal:
             log.error("cannot clear the intent journal %s: %s", self.path, err.strerror)
 
     def read(self) -> Intent | None:
-        """The intent left by the last run, or None (none, cleared, or torn)."""
+        """The intent left by the last run, or None (none, cleared, or torn). A group's
+        records are read as one change (:meth:`Intent.then`); a torn record ends them (it
+        was not durable, nor was anything its member did)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -203,28 +332,37 @@ class Journal:
                 raw += chunk
         finally:
             os.close(fd)
-        if len(raw) < HEADER:
-            return None
-        head = raw[:HEADER]
-        try:
-            magic, length, crc = head.split()
-            if magic != MAGIC or head[-1:] != b"\n":
-                raise ValueError("bad magic")
-            n, want = int(length, 16), int(crc, 16)
-        except ValueError:
-            log.warning("journal %s has no valid header: ignored", self.path)
-            return None
-        body = raw[HEADER : HEADER + n]
-        if n == 0:
-            return None
-        if len(body) != n or zlib.crc32(body) != want:
-            log.info("journal %s holds a torn intent (never durable): ignored", self.path)
-            return None
-        try:
-            return Intent.from_json(json.loads(body))
-        except ValueError as err:
-            log.warning("journal %s: unusable intent (%s): ignored", self.path, err)
-            return None
+        parts: list[Intent] = []
+        at = 0
+        while len(raw) - at >= HEADER:
+            head = raw[at : at + HEADER]
+            try:
+                magic, length, crc = head.split()
+                if magic != MAGIC or head[-1:] != b"\n":
+                    raise ValueError("bad magic")
+                n, want = int(length, 16), int(crc, 16)
+            except ValueError:
+                if not parts:
+                    log.warning("journal %s has no valid header: ignored", self.path)
+                break
+            body = raw[at + HEADER : at + HEADER + n]
+            if n == 0:
+                break
+            if len(body) != n or zlib.crc32(body) != want:
+                log.info("journal %s holds a torn intent (never durable): ignored", self.path)
+                break
+            try:
+                parts.append(Intent.from_json(json.loads(body)))
+            except ValueError as err:
+                log.warning("journal %s: unusable intent (%s): ignored", self.path, err)
+                return None
+            at += HEADER + n
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        whole = Intent("")
+        for part in parts:
+            whole = whole.then(part, f"a group of {len(parts)} changes")
+        return whole
 
     def clear_durably(self) -> None:
         """After start-up recovery: nothing may be rolled back twice."""

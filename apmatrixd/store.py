@@ -50,7 +50,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ class StoreError(ApmatrixError):
     """The state directory could not be written: the change was undone (D-Bus ``Storage``)."""
 
     name = "Storage"
+    clean = True  # every file written before the failure was put back (write_group)
 
 
 class Damaged(ValueError):
@@ -224,8 +225,13 @@ def _no_fault(_step: str) -> None:
     pass
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, fault: Fault = _no_fault) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, fault: Fault = _no_fault, sync_dir: bool = True
+) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
+
+    ``sync_dir=False``: the rename is made durable by the caller's one fsync of the directory
+    (a group of writes, :meth:`Store.write_group`)."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     fault("open")
@@ -251,19 +257,23 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, fault: Fault = _no_f
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fault("fsync-dir")
-    fsync_dir(target.parent)
+    if sync_dir:
+        fault("fsync-dir")
+        fsync_dir(target.parent)
 
 
-def durable_unlink(path: str | os.PathLike[str], fault: Fault = _no_fault) -> bool:
-    """Remove ``path`` (False if it was not there) and make that durable."""
+def durable_unlink(
+    path: str | os.PathLike[str], fault: Fault = _no_fault, sync_dir: bool = True
+) -> bool:
+    """Remove ``path`` (False if it was not there) and make that durable (``sync_dir``)."""
     fault("unlink")
     try:
         os.unlink(path)
     except FileNotFoundError:
         return False
-    fault("fsync-dir")
-    fsync_dir(Path(path).parent)
+    if sync_dir:
+        fault("fsync-dir")
+        fsync_dir(Path(path).parent)
     return True
 
 
@@ -434,6 +444,63 @@ class Store:
     def write_reservations(self, r: Reservations) -> None:
         data = encode(r.to_json())
         self._guard("the host reservations", lambda: atomic_write(self.host_path, data, self.fault))
+
+    def write_group(
+        self,
+        matrices: Mapping[str, tuple[StoredMatrix | None, StoredMatrix | None]],
+        reservations: tuple[Reservations, Reservations] | None = None,
+    ) -> None:
+        """Several changes made durable together: each file written (temp, fsync, rename)
+        as one change would, then one fsync per directory touched instead of one per file.
+
+        ``matrices``: uuid -> (before, after), None meaning no file; ``reservations``:
+        (before, after). A failure puts back what it had written, before the StoreError is
+        raised; ``StoreError.clean`` says whether that put everything back."""
+        written: list[tuple[str, StoredMatrix | None]] = []
+        dirs: set[Path] = set()
+        wrote_host = False
+
+        def put(uuid: str, rec: StoredMatrix | None, sync: bool) -> None:
+            if rec is None:
+                durable_unlink(self.matrix_path(uuid), self.fault, sync)
+            else:
+                atomic_write(self.matrix_path(uuid), encode(rec.to_json()), self.fault, sync)
+
+        try:
+            self._guard("a group of changes", self._prepare)
+            for uuid, (before, after) in matrices.items():
+                if before == after:
+                    continue
+                written.append((uuid, before))  # before the write: a failed rename too
+                self._guard(f"matrix {uuid}", lambda: put(uuid, after, False))  # noqa: B023
+                dirs.add(self.matrices_dir)
+            if reservations is not None and reservations[0] != reservations[1]:
+                wrote_host = True
+                data = encode(reservations[1].to_json())
+                self._guard(
+                    "the host reservations",
+                    lambda: atomic_write(self.host_path, data, self.fault, False),
+                )
+                dirs.add(self.root)
+            for d in sorted(dirs):
+                self.fault("fsync-dir")
+                self._guard(f"the directory {d}", lambda: fsync_dir(d))  # noqa: B023
+        except StoreError as err:
+            clean = True
+            for uuid, before in reversed(written):
+                try:
+                    put(uuid, before, True)
+                except OSError as why:
+                    log.error("cannot restore the stored matrix %s: %s", uuid, why)
+                    clean = False
+            if wrote_host and reservations is not None:
+                try:
+                    self.write_reservations(reservations[0])
+                except StoreError as why:
+                    log.error("cannot restore the stored reservations: %s", why)
+                    clean = False
+            err.clean = clean
+            raise
 
 
 def stored(

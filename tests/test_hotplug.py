@@ -791,3 +791,48 @@ def test_bursts_behind_a_slow_command_merge_into_one_resync() -> None:
         assert {0x10, 0x11, 0x12} <= r.svc.state.adapters.keys()
 
     run("default", body)
+
+
+def test_the_rescan_timer_reads_a_slice_of_many_mdevs() -> None:
+    """20 live mdevs: each tick re-reads 8 of them (sync.rescan_slice), every one within
+    ceil(20 / 8) ticks; a hand edit outside the slice is seen when its turn comes, and a
+    uevent burst still re-reads every mdev."""
+    from apmatrixd.service import sync
+
+    async def body(r: Rig) -> None:
+        svc = r.svc
+        svc.reserve([5, 6], list(range(20)))
+        uuids = [f"{k:08x}-0000-4000-8000-{k:012x}" for k in range(20)]
+        for k, u in enumerate(uuids):
+            svc.create_matrix(u, adapters=[5], domains=[k])
+        await r.idle()
+        read: list[list[str]] = []
+        real = svc.kernel.read_mdevs
+
+        def counting(adapters: Any = None, only: Any = None) -> dict[str, MdevInfo]:
+            got = real(adapters, only)
+            read.append(sorted(got))
+            return got
+
+        svc.kernel.read_mdevs = counting  # type: ignore[method-assign]
+        slices = [sync.rescan_slice(svc, t, 30.0) for t in range(3)]
+        assert [len(s) for s in slices] == [8, 8, 8]
+        assert set().union(*slices) == set(uuids)
+        # A hand edit of the last one: no uevent, outside the first two slices.
+        r.write(f"devices/vfio_ap/matrix/{uuids[19]}/assign_adapter", "6")
+        r.hp.rescan_interval = 30.0
+        r.hp.rescans = 0
+        seen_in = False
+        for tick in range(3):
+            await r.hp.rescan()
+            assert len(read[-1]) == 8
+            seen_in = seen_in or uuids[19] in read[-1]
+            assert bool(r.drifts()) == seen_in, tick  # seen in its slice, not before
+        assert seen_in and len(r.drifts()) == 1
+        assert svc.matrix(uuids[19]).adapters == (5, 6)
+        # Any uevent: every mdev, as before.
+        r.write("devices/ap/card06/config", "0")
+        await r.idle()
+        assert read[-1] == sorted(uuids)
+
+    run("default", body)

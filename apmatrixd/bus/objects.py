@@ -223,7 +223,7 @@ class Manager(Exported):
     @call
     async def CreateMatrix(self, uuid: Str, options: Options) -> Path:
         kwargs = parse_options(options)
-        view = await self._service.submit("CreateMatrix", ops.create_matrix, uuid, **kwargs)
+        view = await self._service.change("CreateMatrix", ops.create_matrix, uuid, **kwargs)
         return self._tree.ensure_matrix(view.uuid)
 
     @call
@@ -241,11 +241,11 @@ class Manager(Exported):
 
     @call
     def Reserve(self, adapters: Ids, domains: Ids) -> Awaitable[None]:
-        return self._service.submit("Reserve", ops.reserve, adapters, domains)
+        return self._service.change("Reserve", ops.reserve, adapters, domains)
 
     @call
     def Release(self, adapters: Ids, domains: Ids) -> Awaitable[None]:
-        return self._service.submit("Release", ops.release, adapters, domains)
+        return self._service.change("Release", ops.release, adapters, domains)
 
     @call
     def CheckWithOptions(self, adapters: Ids, domains: Ids, uuid: Str, options: Options) -> Clashes:
@@ -255,12 +255,12 @@ class Manager(Exported):
     @call
     def ReserveWithOptions(self, adapters: Ids, domains: Ids, options: Options) -> Awaitable[None]:
         parse_options(options, NO_OPTIONS)
-        return self._service.submit("Reserve", ops.reserve, adapters, domains)
+        return self._service.change("Reserve", ops.reserve, adapters, domains)
 
     @call
     def ReleaseWithOptions(self, adapters: Ids, domains: Ids, options: Options) -> Awaitable[None]:
         parse_options(options, NO_OPTIONS)
-        return self._service.submit("Release", ops.release, adapters, domains)
+        return self._service.change("Release", ops.release, adapters, domains)
 
     def _own_mdevctl_dir(self, dir: str) -> str:
         """The path forms take only the daemon's own mdevctl directory ('' for it): a root
@@ -372,7 +372,7 @@ class Matrix(Exported):
 
     @call
     def Update(self, adapters: Ids, domains: Ids, control_domains: Ids) -> Awaitable[None]:
-        return self._service.submit(
+        return self._service.change(
             "Update", ops.update, self.uuid, adapters, domains, control_domains
         )
 
@@ -381,7 +381,7 @@ class Matrix(Exported):
         self, adapters: Ids, domains: Ids, control_domains: Ids, options: Options
     ) -> Awaitable[None]:
         kw = parse_options(options, UPDATE_OPTIONS)
-        return self._service.submit(
+        return self._service.change(
             "Update", ops.update, self.uuid, adapters, domains, control_domains, **kw
         )
 
@@ -390,11 +390,11 @@ class Matrix(Exported):
         kw = parse_options(options, CONFIGURE_OPTIONS)
         if not kw:
             raise InvalidArgument("Configure: give name and/or autostart")
-        return self._service.submit("Configure", ops.configure, self.uuid, **kw)
+        return self._service.change("Configure", ops.configure, self.uuid, **kw)
 
     @call
     def Start(self) -> Awaitable[None]:
-        return self._service.submit("Start", ops.start, self.uuid)
+        return self._service.change("Start", ops.start, self.uuid)
 
     @call
     def Stop(self) -> Awaitable[None]:
@@ -426,7 +426,7 @@ class Matrix(Exported):
         return hostdev, libvirt.nodedev_xml(m.uuid, m.adapters, m.domains, m.control_domains)
 
     def _change(self, what: str, kind: ops.Kind, id: int, *, add: bool) -> Awaitable[None]:
-        return self._service.submit(what, ops.change_one, self.uuid, kind, id, add=add)
+        return self._service.change(what, ops.change_one, self.uuid, kind, id, add=add)
 
 
 class Adapter(Exported):

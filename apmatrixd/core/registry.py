@@ -164,6 +164,20 @@ class Registry:
     # 6.19+: queues a driver_override gives to vfio_ap: not the host's, whatever the masks.
     vfio_overrides: frozenset[tuple[int, int]] = frozenset()
 
+    def copy(self) -> Registry:
+        """An independent copy (a group of changes keeps one to go back to): the matrices
+        and pools are immutable, so only the containers are copied."""
+        return replace(
+            self,
+            _matrices=dict(self._matrices),
+            _owner=dict(self._owner),
+            _by_adapter={k: set(v) for k, v in self._by_adapter.items()},
+            _by_domain={k: set(v) for k, v in self._by_domain.items()},
+            _by_name={k: dict(v) for k, v in self._by_name.items()},
+            _claims=dict(self._claims),
+            _claimed_by=dict(self._claimed_by),
+        )
+
     # -- queries --------------------------------------------------------------------------
     @property
     def matrices(self) -> Mapping[str, Matrix]:

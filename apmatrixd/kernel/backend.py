@@ -512,9 +512,12 @@ class Kernel:
         names = self._listdir(devices)
         return sorted(n for n in names if _UUID_RE.fullmatch(n))
 
-    def read_mdevs(self, adapters: Mapping[int, AdapterInfo] | None = None) -> dict[str, MdevInfo]:
-        """Every mdev of our type. ``adapters`` (the caller's current view) spares a re-read
-        where the guest view is computed here; an mdev removed while reading is left out."""
+    def read_mdevs(
+        self, adapters: Mapping[int, AdapterInfo] | None = None, only: Iterable[str] | None = None
+    ) -> dict[str, MdevInfo]:
+        """Every mdev of our type (or those of ``only``). ``adapters`` (the caller's current
+        view) spares a re-read where the guest view is computed here; an mdev removed while
+        reading is left out."""
         out: dict[str, MdevInfo] = {}
         host: tuple[Mapping[int, AdapterInfo], frozenset[int] | None] | None = None
 
@@ -525,7 +528,7 @@ class Kernel:
                 host = (known, self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask"))
             return host
 
-        for uuid in self.list_mdevs():
+        for uuid in self.list_mdevs() if only is None else only:
             try:
                 out[uuid] = self._read_mdev(uuid, context)
             except KernelError as err:

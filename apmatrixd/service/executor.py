@@ -15,6 +15,11 @@ the same generators:
 
 Nothing else changes the state: a command's code after its last ``yield`` runs on the loop
 without awaiting, so a read sees a change whole or not at all.
+
+Commands submitted with ``group=True`` (callers' changes) that wait behind one another run
+as a group (:class:`Grouping`, :mod:`apmatrixd.service.group`): one after the other as
+always, but made durable together once the last has run, and answered only then. Reads are
+answered all the while; they see each member's change as it is applied.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from apmatrixd.core import ApmatrixError
 
@@ -59,6 +64,37 @@ class Work(Generic[T]):
 
 
 Command = Generator[Work[Any], Any, T]
+
+MAX_GROUP = 256
+"""The most changes made durable together (the journal's intent grows with each)."""
+
+
+class Grouping(Protocol):
+    """The service's side of a group of changes (see :mod:`apmatrixd.service.group`)."""
+
+    def open(self) -> None:
+        """Before the first member: keep what is needed to put the state back."""
+
+    def staged(self) -> int:
+        """How many members' changes the group holds."""
+
+    def flush(self, progress: Progress) -> None:
+        """In the worker: make the group durable, or undo all of it and raise."""
+
+    def abandon(self, progress: Progress) -> None:
+        """In the worker: undo every member (one failed after its change joined)."""
+
+    def close(self, durable: bool) -> None:
+        """On the loop, last: send the signals the members held back, or put the state
+        back as it was before the group (nothing is sent)."""
+
+
+class _Cut(Exception):
+    """A member failed after its change joined the group: the whole group is undone."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Worker:
@@ -96,6 +132,16 @@ class _Job:
     factory: Callable[[], Command[Any]]
     future: asyncio.Future[Any]
     queued: float = field(default_factory=time.monotonic)
+    group: bool = False
+
+
+def _answer(job: _Job, result: Any = None, error: BaseException | None = None) -> None:
+    if job.future.done():  # cancelled: the caller is gone
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(result)
 
 
 class Executor:
@@ -115,6 +161,8 @@ class Executor:
         self._worker: Worker | None = None
         self._pending = ""
         self.refusing = ""
+        self.grouping: Grouping | None = None  # None: every command alone
+        self.groups = 0  # groups run (more than one member), for tests and the bench
 
     @property
     def busy(self) -> bool:
@@ -155,18 +203,21 @@ class Executor:
                 error = exc
 
     # -- queued ------------------------------------------------------------------------------
-    def submit(self, what: str, factory: Callable[[], Command[T]]) -> asyncio.Future[T]:
+    def submit(
+        self, what: str, factory: Callable[[], Command[T]], group: bool = False
+    ) -> asyncio.Future[T]:
         """Queue a command; its future has the result once it is committed (or its error).
 
         ``factory`` is called when the command's turn comes, so it decides on the state as
-        the commands before it left it.
+        the commands before it left it. ``group``: it may be made durable together with the
+        commands of the same kind queued right behind it (see the module docstring).
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         if self.refusing:
             fut.set_exception(Stopping(self.refusing))
             return fut
-        self._jobs.append(_Job(what, factory, fut))
+        self._jobs.append(_Job(what, factory, fut, group=group))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain())
         return fut
@@ -175,6 +226,9 @@ class Executor:
         while self._jobs:
             job = self._jobs.popleft()
             if job.future.cancelled():
+                continue
+            if job.group and self.grouping is not None and self._jobs and self._jobs[0].group:
+                await self._run_group(job, self.grouping)
                 continue
             self._running = job
             try:
@@ -195,6 +249,62 @@ class Executor:
                     job.future.set_result(result)
             finally:
                 self._running = None
+
+    async def _run_group(self, first: _Job, g: Grouping) -> None:
+        """``first`` and the grouped commands queued behind it, made durable together."""
+        joined: list[tuple[_Job, Any]] = []
+        error: Exception | None = None
+        g.open()
+        job: _Job | None = first
+        try:
+            while job is not None:
+                self._running = job
+                mark = g.staged()
+                try:
+                    result = await self._drive(job)
+                except Exception as exc:
+                    if g.staged() != mark:
+                        joined.append((job, None))
+                        raise _Cut(exc) from exc
+                    _answer(job, error=exc)  # refused or undone: no part of the group
+                else:
+                    joined.append((job, result))
+                job = self._next_grouped(len(joined))
+            if joined:
+                self._running = joined[-1][0]
+                n = len(joined)
+                await self._off_loop(joined[-1][0], Work(f"storing {n} changes", g.flush))
+        except _Cut as cut:
+            error = cut.error
+            try:
+                await self._off_loop(joined[-1][0], Work("undoing a group", g.abandon))
+            except Exception:
+                log.exception("undoing a group of %d changes failed", len(joined))
+        except Exception as exc:  # the flush failed: it undid the group
+            error = exc
+        except BaseException as exc:  # a crash or the loop stopping: every caller hears
+            g.close(False)
+            running = [job] if job is not None and all(job is not j for j, _ in joined) else []
+            for j in [*(j for j, _ in joined), *running]:
+                if isinstance(exc, asyncio.CancelledError):
+                    j.future.cancel()
+                else:
+                    _answer(j, error=exc)
+            raise
+        finally:
+            self._running = None
+        if len(joined) > 1:
+            self.groups += 1
+        g.close(error is None)
+        for j, result in joined:
+            _answer(j, result, error)
+
+    def _next_grouped(self, n: int) -> _Job | None:
+        while n < MAX_GROUP and self._jobs and self._jobs[0].group:
+            job = self._jobs.popleft()
+            if not job.future.cancelled():
+                return job
+        return None
 
     async def _drive(self, job: _Job) -> Any:
         command = job.factory()

@@ -23,6 +23,7 @@ from apmatrixd.kernel.features import Features
 from apmatrixd.service import apply, boot, managers, ops, startup
 from apmatrixd.service.apply import Applied
 from apmatrixd.service.executor import Command, Executor, Work
+from apmatrixd.service.group import GroupCommit
 from apmatrixd.service.state import Changes, State
 from apmatrixd.service.tx import Transaction
 from apmatrixd.service.views import AdapterView, HostView, MatrixView, loss_reasons
@@ -51,6 +52,8 @@ class Service:
         self.store = store
         self.state = State(layout=kernel.layout, version=version)
         self.executor = Executor(self._on_pending, pending_after)
+        self.grouping = GroupCommit(self.state, kernel, store, self._send, self.request_resync)
+        self.executor.grouping = self.grouping
         self._listeners: list[Listener] = []
         self.startup_drift: list[tuple[str, str]] = []  # sent once the daemon serves
         # Asked for when a command could not read back what it did (hotplug.py answers).
@@ -78,9 +81,16 @@ class Service:
         self._listeners.append(listener)
 
     def emit(self, changes: Changes) -> None:
+        """Tell the listeners (the bus: signals); a group's members' wait for its flush."""
         if self._generation_learnt:  # said with the change that taught it
             self._generation_learnt = False
             changes.host_changed = True
+        if self.grouping.held is not None:
+            self.grouping.held.merge(changes)
+            return
+        self._send(changes)
+
+    def _send(self, changes: Changes) -> None:
         if not changes:
             return
         for listener in list(self._listeners):
@@ -92,7 +102,7 @@ class Service:
     def _on_pending(self, text: str) -> None:
         if text != self.state.pending:
             self.state.pending = text
-            self.emit(Changes(host_changed=True))
+            self._send(Changes(host_changed=True))  # now, even while a group holds its own
 
     def count_refusal(self, error: str) -> None:
         """A call was answered with the D-Bus error ``error`` (Manager.Statistics).
@@ -114,7 +124,8 @@ class Service:
         may hold what nobody knows yet (an mdev removed outside, a failed undo)."""
         before = self.kernel.features
         try:
-            yield Work(tx.what, lambda p: tx.execute(self.kernel, self.store, p))
+            group = self.grouping.current
+            yield Work(tx.what, lambda p: tx.execute(self.kernel, self.store, p, group))
         except Exception:
             self.request_resync()
             self._learnt(before)
@@ -130,7 +141,15 @@ class Service:
             self._generation_learnt = True
 
     def read_guest(self, uuid: str) -> Command[tuple[Apqn, ...] | None]:
-        """What the guest of ``uuid`` gets now; None (logged, resync asked) if unreadable."""
+        """What the guest of ``uuid`` gets now; None (logged, resync asked) if unreadable.
+
+        In a group it is read once per matrix, when the group is stored (group.py): until
+        then the last view read stands (None for a new matrix)."""
+        group = self.grouping.current
+        if group is not None:
+            group.guests.add(uuid)
+            meta = self.state.meta.get(uuid)
+            return meta.guest if meta is not None else None
         try:
             guest = yield Work(f"reading the guest view of {uuid}",
                                lambda _p: self.kernel.read_guest(uuid))  # fmt: skip
@@ -173,6 +192,17 @@ class Service:
     ) -> asyncio.Future[T]:
         """Queue an operation; the future has its result once it is committed."""
         return self.executor.submit(what, lambda: op(self, *args, **kw))
+
+    def change(
+        self,
+        what: str,
+        op: Callable[Concatenate[Service, P], Command[T]],
+        *args: P.args,
+        **kw: P.kwargs,
+    ) -> asyncio.Future[T]:
+        """Queue a caller's change whose kernel writes all have an inverse: it may be made
+        durable together with the ones queued behind it (see group.py)."""
+        return self.executor.submit(what, lambda: op(self, *args, **kw), group=True)
 
     # -- views ------------------------------------------------------------------------------
     @property

@@ -3,16 +3,17 @@
 In this order, before READY=1:
 
 1. The intent journal (:mod:`apmatrixd.journal`). An intent left by a crash names the only
-   change that may be half done. If its stored records are all as it wanted, it was done;
-   if the stored records are neither before nor after, the store has moved on since and the
-   intent is stale. Otherwise it is rolled back: every mdev and the host pool it touched are
-   taken back to what the kernel held before, but only where the kernel still holds
-   something between before and after (anything else is someone else's edit, left alone),
-   and an mdev is never re-created: one that is gone stays gone (a reboot, or the change was
-   our own removal, which is then completed in the store). A removal writes its files first:
-   cut before its mdev went, its files come back (no kernel write at start-up, which a guest
-   holding the mdev could block). The stored records go back to their before. The intent is
-   then cleared, durably.
+   change (or group of changes, journalled as one) that may be half done. If its stored
+   records are all as it wanted, it was done; if the stored records are neither before nor
+   after, the store has moved on since and the intent is stale. Otherwise it is rolled
+   back: every mdev and the host pool it touched are taken back to what the kernel held
+   before, but only where the kernel still holds something between before and after (or
+   between the bounds a group passed through; anything else is someone else's edit, left
+   alone), and an mdev is never re-created: one that is gone stays gone (a reboot, or the
+   change was our own removal, which is then completed in the store). A removal writes its
+   files first: cut before its mdev went, its files come back (no kernel write at start-up,
+   which a guest holding the mdev could block). The stored records go back to their
+   before. The intent is then cleared, durably.
 2. Every live mdev enters the registry with the sets the kernel holds (a stored UUID is that
    matrix, with its name and autostart; an unknown one is *adopted*).
 3. After a reboot (the boot id differs from the one stored with them) the stored reservations
@@ -319,13 +320,18 @@ def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> b
         return True
     log.warning("rolling back the interrupted change %r", intent.what)
     for u, i in reversed(list(items.items())):
-        before, after = _sets(i["kernel_before"]), _sets(i["kernel_after"])
-        if _take(kernel, u, found[u], before, after, to=before):
+        before = _sets(i["kernel_before"])
+        # A group's intent bounds every set it passed through; one change's, before and after.
+        low = _sets(i.get("kernel_low", i["kernel_before"]))
+        high = _sets(i.get("kernel_high", i["kernel_after"]))
+        if _take(kernel, u, found[u], low, high, to=before):
             log.info("matrix %s taken back to what it held before the interrupted change", u)
     if intent.pool is not None and cur_pool is not None:
-        before_pool, after_pool = _pool(intent.pool["before"]), _pool(intent.pool["after"])
+        before_pool = _pool(intent.pool["before"])
+        low_pool = _pool(intent.pool.get("low", intent.pool["before"]))
+        high_pool = _pool(intent.pool.get("high", intent.pool["after"]))
         if cur_pool != before_pool:
-            if _pool_within(cur_pool, before_pool, after_pool):
+            if _pool_within(cur_pool, low_pool, high_pool):
                 kernel.set_pool(cur_pool, before_pool)
                 log.info("host pool taken back to what it was before the interrupted change")
             else:
@@ -337,16 +343,17 @@ def _take(
     kernel: Kernel,
     u: str,
     cur: Matrix | None,
-    before: Matrix | None,
-    after: Matrix | None,
+    low: Matrix | None,
+    high: Matrix | None,
     *,
     to: Matrix | None,
 ) -> bool:
-    """Take the mdev ``u`` from ``cur`` to ``to`` (``before`` or ``after``), but only if it
-    holds something between the two and is there at all; True if it was written."""
+    """Take the mdev ``u`` from ``cur`` to ``to``, but only if it holds something between
+    ``low`` and ``high`` (what the change passed through) and is there at all; True if it
+    was written."""
     if _same(cur, to) or cur is None:
         return False  # there, or gone (a reboot, or our removal): never re-created
-    if not _within(cur, before, after):
+    if not _within(cur, low, high):
         log.warning("matrix %s: the kernel holds more than the interrupted change did;"
                     " left as it is", u)  # fmt: skip
         return False

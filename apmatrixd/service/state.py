@@ -8,10 +8,11 @@ all: a commit step never awaits.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal, get_args
 
 from apmatrixd.chzdev import BootPool, Stamp
@@ -35,6 +36,17 @@ class Changes:
     adapters_removed: set[int] = field(default_factory=set)
     host_changed: bool = False
     drift: list[tuple[str, str]] = field(default_factory=list)
+
+    def merge(self, later: Changes) -> None:
+        """Add what ``later`` changed (a group sends its members' changes as one)."""
+        self.matrices_added |= later.matrices_added
+        self.matrices_changed |= later.matrices_changed
+        self.matrices_removed |= later.matrices_removed
+        self.adapters_added |= later.adapters_added
+        self.adapters_changed |= later.adapters_changed
+        self.adapters_removed |= later.adapters_removed
+        self.host_changed = self.host_changed or later.host_changed
+        self.drift += later.drift
 
     def __bool__(self) -> bool:
         return bool(
@@ -145,6 +157,27 @@ class State:
     boot_pool: BootPool | None = None
     boot_stamp: Stamp | None = None
     boot_drift: str = ""
+
+    # -- a group's way back ------------------------------------------------------------------
+    def snapshot(self) -> State:
+        """A copy to go back to (:meth:`restore`) if a group of changes cannot be stored.
+
+        Shallow where the values are immutable (views, records, infos), so it costs a copy
+        of each container, not of the host."""
+        snap = copy.copy(self)
+        snap.registry = self.registry.copy()
+        snap.meta = {u: copy.copy(m) for u, m in self.meta.items()}
+        snap.infos = dict(self.infos)
+        snap.adapters = dict(self.adapters)
+        snap.on_disk = dict(self.on_disk)
+        snap.mdevctl_seen = dict(self.mdevctl_seen)
+        snap.stats = copy.deepcopy(self.stats)
+        return snap
+
+    def restore(self, snap: State) -> None:
+        """Back to ``snap`` in place (readers hold this object, not a copy)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(snap, f.name))
 
     # -- inventory ------------------------------------------------------------------------
     def take_inventory(self, infos: dict[int, AdapterInfo]) -> None:

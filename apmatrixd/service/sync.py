@@ -32,7 +32,7 @@ once, and:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -151,11 +151,43 @@ def read_adapters(
     return fresh
 
 
+RESCAN_CYCLE = 3600.0
+"""Seconds within which the rescan timer re-reads every live mdev, a slice per tick."""
+RESCAN_ALL = 8
+"""Up to this many live mdevs, every tick re-reads them all."""
+
+
+def rescan_slice(svc: Service, tick: int, interval: float) -> list[str]:
+    """The live mdevs the rescan timer's ``tick``-th tick re-reads: all of them on a host
+    with few, else a slice, so that every one is re-read within :data:`RESCAN_CYCLE`.
+
+    What the slice skips is only what no uevent announces and nothing relies on being
+    fresh: a matrix's sets changed by hand (echo to assign_adapter), and a guest starting or
+    stopping (InUse). Everything else comes with uevents, and any burst of them re-reads
+    every mdev: hot plug, bindings, the host pool moving queues, an mdev created or removed
+    outside (the mdev bus's add/remove; a lost uevent re-reads everything). A change re-reads
+    the mdevs it writes before writing (a hand edit not yet seen is never merged into, nor
+    silently kept), Stop and Remove ask the kernel whether a guest runs, and a write the
+    kernel refuses (a hand-assigned APQN the registry did not know) asks for a re-read of
+    everything. So a hand edit shows as Drift within one cycle instead of one tick; until
+    then Check can miss a claim it makes, and the kernel refuses what would clash with it."""
+    live = sorted(u for u, m in svc.state.meta.items() if m.live)
+    if len(live) <= RESCAN_ALL or interval <= 0:
+        return live
+    per_tick = max(RESCAN_ALL, -(-len(live) * interval // RESCAN_CYCLE))
+    n = int(per_tick)
+    start = (tick * n) % len(live)
+    return (live[start:] + live[:start])[:n]
+
+
 def _contradicted(infos: Mapping[int, AdapterInfo], mdevs: Mapping[str, MdevInfo]) -> set[int]:
     """The cards whose ``configured`` the guest views contradict: a guest holds one read as
     deconfigured, or lacks one read as configured whose queues it would get (the kernel's
     rule, as ``Kernel._guest_view`` computes it where there is no ``guest_matrix``)."""
-    usage = frozenset(d for a in infos.values() for d in a.domains)
+    if not mdevs:
+        return set()
+    # One C-level union: a generator over 256 x 256 queues cost a rescan tick 10 ms.
+    usage: frozenset[int] = frozenset().union(*(a.domains for a in infos.values()))
     out: set[int] = set()
     for m in mdevs.values():
         held = {q.adapter for q in m.guest_apqns}
@@ -181,10 +213,12 @@ def resync(
     everything: bool = False,
     pool: bool = False,
     bindings: bool = False,
+    only: Sequence[str] | None = None,
 ) -> Command[Changes]:
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
-    cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev;
-    publish what changed as one batch. A failed read changes nothing and raises."""
+    cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev (or
+    the live ones of ``only``: the rescan timer's slice, :func:`rescan_slice`); publish what
+    changed as one batch. A failed read changes nothing and raises."""
     st, k = svc.state, svc.kernel
     w = set(whole)
     n = {a: set(d) for a, d in (named or {}).items() if a not in w}
@@ -196,7 +230,7 @@ def resync(
         infos = read_adapters(k, known, c, w, n, everything)
         now = infos if infos is not None else known
         host = k.read_pool(now) if want_pool else None
-        mdevs = k.read_mdevs(now)
+        mdevs = k.read_mdevs(now, only)
         # guest_matrix is read after the cards (or, for cards this burst does not name, a
         # batch later): a card that left or came back meanwhile shows in it, not in `now`.
         # Read those cards again, so no batch shows a guest holding a deconfigured adapter.
@@ -214,7 +248,7 @@ def resync(
         _take(svc, changes, r.infos)
     if r.pool is not None:
         _sync_pool(svc, changes, r.pool, before)
-    adopted = _sync_mdevs(svc, changes, r.mdevs)
+    adopted = _sync_mdevs(svc, changes, r.mdevs, only)
     if r.definitions is not None:
         managers.take_scan(svc, changes, r.definitions)
     if r.pool is not None:  # the pool and every mdev re-read: what the rescan timer asks for
@@ -337,13 +371,16 @@ def _pool_drift(
     return "host queues moved between drivers: " + ",".join(map(str, moved[:16])) + more
 
 
-def _sync_mdevs(svc: Service, changes: Changes, seen: dict[str, MdevInfo]) -> list[str]:
-    """Bring every matrix in step with the mdevs read; the stored ones whose drift was
-    adopted (to be stored)."""
+def _sync_mdevs(
+    svc: Service, changes: Changes, seen: dict[str, MdevInfo], only: Sequence[str] | None = None
+) -> list[str]:
+    """Bring every matrix (or those of ``only``) in step with the mdevs read; the stored ones
+    whose drift was adopted (to be stored)."""
     st = svc.state
     adopted: list[str] = []
+    asked = None if only is None else frozenset(only)
     for uuid, gone in sorted(st.meta.items()):
-        if gone.live and uuid not in seen:
+        if gone.live and uuid not in seen and (asked is None or uuid in asked):
             if gone.manager == EXTERNAL:
                 # Only ever adopted, never ours: nothing keeps it once its mdev is gone.
                 m = st.registry.get(uuid)

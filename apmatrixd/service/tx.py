@@ -7,7 +7,8 @@ the worker thread:
 1. the live mdevs it touches are read again, so the writes are computed from what sysfs
    holds, not from what the registry believes (a drift not yet seen is overwritten by the
    caller's explicit target, never merged into it);
-2. the intent goes to the journal, durably, before the first write;
+2. the intent goes to the journal before the first write (made durable before the store
+   writes, if there are several: see journal.py);
 3. the kernel writes, under the s390 configuration lock;
 4. the store writes;
 5. the intent is cleared.
@@ -17,20 +18,27 @@ done and then the kernel writes. Either way the error is raised and nothing of t
 left. Removing an mdev has no inverse (an mdev is never re-created to undo anything), so a
 removal runs 4 before 3 (``store_first``): a store failure comes before the kernel is
 touched, and start-up puts the files of a removal cut between the two back.
+
+In a group (:mod:`apmatrixd.service.group`) 2 writes the group's intent so far, without a
+sync, and 4 and 5 wait for the group's flush.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apmatrixd.core import HostPool, Matrix
 from apmatrixd.journal import Intent, JournalError
 from apmatrixd.kernel import Kernel, KernelError, Write
 from apmatrixd.service.executor import Progress
 from apmatrixd.store import Reservations, Store, StoredMatrix, StoreError
+
+if TYPE_CHECKING:
+    from apmatrixd.service.group import Group
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +106,9 @@ class Transaction:
     def writes_reservations(self) -> bool:
         return self.reservations is not None and self.reservations != self.reservations_before
 
-    def execute(self, kernel: Kernel, store: Store | None, progress: Progress) -> None:
+    def execute(
+        self, kernel: Kernel, store: Store | None, progress: Progress, group: Group | None = None
+    ) -> None:
         found: dict[str, Matrix | None] = {}
         writes: list[Write] = []
         removals: list[Write] = []
@@ -135,11 +145,14 @@ class Transaction:
         res = store is not None and self.writes_reservations()
         if not writes and not ops and not res:
             return
+        if group is not None:
+            self._join(group, kernel, store, writes, found, progress)
+            return
         if store is not None:
             progress.text = "writing the intent journal"
             self.boot = kernel.boot_id()
-            try:
-                store.journal.begin(self.intent(found))
+            try:  # synced only before a write of several files (see journal.py)
+                store.journal.stage(self.intent(found))
             except JournalError as err:
                 raise StoreError(str(err)) from err
         clean = True  # every write of a failed change undone: nothing left for start-up
@@ -158,7 +171,7 @@ class Transaction:
                 try:
                     self._store(store, ops, res, progress)
                 except Exception:
-                    clean = self._undo_kernel(kernel, done, progress) and not self.unclean
+                    clean = self.undo_kernel(kernel, done, progress) and not self.unclean
                     raise
         except Exception:
             # A crash (anything that is not an Exception) leaves the intent for start-up, and
@@ -171,6 +184,42 @@ class Transaction:
             raise
         if store is not None:
             store.journal.end()
+
+    def _join(
+        self,
+        group: Group,
+        kernel: Kernel,
+        store: Store | None,
+        writes: list[Write],
+        found: Mapping[str, Matrix | None],
+        progress: Progress,
+    ) -> None:
+        """In a group (group.py): this change's intent added to the group's in the journal,
+        the kernel writes now, the store writes held for the group's flush."""
+        if self.store_first or any(w.undo_path is None for w in writes):
+            raise RuntimeError(f"{self.what}: a change without an inverse cannot join a group")
+        mark = 0
+        if store is not None:
+            progress.text = "writing the intent journal"
+            self.boot = kernel.boot_id()
+            try:
+                if group.members:
+                    mark = store.journal.append(self.intent(found))
+                else:
+                    store.journal.stage(self.intent(found))
+            except JournalError as err:
+                raise StoreError(str(err)) from err
+        try:
+            done = self._kernel(kernel, writes, progress)
+        except Exception:
+            if store is not None:  # undone: the journal holds the group without it
+                with contextlib.suppress(JournalError):
+                    if group.members:
+                        store.journal.cut(mark)
+                    else:
+                        store.journal.end()
+            raise
+        group.join(self, done)
 
     def intent(self, found: Mapping[str, Matrix | None]) -> Intent:
         intent = Intent(self.what, boot=self.boot, store_first=self.store_first)
@@ -219,7 +268,7 @@ class Transaction:
         return done
 
     @staticmethod
-    def _undo_kernel(kernel: Kernel, done: list[Write], progress: Progress) -> bool:
+    def undo_kernel(kernel: Kernel, done: list[Write], progress: Progress) -> bool:
         if not done:
             return True
         progress.text = "undoing the kernel writes (the store failed)"
@@ -264,6 +313,11 @@ class Transaction:
         if store is None:
             return lambda: True
         try:
+            if len(ops) + res > 1:  # some renames could be durable and not others
+                try:
+                    store.journal.sync()
+                except JournalError as err:
+                    raise StoreError(str(err)) from err
             for u, rec in ops:
                 progress.text = f"storing matrix {u}"
                 # Before the write: one that fails after its rename is undone too.

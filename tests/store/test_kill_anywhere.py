@@ -159,6 +159,8 @@ def make_op(rng: random.Random, state: State) -> Op:
         )
         for t in targets:
             (sets[t].add if kind == "assign" else sets[t].discard)(i)
+        if have.control_usage_domains:  # a usage domain stays a control domain
+            sets["control_domain"] |= sets["domain"]
         sm = replace(
             have,
             adapters=frozenset(sets["adapter"]),
