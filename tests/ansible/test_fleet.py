@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from fleetrig import BIN, COLLECTIONS, ctl, fleet, playbook
+from rigs import unavailable
 
 N = 20
 CLASH = 5  # hosts where the third document conflicts
@@ -33,7 +34,7 @@ MORE = {**LAYOUT, "matrices": [*LAYOUT["matrices"], GUEST3]}
 
 def need_ansible() -> None:
     if not (BIN / "ansible-playbook").exists():
-        pytest.skip("ansible-core is not installed (pip install '.[test]')")
+        unavailable("ansible-core is not installed (pip install '.[test]')")
 
 
 def listed(host: Any) -> list[tuple[str, str, list[int], list[int]]]:

@@ -118,12 +118,11 @@ def test_each_generation_end_to_end(nsrig: NsRig, system_bus: str) -> None:
             t0 = time.monotonic()
             stop = asyncio.ensure_future(c.ok(P1, MATRIX, "StopWithOptions", "a{sv}", [forced]))
             await asyncio.sleep(0.2)
-            for _ in range(5):
-                r0 = time.monotonic()
+            for _ in range(5):  # answered while the Stop still waits (how fast: bench/)
                 await other.call(ROOT, "org.freedesktop.DBus.Peer", "Ping")
                 got = await other.call(ROOT, "org.freedesktop.DBus.Properties", "GetAll", "s",
                                        [MANAGER])  # fmt: skip
-                assert got.body and time.monotonic() - r0 < 0.5
+                assert got.body
                 assert not stop.done()
             await stop
             assert time.monotonic() - t0 >= 0.9  # QEMU took its second

