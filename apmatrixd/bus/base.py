@@ -257,8 +257,10 @@ class Dispatcher:
             return Message.new_method_return(msg, "s", [text])
         found = self.find(msg)
         if found is None:
-            if msg.unix_fds:  # nothing of dbus-fast's takes a descriptor: never leak one
-                asyncio.get_running_loop().call_soon(_close_all, list(msg.unix_fds))
+            # Nothing of dbus-fast's takes a descriptor: closed now, before dbus-fast answers,
+            # so a caller that has its reply knows the daemon holds none of its descriptors
+            # (a later callback would wait behind every message already in the socket).
+            _close_all(msg.unix_fds)
             return False
         task = asyncio.ensure_future(self._run(msg, *found))
         self._tasks.add(task)

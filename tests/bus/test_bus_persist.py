@@ -239,7 +239,8 @@ def test_mdevctl_import_and_export_over_dbus(start: DaemonFactory, tmp_path: Pat
     # the daemon kept no descriptor of ours
     fd_dir = f"/proc/{d.proc.pid}/fd"
     fds = {os.readlink(f"{fd_dir}/{n}") for n in os.listdir(fd_dir)}
-    assert not {str(out), str(other), str(a_file)} & fds, fds
+    kept = {str(out), str(other), str(a_file)} & fds
+    assert not kept, kept
 
 
 # -- kill -9 anywhere, for real -------------------------------------------------------------------
