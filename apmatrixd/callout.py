@@ -32,6 +32,7 @@ from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from apmatrixd import mdevctl
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.bus import names
 from apmatrixd.core import InvalidArgument
 from apmatrixd.core.matrix import normalize_uuid
@@ -56,8 +57,8 @@ class Deferred(Exception):
     """apmatrixd cannot be asked: leave it to the next callout."""
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def parser() -> DocumentedParser:
+    p = DocumentedParser(
         prog="apmatrixd-callout",
         description="mdevctl callout: apmatrixd decides what mdevctl does with vfio_ap matrices",
     )

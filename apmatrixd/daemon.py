@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
 
 from apmatrixd import __version__, notify
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.auth import Authority
 from apmatrixd.bus import names
 from apmatrixd.bus.base import ApmatrixBus
@@ -56,9 +57,9 @@ class StartupError(Exception):
     """Something the admin must fix; printed as one line, exit status 1."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> DocumentedParser:
     """The daemon's options (also the source of its man page, apmatrixd(8))."""
-    p = argparse.ArgumentParser(
+    p = DocumentedParser(
         prog="apmatrixd",
         description="Keeps IBM Z AP matrices (vfio_ap mediated devices) conflict-free and "
         "serves them on D-Bus as " + names.BUS_NAME + ".",
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on the in-process kernel emulator (built-in scenario name or TOML file; "
         "default: the 2017 design document's host)",
     )
-    bus = p.add_mutually_exclusive_group()
+    bus = p.exclusive()
     bus.add_argument("--bus-address", metavar="ADDR", help="connect to this D-Bus address")
     bus.add_argument("--session", action="store_true", help="use the session bus")
     bus.add_argument(

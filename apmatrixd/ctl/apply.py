@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from dbus_fast import Variant
 
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.bus import names
 from apmatrixd.ctl.client import Connection, CtlError, unvariant
 from apmatrixd.ctl.output import Output
 
-Sub = Any
 MAX_BYTES = 1 << 20  # the daemon's limit too: a larger file is refused before the call
 
 
-def register(sub: Sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
+def register(cmds: DocumentedParser) -> None:
+    p = cmds.command(
         "apply",
-        parents=[common],
         help="bring the host to a declared layout (reservations and matrices), all or nothing",
         description=(
             "Apply a declared document (YAML or JSON): the adapters and domains to reserve "

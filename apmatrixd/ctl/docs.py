@@ -8,35 +8,30 @@ Nothing here may depend on the terminal's width or the date: the output is compa
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from apmatrixd import __version__
+from apmatrixd.argdoc import DocumentedParser
 
 MATRIX_ARG = "matrix"
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> tuple[dict[str, Any], dict[str, str]]:
-    for act in parser._actions:
-        if isinstance(act, argparse._SubParsersAction):
-            helps = {a.dest: a.help or "" for a in act._choices_actions}
-            return dict(act.choices), helps
-    return {}, {}
+def _subparsers(
+    parser: DocumentedParser,
+) -> tuple[dict[str, DocumentedParser], dict[str, str]]:
+    cmds = parser.commands
+    return {n: sp for n, (sp, _) in cmds.items()}, {n: h for n, (_, h) in cmds.items()}
 
 
-def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS]
+def _options(parser: DocumentedParser) -> list[argparse.Action]:
+    return parser.options()
 
 
-def _positionals(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [
-        a
-        for a in parser._actions
-        if not a.option_strings and not isinstance(a, argparse._SubParsersAction)
-    ]
+def _positionals(parser: DocumentedParser) -> list[argparse.Action]:
+    return parser.positionals()
 
 
 # -- bash ---------------------------------------------------------------------------------------
-def bash_completion(parser: argparse.ArgumentParser) -> str:
+def bash_completion(parser: DocumentedParser) -> str:
     subs, _ = _subparsers(parser)
     top = " ".join(o for a in _options(parser) for o in a.option_strings)
     cases = []
@@ -104,7 +99,7 @@ def _opt_synopsis(a: argparse.Action) -> str:
     return f"{names} \\fI{_roff(str(meta))}\\fR"
 
 
-def _usage(name: str, sp: argparse.ArgumentParser) -> str:
+def _usage(name: str, sp: DocumentedParser) -> str:
     parts = [f"\\fBapmatrixctl\\fR [\\fIOPTIONS\\fR] \\fB{_roff(name)}\\fR"]
     for a in _positionals(sp):
         meta = _roff(str(a.metavar or a.dest.upper()))
@@ -117,7 +112,7 @@ def _usage(name: str, sp: argparse.ArgumentParser) -> str:
     return " ".join(parts)
 
 
-def man_page(parser: argparse.ArgumentParser) -> str:
+def man_page(parser: DocumentedParser) -> str:
     from apmatrixd.ctl.main import DESCRIPTION, EXIT_HELP, IDS_HELP, JSON_HELP
 
     subs, helps = _subparsers(parser)

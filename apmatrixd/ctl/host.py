@@ -6,33 +6,29 @@ import argparse
 import textwrap
 from typing import Any
 
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.bus import names
 from apmatrixd.ctl.client import Connection, CtlError, HostInfo, Snapshot
 from apmatrixd.ctl.ids import format_apqn, format_ids
 from apmatrixd.ctl.output import Output
 from apmatrixd.ctl.picture import GuestPicture, HostPicture, Proposal
 
-Sub = Any
 
-
-def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any) -> None:
-    p = sub.add_parser("adapters", parents=[common], help="list the AP adapters and who holds them")
+def register(cmds: DocumentedParser, idtype: Any) -> None:
+    p = cmds.command("adapters", help="list the AP adapters and who holds them")
     p.set_defaults(func=cmd_adapters)
 
     for verb, what in (
         ("reserve", "take adapters and domains out of the host pool, for matrices"),
         ("release", "give adapters and domains back to the host pool"),
     ):
-        p = sub.add_parser(
-            verb, parents=[common], help=what, description=what[0].upper() + what[1:] + "."
-        )
+        p = cmds.command(verb, help=what, description=what[0].upper() + what[1:] + ".")
         p.add_argument("-a", "--adapters", type=idtype, metavar="IDS", help="adapter ids (hex)")
         p.add_argument("-d", "--domains", type=idtype, metavar="IDS", help="domain ids (hex)")
         p.set_defaults(func=cmd_pool, verb=verb)
 
-    p = sub.add_parser(
+    p = cmds.command(
         "check",
-        parents=[common],
         help="dry run: would these APQNs be free? names every clash and its owner",
         description="Dry run. Without MATRIX: would a new matrix of ADAPTERS x DOMAINS be "
         "accepted? With MATRIX: would assigning them to it be? Names every clashing APQN and its "
@@ -43,9 +39,8 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any) -> None:
     p.add_argument("-d", "--domains", type=idtype, metavar="IDS", help="domain ids (hex)")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser(
+    p = cmds.command(
         "picture",
-        parents=[common],
         help="draw who owns every APQN; with MATRIX, what its guest really gets",
     )
     p.add_argument("matrix", metavar="MATRIX", nargs="?", help="name, UUID or unique UUID prefix")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from apmatrixd import __version__
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.ctl import apply, host, matrices, mdevctl, metrics, monitor
 from apmatrixd.ctl.client import Connection, CtlError, Target
 from apmatrixd.ctl.ids import IdError, parse_ids
@@ -77,7 +78,7 @@ exit status:
 EPILOG = "\n\n".join([IDS_HELP, JSON_HELP, EXIT_HELP])
 
 
-class Parser(argparse.ArgumentParser):
+class Parser(DocumentedParser):
     """argparse, but usage errors name the program once and exit 2 without a traceback."""
 
     def error(self, message: str) -> Any:
@@ -96,11 +97,10 @@ def _idtype(allow_none: bool) -> Any:
     return parse
 
 
-def _common(top: bool) -> argparse.ArgumentParser:
+def _common(p: DocumentedParser, top: bool) -> None:
     """Bus and output options, accepted before or after the command."""
     off: Any = False if top else argparse.SUPPRESS
-    p = argparse.ArgumentParser(add_help=False)
-    x = p.add_mutually_exclusive_group()
+    x = p.exclusive()
     x.add_argument(
         "--address",
         metavar="ADDR",
@@ -120,7 +120,6 @@ def _common(top: bool) -> argparse.ArgumentParser:
         default=off,
         help="print JSON (its shapes: apmatrixctl --help, or JSON in apmatrixctl(1))",
     )
-    return p
 
 
 def build_parser() -> Parser:
@@ -129,8 +128,8 @@ def build_parser() -> Parser:
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[_common(True)],
     )
+    _common(p, True)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
         "--print-completion",
@@ -139,15 +138,15 @@ def build_parser() -> Parser:
     )
     p.add_argument("--print-man", action="store_true", help="print the man page (roff) and exit")
     p.add_argument("--complete-matrices", action="store_true", help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    common = _common(False)
+    p.subcommands(dest="command", metavar="COMMAND")
+    p.on_command = lambda sp: _common(sp, False)
     ids, ids_none = _idtype(False), _idtype(True)
-    matrices.register(sub, common, ids, ids_none)
-    host.register(sub, common, ids)
-    monitor.register(sub, common)
-    mdevctl.register(sub, common)
-    metrics.register(sub, common)
-    apply.register(sub, common)
+    matrices.register(p, ids, ids_none)
+    host.register(p, ids)
+    monitor.register(p)
+    mdevctl.register(p)
+    metrics.register(p)
+    apply.register(p)
     return p
 
 

@@ -8,25 +8,23 @@ from typing import Any
 
 from dbus_fast import Variant
 
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.bus import names
 from apmatrixd.ctl.client import Connection, CtlError, MatrixInfo
 from apmatrixd.ctl.ids import format_ids
 from apmatrixd.ctl.output import Output, matrix_block
 
-Sub = Any  # argparse's private _SubParsersAction
 
-
-def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any, idtype_none: Any) -> None:
-    p = sub.add_parser("list", parents=[common], help="list the matrices")
+def register(cmds: DocumentedParser, idtype: Any, idtype_none: Any) -> None:
+    p = cmds.command("list", help="list the matrices")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("show", parents=[common], help="show one matrix")
+    p = cmds.command("show", help="show one matrix")
     p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser(
+    p = cmds.command(
         "create",
-        parents=[common],
         help="define a matrix and start it (a refused one is drawn)",
         description="Define a matrix and, unless --no-start, make it live at once. All or "
         "nothing; a refused proposal is drawn over the host's picture with the clashes marked.",
@@ -52,7 +50,7 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any, idtype_none
             "make a matrix mdevctl manages, or an mdev made outside apmatrixd, apmatrixd's",
         ),
     ):
-        p = sub.add_parser(verb, parents=[common], help=what)
+        p = cmds.command(verb, help=what)
         p.add_argument(
             "matrix",
             metavar="MATRIX",
@@ -83,25 +81,20 @@ def register(sub: Sub, common: argparse.ArgumentParser, idtype: Any, idtype_none
         ),
         ("update", "replace the given sets (atomic); 'none' empties a set"),
     ):
-        p = sub.add_parser(
-            verb, parents=[common], help=what, description=what[0].upper() + what[1:] + "."
-        )
+        p = cmds.command(verb, help=what, description=what[0].upper() + what[1:] + ".")
         p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
         _sets(p, idtype_none if verb == "update" else idtype)
         p.set_defaults(func=cmd_change, verb=verb)
 
     what = "rename a matrix or change its autostart (no APQN changes)"
-    p = sub.add_parser(
-        "configure", parents=[common], help=what, description=what[0].upper() + what[1:] + "."
-    )
+    p = cmds.command("configure", help=what, description=what[0].upper() + what[1:] + ".")
     p.add_argument("matrix", metavar="MATRIX", help="name, UUID or unique UUID prefix")
     p.add_argument("--name", help="the new name ('' for none)")
     p.add_argument("--autostart", choices=("yes", "no"), help="start it at boot")
     p.set_defaults(func=cmd_configure)
 
-    p = sub.add_parser(
+    p = cmds.command(
         "libvirt",
-        parents=[common],
         help="print the matrix's <hostdev> for a libvirt domain (--nodedev: its node device)",
         description="Print the <hostdev mode='subsystem' type='mdev' model='vfio-ap'> element "
         "that gives a libvirt domain this matrix (paste it into <devices>, or 'virsh "

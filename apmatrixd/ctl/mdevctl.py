@@ -6,21 +6,21 @@ import argparse
 import os
 from typing import Any
 
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.bus import names
 from apmatrixd.ctl.client import Connection, CtlError
 from apmatrixd.ctl.output import Output, matrix_block
 
-Sub = Any
 MDEVCTL_DIR = "/etc/mdevctl.d"
 
 
-def register(sub: Sub, common: argparse.ArgumentParser) -> None:
+def register(cmds: DocumentedParser) -> None:
     adopt = "adopt mdevctl's vfio_ap definitions (refused if any clash)"
     for name, func, text in (
         ("import-mdevctl", cmd_import, adopt),
         ("export-mdevctl", cmd_export, "write the matrices as mdevctl definitions"),
     ):
-        p = sub.add_parser(name, parents=[common], help=text)
+        p = cmds.command(name, help=text)
         p.add_argument(
             "dir",
             metavar="DIR",

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.atfile import replace_at
 from apmatrixd.bus import names
 from apmatrixd.ctl.client import Connection, CtlError, Snapshot
@@ -25,7 +26,6 @@ from apmatrixd.ctl.picture import HostPicture
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-Sub = Any
 PREFIX = "apmatrix"
 STATES = ("defined", "active", "degraded")
 OWNERS = ("host", "free", "matrix")
@@ -39,10 +39,9 @@ REFUSALS = (
 increase() see the first refusal of each."""
 
 
-def register(sub: Sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
+def register(cmds: DocumentedParser) -> None:
+    p = cmds.command(
         "metrics",
-        parents=[common],
         help="print the host's metrics in the Prometheus text format (node_exporter)",
         description="Print the host's metrics in the Prometheus text exposition format: "
         "matrices by state, APQNs by owner, lost APQNs by reason, drifts, refused calls, the "

@@ -13,19 +13,18 @@ from typing import Any
 
 from dbus_fast import Message, MessageType
 
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.bus import names
 from apmatrixd.ctl.client import Connection, CtlError, unvariant
 from apmatrixd.ctl.ids import format_apqns, format_ids
 from apmatrixd.ctl.output import Output
 
-Sub = Any
 DBUS = "org.freedesktop.DBus"
 
 
-def register(sub: Sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
+def register(cmds: DocumentedParser) -> None:
+    p = cmds.command(
         "monitor",
-        parents=[common],
         help="follow the daemon's signals live, one line each, until Ctrl-C",
         description="Print one line per signal apmatrixd sends (InterfacesAdded, "
         "InterfacesRemoved, PropertiesChanged, Drift) and when it starts or stops, until Ctrl-C. "

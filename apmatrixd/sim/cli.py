@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
+from apmatrixd.argdoc import DocumentedParser
 from apmatrixd.sim.uevent import Sink, attach, sink_from_spec
 from apmatrixd.sim.vfs import SysfsTree, Uevent
 
@@ -406,15 +407,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> DocumentedParser:
+    parser = DocumentedParser(
         prog=PROG, description="The apmatrixd kernel emulator: an IBM Z AP host without hardware."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommands(dest="command", required=True, metavar="COMMAND")
     scenario_help = "built-in scenario name or a .toml file (default: %(default)s)"
 
-    p = sub.add_parser("mount", help="serve an emulated /sys at MOUNTPOINT (FUSE, foreground)")
+    p = parser.command("mount", help="serve an emulated /sys at MOUNTPOINT (FUSE, foreground)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--scenario", default="default", metavar="NAME|FILE", help=scenario_help)
     p.add_argument(
@@ -439,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="libfuse debug output")
     p.set_defaults(func=cmd_mount)
 
-    p = sub.add_parser("guest", help="start or stop a fake KVM guest on an mdev of a mount")
+    p = parser.command("guest", help="start or stop a fake KVM guest on an mdev of a mount")
     p.add_argument("action", choices=("attach", "detach"))
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("uuid", metavar="UUID")
@@ -452,15 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_guest)
 
-    p = sub.add_parser("scenarios", help="list the built-in scenarios")
+    p = parser.command("scenarios", help="list the built-in scenarios")
     p.set_defaults(func=cmd_scenarios)
 
-    p = sub.add_parser("show", help="summarise an emulated host")
+    p = parser.command("show", help="summarise an emulated host")
     p.add_argument("--scenario", default="default", metavar="NAME|FILE", help=scenario_help)
     p.add_argument("--kernel", metavar="VERSION", help="kernel generation (as for mount)")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("demo", help="walk through the design document's example in-process")
+    p = parser.command("demo", help="walk through the design document's example in-process")
     p.add_argument("--scenario", default="default", metavar="NAME|FILE", help=scenario_help)
     p.set_defaults(func=cmd_demo)
     return parser

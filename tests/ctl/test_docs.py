@@ -31,7 +31,7 @@ def test_the_daemon_man_page_ships_up_to_date_and_renders() -> None:
 
     page = REPO / "ctl" / "apmatrixd.8"
     assert page.read_text() == daemon_man_page(), REGEN
-    for a in daemon_parser()._actions:
+    for a in daemon_parser().options():
         for opt in a.option_strings:
             assert opt.replace("-", "\\-") in page.read_text(), opt
     need_tool("man", "man-db")
@@ -91,3 +91,31 @@ def test_man_page_renders() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "EXIT STATUS" in r.stdout and "a bare 47 is 0x47" in r.stdout
+
+
+def test_every_parser_records_what_its_help_shows() -> None:
+    """The pages are built from what the parsers recorded as they were declared: every
+    option and command `--help` shows is recorded, and nothing else."""
+    import re
+
+    from apmatrixd import callout
+    from apmatrixd.argdoc import DocumentedParser
+    from apmatrixd.ctl.main import build_parser as ctl_parser
+    from apmatrixd.daemon import build_parser as daemon_parser
+    from apmatrixd.sim.cli import build_parser as sim_parser
+
+    def check(p: DocumentedParser) -> int:
+        # argparse's usage line lists every option it knows that is not hidden (by its
+        # first name)
+        usage = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", p.format_usage()))
+        recorded = {a.option_strings[0] for a in p.options()}
+        assert recorded == usage, (p.prog, recorded ^ usage)
+        return len(recorded) + sum(check(sp) for sp, _ in p.commands.values())
+
+    for p in (ctl_parser(), daemon_parser(), sim_parser(), callout.parser()):
+        assert check(p) > 0
+    top = ctl_parser()
+    assert {"list", "create", "apply", "metrics", "monitor"} <= top.commands.keys()
+    assert set(top.commands) == set(
+        re.findall(r"^    (\S+)", top.format_help(), re.M)
+    ), "every command --help lists is recorded"
