@@ -17,8 +17,10 @@ arrive: no list of events is kept, so a storm costs memory per card touched, not
 The window adapts: as long as the burst has lasted so far, between ``settle_min`` (5 ms: a
 card's uevents come back to back) and ``settle`` (50 ms, reached once a storm has been going
 for that long), so a small burst is handled at once and a storm is still absorbed in few
-batches. While a large burst is being absorbed,
-``on_settling(True)`` is called once, and ``on_settling(False)`` once it has been handled.
+batches. A burst that is nothing but cards flipping ``config`` waits only ``settle_min`` once
+every queue it must bring has come (:class:`ConfigFlips`). While a large burst is being
+absorbed, ``on_settling(True)`` is called once, and ``on_settling(False)`` once it has been
+handled.
 """
 
 from __future__ import annotations
@@ -202,6 +204,50 @@ class Scope:
         return bool(self.events or self.everything)
 
 
+class ConfigFlips:
+    """Whether a burst so far is only cards flipping ``config``, each with all its queues.
+
+    The kernel's order (ap_bus.c: ``config_store()`` and ``ap_scan_adapter()``): the card's
+    ``change`` with ``CONFIG=`` first, then, from the bus scan, one ``CONFIG=`` ``change`` per
+    queue of the card (``ap_scan_domains()``). Once every queue the card is known to have has
+    reported, that card's part of the burst is over. What the scan does after the last uevent
+    (the other cards, vfio_ap's ``on_scan_complete`` updating guest views) sends no uevent of
+    its own, so the pump still waits ``settle_min`` after it, as for any small burst; a burst
+    that is anything else (another event, a card not known, a queue not expected) is left to
+    the adaptive window.
+    """
+
+    __slots__ = ("_left", "_other", "_queues")
+
+    def __init__(self, queues: Callable[[int], frozenset[int] | None]) -> None:
+        self._queues = queues  # the queues a card is known to have; None: card not known
+        self._left: dict[int, set[int]] = {}  # card -> queues still to report
+        self._other = False
+
+    def add(self, e: ApEvent) -> None:
+        if self._other:
+            return
+        a = e.adapter
+        if e.action == "change" and e.config is not None and a is not None:
+            if e.kind == "card" and a not in self._left:
+                known = self._queues(a)
+                if known is not None:
+                    self._left[a] = set(known)
+                    return
+            elif e.kind == "queue" and (d := e.domain) is not None and d in self._left.get(a, ()):
+                self._left[a].discard(d)
+                return
+        self._other = True
+
+    def lose(self) -> None:
+        self._other = True
+
+    @property
+    def complete(self) -> bool:
+        """Every card of the burst has had all its queues' flips, and nothing else came."""
+        return not self._other and bool(self._left) and not any(self._left.values())
+
+
 Handler = Callable[[Scope], "asyncio.Future[Any] | None"]
 """Called with the scope of one burst (``everything`` when events were lost); may return the
 future of the work it queued, and the burst counts as absorbed once that is done."""
@@ -225,8 +271,13 @@ class EventPump:
         max_delay: float = 2.0,
         storm: int = 64,
         on_settling: Callable[[bool], None] | None = None,
+        queues: Callable[[int], frozenset[int] | None] | None = None,
     ) -> None:
         self.loop = loop
+        # The queues the daemon knows a card to have (None: not known): see ConfigFlips.
+        self.queues: Callable[[int], frozenset[int] | None] = (
+            queues if queues is not None else lambda _a: None
+        )
         self.handler = handler
         self.settle = settle
         self.settle_min = min(settle_min, settle)
@@ -234,6 +285,7 @@ class EventPump:
         self.storm = storm
         self.on_settling = on_settling
         self.scope = Scope()
+        self.flips = ConfigFlips(self.queues)
         self.lost = False
         self.settling = False
         self.received = 0
@@ -258,6 +310,7 @@ class EventPump:
             self._first = now
         self._last = now
         self.scope.add(event)
+        self.flips.add(event)
         self.received += 1
 
     def overflow(self) -> None:
@@ -268,6 +321,7 @@ class EventPump:
         self._last = now
         self.lost = True
         self.scope.lose()
+        self.flips.lose()
         self.overflows += 1
         log.warning("uevents were lost (receive buffer overflow): a full rescan follows")
 
@@ -298,7 +352,11 @@ class EventPump:
         waits ``settle_min``; a storm still going after ``settle`` waits the full ``settle``.
         A burst split by a pause longer than the window costs a second batch, not a wrong
         state: each batch resynchronises from sysfs, and unchanged objects send nothing.
+        A burst of cards whose ``config`` flip is over by the kernel's order
+        (:class:`ConfigFlips`) waits ``settle_min``.
         """
+        if self.flips.complete:
+            return self.settle_min
         return min(self.settle, max(self.settle_min, now - self._first))
 
     def flush(self) -> None:
@@ -308,6 +366,7 @@ class EventPump:
             self._timer = None
         scope, lost = self.scope, self.lost
         self.scope, self.lost = Scope(), False
+        self.flips = ConfigFlips(self.queues)
         n = scope.events
         if n or lost:
             started = time.monotonic()

@@ -71,6 +71,7 @@ class HotPlug:
             settle_min=settle_min,
             storm=storm,
             on_settling=service.set_settling,
+            queues=self._queues_of,
         )
         self.rescan_interval = rescan_interval
         self.sources: list[Source] = []
@@ -89,6 +90,11 @@ class HotPlug:
         self.on_rescan: list[Callable[[], None]] = []
         service.subscribe(self._count)
         service.on_resync = self.request_resync
+
+    def _queues_of(self, adapter: int) -> frozenset[int] | None:
+        """The queues the state knows card ``adapter`` to have (the pump's end-of-flip test)."""
+        info = self.service.state.infos.get(adapter)
+        return None if info is None else info.domains
 
     def _count(self, _changes: Changes) -> None:
         self.emitted += 1

@@ -667,6 +667,99 @@ def test_settle_window_grows_with_the_burst() -> None:
     asyncio.run(go())
 
 
+def _card(a: int, **props: str) -> dict[str, str]:
+    return {"ACTION": "change", "DEVPATH": f"/devices/ap/card{a:02x}", "SUBSYSTEM": "ap", **props}
+
+
+def _queue(a: int, d: int, **props: str) -> dict[str, str]:
+    path = f"/devices/ap/card{a:02x}/{a:02x}.{d:04x}"
+    return {"ACTION": "change", "DEVPATH": path, "SUBSYSTEM": "ap", **props}
+
+
+def test_a_card_config_flip_with_all_its_queues_waits_only_settle_min() -> None:
+    """The kernel sends the card's CONFIG= first, then one per queue: once every queue the
+    card is known to have has come, the burst waits settle_min, not as long as it lasted.
+    Anything else in the burst leaves it to the adaptive window."""
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        known = {5: frozenset({0, 1, 2})}
+        pump = EventPump(loop, lambda s: None, settle=0.05, queues=known.get)
+        pump.add(_card(5, CONFIG="1"))
+        t0 = pump._first
+        for d in (0, 1):
+            pump.add(_queue(5, d, CONFIG="1"))
+        assert pump.window(t0 + 0.03) == pytest.approx(0.03)  # queue 2 still to come
+        pump.add(_queue(5, 2, CONFIG="1"))
+        assert pump.window(t0 + 0.03) == 0.005
+        pump.add(_card(6, ONLINE="0"))  # something else came: not over by the order alone
+        assert pump.window(t0 + 0.03) == pytest.approx(0.03)
+        pump.flush()
+        assert pump.window(t0 + 0.03) == pytest.approx(0.03)  # a new burst starts empty
+
+        cases = {
+            "a card the daemon does not know": [_card(7, CONFIG="1")],
+            "a queue the card is not known to have": [
+                _card(5, CONFIG="1"), *(_queue(5, d, CONFIG="1") for d in (0, 1, 2, 9)),
+            ],
+            "a queue before its card": [
+                _queue(5, 0, CONFIG="1"), _card(5, CONFIG="1"),
+                *(_queue(5, d, CONFIG="1") for d in (1, 2)),
+            ],
+            "the card's flip twice": [
+                _card(5, CONFIG="1"), *(_queue(5, d, CONFIG="1") for d in (0, 1, 2)),
+                _card(5, CONFIG="0"),
+            ],
+            "a queue added": [
+                _card(5, CONFIG="1"), *(_queue(5, d, CONFIG="1") for d in (0, 1, 2)),
+                {**_queue(5, 3), "ACTION": "add"},
+            ],
+        }  # fmt: skip
+        for what, events in cases.items():
+            pump.flush()
+            for e in events:
+                pump.add(e)
+            assert pump.window(pump._first + 0.03) == pytest.approx(0.03), what
+        pump.flush()
+        pump.add(_card(5, CONFIG="1"))
+        for d in (0, 1, 2):
+            pump.add(_queue(5, d, CONFIG="1"))
+        pump.overflow()  # lost events: nothing says the burst is over
+        assert pump.window(pump._first + 0.03) == pytest.approx(0.03)
+        pump.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("scenario", ["default", "rfc2017"])
+def test_hot_plug_knows_a_returning_card_is_done_from_its_queues(scenario: str) -> None:
+    """On the emulator (the kernel's order), a card coming back with its queues is one burst
+    the pump knows to be over; the one batch it makes has the guest whole again."""
+
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        assert r.svc.matrix(G1).state == "degraded"
+        pump, over = r.hp.pump, []
+        window = pump.window
+
+        def spy(now: float) -> float:  # the window the last drain of the burst armed
+            over.append(pump.flips.complete)
+            return window(now)
+
+        pump.window = spy  # type: ignore[method-assign]
+        r.seen.clear()
+        r.write("devices/ap/card05/config", "1")
+        await r.idle()
+        assert over[-1] is True and pump.batches == 2
+        assert len(r.seen) == 1 and G1 in r.seen[0].matrices_changed
+        assert r.svc.matrix(G1).state == "active"
+        assert set(r.svc.matrix(G1).guest_apqns) == {Apqn(5, 4), Apqn(6, 4)}
+
+    run(scenario, body, settle=0.05)
+
+
 def test_a_failed_batch_makes_the_next_read_everything() -> None:
     """A handler that fails half-way may leave a card's state half taken; a later partial
     re-read (only the queues named) would never repair it."""
