@@ -137,6 +137,9 @@ class Scope:
     whole: set[int] = field(default_factory=set)  # the card with every queue and driver
     named: dict[int, set[int]] = field(default_factory=dict)  # card -> queues added/bound/...
     everything: bool = False  # events were lost, or vfio_ap itself changed
+    # An event other than a card's or a queue's (an mdev, the bus root, the matrix
+    # device): the burst re-reads every mdev, not only those holding its cards.
+    others: bool = False
     pool: bool = False  # the host pool (masks, or queues between drivers) may have moved
     bindings: bool = False  # the bus said BINDINGS=complete
     events: int = 0  # how many events this scope sums up
@@ -168,7 +171,9 @@ class Scope:
                 # ONLINE on a queue shows in no property: the card's own event covers it
             else:
                 self._whole(a)
-        elif e.kind == "bus":
+        if e.kind not in ("card", "queue"):
+            self.others = True
+        if e.kind == "bus":
             self.pool |= e.mask
             self.bindings |= e.bindings
         elif e.kind == "matrix":  # vfio_ap (un)loaded or re-registered
@@ -176,7 +181,7 @@ class Scope:
 
     def lose(self) -> None:
         """Events were lost: only a read of everything can be trusted."""
-        self.everything = self.pool = True
+        self.everything = self.pool = self.others = True
         self.sliced = False
 
     def _whole(self, a: int) -> None:
@@ -195,6 +200,7 @@ class Scope:
                 if len(named) > QUEUE_LIMIT:
                     self._whole(a)
         self.everything |= other.everything
+        self.others |= other.others
         self.pool |= other.pool
         self.bindings |= other.bindings
         self.events += other.events

@@ -35,8 +35,7 @@ RETRY_MAX = 30.0
 
 
 def scope_of(events: Iterable[ApEvent], lost: bool = False) -> Scope:
-    """The re-reads a list of events calls for (the pump builds the same as they arrive).
-    Every mdev is re-read in any case (drift)."""
+    """The re-reads a list of events calls for (the pump builds the same as they arrive)."""
     s = Scope()
     for e in events:
         s.add(e)
@@ -144,6 +143,8 @@ class HotPlug:
         only = None
         if s.sliced:
             only = sync.rescan_slice(self.service, self.rescans, self.rescan_interval)
+        elif not (s.everything or s.pool or s.others):  # only cards and queues
+            only = sync.burst_slice(self.service, s.cards | s.whole | s.named.keys())
         try:
             changes: Changes = yield from sync.resync(
                 self.service,

@@ -445,6 +445,37 @@ def test_matrix_changed_by_hand_is_drift_and_adopted() -> None:
     run("default", body)
 
 
+def test_a_card_burst_reads_only_the_mdevs_holding_its_cards() -> None:
+    """Hot plug of card 05 re-reads the guests that hold 05, not every mdev; a hand edit of
+    another one (no uevent) is found by the first burst that names a card it holds."""
+
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)  # g1: 05,06 x 04; g2: 06 x 47
+        r.svc.reserve([7], [])
+        r.write("bus/ap/scans", "1")  # BINDINGS=complete after the reprobes: not in the bursts
+        await r.idle()
+        r.write(f"devices/vfio_ap/matrix/{G2}/assign_adapter", "7")  # no uevent at all
+        k, asked = r.svc.kernel, []
+        real = k.read_mdevs
+
+        def spy(adapters: Any = None, only: Any = None) -> dict[str, MdevInfo]:
+            asked.append(None if only is None else sorted(only))
+            return real(adapters, only)
+
+        k.read_mdevs = spy  # type: ignore[method-assign]
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        assert asked == [[G1]]
+        assert r.svc.matrix(G1).state == "degraded" and r.drifts() == []
+        r.write("devices/ap/card06/config", "0")
+        await r.idle()
+        assert asked[1:] == [sorted([G1, G2])]
+        assert r.drifts() == [(G2, "adapters: kernel 06,07 vs registry 06")]
+        assert r.svc.matrix(G2).state == "degraded"
+
+    run("default", body)
+
+
 def test_adopted_drift_is_stored_so_a_restart_keeps_it(tmp_path: Path) -> None:
     """Found by tests/reliability: the registry took the kernel's sets but the state directory
     kept the old ones, so the next start-up wrote the admin's change back out of sysfs."""
