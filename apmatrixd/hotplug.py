@@ -35,8 +35,7 @@ RETRY_MAX = 30.0
 
 
 def scope_of(events: Iterable[ApEvent], lost: bool = False) -> Scope:
-    """The re-reads a list of events calls for (the pump builds the same as they arrive).
-    Every mdev is re-read in any case (drift)."""
+    """The re-reads a list of events calls for (the pump builds the same as they arrive)."""
     s = Scope()
     for e in events:
         s.add(e)
@@ -71,6 +70,7 @@ class HotPlug:
             settle_min=settle_min,
             storm=storm,
             on_settling=service.set_settling,
+            queues=self._queues_of,
         )
         self.rescan_interval = rescan_interval
         self.sources: list[Source] = []
@@ -89,6 +89,11 @@ class HotPlug:
         self.on_rescan: list[Callable[[], None]] = []
         service.subscribe(self._count)
         service.on_resync = self.request_resync
+
+    def _queues_of(self, adapter: int) -> frozenset[int] | None:
+        """The queues the state knows card ``adapter`` to have (the pump's end-of-flip test)."""
+        info = self.service.state.infos.get(adapter)
+        return None if info is None else info.domains
 
     def _count(self, _changes: Changes) -> None:
         self.emitted += 1
@@ -138,6 +143,8 @@ class HotPlug:
         only = None
         if s.sliced:
             only = sync.rescan_slice(self.service, self.rescans, self.rescan_interval)
+        elif not (s.everything or s.pool or s.others):  # only cards and queues
+            only = sync.burst_slice(self.service, s.cards | s.whole | s.named.keys())
         try:
             changes: Changes = yield from sync.resync(
                 self.service,

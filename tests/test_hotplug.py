@@ -108,6 +108,38 @@ def test_classify() -> None:
     assert classify({"ACTION": "add", "DEVPATH": "/devices/ap/cardzz", "SUBSYSTEM": "ap"}) is None
 
 
+def test_udev_message_is_read_as_libudev_reads_it() -> None:
+    """The monitor datagram's properties, and None for what libudev drops: a unicast, a
+    sender that is not root, no credentials, a truncated or malformed message."""
+    import socket
+    import struct
+
+    from apmatrixd.events import udev_message
+    from apmatrixd.sim.uevent import encode
+    from apmatrixd.sim.vfs import Uevent
+
+    ev = Uevent("change", "/devices/ap/card05", "ap", 7, "ap_card", "cex4card", {"CONFIG": "1"})
+    data = encode(ev)
+
+    def creds(uid: int) -> list[tuple[int, int, bytes]]:
+        return [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("=iII", 1, uid, 0))]
+
+    props = udev_message(data, creds(0), 0, (0, 2))
+    assert props is not None and props["CONFIG"] == "1" and props["DRIVER"] == "cex4card"
+    assert {k: props[k] for k in ("ACTION", "DEVPATH", "SUBSYSTEM", "SEQNUM")} == {
+        "ACTION": "change", "DEVPATH": "/devices/ap/card05", "SUBSYSTEM": "ap", "SEQNUM": "7",
+    }  # fmt: skip
+    e = classify(props)
+    assert e is not None and (e.kind, e.adapter, e.config) == ("card", 5, True)
+    assert udev_message(data, creds(1000), 0, (0, 2)) is None  # not root
+    assert udev_message(data, [], 0, (0, 2)) is None  # no credentials
+    assert udev_message(data, creds(0), 0, (4242, 0)) is None  # unicast
+    assert udev_message(data, creds(0), socket.MSG_TRUNC, (0, 2)) is None
+    assert udev_message(data[:-10], creds(0), 0, (0, 2)) is None  # properties cut short
+    assert udev_message(b"change@/devices/ap/card05\0ACTION=change\0", creds(0), 0, (0, 2)) is None
+    assert udev_message(data[:8] + b"\0\0\0\0" + data[12:], creds(0), 0, (0, 2)) is None
+
+
 def test_scope() -> None:
     def ev(action: str, path: str, **props: str) -> ApEvent:
         e = classify({"ACTION": action, "DEVPATH": path, "SUBSYSTEM": "ap", **props})
@@ -445,6 +477,37 @@ def test_matrix_changed_by_hand_is_drift_and_adopted() -> None:
     run("default", body)
 
 
+def test_a_card_burst_reads_only_the_mdevs_holding_its_cards() -> None:
+    """Hot plug of card 05 re-reads the guests that hold 05, not every mdev; a hand edit of
+    another one (no uevent) is found by the first burst that names a card it holds."""
+
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)  # g1: 05,06 x 04; g2: 06 x 47
+        r.svc.reserve([7], [])
+        r.write("bus/ap/scans", "1")  # BINDINGS=complete after the reprobes: not in the bursts
+        await r.idle()
+        r.write(f"devices/vfio_ap/matrix/{G2}/assign_adapter", "7")  # no uevent at all
+        k, asked = r.svc.kernel, []
+        real = k.read_mdevs
+
+        def spy(adapters: Any = None, only: Any = None) -> dict[str, MdevInfo]:
+            asked.append(None if only is None else sorted(only))
+            return real(adapters, only)
+
+        k.read_mdevs = spy  # type: ignore[method-assign]
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        assert asked == [[G1]]
+        assert r.svc.matrix(G1).state == "degraded" and r.drifts() == []
+        r.write("devices/ap/card06/config", "0")
+        await r.idle()
+        assert asked[1:] == [sorted([G1, G2])]
+        assert r.drifts() == [(G2, "adapters: kernel 06,07 vs registry 06")]
+        assert r.svc.matrix(G2).state == "degraded"
+
+    run("default", body)
+
+
 def test_adopted_drift_is_stored_so_a_restart_keeps_it(tmp_path: Path) -> None:
     """Found by tests/reliability: the registry took the kernel's sets but the state directory
     kept the old ones, so the next start-up wrote the admin's change back out of sysfs."""
@@ -665,6 +728,99 @@ def test_settle_window_grows_with_the_burst() -> None:
         assert EventPump(loop, pump.handler, settle=0.02, settle_min=0.1).settle_min == 0.02
 
     asyncio.run(go())
+
+
+def _card(a: int, **props: str) -> dict[str, str]:
+    return {"ACTION": "change", "DEVPATH": f"/devices/ap/card{a:02x}", "SUBSYSTEM": "ap", **props}
+
+
+def _queue(a: int, d: int, **props: str) -> dict[str, str]:
+    path = f"/devices/ap/card{a:02x}/{a:02x}.{d:04x}"
+    return {"ACTION": "change", "DEVPATH": path, "SUBSYSTEM": "ap", **props}
+
+
+def test_a_card_config_flip_with_all_its_queues_waits_only_settle_min() -> None:
+    """The kernel sends the card's CONFIG= first, then one per queue: once every queue the
+    card is known to have has come, the burst waits settle_min, not as long as it lasted.
+    Anything else in the burst leaves it to the adaptive window."""
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        known = {5: frozenset({0, 1, 2})}
+        pump = EventPump(loop, lambda s: None, settle=0.05, queues=known.get)
+        pump.add(_card(5, CONFIG="1"))
+        t0 = pump._first
+        for d in (0, 1):
+            pump.add(_queue(5, d, CONFIG="1"))
+        assert pump.window(t0 + 0.03) == pytest.approx(0.03)  # queue 2 still to come
+        pump.add(_queue(5, 2, CONFIG="1"))
+        assert pump.window(t0 + 0.03) == 0.005
+        pump.add(_card(6, ONLINE="0"))  # something else came: not over by the order alone
+        assert pump.window(t0 + 0.03) == pytest.approx(0.03)
+        pump.flush()
+        assert pump.window(t0 + 0.03) == pytest.approx(0.03)  # a new burst starts empty
+
+        cases = {
+            "a card the daemon does not know": [_card(7, CONFIG="1")],
+            "a queue the card is not known to have": [
+                _card(5, CONFIG="1"), *(_queue(5, d, CONFIG="1") for d in (0, 1, 2, 9)),
+            ],
+            "a queue before its card": [
+                _queue(5, 0, CONFIG="1"), _card(5, CONFIG="1"),
+                *(_queue(5, d, CONFIG="1") for d in (1, 2)),
+            ],
+            "the card's flip twice": [
+                _card(5, CONFIG="1"), *(_queue(5, d, CONFIG="1") for d in (0, 1, 2)),
+                _card(5, CONFIG="0"),
+            ],
+            "a queue added": [
+                _card(5, CONFIG="1"), *(_queue(5, d, CONFIG="1") for d in (0, 1, 2)),
+                {**_queue(5, 3), "ACTION": "add"},
+            ],
+        }  # fmt: skip
+        for what, events in cases.items():
+            pump.flush()
+            for e in events:
+                pump.add(e)
+            assert pump.window(pump._first + 0.03) == pytest.approx(0.03), what
+        pump.flush()
+        pump.add(_card(5, CONFIG="1"))
+        for d in (0, 1, 2):
+            pump.add(_queue(5, d, CONFIG="1"))
+        pump.overflow()  # lost events: nothing says the burst is over
+        assert pump.window(pump._first + 0.03) == pytest.approx(0.03)
+        pump.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("scenario", ["default", "rfc2017"])
+def test_hot_plug_knows_a_returning_card_is_done_from_its_queues(scenario: str) -> None:
+    """On the emulator (the kernel's order), a card coming back with its queues is one burst
+    the pump knows to be over; the one batch it makes has the guest whole again."""
+
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        assert r.svc.matrix(G1).state == "degraded"
+        pump, over = r.hp.pump, []
+        window = pump.window
+
+        def spy(now: float) -> float:  # the window the last drain of the burst armed
+            over.append(pump.flips.complete)
+            return window(now)
+
+        pump.window = spy  # type: ignore[method-assign]
+        r.seen.clear()
+        r.write("devices/ap/card05/config", "1")
+        await r.idle()
+        assert over[-1] is True and pump.batches == 2
+        assert len(r.seen) == 1 and G1 in r.seen[0].matrices_changed
+        assert r.svc.matrix(G1).state == "active"
+        assert set(r.svc.matrix(G1).guest_apqns) == {Apqn(5, 4), Apqn(6, 4)}
+
+    run(scenario, body, settle=0.05)
 
 
 def test_a_failed_batch_makes_the_next_read_everything() -> None:

@@ -24,7 +24,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -150,6 +150,14 @@ class Kernel:
             if e.errno == errno.ENOENT:
                 return None
             raise KernelError.from_oserror(e, path, "reading") from None
+
+    def _read_in(self, directory: str, names: Sequence[str]) -> dict[str, str | None]:
+        """Attributes of one directory, None for an absent one (kernels differ); the
+        directory's own absence raises ENOENT."""
+        try:
+            return self.io.read_in(directory, names)
+        except OSError as e:
+            raise KernelError.from_oserror(e, e.filename or directory, "reading") from None
 
     def _write(self, path: str, data: str) -> None:
         log.debug("write %r to %s", data, path)
@@ -388,10 +396,12 @@ class Kernel:
 
     def read_card(self, adapter: int) -> tuple[str, bool, bool] | None:
         """A card's type, online and configured state without its queues; None if gone."""
-        card = f"{AP_DEVICES}/card{adapter:02x}"
-        if not self.io.is_dir(card):
-            return None
-        return self._card_state(card)
+        try:
+            return self._card_state(f"{AP_DEVICES}/card{adapter:02x}")
+        except KernelError as err:
+            if err.errno == errno.ENOENT:
+                return None
+            raise
 
     def _checkstopped(self, card: str) -> bool:
         text = self._read_optional(f"{card}/chkstop")
@@ -435,13 +445,15 @@ class Kernel:
         return out
 
     def _card_state(self, card: str) -> tuple[str, bool, bool]:
+        """Type, online, configured; ENOENT (KernelError) if the card is gone."""
+        attrs = self._read_in(card, ("type", "online", "config"))
         kind = ""
-        if (text := self._read_optional(f"{card}/type")) is not None:
+        if (text := attrs["type"]) is not None:
             kind = formats.single_line(text, f"{card}/type")
         online = configured = True
-        if (text := self._read_optional(f"{card}/online")) is not None:
+        if (text := attrs["online"]) is not None:
             online = formats.parse_bool(text, f"{card}/online")
-        if (text := self._read_optional(f"{card}/config")) is not None:
+        if (text := attrs["config"]) is not None:
             configured = formats.parse_bool(text, f"{card}/config")
         return kind, online, configured
 
@@ -568,16 +580,24 @@ class Kernel:
         """One mdev; ``host`` gives the cards and usage domains where the guest view must be
         computed here (rfc2017, or upstream before 6.0: no ``guest_matrix``)."""
         base = self.mdev_path(uuid)
+        upstream = self._layout.name == "upstream"
+        names = ("matrix", "guest_matrix") if upstream else ("adapters", "domains")
+        attrs = self._read_in(base, ("control_domains", *names))
+
+        def text_of(name: str) -> str:
+            if (text := attrs[name]) is None:  # an mdev always has it: half gone, or not ours
+                raise KernelError(errno.ENOENT, f"{base}/{name}", "reading")
+            return text
 
         def ids(name: str, width: int) -> frozenset[int]:
-            return formats.parse_ids(self._read(f"{base}/{name}"), f"{base}/{name}", width)
+            return formats.parse_ids(text_of(name), f"{base}/{name}", width)
 
         control = ids("control_domains", 4)
-        if self._layout.name == "upstream":
+        if upstream:
             path = f"{base}/matrix"
-            assigned_a, assigned_d = formats.parse_matrix(self._read(path), path)
+            assigned_a, assigned_d = formats.parse_matrix(text_of("matrix"), path)
             path = f"{base}/guest_matrix"
-            if (text := self._read_optional(path)) is not None:
+            if (text := attrs["guest_matrix"]) is not None:
                 guest_a, guest_d = formats.parse_matrix(text, path)
                 guest = frozenset(cross(guest_a, guest_d))
             else:  # before 6.0: no guest_matrix, compute it as the kernel would

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import posixpath
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -32,6 +33,11 @@ class SysfsIO(Protocol):
 
     def write(self, path: str, data: str) -> None:
         """Exactly one store: applies ``data`` or raises OSError with the kernel's errno."""
+        ...
+
+    def read_in(self, directory: str, names: Sequence[str]) -> dict[str, str | None]:
+        """Attributes of one directory (None for each that is absent), the directory resolved
+        once; ENOENT if the directory itself is gone."""
         ...
 
     def listdir(self, path: str) -> list[str]: ...
@@ -68,7 +74,30 @@ class OsSysfs:
         return os.path.join(self.root, _clean(path))
 
     def read(self, path: str) -> str:
-        fd = self._open(path, os.O_RDONLY)
+        return self._read_fd(self._open(path, os.O_RDONLY), path)
+
+    def read_in(self, directory: str, names: Sequence[str]) -> dict[str, str | None]:
+        # Each name is looked up in the directory alone (openat): through FUSE every path
+        # component is a round trip, and the attributes of a card or an mdev sit 4-5 deep.
+        dfd = self._open(directory, os.O_PATH | os.O_DIRECTORY)
+        out: dict[str, str | None] = {}
+        try:
+            for name in names:
+                path = f"{directory}/{name}"
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                except OSError as e:
+                    if e.errno != errno.ENOENT:
+                        raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+                    out[name] = None
+                    continue
+                out[name] = self._read_fd(fd, path)
+        finally:
+            os.close(dfd)
+        return out
+
+    def _read_fd(self, fd: int, path: str) -> str:
+        """Read an opened attribute whole and close it."""
         try:
             chunks: list[bytes] = []
             while True:
@@ -195,6 +224,19 @@ class TreeSysfs:
             return self.tree.read(real).decode("utf-8", errors="replace")
         except OSError as e:
             raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
+
+    def read_in(self, directory: str, names: Sequence[str]) -> dict[str, str | None]:
+        if not self.is_dir(directory):
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), directory)
+        out: dict[str, str | None] = {}
+        for name in names:
+            try:
+                out[name] = self.read(f"{directory}/{name}")
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                out[name] = None
+        return out
 
     def write(self, path: str, data: str) -> None:
         real = self._call(path)

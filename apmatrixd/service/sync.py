@@ -163,8 +163,9 @@ def rescan_slice(svc: Service, tick: int, interval: float) -> list[str]:
 
     What the slice skips is only what no uevent announces and nothing relies on being
     fresh: a matrix's sets changed by hand (echo to assign_adapter), and a guest starting or
-    stopping (InUse). Everything else comes with uevents, and any burst of them re-reads
-    every mdev: hot plug, bindings, the host pool moving queues, an mdev created or removed
+    stopping (InUse). Everything else comes with uevents: a burst of only cards and queues
+    (hot plug) re-reads every mdev holding one of its cards (:func:`burst_slice`), any other
+    burst every mdev: bindings, the host pool moving queues, an mdev created or removed
     outside (the mdev bus's add/remove; a lost uevent re-reads everything). A change re-reads
     the mdevs it writes before writing (a hand edit not yet seen is never merged into, nor
     silently kept), Stop and Remove ask the kernel whether a guest runs, and a write the
@@ -178,6 +179,30 @@ def rescan_slice(svc: Service, tick: int, interval: float) -> list[str]:
     n = int(per_tick)
     start = (tick * n) % len(live)
     return (live[start:] + live[:start])[:n]
+
+
+def burst_slice(svc: Service, cards: Iterable[int]) -> list[str]:
+    """The live mdevs a burst of only card and queue events re-reads: those holding one of
+    its ``cards`` (by the registry's sets or the kernel's as last read).
+
+    Such a burst changes no mdev's sets (vfio_ap sends no uevent for an assignment, so no
+    burst ever announced a hand edit) and only the guest view of mdevs holding its cards:
+    the kernel drops a guest's APQNs a whole adapter at a time (kernel-facts 1.5). A hand
+    edit of the others is found where it always was: by the rescan timer's slice
+    (:func:`rescan_slice`), by any burst that is not only cards and queues (every mdev),
+    and by a change before it writes that mdev. On a host with 1,000 mdevs a card coming
+    back reads the few that hold it, not 1,000."""
+    st, touched = svc.state, frozenset(cards)
+    out = []
+    for uuid, meta in sorted(st.meta.items()):
+        if not meta.live:
+            continue
+        held = st.registry.get(uuid).adapters
+        if meta.truth is not None:
+            held = held | meta.truth.adapters
+        if held & touched:
+            out.append(uuid)
+    return out
 
 
 def _contradicted(infos: Mapping[int, AdapterInfo], mdevs: Mapping[str, MdevInfo]) -> set[int]:

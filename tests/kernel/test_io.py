@@ -120,3 +120,40 @@ def test_masks_are_narrowed_before_they_are_widened(root: Path) -> None:
     io.writes.clear()
     kernel.set_pool(old, old)
     assert io.writes == []
+
+
+def test_read_in_reads_a_directory_once_resolved(root: Path) -> None:
+    """Absent attributes are None (kernels differ), a gone directory is ENOENT with its
+    path, and an attribute is never reached through a link planted in its place."""
+    card = root / "devices/ap/card05"
+    (card / "type").write_text("CEX8C\n")
+    (card / "config").write_text("1\n")
+    os.symlink("../../../bus/ap/apmask", card / "online")
+    io = OsSysfs(root)
+    with pytest.raises(OSError) as info:
+        io.read_in("devices/ap/card05", ("type", "online"))
+    assert info.value.errno == errno.ELOOP
+    assert info.value.filename == "devices/ap/card05/online"
+    os.unlink(card / "online")
+    got = io.read_in("devices/ap/card05", ("type", "online", "config"))
+    assert got == {"type": "CEX8C\n", "online": None, "config": "1\n"}
+    with pytest.raises(OSError) as info:
+        io.read_in("devices/ap/card06", ("type",))
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename == "devices/ap/card06"
+
+
+def test_read_in_is_the_same_on_the_in_process_tree() -> None:
+    from apmatrixd.kernel import TreeSysfs
+    from apmatrixd.sim.model import Host
+
+    host = Host.from_name("rfc2017")
+    tree = TreeSysfs(host)
+    names = ("type", "online", "config", "nonexistent")
+    got = tree.read_in("devices/ap/card05", names)
+    assert got == {n: None if n == "nonexistent" else tree.read(f"devices/ap/card05/{n}")
+                   for n in names}  # fmt: skip
+    assert got["config"] == "1\n"
+    with pytest.raises(OSError) as info:
+        tree.read_in("devices/ap/card7f", names)
+    assert info.value.errno == errno.ENOENT
