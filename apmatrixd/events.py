@@ -32,7 +32,6 @@ import errno
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -443,41 +442,6 @@ class EventPump:
         }
 
 
-_UDEV_PREFIX = b"libudev\0"
-_UDEV_MAGIC = 0xFEEDCAFE
-_UDEV_HEADER = 40  # prefix, magic, header_size, properties_off/len, 2 hashes, the bloom
-MESSAGE_MAX = 16384
-"""Larger than any monitor message udevd sends (libudev receives into 8 KiB)."""
-_UCRED = struct.Struct("=iII")  # pid, uid, gid
-_CREDS_SPACE = socket.CMSG_SPACE(_UCRED.size)
-
-
-def udev_message(
-    data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, address: Any
-) -> dict[str, str] | None:
-    """The properties of one datagram from the udev monitor group, or None for what libudev
-    would drop too (sd-device's ``device_monitor_receive_device``): a unicast (group 0),
-    a sender that is not root (``SCM_CREDENTIALS``), a truncated or malformed message."""
-    groups = address[1] if isinstance(address, tuple) and len(address) > 1 else 0
-    if not groups or flags & socket.MSG_TRUNC:
-        return None
-    creds = [d for lvl, t, d in ancdata if (lvl, t) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)]
-    if not creds or len(creds[0]) < _UCRED.size or _UCRED.unpack_from(creds[0])[1] != 0:
-        return None
-    if len(data) < _UDEV_HEADER or not data.startswith(_UDEV_PREFIX):
-        return None
-    (magic,) = struct.unpack_from("!I", data, 8)
-    _size, off, length = struct.unpack_from("=III", data, 12)
-    if magic != _UDEV_MAGIC or off < _UDEV_HEADER or off + length > len(data):
-        return None
-    props: dict[str, str] = {}
-    for item in data[off : off + length].split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep and key:
-            props[key.decode(errors="replace")] = value.decode(errors="replace")
-    return props
-
-
 class Source(Protocol):
     def start(self) -> None: ...
 
@@ -485,13 +449,7 @@ class Source(Protocol):
 
 
 class UdevSource:
-    """The real path: a netlink monitor set up by pyudev (bound to udevd's group, filtered in
-    the kernel's BPF, SO_PASSCRED), its datagrams read from the loop by :func:`udev_message`.
-
-    Not pyudev's ``poll()``: it makes a libudev device per uevent, ~0.15 ms of this daemon's
-    CPU each, so a card's 86 uevents reached the pump ~5 ms after udevd sent the last. The
-    datagram's properties are all the pump reads, and the checks libudev makes on it are
-    made here."""
+    """The real path: a pyudev netlink monitor read from the loop."""
 
     def __init__(self, pump: EventPump) -> None:
         import pyudev
@@ -502,8 +460,6 @@ class UdevSource:
             self.monitor.filter_by(subsystem)
         self.receive_buffer = self._enlarge_buffer()
         self._fd = -1
-        self._sock: socket.socket | None = None
-        self.dropped = 0  # datagrams libudev would have dropped too
 
     def _enlarge_buffer(self) -> int:
         """Ask for :data:`RECEIVE_BUFFER`; what the socket got (bytes, as the kernel counts).
@@ -528,40 +484,29 @@ class UdevSource:
         return int(got)
 
     def start(self) -> None:
-        self.monitor.start()  # binds the group and turns SO_PASSCRED on
-        self._sock = socket.socket(fileno=os.dup(self.monitor.fileno()))
-        self._sock.setblocking(False)
-        self._fd = self._sock.fileno()
+        self.monitor.start()
+        self._fd = self.monitor.fileno()
         self.pump.loop.add_reader(self._fd, self._readable)
 
     def _readable(self) -> None:
-        assert self._sock is not None
-        recvmsg, add = self._sock.recvmsg, self.pump.add
         while True:
             try:
-                data, ancdata, flags, address = recvmsg(MESSAGE_MAX, _CREDS_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
+                device = self.monitor.poll(timeout=0)
             except OSError as err:
                 if err.errno == errno.ENOBUFS:
                     self.pump.overflow()
                     continue
                 log.error("reading uevents: %s", err)
                 break
-            props = udev_message(data, ancdata, flags, address)
-            if props is None:
-                self.dropped += 1
-                continue
-            add(props)
+            if device is None:
+                break
+            self.pump.add(device.properties)
         self.pump.arm()
 
     def close(self) -> None:
         if self._fd >= 0:
             self.pump.loop.remove_reader(self._fd)
             self._fd = -1
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
 
 class _Uevent(Protocol):

@@ -108,38 +108,6 @@ def test_classify() -> None:
     assert classify({"ACTION": "add", "DEVPATH": "/devices/ap/cardzz", "SUBSYSTEM": "ap"}) is None
 
 
-def test_udev_message_is_read_as_libudev_reads_it() -> None:
-    """The monitor datagram's properties, and None for what libudev drops: a unicast, a
-    sender that is not root, no credentials, a truncated or malformed message."""
-    import socket
-    import struct
-
-    from apmatrixd.events import udev_message
-    from apmatrixd.sim.uevent import encode
-    from apmatrixd.sim.vfs import Uevent
-
-    ev = Uevent("change", "/devices/ap/card05", "ap", 7, "ap_card", "cex4card", {"CONFIG": "1"})
-    data = encode(ev)
-
-    def creds(uid: int) -> list[tuple[int, int, bytes]]:
-        return [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("=iII", 1, uid, 0))]
-
-    props = udev_message(data, creds(0), 0, (0, 2))
-    assert props is not None and props["CONFIG"] == "1" and props["DRIVER"] == "cex4card"
-    assert {k: props[k] for k in ("ACTION", "DEVPATH", "SUBSYSTEM", "SEQNUM")} == {
-        "ACTION": "change", "DEVPATH": "/devices/ap/card05", "SUBSYSTEM": "ap", "SEQNUM": "7",
-    }  # fmt: skip
-    e = classify(props)
-    assert e is not None and (e.kind, e.adapter, e.config) == ("card", 5, True)
-    assert udev_message(data, creds(1000), 0, (0, 2)) is None  # not root
-    assert udev_message(data, [], 0, (0, 2)) is None  # no credentials
-    assert udev_message(data, creds(0), 0, (4242, 0)) is None  # unicast
-    assert udev_message(data, creds(0), socket.MSG_TRUNC, (0, 2)) is None
-    assert udev_message(data[:-10], creds(0), 0, (0, 2)) is None  # properties cut short
-    assert udev_message(b"change@/devices/ap/card05\0ACTION=change\0", creds(0), 0, (0, 2)) is None
-    assert udev_message(data[:8] + b"\0\0\0\0" + data[12:], creds(0), 0, (0, 2)) is None
-
-
 def test_scope() -> None:
     def ev(action: str, path: str, **props: str) -> ApEvent:
         e = classify({"ACTION": action, "DEVPATH": path, "SUBSYSTEM": "ap", **props})
