@@ -41,8 +41,9 @@ class Limits:
     def violations(
         self, adapters: Iterable[int], domains: Iterable[int], control_domains: Iterable[int]
     ) -> list[RangeViolation]:
-        out = [RangeViolation("adapter", a, self.max_adapter) for a in adapters]
-        out = [v for v in out if v.id > v.maximum]
+        out = [
+            RangeViolation("adapter", a, self.max_adapter) for a in adapters if a > self.max_adapter
+        ]
         for kind, ids in (("domain", domains), ("control domain", control_domains)):
             out += [RangeViolation(kind, d, self.max_domain) for d in ids if d > self.max_domain]
         return sorted(out, key=lambda v: (v.kind, v.id))
