@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,7 @@ from apmatrixd.core import (
     DefineMatrix,
     HostOwned,
     HostPool,
+    InvalidArgument,
     Limits,
     Matrix,
     NotFound,
@@ -326,3 +328,34 @@ def test_an_update_changes_the_indexes_as_dropping_and_inserting_the_matrix_woul
             n: list(u) for n, u in ref._by_name.items()
         }
         assert list(reg.matrices.items()) == list(ref.matrices.items())
+
+
+def _normalize_by_uuidlib(text: object) -> str | None:
+    """What normalize_uuid answers, from the uuid module alone (None: refused)."""
+    try:
+        canonical = str(uuid.UUID(text))  # type: ignore[arg-type]
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return canonical if canonical == text.lower() else None  # type: ignore[attr-defined]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.uuids().map(str),
+        st.uuids().map(lambda u: str(u).upper()),
+        st.uuids().map(lambda u: str(u) + "\n"),
+        st.uuids().map(lambda u: u.hex),
+        st.uuids().map(lambda u: "{" + str(u) + "}"),
+        st.text(alphabet="0123456789abcdefABCDEF-{}\n", max_size=40),
+        st.none(),
+    )
+)
+def test_normalize_uuid_answers_as_the_uuid_module(text: object) -> None:
+    """The canonical form is taken as it is, without parsing; everything else as before."""
+    want = _normalize_by_uuidlib(text)
+    if want is None:
+        with pytest.raises(InvalidArgument):
+            normalize_uuid(text)  # type: ignore[arg-type]
+    else:
+        assert normalize_uuid(text) == want  # type: ignore[arg-type]
