@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -22,11 +24,13 @@ from apmatrixd.core import (
 )
 from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Changes, Service, ops
+from apmatrixd.service.executor import Command, Worker
 from apmatrixd.sim.model import Host
 
 G1 = "11111111-1111-4111-8111-111111111111"
 G2 = "22222222-2222-4222-8222-222222222222"
 G3 = "33333333-3333-4333-8333-333333333333"
+T = TypeVar("T")
 
 
 @pytest.fixture(params=["default", "default@6.0", "rfc2017"])
@@ -246,3 +250,67 @@ def test_configure_renames_and_sets_autostart(two: Service) -> None:
     two.configure(G1, autostart=False)
     m = two.matrix(G1)
     assert (m.name, m.autostart) == ("guest-one", False)
+
+
+class CountingWorker(Worker):
+    """The executor's worker thread, counting the hand-offs to it."""
+
+    def __init__(self) -> None:
+        super().__init__("test-counting-worker")
+        self.handoffs = 0
+
+    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        self.handoffs += 1
+        return super().run(fn)
+
+
+def test_a_change_reads_its_guest_view_in_its_own_worker_step(two: Service) -> None:
+    """Assign, CreateMatrix and Start of a live matrix hand the worker one step each: the
+    transaction reads the guest view after its writes, not a second step."""
+
+    async def handoffs(op: Callable[..., Command[Any]], *args: Any, **kw: Any) -> int:
+        worker = CountingWorker()
+        two.executor._worker = worker  # the one the executor would start itself
+        await two.submit("test", op, *args, **kw)
+        return worker.handoffs
+
+    async def go() -> None:
+        assert await handoffs(ops.change_one, G1, "adapter", 6, add=True) == 1
+        want = tuple(sorted(two.kernel.read_guest(G1)))
+        assert two.matrix(G1).guest_apqns == want and Apqn(6, 4) in want
+        assert await handoffs(ops.create_matrix, G2, adapters=[5], domains=[0xAB]) == 1
+        assert two.matrix(G2).guest_apqns == tuple(sorted(two.kernel.read_guest(G2)))
+        two.executor.close()
+        two.stop(G2)
+        assert await handoffs(ops.start, G2) == 1
+        assert two.matrix(G2).state == "active"
+        two.executor.close()
+
+    asyncio.run(go())
+
+
+class GuestUnreadable(TreeSysfs):
+    """``guest_matrix`` fails to read while ``broken``."""
+
+    broken = False
+
+    def read(self, path: str) -> str:
+        if self.broken and path.endswith("/guest_matrix"):
+            raise OSError(errno.EIO, "injected", path)
+        return super().read(path)
+
+
+def test_a_guest_view_unreadable_after_a_change_keeps_the_change_and_asks_a_resync() -> None:
+    io = GuestUnreadable(Host.from_name("default"))
+    svc = Service(Kernel(io))
+    svc.load()
+    svc.reserve([5, 6], [4])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    asked: list[bool] = []
+    svc.on_resync = lambda: asked.append(True)
+    io.broken = True
+    svc.assign(G1, "adapter", 6)  # done and stored: the read after it undoes nothing
+    assert svc.kernel.read_mdev_sets(G1).adapters == {5, 6}  # type: ignore[union-attr]
+    assert svc.matrix(G1).adapters == (5, 6)
+    assert svc.matrix(G1).guest_apqns == (Apqn(5, 4),)  # the last view read stands
+    assert asked == [True]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid as uuidlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -9,9 +10,13 @@ from dataclasses import dataclass, field, replace
 from apmatrixd.core.apqn import MAX_ID, Apqn, cross
 from apmatrixd.core.errors import InvalidArgument, OutOfRange, RangeViolation
 
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
 
 def normalize_uuid(text: str) -> str:
     """Lower-case 8-4-4-4-12, the way the mdev core names the device directory."""
+    if type(text) is str and _CANONICAL.fullmatch(text):
+        return text  # already so (every path a change builds asks again): no UUID parsed
     try:
         parsed = uuidlib.UUID(text)
     except (ValueError, AttributeError, TypeError):
@@ -41,8 +46,9 @@ class Limits:
     def violations(
         self, adapters: Iterable[int], domains: Iterable[int], control_domains: Iterable[int]
     ) -> list[RangeViolation]:
-        out = [RangeViolation("adapter", a, self.max_adapter) for a in adapters]
-        out = [v for v in out if v.id > v.maximum]
+        out = [
+            RangeViolation("adapter", a, self.max_adapter) for a in adapters if a > self.max_adapter
+        ]
         for kind, ids in (("domain", domains), ("control domain", control_domains)):
             out += [RangeViolation(kind, d, self.max_domain) for d in ids if d > self.max_domain]
         return sorted(out, key=lambda v: (v.kind, v.id))

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import product, repeat
+from itertools import chain, product, repeat
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -518,8 +518,7 @@ class Registry:
                     name=old.name if change.name is None else change.name,
                     autostart=old.autostart if change.autostart is None else change.autostart,
                 )
-            self._drop(old)
-            self._insert(new)
+            self._replace(old, new)
             return UpdateMatrix(
                 old.uuid, old.adapters, old.domains, old.control_domains, old.name, old.autostart
             )
@@ -542,18 +541,58 @@ class Registry:
         if m.name:
             self._by_name.setdefault(m.name, {})[m.uuid] = None
 
+    def _replace(self, old: Matrix, new: Matrix) -> None:
+        """``_drop(old)`` then ``_insert(new)`` of one matrix, touching only the APQNs and ids
+        that differ: a matrix of 100 adapters given one more is 4 APQNs of work, not 200."""
+        uuid = new.uuid
+        del self._matrices[uuid]
+        self._matrices[uuid] = new
+        owner, pairs = self._owner, self._pairs()
+        kept_a, kept_d = old.adapters & new.adapters, old.domains & new.domains
+        gone = chain(
+            product(old.adapters - new.adapters, old.domains), product(kept_a, old.domains - kept_d)
+        )
+        for p in gone:
+            if pairs.get(p) == uuid:
+                del pairs[p]
+        for p in product(kept_a, kept_d):  # its own already, unless adopted past the rules
+            if pairs.get(p) != uuid:
+                owner[Apqn(*p)] = uuid
+        came = chain(
+            product(new.adapters - old.adapters, new.domains), product(kept_a, new.domains - kept_d)
+        )
+        for a, d in came:
+            owner[Apqn(a, d)] = uuid
+        for index, was, now in (
+            (self._by_adapter, old.adapters, new.adapters),
+            (self._by_domain, old.domains, new.domains),
+        ):
+            self._unindex(index, was - now, uuid)
+            for i in now - was:
+                index.setdefault(i, set()).add(uuid)
+        self._unname(old)
+        if new.name:
+            self._by_name.setdefault(new.name, {})[uuid] = None
+
     def _drop(self, m: Matrix) -> None:
         del self._matrices[m.uuid]
         for apqn in m.apqns():
             if self._owner.get(apqn) == m.uuid:
                 del self._owner[apqn]
         for index, ids in ((self._by_adapter, m.adapters), (self._by_domain, m.domains)):
-            for i in ids:
-                holders = index.get(i)
-                if holders is not None:
-                    holders.discard(m.uuid)
-                    if not holders:
-                        del index[i]
+            self._unindex(index, ids, m.uuid)
+        self._unname(m)
+
+    @staticmethod
+    def _unindex(index: dict[int, set[str]], ids: Iterable[int], uuid: str) -> None:
+        for i in ids:
+            holders = index.get(i)
+            if holders is not None:
+                holders.discard(uuid)
+                if not holders:
+                    del index[i]
+
+    def _unname(self, m: Matrix) -> None:
         named = self._by_name.get(m.name) if m.name else None
         if named is not None:
             named.pop(m.uuid, None)

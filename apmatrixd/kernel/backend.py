@@ -698,6 +698,11 @@ class Kernel:
         uuid = normalize_uuid(uuid)
         base = self.mdev_path(uuid)
         try:
+            if self.features.ap_config and self._layout.name == "upstream":
+                # 6.10+: the three sets in one read, where older kernels take two.
+                path = f"{base}/ap_config"
+                a, d, control = formats.parse_ap_config(self._read(path), path)
+                return Matrix(uuid, a, d, control)
             control = formats.parse_ids(
                 self._read(f"{base}/control_domains"), f"{base}/control_domains", 4
             )

@@ -66,7 +66,21 @@ def parse_mask(text: str, path: str) -> frozenset[int]:
     if not _MASK_RE.fullmatch(line):
         raise malformed(path, f"mask {line!r} (want 0x and 64 hex digits)")
     value = int(line[2:], 16)
-    return frozenset(i for i in range(MASK_BITS) if value >> (MASK_BITS - 1 - i) & 1)
+    out: list[int] = []
+    while value:  # the set bits only: a mask of a matrix holds a few ids of 256
+        high = value.bit_length() - 1
+        out.append(MASK_BITS - 1 - high)
+        value ^= 1 << high
+    return frozenset(out)
+
+
+def parse_ap_config(text: str, path: str) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+    """An mdev's ``ap_config``: its (adapters, domains, control domains) as three masks."""
+    parts = single_line(text, path).split(",")
+    if len(parts) != 3:
+        raise malformed(path, f"{len(parts)} masks (want adapters, domains, control domains)")
+    a, d, c = (parse_mask(x, path) for x in parts)
+    return a, d, c
 
 
 def format_mask(ids: Iterable[int]) -> str:

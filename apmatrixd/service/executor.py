@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -98,32 +98,50 @@ class _Cut(Exception):
 
 
 class Worker:
-    """One daemon thread running functions in order (a stuck write never blocks exit)."""
+    """One daemon thread running functions in order (a stuck write never blocks exit).
+
+    Each result goes straight to an asyncio future with one ``call_soon_threadsafe``: no
+    ``concurrent.futures.Future`` in between to wrap (its lock, its callbacks and a second
+    hop on the loop cost a change as much as one of its sysfs reads)."""
 
     def __init__(self, name: str = "apmatrixd-io") -> None:
         self._jobs: queue.SimpleQueue[
-            tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None
+            tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop] | None
         ] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put((fn, fut))
+    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``fn()`` in the thread; the future (of the running loop) has its result. A future
+        cancelled before its turn comes is skipped."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, fut, loop))
         return fut
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            fn, fut = job
-            if not fut.set_running_or_notify_cancel():
+            fn, fut, loop = job
+            if fut.cancelled():  # read across threads: at worst it runs and is dropped
                 continue
             try:
-                fut.set_result(fn())
+                result, error = fn(), None
             except BaseException as exc:  # handed to the loop, raised there
-                fut.set_exception(exc)
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_settle, fut, result, error)
 
     def close(self) -> None:
         self._jobs.put(None)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # cancelled meanwhile: the caller is gone
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 @dataclass
@@ -332,7 +350,7 @@ class Executor:
         started = time.monotonic()
         timer = loop.call_later(self.pending_after, self._still_waiting, job, work, progress)
         try:
-            return await asyncio.wrap_future(self._worker.submit(lambda: work.fn(progress)))
+            return await self._worker.run(lambda: work.fn(progress))
         finally:
             timer.cancel()
             if self._pending:

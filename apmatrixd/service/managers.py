@@ -262,8 +262,9 @@ def _live(svc: Service, uuid: str, m: Matrix) -> Command[None]:
     have = st.registry.get(uuid)
     new = have.with_sets(m.adapters, m.domains, m.control_domains)
     step = MatrixStep(uuid, st.kernel_sets(uuid), new)
-    yield from svc.transact(Transaction(f"mdevctl live modify {uuid}", matrices=[step]))
-    guest = yield from svc.read_guest(uuid)
+    tx = Transaction(f"mdevctl live modify {uuid}", matrices=[step], guests=(uuid,))
+    yield from svc.transact(tx)
+    guest = yield from svc.read_guest(uuid, tx)
     st.registry.clear_truth(uuid)
     st.registry.restore(UpdateMatrix(uuid, new.adapters, new.domains, new.control_domains))
     meta = st.meta[uuid]

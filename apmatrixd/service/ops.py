@@ -161,11 +161,12 @@ def create_matrix(
         matrices=[MatrixStep(uuid, None, m)] if start else [],
         store={uuid: record},
         stored_before={uuid: None},
+        guests=(uuid,) if start else (),
     )
     yield from _creating(svc, tx, m)
     guest: tuple[Apqn, ...] = ()
     if start:
-        guest = (yield from svc.read_guest(uuid)) or ()
+        guest = (yield from svc.read_guest(uuid, tx)) or ()
     st.registry.apply(define, ORDER, decision)
     st.meta[uuid] = Meta(live=start, control_usage_domains=control_usage_domains, guest=guest)
     stored(svc, uuid, record)
@@ -270,9 +271,10 @@ def update_sets(
         matrices=[MatrixStep(m.uuid, st.kernel_sets(m.uuid), new)] if meta.live else [],
         store={m.uuid: record},
         stored_before={m.uuid: st.on_disk.get(m.uuid)},
+        guests=(m.uuid,) if meta.live else (),
     )
     yield from svc.transact(tx)
-    guest = (yield from svc.read_guest(m.uuid)) if meta.live else ()
+    guest = (yield from svc.read_guest(m.uuid, tx)) if meta.live else ()
     truth = meta.truth
     st.registry.apply(change, ORDER, decision)
     st.set_truth(m.uuid, None)
@@ -300,10 +302,9 @@ def start(svc: Service, uuid: str) -> Command[None]:
     no_override_claimed(svc, m)
     refuse(svc, st.registry.decide(UpdateMatrix(m.uuid, m.adapters, m.domains, m.control_domains)))
     yield from live_rules(svc, None, m)
-    yield from _creating(
-        svc, Transaction(f"Start {m.uuid}", matrices=[MatrixStep(m.uuid, None, m)]), m
-    )
-    guest = (yield from svc.read_guest(m.uuid)) or ()
+    tx = Transaction(f"Start {m.uuid}", matrices=[MatrixStep(m.uuid, None, m)], guests=(m.uuid,))
+    yield from _creating(svc, tx, m)
+    guest = (yield from svc.read_guest(m.uuid, tx)) or ()
     meta.live, meta.guest = True, guest
     changes = Changes(matrices_changed={m.uuid})
     st.touch_adapters(changes, m.adapters)

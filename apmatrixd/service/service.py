@@ -140,19 +140,28 @@ class Service:
             self.state.registry.release_all_ones = self.kernel.features.all_ones_release
             self._generation_learnt = True
 
-    def read_guest(self, uuid: str) -> Command[tuple[Apqn, ...] | None]:
+    def read_guest(
+        self, uuid: str, after: Transaction | None = None
+    ) -> Command[tuple[Apqn, ...] | None]:
         """What the guest of ``uuid`` gets now; None (logged, resync asked) if unreadable.
 
         In a group it is read once per matrix, when the group is stored (group.py): until
-        then the last view read stands (None for a new matrix)."""
+        then the last view read stands (None for a new matrix). ``after``: the transaction
+        just run, which read it already if it was asked to (``Transaction.guests``)."""
         group = self.grouping.current
         if group is not None:
             group.guests.add(uuid)
             meta = self.state.meta.get(uuid)
             return meta.guest if meta is not None else None
         try:
-            guest = yield Work(f"reading the guest view of {uuid}",
-                               lambda _p: self.kernel.read_guest(uuid))  # fmt: skip
+            if after is not None and uuid in after.guests_read:
+                read = after.guests_read[uuid]
+                if isinstance(read, KernelError):
+                    raise read
+                guest = read
+            else:
+                guest = yield Work(f"reading the guest view of {uuid}",
+                                   lambda _p: self.kernel.read_guest(uuid))  # fmt: skip
         except KernelError as err:
             log.warning("re-reading matrix %s after a change failed: %s", uuid, err)
             self.request_resync()

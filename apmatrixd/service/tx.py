@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from apmatrixd.core import HostPool, Matrix
+from apmatrixd.core import Apqn, HostPool, Matrix
 from apmatrixd.journal import Intent, JournalError
 from apmatrixd.kernel import Kernel, KernelError, Write
 from apmatrixd.service.executor import Progress
@@ -99,6 +99,12 @@ class Transaction:
     # (empty, then refilled) if a later write fails. Only for mdevs no guest uses: the
     # caller refuses those, so the re-created mdev is the one that was there.
     removals_last: bool = False
+    # The mdevs whose guest view to read once the change is done, in the same worker step
+    # (a hand-off to the worker and back costs about as much as the read); ``execute``
+    # leaves each view, or the error reading it, in ``guests_read``. Not in a group: the
+    # group reads each view once, after its flush.
+    guests: tuple[str, ...] = ()
+    guests_read: dict[str, frozenset[Apqn] | KernelError] = field(default_factory=dict)
 
     def store_ops(self) -> list[tuple[str, StoredMatrix | None]]:
         return [(u, r) for u, r in self.store.items() if self.stored_before.get(u) != r]
@@ -108,6 +114,19 @@ class Transaction:
 
     def execute(
         self, kernel: Kernel, store: Store | None, progress: Progress, group: Group | None = None
+    ) -> None:
+        self._execute(kernel, store, progress, group)
+        if group is not None:
+            return
+        for u in self.guests:  # the change is done and durable: a failed read undoes nothing
+            progress.text = f"reading the guest view of {u}"
+            try:
+                self.guests_read[u] = kernel.read_guest(u)
+            except KernelError as err:
+                self.guests_read[u] = err
+
+    def _execute(
+        self, kernel: Kernel, store: Store | None, progress: Progress, group: Group | None
     ) -> None:
         found: dict[str, Matrix | None] = {}
         writes: list[Write] = []

@@ -10,12 +10,14 @@ Sources: ``lib/kstrtox.c``, ``lib/vsprintf.c`` (vsscanf, simple_strtoull),
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Iterable
 
 ULONG_MAX = (1 << 64) - 1
 AP_BITS = 256
 
 _HEX = b"0123456789abcdefABCDEF"
+_HEX_RUN = re.compile(rb"[0-9a-fA-F]*")
 # Kernel ctype isspace(): the ASCII whitespace plus Latin-1 NBSP (0xa0 is _S|_SP).
 _SPACE = b" \t\n\v\f\r\xa0"
 
@@ -150,19 +152,21 @@ def hex2bitmap(text: bytes, nbits: int = AP_BITS) -> frozenset[int]:
         pos = 1
     if s[pos : pos + 1] == b"x":
         pos += 1
-    ids: set[int] = set()
-    i = 0
-    while pos < len(s) and s[pos] in _HEX and i < nbits:
-        b = int(chr(s[pos]), 16)
-        for n in range(4):
-            if b & (0x08 >> n):
-                ids.add(i + n)
-        i += 4
-        pos += 1
+    digits = _HEX_RUN.match(s, pos, min(len(s), pos + nbits // 4))
+    assert digits is not None  # the pattern matches the empty run too
+    run = digits.group()
+    pos += len(run)
     if s[pos : pos + 1] == b"\n":
         pos += 1
     if pos != len(s):
         raise einval()
+    # The digits at once, then their set bits only (a matrix's mask has a few of 256).
+    value, top = int(run or b"0", 16), 4 * len(run) - 1
+    ids: list[int] = []
+    while value:
+        high = value.bit_length() - 1
+        ids.append(top - high)
+        value ^= 1 << high
     return frozenset(ids)
 
 

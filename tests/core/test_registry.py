@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -18,6 +20,7 @@ from apmatrixd.core import (
     DefineMatrix,
     HostOwned,
     HostPool,
+    InvalidArgument,
     Limits,
     Matrix,
     NotFound,
@@ -291,3 +294,68 @@ def test_the_kernels_truth_counts_in_every_decision() -> None:
     reg.clear_truth(g)
     assert reg.claims() == {} and reg.decide(SetHostPool(new)).accepted
     assert reg.violations() == []
+
+
+small = st.frozensets(st.integers(0, 5), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), small, small, st.sampled_from(["", "a", "b"])),
+             min_size=1, max_size=25)
+)  # fmt: skip
+def test_an_update_changes_the_indexes_as_dropping_and_inserting_the_matrix_would(
+    steps: list[tuple[int, frozenset[int], frozenset[int], str]],
+) -> None:
+    """An update touches only the APQNs and ids that differ; the indexes come out as a
+    drop and insert of the whole matrix leaves them, overlapping (restored past the rules)
+    matrices and shared names included."""
+    reg = Registry(limits=Limits(6, 6))
+    uuids = [f"{i}{i}{i}{i}{i}{i}{i}{i}-0000-0000-0000-000000000000" for i in range(3)]
+    for i, a, d, name in steps:
+        uuid = uuids[i]
+        if uuid not in reg.matrices:
+            reg.restore(DefineMatrix(Matrix(uuid, a, d, name=name)))
+            continue
+        ref = reg.copy()
+        old = ref.get(uuid)
+        ref._drop(old)
+        ref._insert(replace(old.with_sets(a, d, frozenset()), name=name))
+        reg.restore(UpdateMatrix(uuid, a, d, frozenset(), name=name))
+        assert reg._owner == ref._owner
+        assert reg._by_adapter == ref._by_adapter and reg._by_domain == ref._by_domain
+        assert {n: list(u) for n, u in reg._by_name.items()} == {
+            n: list(u) for n, u in ref._by_name.items()
+        }
+        assert list(reg.matrices.items()) == list(ref.matrices.items())
+
+
+def _normalize_by_uuidlib(text: object) -> str | None:
+    """What normalize_uuid answers, from the uuid module alone (None: refused)."""
+    try:
+        canonical = str(uuid.UUID(text))  # type: ignore[arg-type]
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return canonical if canonical == text.lower() else None  # type: ignore[attr-defined]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.uuids().map(str),
+        st.uuids().map(lambda u: str(u).upper()),
+        st.uuids().map(lambda u: str(u) + "\n"),
+        st.uuids().map(lambda u: u.hex),
+        st.uuids().map(lambda u: "{" + str(u) + "}"),
+        st.text(alphabet="0123456789abcdefABCDEF-{}\n", max_size=40),
+        st.none(),
+    )
+)
+def test_normalize_uuid_answers_as_the_uuid_module(text: object) -> None:
+    """The canonical form is taken as it is, without parsing; everything else as before."""
+    want = _normalize_by_uuidlib(text)
+    if want is None:
+        with pytest.raises(InvalidArgument):
+            normalize_uuid(text)  # type: ignore[arg-type]
+    else:
+        assert normalize_uuid(text) == want  # type: ignore[arg-type]

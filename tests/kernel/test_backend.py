@@ -351,3 +351,50 @@ def test_equal_domain_sets_are_one_object() -> None:
     adapters = Kernel(TreeSysfs(model.Host.from_name("big"))).read_adapters()  # type: ignore[arg-type]
     assert len({id(a.domains) for a in adapters.values()}) < len(adapters) // 8
     assert all(a.domains == adapters[0].domains for a in adapters.values())
+
+
+class CountingIO(TreeSysfs):
+    """Keeps the path of every read."""
+
+    def __init__(self, host: object) -> None:
+        super().__init__(host)  # type: ignore[arg-type]
+        self.reads: list[str] = []
+
+    def read(self, path: str) -> str:
+        self.reads.append(path)
+        return super().read(path)
+
+
+def test_an_mdevs_sets_are_one_read_where_the_kernel_has_ap_config(
+    kernel: Kernel, host: object
+) -> None:
+    """6.10+ (detected from the mdev's files): ``ap_config`` gives the three sets at once;
+    older kernels and rfc2017 read them one file each. Both agree with the full read."""
+    reserve_two_guests(kernel)
+    kernel.apply_matrix(U1, None, GUEST1)
+    io = CountingIO(host)
+    counted = Kernel(io)
+    assert counted.read_mdev_sets(U1) == GUEST1 == counted.read_mdev(U1).matrix()
+    io.reads.clear()
+    counted.read_mdev_sets(U1)
+    files = [p.rsplit("/", 1)[1] for p in io.reads]
+    if counted.features.ap_config:
+        assert files == ["ap_config"]
+    elif counted.layout == "upstream":
+        assert files == ["control_domains", "matrix"]
+    else:
+        assert sorted(files) == ["adapters", "control_domains", "domains"]
+    kernel.remove_mdev(U1)
+    assert counted.read_mdev_sets(U1) is None
+
+
+def test_malformed_ap_config_is_eio_naming_it() -> None:
+    host = model.Host.from_name("default")
+    kernel = Kernel(TreeSysfs(host))
+    reserve_two_guests(kernel)
+    kernel.apply_matrix(U1, None, GUEST1)
+    path = f"{kernel.mdev_path(U1)}/ap_config"
+    for text in ("0x" + "0" * 64 + "\n", "0x06,0x08,0x08\n", ",".join(["0x" + "0" * 64] * 4)):
+        with pytest.raises(KernelError) as info:
+            Kernel(Corrupt(host, path, text)).read_mdev_sets(U1)
+        assert (info.value.errno, info.value.path) == (errno.EIO, path)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from apmatrixd.service.executor import Command, Executor, Progress, Stopping, Work
+from apmatrixd.service.executor import Command, Executor, Progress, Stopping, Work, Worker
 
 
 def slow(log: list[str], name: str, seconds: float, off_loop: bool = False) -> Command[str]:
@@ -83,5 +83,32 @@ def test_run_now_never_interleaves_with_a_queued_command() -> None:
         with pytest.raises(Stopping):
             await ex.submit("late", lambda: slow(log, "late", 0))
         ex.close()
+
+    asyncio.run(go())
+
+
+def test_the_worker_answers_on_the_loop_and_skips_what_was_cancelled() -> None:
+    """Results and errors reach the loop's futures; one cancelled before its turn never
+    runs; one cancelled while it runs is finished and its result dropped."""
+
+    async def go() -> None:
+        worker = Worker("test-worker")
+        try:
+            ran: list[str] = []
+            started, gate = threading.Event(), threading.Event()
+            first = worker.run(lambda: (started.set(), gate.wait(5), ran.append("first"))[2])
+            second = worker.run(lambda: ran.append("second"))
+            second.cancel()
+            third = worker.run(lambda: threading.get_ident())
+            fourth = worker.run(lambda: 1 / 0)
+            assert started.wait(5)
+            first.cancel()  # already running: it finishes, nobody hears
+            gate.set()
+            assert await third != threading.get_ident()
+            with pytest.raises(ZeroDivisionError):
+                await fourth
+            assert ran == ["first"] and first.cancelled() and second.cancelled()
+        finally:
+            worker.close()
 
     asyncio.run(go())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import random
 
 import pytest
 from hypothesis import given
@@ -167,3 +168,37 @@ def test_uuid_is_valid() -> None:
     assert not uuid_is_valid(b"11111111-2222-3333-4444-55555555555")
     assert not uuid_is_valid(b"11111111-2222-3333-4444+555555555555")
     assert not uuid_is_valid(b"1111111g-2222-3333-4444-555555555555")
+
+
+def _hex2bitmap_digit_by_digit(text: bytes, nbits: int) -> frozenset[int] | int:
+    """``ap_hex2bitmap`` as the kernel loops it, one digit at a time (the errno on EINVAL)."""
+    s = text.split(b"\0")[0]
+    pos = 2 if s[:2] == b"0x" else (1 if s[:1] == b"x" else 0)
+    ids, i = set(), 0
+    while pos < len(s) and s[pos : pos + 1] in [bytes([c]) for c in b"0123456789abcdefABCDEF"]:
+        if i >= nbits:
+            break
+        b = int(s[pos : pos + 1], 16)
+        ids |= {i + n for n in range(4) if b & (0x08 >> n)}
+        i, pos = i + 4, pos + 1
+    if s[pos : pos + 1] == b"\n":
+        pos += 1
+    return frozenset(ids) if pos == len(s) else errno.EINVAL
+
+
+def test_hex2bitmap_agrees_with_the_kernels_loop() -> None:
+    """The emulator parses a mask in one go; random texts answer as the digit loop does."""
+    rng = random.Random(19)
+    alphabet = b"0123456789abcdefABCDEFxX\n ,g\0"
+    texts = [b"0x", b"x", b"0x\n", b"xx1", b"0x" + b"f" * 63 + b"\n"]
+    for _ in range(3000):
+        texts.append(bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 70))))
+        digits = bytes(rng.choice(b"0123456789abcdef") for _ in range(rng.randint(0, 66)))
+        texts.append(b"0x" + digits + rng.choice([b"", b"\n"]))
+    for text in texts:
+        for nbits in (256, 16):
+            try:
+                got: frozenset[int] | int = hex2bitmap(text, nbits)
+            except OSError as err:
+                got = err.errno
+            assert got == _hex2bitmap_digit_by_digit(text, nbits), (text, nbits)
