@@ -17,8 +17,10 @@ In this order, before READY=1:
 2. Every live mdev enters the registry with the sets the kernel holds (a stored UUID is that
    matrix, with its name and autostart; an unknown one is *adopted*).
 3. After a reboot (the boot id differs from the one stored with them) the stored reservations
-   are applied to the host pool: the masks are back at their boot values. A restart in the
-   same boot leaves the masks as they are, an admin's edit included.
+   are applied to the host pool: the masks are back at their boot values. Upstream this is
+   decided from the masks and the mdevs' sets before the cards are read, so the host is
+   read once, as the masks left it (2 above follows that read). A restart in the same boot
+   leaves the masks as they are, an admin's edit included.
 4. Every stored definition: one that is not live enters as ``defined`` (one that clashes is
    logged and left on disk); a live one whose mdev differs from its file was changed while
    the daemon was not running: that is drift, adopted (the file follows the kernel) and sent
@@ -26,7 +28,8 @@ In this order, before READY=1:
    did is written back.
 5. mdevctl's definitions that are not ours are held as mdevctl-managed matrices
    (:mod:`apmatrixd.service.managers`).
-6. Every autostart matrix of ours whose APQNs are all present is started.
+6. Every autostart matrix of ours whose APQNs are all present is started, a batch per
+   transaction (``ops.start_waiting``).
 """
 
 from __future__ import annotations

@@ -170,7 +170,10 @@ def rescan_slice(svc: Service, tick: int, interval: float) -> list[str]:
     silently kept), Stop and Remove ask the kernel whether a guest runs, and a write the
     kernel refuses (a hand-assigned APQN the registry did not know) asks for a re-read of
     everything. So a hand edit shows as Drift within one cycle instead of one tick; until
-    then Check can miss a claim it makes, and the kernel refuses what would clash with it."""
+    then Check can miss a claim it makes, and the kernel refuses what would clash with it.
+    While uevents are heard, an mdev of the slice whose sets read as before keeps its guest
+    view (:func:`believed`): its sets (``ap_config``, 6.10+) and ``status`` are all that is
+    read of it."""
     live = sorted(u for u, m in svc.state.meta.items() if m.live)
     if len(live) <= RESCAN_ALL or interval <= 0:
         return live
