@@ -99,8 +99,8 @@ class HotPlug:
         self.emitted += 1
 
     def start(self, source: Source) -> None:
-        self.sources.append(source)
         source.start()
+        self.sources.append(source)  # once it runs: then uevents are heard (sync.believed)
         if self.rescan_interval > 0 and self._timer is None:
             self._timer = asyncio.ensure_future(self._rescan_loop())
 
@@ -140,9 +140,11 @@ class HotPlug:
 
     def _resync(self, s: Scope) -> Command[Changes]:
         self.resyncs += 1
-        only = None
+        only = last = None
         if s.sliced:
             only = sync.rescan_slice(self.service, self.rescans, self.rescan_interval)
+            if self.sources:  # uevents tell what else changes a guest view (sync.believed)
+                last = sync.believed(self.service, only)
         elif not (s.everything or s.pool or s.others):  # only cards and queues
             only = sync.burst_slice(self.service, s.cards | s.whole | s.named.keys())
         try:
@@ -155,6 +157,7 @@ class HotPlug:
                 pool=s.pool,
                 bindings=s.bindings,
                 only=only,
+                last_read=last,
             )
         except KernelError as err:
             # Something vanished while it was read (a card leaving mid-burst): read it all.

@@ -17,6 +17,9 @@ from typing import Any
 from bench.common import BENCH, Row, cpus, load, say
 
 SUITES = ("bus", "hotplug", "mdevctl", "fleet")
+PARTS = ("startup", "idle")
+"""One row of a suite alone (start-up of bus, idle cost of hotplug): a partial run, for
+measuring one change against its base back to back."""
 
 
 def table(rows: list[Row]) -> str:
@@ -91,7 +94,7 @@ def render(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="few repetitions, small sizes (smoke)")
-    p.add_argument("--only", nargs="+", choices=SUITES, default=list(SUITES))
+    p.add_argument("--only", nargs="+", choices=SUITES + PARTS, default=list(SUITES))
     p.add_argument(
         "--out",
         type=Path,
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if name == "bus":
                     from bench import busbench as mod
+                elif name in PARTS:
+                    from bench import parts as mod  # type: ignore[no-redef]
                 elif name == "hotplug":
                     from bench import hotbench as mod  # type: ignore[no-redef]
                 elif name == "fleet":
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     from bench import mdevbench as mod  # type: ignore[no-redef]
                 (work / name).mkdir()
-                r, raw[name] = mod.run(args.quick, work / name)
+                run = mod.run if name not in PARTS else getattr(mod, name)
+                r, raw[name] = run(args.quick, work / name)
                 rows += r
             except Exception as err:  # one broken suite must not hide the others
                 import traceback

@@ -29,6 +29,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_seconds(pid: int) -> tuple[float, frozenset[str]]:
+    """CPU time of every thread of ``pid`` to the nanosecond (the first field of each
+    /proc/PID/task/TID/schedstat), and the threads counted. utime + stime come in clock
+    ticks (10 ms here), a third of what the goal allows in the 120 s measured."""
+    total = 0
+    tids = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # gone since the listing: then the sets of threads differ
+        tids.append(tid)
+    return total / 1e9, frozenset(tids)
+
+
 async def _rescans(address: str) -> float:
     """The Manager's Statistics last_rescan (wall clock), to count the rescans seen."""
     bus = await connect(address)
@@ -64,9 +80,9 @@ def idle(quick: bool, work: Path, state1000: Path) -> tuple[list[Row], dict[str,
             pid = rig.daemon_pid(d)
             quiet_after = quiesce(pid)
             first = asyncio.run(_rescans(bus.address))
-            c0, t0 = cpu_seconds(pid), time.monotonic()
+            (r0, tids0), c0, t0 = run_seconds(pid), cpu_seconds(pid), time.monotonic()
             time.sleep(seconds)
-            c1, t1 = cpu_seconds(pid), time.monotonic()
+            (r1, tids1), c1, t1 = run_seconds(pid), cpu_seconds(pid), time.monotonic()
             last = asyncio.run(_rescans(bus.address))
         finally:
             try:
@@ -78,23 +94,29 @@ def idle(quick: bool, work: Path, state1000: Path) -> tuple[list[Row], dict[str,
     finally:
         bus.stop()
         rig.close()
-    per_hour = (c1 - c0) / (t1 - t0) * 3600
+    # The same threads at both ends: their schedstat sums are the CPU time to the ns. A
+    # thread that came or went meanwhile takes its time along: then the clock ticks.
+    precise = tids0 == tids1
+    used = r1 - r0 if precise else c1 - c0
+    per_hour = used / (t1 - t0) * 3600
     rescans = round((last - first) / RESCAN) if last > first else 0
     say(
-        f"  {c1 - c0:.2f} CPU s in {t1 - t0:.0f} s ({rescans} rescans seen): "
-        f"{per_hour:.2f} CPU s per hour"
+        f"  {used:.3f} CPU s in {t1 - t0:.0f} s ({rescans} rescans seen; utime + stime "
+        f"{c1 - c0:.2f} s): {per_hour:.2f} CPU s per hour"
     )
     row = Row(
         "idle cost, big host, 1,000 live matrices, default rescan (30 s), real-host mode",
-        f"{per_hour:.2f} CPU s per hour ({c1 - c0:.2f} s in {t1 - t0:.0f} s, "
-        f"{rescans} rescans)",
+        f"{per_hour:.2f} CPU s per hour ({used:.3f} s in {t1 - t0:.0f} s, {rescans} rescans)",
         "0 (nothing changed)",
         None,
         f"<= {GOAL:.0f} s per hour",
         per_hour <= GOAL,
-        note=f"measured once quiet, {quiet_after:.0f} s after READY=1",
+        note=f"measured once quiet, {quiet_after:.0f} s after READY=1"
+        + ("" if precise else "; threads came or went: clock ticks (10 ms) counted"),
         raw={
-            "cpu_s": c1 - c0,
+            "cpu_s": used,
+            "ticks_cpu_s": c1 - c0,
+            "precise": precise,
             "wall_s": t1 - t0,
             "per_hour": per_hour,
             "rescans": rescans,

@@ -917,6 +917,15 @@ def test_bursts_behind_a_slow_command_merge_into_one_resync() -> None:
     run("default", body)
 
 
+def twenty_matrices(svc: Service) -> list[str]:
+    """Matrices 05 x domain k for k < 20: more than a rescan slice (8) holds."""
+    svc.reserve([5, 6], list(range(20)))
+    uuids = [f"{k:08x}-0000-4000-8000-{k:012x}" for k in range(20)]
+    for k, u in enumerate(uuids):
+        svc.create_matrix(u, adapters=[5], domains=[k])
+    return uuids
+
+
 def test_the_rescan_timer_reads_a_slice_of_many_mdevs() -> None:
     """20 live mdevs: each tick re-reads 8 of them (sync.rescan_slice), every one within
     ceil(20 / 8) ticks; a hand edit outside the slice is seen when its turn comes, and a
@@ -925,16 +934,13 @@ def test_the_rescan_timer_reads_a_slice_of_many_mdevs() -> None:
 
     async def body(r: Rig) -> None:
         svc = r.svc
-        svc.reserve([5, 6], list(range(20)))
-        uuids = [f"{k:08x}-0000-4000-8000-{k:012x}" for k in range(20)]
-        for k, u in enumerate(uuids):
-            svc.create_matrix(u, adapters=[5], domains=[k])
+        uuids = twenty_matrices(svc)
         await r.idle()
         read: list[list[str]] = []
         real = svc.kernel.read_mdevs
 
-        def counting(adapters: Any = None, only: Any = None) -> dict[str, MdevInfo]:
-            got = real(adapters, only)
+        def counting(*args: Any) -> dict[str, MdevInfo]:
+            got = real(*args)
             read.append(sorted(got))
             return got
 
@@ -960,3 +966,59 @@ def test_the_rescan_timer_reads_a_slice_of_many_mdevs() -> None:
         assert read[-1] == sorted(uuids)
 
     run("default", body)
+
+
+TWENTY = """name = "twenty"
+description = "adapters 05, 06 with 20 usage domains each"
+layout = "upstream"
+apxa = true
+usage_domains = "0-19"
+
+[[adapters]]
+ids = "0x05-0x06"
+type = "CEX8C"
+"""
+
+
+def test_a_slice_keeps_the_guest_views_only_while_uevents_are_heard(tmp_path: Path) -> None:
+    """The timer's slice reads the sets and InUse (a guest starting sends no uevent); the
+    guest view only where the sets changed, since everything else that changes it comes
+    with uevents. With no uevent source (no udev monitor) the timer is all there is: then
+    every guest view in the slice is read again."""
+    from apmatrixd.service import sync
+
+    async def body(r: Rig) -> None:
+        svc = r.svc
+        uuids = twenty_matrices(svc)
+        await r.idle()
+        reads: list[str] = []
+        real = svc.kernel.io.read
+
+        def counting(path: str) -> str:
+            reads.append(path.rsplit("/", 1)[-1])
+            return real(path)
+
+        svc.kernel.io.read = counting  # type: ignore[method-assign]
+        r.hp.rescan_interval = 30.0
+        r.hp.rescans = 0
+        first = sync.rescan_slice(svc, 1, 30.0)  # the first tick's (rescan() counts it)
+        r.host.attach_guest(first[0])  # no uevent
+        await r.hp.rescan()
+        assert reads.count("guest_matrix") == 0 and reads.count("status") == 8
+        assert svc.matrix(first[0]).in_use
+        # A hand edit in the next slice: its guest view is read, and follows.
+        second = sync.rescan_slice(svc, 2, 30.0)
+        r.write(f"devices/vfio_ap/matrix/{second[0]}/assign_adapter", "6")
+        reads.clear()
+        await r.hp.rescan()
+        assert reads.count("guest_matrix") == 1
+        k = uuids.index(second[0])
+        assert set(svc.matrix(second[0]).guest_apqns) == {Apqn(5, k), Apqn(6, k)}
+        # No uevent source: every guest view of the slice is read.
+        r.hp.sources.clear()
+        reads.clear()
+        await r.hp.rescan()
+        assert reads.count("guest_matrix") == 8
+
+    (tmp_path / "twenty.toml").write_text(TWENTY)
+    run(str(tmp_path / "twenty.toml"), body)

@@ -525,24 +525,29 @@ class Kernel:
         return sorted(n for n in names if _UUID_RE.fullmatch(n))
 
     def read_mdevs(
-        self, adapters: Mapping[int, AdapterInfo] | None = None, only: Iterable[str] | None = None
+        self,
+        adapters: Mapping[int, AdapterInfo] | None = None,
+        only: Iterable[str] | None = None,
+        known: Mapping[str, MdevInfo] | None = None,
     ) -> dict[str, MdevInfo]:
         """Every mdev of our type (or those of ``only``). ``adapters`` (the caller's current
         view) spares a re-read where the guest view is computed here; an mdev removed while
-        reading is left out."""
+        reading is left out. ``known``: what the caller last read of some of them (see
+        :meth:`_read_mdev`)."""
         out: dict[str, MdevInfo] = {}
         host: tuple[Mapping[int, AdapterInfo], frozenset[int] | None] | None = None
+        known = known or {}
 
         def context() -> tuple[Mapping[int, AdapterInfo], frozenset[int] | None]:
             nonlocal host
             if host is None:  # read once, and only if some guest view is computed here
-                known = adapters if adapters is not None else self.read_adapters()
-                host = (known, self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask"))
+                cards = adapters if adapters is not None else self.read_adapters()
+                host = (cards, self._optional_mask(f"{AP_BUS}/ap_usage_domain_mask"))
             return host
 
         for uuid in self.list_mdevs() if only is None else only:
             try:
-                out[uuid] = self._read_mdev(uuid, context)
+                out[uuid] = self._read_mdev(uuid, context, known.get(uuid))
             except KernelError as err:
                 if err.errno != errno.ENOENT:
                     raise
@@ -576,36 +581,74 @@ class Kernel:
         self,
         uuid: str,
         host: Callable[[], tuple[Mapping[int, AdapterInfo], frozenset[int] | None]],
+        known: MdevInfo | None = None,
     ) -> MdevInfo:
         """One mdev; ``host`` gives the cards and usage domains where the guest view must be
-        computed here (rfc2017, or upstream before 6.0: no ``guest_matrix``)."""
+        computed here (rfc2017, or upstream before 6.0: no ``guest_matrix``).
+
+        ``known``: what was last read of it. If its sets read the same, its guest view is
+        taken from there instead of ``guest_matrix``: the kernel changes a guest view
+        without changing the sets only on a change of the host (a card or queue coming,
+        going or moving between drivers), and each of those sends uevents, which the caller
+        answers with a full read. Its ``status`` (a guest starting or stopping: no uevent)
+        is read in any case."""
         base = self.mdev_path(uuid)
         upstream = self._layout.name == "upstream"
-        names = ("matrix", "guest_matrix") if upstream else ("adapters", "domains")
-        attrs = self._read_in(base, ("control_domains", *names))
-
-        def text_of(name: str) -> str:
-            if (text := attrs[name]) is None:  # an mdev always has it: half gone, or not ours
-                raise KernelError(errno.ENOENT, f"{base}/{name}", "reading")
-            return text
-
-        def ids(name: str, width: int) -> frozenset[int]:
-            return formats.parse_ids(text_of(name), f"{base}/{name}", width)
-
-        control = ids("control_domains", 4)
-        if upstream:
-            path = f"{base}/matrix"
-            assigned_a, assigned_d = formats.parse_matrix(text_of("matrix"), path)
+        # With nothing known, guest_matrix is read with the sets: one lookup of the directory.
+        with_guest = ("guest_matrix",) if upstream and known is None else ()
+        attrs = self._read_in(base, (*self._set_names(), *with_guest))
+        assigned_a, assigned_d, control = self._parse_sets(base, attrs)
+        if not upstream:
+            guest = self._guest_view(assigned_a, assigned_d, *host())
+        elif known is not None and (known.adapters, known.domains, known.control_domains) == (
+            assigned_a,
+            assigned_d,
+            control,
+        ):
+            guest = known.guest_apqns
+        else:
+            if not with_guest:
+                attrs = self._read_in(base, ("guest_matrix",))
             path = f"{base}/guest_matrix"
             if (text := attrs["guest_matrix"]) is not None:
                 guest_a, guest_d = formats.parse_matrix(text, path)
                 guest = frozenset(cross(guest_a, guest_d))
             else:  # before 6.0: no guest_matrix, compute it as the kernel would
                 guest = self._guest_view(assigned_a, assigned_d, *host())
-        else:
-            assigned_a, assigned_d = ids("adapters", 2), ids("domains", 4)
-            guest = self._guest_view(assigned_a, assigned_d, *host())
         return MdevInfo(uuid, assigned_a, assigned_d, control, guest, self._status_in_use(guest))
+
+    def _set_names(self) -> tuple[str, ...]:
+        """The attributes an mdev's adapters, domains and control domains are read from:
+        ``ap_config`` alone where the kernel has it (6.10+), else one file each
+        (``matrix`` holds the first two on the upstream layout)."""
+        if self._layout.name != "upstream":
+            return ("control_domains", "adapters", "domains")
+        if self.features.ap_config:
+            return ("ap_config",)
+        return ("control_domains", "matrix")
+
+    def _parse_sets(
+        self, base: str, attrs: Mapping[str, str | None]
+    ) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+        def text_of(name: str) -> str:
+            if (text := attrs[name]) is None:  # an mdev always has it: half gone, or not ours
+                raise KernelError(errno.ENOENT, f"{base}/{name}", "reading")
+            return text
+
+        if "ap_config" in attrs:
+            return formats.parse_ap_config(text_of("ap_config"), f"{base}/ap_config")
+
+        def ids(name: str, width: int) -> frozenset[int]:
+            return formats.parse_ids(text_of(name), f"{base}/{name}", width)
+
+        control = ids("control_domains", 4)
+        if "matrix" in attrs:
+            a, d = formats.parse_matrix(text_of("matrix"), f"{base}/matrix")
+            return a, d, control
+        return ids("adapters", 2), ids("domains", 4), control
+
+    def _read_sets(self, base: str) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+        return self._parse_sets(base, self._read_in(base, self._set_names()))
 
     def _guest_view(
         self,
@@ -696,21 +739,8 @@ class Kernel:
     def read_mdev_sets(self, uuid: str) -> Matrix | None:
         """What one mdev holds now (its assignment, not the guest view); None if absent."""
         uuid = normalize_uuid(uuid)
-        base = self.mdev_path(uuid)
         try:
-            if self.features.ap_config and self._layout.name == "upstream":
-                # 6.10+: the three sets in one read, where older kernels take two.
-                path = f"{base}/ap_config"
-                a, d, control = formats.parse_ap_config(self._read(path), path)
-                return Matrix(uuid, a, d, control)
-            control = formats.parse_ids(
-                self._read(f"{base}/control_domains"), f"{base}/control_domains", 4
-            )
-            if self._layout.name == "upstream":
-                a, d = formats.parse_matrix(self._read(f"{base}/matrix"), f"{base}/matrix")
-            else:
-                a = formats.parse_ids(self._read(f"{base}/adapters"), f"{base}/adapters", 2)
-                d = formats.parse_ids(self._read(f"{base}/domains"), f"{base}/domains", 4)
+            a, d, control = self._read_sets(self.mdev_path(uuid))
         except KernelError as err:
             if err.errno == errno.ENOENT:
                 return None

@@ -509,17 +509,26 @@ def stored(svc: Service, uuid: str, record: StoredMatrix) -> None:
 
 
 # -- start what waits ---------------------------------------------------------------------------
+AUTOSTART_BATCH = 128
+"""Autostart matrices created in one transaction: one intent journalled and synced, one
+worker hand-off for their writes and one for their guest views, instead of one each."""
+
+
 def start_waiting(svc: Service) -> Command[list[str]]:
     """Start every autostart matrix that is not live and whose APQNs are all present.
 
     A refusal (its APQNs held in the kernel by a drifted matrix, or by the host) or a kernel
     failure leaves that matrix ``defined`` (logged) and the others go on; one Changes batch.
+    They are created :data:`AUTOSTART_BATCH` at a time: starting one changes no decision on
+    another (each is decided on its own sets, which the registry holds already), and a batch
+    that fails is undone whole and tried one by one, so only the failing ones stay defined.
     """
     st = svc.state
     changes = Changes()
     started: list[str] = []
     if not st.bindings_ready:
         return started  # bindings_complete() starts them
+    ready: list[Matrix] = []
     for uuid in sorted(st.registry.matrices):
         m, meta = st.registry.matrices[uuid], st.meta[uuid]
         if meta.manager != APMATRIXD:
@@ -532,23 +541,76 @@ def start_waiting(svc: Service) -> Command[list[str]]:
         if refusal is not None:
             log.warning("autostart of matrix %s refused: %s", m.label, refusal)
             continue
-        try:
-            yield from svc.transact(
-                Transaction(f"autostart {uuid}", matrices=[MatrixStep(uuid, None, m)])
-            )
-        except ApmatrixError as err:  # the kernel, or the journal (a read-only state dir)
-            log.warning("autostart of matrix %s failed: %s", m.label, err)
-            continue
-        guest = (yield from svc.read_guest(uuid)) or ()
-        meta.live, meta.guest = True, guest
-        started.append(uuid)
-        changes.matrices_changed.add(uuid)
-        st.touch_adapters(changes, m.adapters)
+        ready.append(m)
+    # The first mdev tells the generation (ap_config or one write per id): alone, if unknown.
+    size = 1 if svc.kernel.features.dynamic is None else AUTOSTART_BATCH
+    while ready:
+        batch, ready = ready[:size], ready[size:]
+        size = AUTOSTART_BATCH
+        done = yield from _autostart(svc, batch)
+        guests = yield from _read_guests(svc, [m.uuid for m in done])
+        for m in done:
+            meta = st.meta[m.uuid]
+            meta.live, meta.guest = True, guests.get(m.uuid, ())
+            started.append(m.uuid)
+            changes.matrices_changed.add(m.uuid)
+            st.touch_adapters(changes, m.adapters)
     if started:
         n = len(started)
         log.info("started %d autostart matri%s", n, "x" if n == 1 else "ces")
     svc.emit(changes)
     return started
+
+
+def _autostart(svc: Service, batch: list[Matrix]) -> Command[list[Matrix]]:
+    """Create the mdevs of ``batch`` in one transaction; the ones created."""
+    one = len(batch) == 1
+    what = f"autostart {batch[0].uuid}" if one else f"autostart of {len(batch)} matrices"
+    steps = [MatrixStep(m.uuid, None, m) for m in batch]
+    try:
+        yield from svc.transact(Transaction(what, matrices=steps))
+    except ApmatrixError as err:  # the kernel, or the journal (a read-only state dir)
+        if one:
+            log.warning("autostart of matrix %s failed: %s", batch[0].label, err)
+            return []
+        log.info("%s failed (%s): undone, one by one now", what, err)
+        done: list[Matrix] = []
+        for m in batch:
+            done += yield from _autostart(svc, [m])
+        return done
+    return batch
+
+
+def _read_guests(svc: Service, uuids: list[str]) -> Command[dict[str, tuple[Apqn, ...]]]:
+    """The guest views of these live mdevs in one hand-off; one that cannot be read is left
+    out (logged, a resync asked for), as :meth:`Service.read_guest` does."""
+    if not uuids:
+        return {}
+    if len(uuids) == 1 or svc.grouping.current is not None:  # a group reads them itself
+        out: dict[str, tuple[Apqn, ...]] = {}
+        for u in uuids:
+            if (guest := (yield from svc.read_guest(u))) is not None:
+                out[u] = guest
+        return out
+    k = svc.kernel
+
+    def read(_p: object) -> tuple[dict[str, tuple[Apqn, ...]], list[str]]:
+        out: dict[str, tuple[Apqn, ...]] = {}
+        failed: list[str] = []
+        for u in uuids:
+            try:
+                out[u] = tuple(sorted(k.read_guest(u)))
+            except KernelError as err:
+                failed.append(f"{u}: {err}")
+        return out, failed
+
+    guests: dict[str, tuple[Apqn, ...]]
+    failed: list[str]
+    guests, failed = yield Work(f"reading the guest views of {len(uuids)} matrices", read)
+    if failed:
+        log.warning("re-reading matrices after a change failed: %s", "; ".join(failed))
+        svc.request_resync()
+    return guests
 
 
 def bindings_complete(svc: Service, why: str) -> Command[list[str]]:

@@ -17,8 +17,10 @@ In this order, before READY=1:
 2. Every live mdev enters the registry with the sets the kernel holds (a stored UUID is that
    matrix, with its name and autostart; an unknown one is *adopted*).
 3. After a reboot (the boot id differs from the one stored with them) the stored reservations
-   are applied to the host pool: the masks are back at their boot values. A restart in the
-   same boot leaves the masks as they are, an admin's edit included.
+   are applied to the host pool: the masks are back at their boot values. Upstream this is
+   decided from the masks and the mdevs' sets before the cards are read, so the host is
+   read once, as the masks left it (2 above follows that read). A restart in the same boot
+   leaves the masks as they are, an admin's edit included.
 4. Every stored definition: one that is not live enters as ``defined`` (one that clashes is
    logged and left on disk); a live one whose mdev differs from its file was changed while
    the daemon was not running: that is drift, adopted (the file follows the kernel) and sent
@@ -26,7 +28,8 @@ In this order, before READY=1:
    did is written back.
 5. mdevctl's definitions that are not ours are held as mdevctl-managed matrices
    (:mod:`apmatrixd.service.managers`).
-6. Every autostart matrix of ours whose APQNs are all present is started.
+6. Every autostart matrix of ours whose APQNs are all present is started, a batch per
+   transaction (``ops.start_waiting``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from apmatrixd.core import ApmatrixError, Apqn, DefineMatrix, HostPool, Matrix, 
 from apmatrixd.core import SetHostPool as SetPool
 from apmatrixd.core.apqn import cross, format_ids
 from apmatrixd.journal import Intent
-from apmatrixd.kernel import HostSnapshot, Kernel
+from apmatrixd.kernel import HostSnapshot, Kernel, MdevInfo
 from apmatrixd.service import managers, ops, sync
 from apmatrixd.service.executor import Command, Work
 from apmatrixd.service.state import APMATRIXD, EXTERNAL, Changes, Meta
@@ -55,56 +58,30 @@ log = logging.getLogger(__name__)
 def load(svc: Service) -> Command[None]:
     st = svc.state
     store = svc.store
+    k = svc.kernel
     contents = Contents()
     unresolved: frozenset[str] = frozenset()
     if store is not None:
-        contents, unresolved = yield Work(
-            "the state directory", lambda _p: _recover(svc.kernel, store)
-        )
+        contents, unresolved = yield Work("the state directory", lambda _p: _recover(k, store))
+    boot = k.boot_id()
+    # The same boot: the masks are what this daemon (or an admin since) left them. Applying
+    # the reservations again would write an admin's edit back.
+    restore = not (store is not None and boot and contents.boot == boot)
+    written = False
+    if restore and k.layout == "upstream":
+        # Upstream the host pool is two masks, decided on without the cards: the pool and
+        # the mdevs' sets are read first, the reservations applied, and the host (65,536
+        # queues on a big host) read once, as the masks left it, instead of before and after.
+        pre: HostSnapshot = yield Work("reading the host pool and the mdevs",
+                                       lambda _p: _pool_and_mdevs(k))  # fmt: skip
+        _take_host(svc, pre, contents, warn=False)
+        yield from _restore(svc, contents, boot)
+        restore = False
     snap: HostSnapshot = yield Work("reading the AP configuration",
-                                    lambda _p: svc.kernel.read_host())  # fmt: skip
-    st.registry = Registry(
-        limits=snap.limits, pool=snap.pool, release_all_ones=svc.kernel.features.all_ones_release
-    )
-    st.meta.clear()
-    st.on_disk = dict(contents.matrices)
-    st.reservations = st.on_disk_reservations = contents.reservations
-    st.take_inventory(dict(snap.adapters))
-    for mdev in sorted(snap.mdevs.values(), key=lambda m: m.uuid):
-        sm = contents.matrices.get(mdev.uuid)
-        m = Matrix(
-            mdev.uuid,
-            frozenset(mdev.adapters),
-            frozenset(mdev.domains),
-            frozenset(mdev.control_domains),
-            name=sm.name if sm else "",
-            autostart=sm.autostart if sm else False,
-        )
-        problems = st.registry.decide(DefineMatrix(m)).error(ops.ORDER)
-        if problems is not None:
-            log.warning("adopting %s although it breaks a rule: %s", m.uuid, problems)
-        st.registry.restore(DefineMatrix(m))
-        st.meta[m.uuid] = Meta(
-            live=True,
-            manager=APMATRIXD if sm is not None else EXTERNAL,
-            control_usage_domains=(
-                sm.control_usage_domains if sm else m.domains <= m.control_domains
-            ),
-            guest=tuple(sorted(mdev.guest_apqns)),
-            in_use=mdev.in_use,
-        )
-    boot = svc.kernel.boot_id()
-    if store is not None and boot and contents.boot == boot:
-        # The same boot: the masks are what this daemon (or an admin since) left them.
-        # Applying the reservations again would write an admin's edit back.
-        written = False
-    else:
-        written = yield from _restore_pool(svc, contents.matrices.values())
-        if store is not None and boot:
-            try:
-                yield Work("storing the boot id", lambda _p: store.write_boot(boot))
-            except ApmatrixError as err:
-                log.error("%s", err)
+                                    lambda _p: k.read_host())  # fmt: skip
+    _take_host(svc, snap, contents)
+    if restore:  # 2017 layout: the pool is the queues' drivers, known once the cards are read
+        written = yield from _restore(svc, contents, boot)
     drift: list[tuple[str, str]] = []
     adopted: list[str] = []
     for sm in sorted(contents.matrices.values(), key=lambda m: m.uuid):
@@ -137,7 +114,7 @@ def load(svc: Service) -> Command[None]:
     if adopted:  # the files follow the kernel (the registry holds its sets): a restart keeps it
         yield from sync.store_adopted(svc, adopted)
     if written:  # the guest views and the inventory follow the host pool
-        snap = yield Work("re-reading the AP configuration", lambda _p: svc.kernel.read_host())
+        snap = yield Work("re-reading the AP configuration", lambda _p: k.read_host())
         st.take_inventory(dict(snap.adapters))
         for uuid, meta in st.meta.items():
             if meta.live and uuid in snap.mdevs:
@@ -154,6 +131,65 @@ def load(svc: Service) -> Command[None]:
     if not ready:
         log.info("the AP bus is still binding queues: autostart waits for BINDINGS=complete")
     yield from ops.start_waiting(svc)
+
+
+def _take_host(svc: Service, snap: HostSnapshot, contents: Contents, warn: bool = True) -> None:
+    """Step 2 of the module docstring: the registry as the kernel holds it."""
+    st = svc.state
+    st.registry = Registry(
+        limits=snap.limits, pool=snap.pool, release_all_ones=svc.kernel.features.all_ones_release
+    )
+    st.meta.clear()
+    st.on_disk = dict(contents.matrices)
+    st.reservations = st.on_disk_reservations = contents.reservations
+    st.take_inventory(dict(snap.adapters))
+    for mdev in sorted(snap.mdevs.values(), key=lambda m: m.uuid):
+        sm = contents.matrices.get(mdev.uuid)
+        m = Matrix(
+            mdev.uuid,
+            frozenset(mdev.adapters),
+            frozenset(mdev.domains),
+            frozenset(mdev.control_domains),
+            name=sm.name if sm else "",
+            autostart=sm.autostart if sm else False,
+        )
+        problems = st.registry.decide(DefineMatrix(m)).error(ops.ORDER) if warn else None
+        if problems is not None:
+            log.warning("adopting %s although it breaks a rule: %s", m.uuid, problems)
+        st.registry.restore(DefineMatrix(m))
+        st.meta[m.uuid] = Meta(
+            live=True,
+            manager=APMATRIXD if sm is not None else EXTERNAL,
+            control_usage_domains=(
+                sm.control_usage_domains if sm else m.domains <= m.control_domains
+            ),
+            guest=tuple(sorted(mdev.guest_apqns)),
+            in_use=mdev.in_use,
+        )
+
+
+def _pool_and_mdevs(k: Kernel) -> HostSnapshot:
+    """What deciding the upstream host pool needs: the masks and the sets of every mdev (a
+    live one holding an APQN keeps it from the host), no cards."""
+    k.detect_features()
+    mdevs: dict[str, MdevInfo] = {}
+    for uuid in k.list_mdevs():
+        sets = k.read_mdev_sets(uuid)
+        if sets is not None:  # None: removed since the listing
+            mdevs[uuid] = MdevInfo(uuid, sets.adapters, sets.domains, sets.control_domains)
+    return HostSnapshot(k.layout, k.read_limits(), k.read_pool(), mdevs=mdevs)
+
+
+def _restore(svc: Service, contents: Contents, boot: str) -> Command[bool]:
+    """Step 3: the stored reservations applied, the boot id stored; True if written."""
+    store = svc.store
+    written = yield from _restore_pool(svc, contents.matrices.values())
+    if store is not None and boot:
+        try:
+            yield Work("storing the boot id", lambda _p: store.write_boot(boot))
+        except ApmatrixError as err:
+            log.error("%s", err)
+    return written
 
 
 def _drift_text(live: Matrix, sm: StoredMatrix) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 
@@ -313,7 +315,9 @@ class Corrupt(TreeSysfs):
 def test_malformed_sysfs_is_eio_naming_the_file(kernel: Kernel, host: object, attr: str) -> None:
     reserve_two_guests(kernel)
     kernel.apply_matrix(U1, None, GUEST1)
-    if attr == "mdev_file":
+    if kernel.features.ap_config and "/" not in attr:
+        attr = "ap_config"  # the three sets in one file: the only one read for them
+    elif attr == "mdev_file":
         attr = "matrix" if kernel.layout == "upstream" else "adapters"
     path = attr if "/" in attr else f"{kernel.mdev_path(U1)}/{attr}"
     broken = Kernel(Corrupt(host, path, "05.0004\nhello\n"))
@@ -354,14 +358,17 @@ def test_equal_domain_sets_are_one_object() -> None:
 
 
 class CountingIO(TreeSysfs):
-    """Keeps the path of every read."""
+    """Keeps the path of every read (``paths``) and counts the reads of each attribute by
+    its name (``reads``)."""
 
     def __init__(self, host: object) -> None:
         super().__init__(host)  # type: ignore[arg-type]
-        self.reads: list[str] = []
+        self.paths: list[str] = []
+        self.reads: Counter[str] = Counter()
 
     def read(self, path: str) -> str:
-        self.reads.append(path)
+        self.paths.append(path)
+        self.reads[path.rsplit("/", 1)[-1]] += 1
         return super().read(path)
 
 
@@ -375,9 +382,9 @@ def test_an_mdevs_sets_are_one_read_where_the_kernel_has_ap_config(
     io = CountingIO(host)
     counted = Kernel(io)
     assert counted.read_mdev_sets(U1) == GUEST1 == counted.read_mdev(U1).matrix()
-    io.reads.clear()
+    io.paths.clear()
     counted.read_mdev_sets(U1)
-    files = [p.rsplit("/", 1)[1] for p in io.reads]
+    files = [p.rsplit("/", 1)[1] for p in io.paths]
     if counted.features.ap_config:
         assert files == ["ap_config"]
     elif counted.layout == "upstream":
@@ -398,3 +405,43 @@ def test_malformed_ap_config_is_eio_naming_it() -> None:
         with pytest.raises(KernelError) as info:
             Kernel(Corrupt(host, path, text)).read_mdev_sets(U1)
         assert (info.value.errno, info.value.path) == (errno.EIO, path)
+
+
+def test_an_mdev_s_sets_are_one_read_where_the_kernel_has_ap_config(host: object) -> None:
+    io = CountingIO(host)
+    kernel = Kernel(io)
+    reserve_two_guests(kernel)
+    kernel.apply_matrix(U1, None, GUEST1)
+    io.reads.clear()
+    assert kernel.read_mdev_sets(U1) == GUEST1
+    assert kernel.read_mdevs(kernel.read_adapters(), [U1])[U1].matrix() == GUEST1
+    if kernel.features.ap_config:
+        assert io.reads["ap_config"] == 2
+        assert not io.reads.keys() & {"matrix", "control_domains", "adapters", "domains"}
+    else:
+        assert io.reads["ap_config"] == 0 and io.reads["control_domains"] == 2
+
+
+def test_an_mdev_whose_sets_read_as_known_keeps_its_guest_view(host: object) -> None:
+    """What the rescan timer's slice passes: the guest view is read again only where the
+    sets changed; InUse (a guest starting: no uevent) is read in any case."""
+    io = CountingIO(host)
+    kernel = Kernel(io)
+    reserve_two_guests(kernel)
+    kernel.apply_matrix(U1, None, GUEST1)
+    cards = kernel.read_adapters()
+    last = kernel.read_mdevs(cards, [U1])
+    assert last[U1].guest_apqns == frozenset(GUEST1.apqns()) and not last[U1].in_use
+    host.attach_guest(U1)  # type: ignore[attr-defined]
+    io.reads.clear()
+    again = kernel.read_mdevs(cards, [U1], last)[U1]
+    running = kernel.layout == "upstream"  # the 2017 layout's queues have no status
+    assert again == replace(last[U1], in_use=running)
+    assert io.reads["guest_matrix"] == 0 and io.reads["status"] == 1
+    # A hand edit (no uevent): the sets differ, so the guest view is read as well.
+    TreeSysfs(host).write(f"{kernel.mdev_path(U1)}/unassign_adapter", "6")  # type: ignore[arg-type]
+    io.reads.clear()
+    edited = kernel.read_mdevs(cards, [U1], last)[U1]
+    assert edited.adapters == {5} and edited.guest_apqns == {Apqn(5, 4)}
+    assert edited.in_use == running
+    assert io.reads["guest_matrix"] == (1 if kernel.features.dynamic else 0)

@@ -14,8 +14,10 @@ import pytest
 from apmatrixd.core import Apqn, Conflict
 from apmatrixd.core.errors import NotManaged
 from apmatrixd.journal import Journal
-from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
+from apmatrixd.kernel import HostSnapshot, Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Service
+from apmatrixd.service.executor import Command
+from apmatrixd.service.tx import Transaction
 from apmatrixd.sim.model import Host
 from apmatrixd.store import (
     Reservations,
@@ -189,6 +191,98 @@ def test_definitions_come_back_after_a_reboot(tmp_path: Path, scenario: str) -> 
     assert set(svc2.host.host_adapters).isdisjoint({5, 6}) or scenario == "rfc2017"
     with pytest.raises(Conflict):  # a defined matrix still holds its APQNs
         svc2.create_matrix(adapters=[5], domains=[0x47])
+
+
+def test_after_a_reboot_the_host_is_read_once_with_the_reservations_applied(
+    tmp_path: Path, scenario: str
+) -> None:
+    svc = service(Host.from_name(scenario), tmp_path)
+    svc.reserve([5, 6], [4, 0x47])
+    svc.create_matrix(G1, adapters=[5, 6], domains=[4], autostart=True)
+    rebooted = Service(Kernel(TreeSysfs(Host.from_name(scenario))), store=Store(tmp_path))
+    reads: list[int] = []
+    real = rebooted.kernel.read_host
+
+    def counted() -> HostSnapshot:
+        reads.append(1)
+        return real()
+
+    rebooted.kernel.read_host = counted  # type: ignore[method-assign]
+    rebooted.load()
+    # Upstream the masks are applied before the cards are read; the 2017 layout's pool is
+    # the queues' drivers, read with the cards, so it reads them again after the moves.
+    assert len(reads) == (1 if scenario == "default" else 2)
+    # What clients see is the host after the reservations: queues with vfio, the guest's view.
+    assert {4, 0x47} <= set(rebooted.adapter(5).guest_domains)
+    assert {4, 0x47}.isdisjoint(rebooted.host.host_domains) or scenario == "rfc2017"
+    m = rebooted.matrix(G1)
+    assert m.state == "active" and set(m.guest_apqns) == {Apqn(5, 4), Apqn(6, 4)}
+
+
+def test_autostart_creates_its_matrices_in_one_transaction(tmp_path: Path) -> None:
+    svc = service(Host.from_name("default"), tmp_path)
+    svc.reserve([5, 6], [4, 0x47, 0xAB])
+    uuids = [G1, G2, G3]
+    for u, d in zip(uuids, (4, 0x47, 0xAB), strict=True):
+        svc.create_matrix(u, adapters=[5, 6], domains=[d], autostart=True)
+    rebooted = Service(Kernel(TreeSysfs(Host.from_name("default"))), store=Store(tmp_path))
+    whats: list[tuple[str, int]] = []
+    real = rebooted.transact
+
+    def counted(tx: Transaction) -> Command[None]:
+        whats.append((tx.what, len(tx.matrices)))
+        return real(tx)
+
+    rebooted.transact = counted  # type: ignore[method-assign]
+    rebooted.load()
+    assert [n for what, n in whats if what.startswith("autostart")] == [3]
+    assert all(rebooted.matrix(u).state == "active" for u in uuids)
+    assert sorted(rebooted.kernel.list_mdevs()) == sorted(uuids)
+    assert Journal(tmp_path).read() is None
+
+
+def test_an_autostart_the_kernel_refuses_leaves_only_that_matrix_defined(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc = service(Host.from_name("default"), tmp_path)
+    svc.reserve([5, 6], [4, 0x47, 0xAB])
+    for u, d in zip((G1, G2, G3), (4, 0x47, 0xAB), strict=True):
+        svc.create_matrix(u, adapters=[5, 6], domains=[d], autostart=True)
+    caplog.set_level(logging.INFO, "apmatrixd.service.ops")
+    host = Host.from_name("default")
+    # G2's sets are refused, in the batch (G1 is created by then: undone) and alone.
+    host.inject_fault(f"devices/vfio_ap/matrix/{G2}/ap_config", errno.EADDRINUSE, 2)
+    rebooted = service(host, tmp_path)
+    states = {u: rebooted.matrix(u).state for u in (G1, G2, G3)}
+    assert states == {G1: "active", G2: "defined", G3: "active"}
+    assert sorted(rebooted.kernel.list_mdevs()) == sorted([G1, G3])
+    assert "autostart of 3 matrices failed" in caplog.text
+    assert f"autostart of matrix {G2}" in caplog.text
+    assert Journal(tmp_path).read() is None and rebooted.registry.violations() == []
+
+
+def test_the_first_autostart_alone_tells_the_generation(tmp_path: Path) -> None:
+    """6.10 has ap_config but no features file: until an mdev exists the writes per id are
+    all the daemon may plan; the first matrix alone teaches it, the rest take one write."""
+    svc = service(Host.from_name("default@6.10"), tmp_path)
+    svc.reserve([5, 6], [4, 0x47, 0xAB])
+    for u, d in zip((G1, G2, G3), (4, 0x47, 0xAB), strict=True):
+        svc.create_matrix(u, adapters=[5, 6], domains=[d], autostart=True)
+    host = Host.from_name("default@6.10")
+    written: list[str] = []
+    real = host.write
+
+    def seen(path: str, data: bytes) -> int:
+        written.append(path.rsplit("/", 1)[-1])
+        return real(path, data)
+
+    host.write = seen  # type: ignore[method-assign]
+    rebooted = service(host, tmp_path)
+    assert all(rebooted.matrix(u).state == "active" for u in (G1, G2, G3))
+    assert rebooted.kernel.features.ap_config
+    made = [w for w in written if w in ("create", "ap_config") or w.startswith("assign_")]
+    assert made.count("create") == 3 and made.count("ap_config") == 2  # G2, G3
+    assert made[1:4] == ["assign_adapter", "assign_adapter", "assign_domain"]  # G1, per id
 
 
 def test_a_restart_without_reboot_finds_its_matrices_live_not_adopted(tmp_path: Path) -> None:
