@@ -458,9 +458,9 @@ def test_a_card_burst_reads_only_the_mdevs_holding_its_cards() -> None:
         k, asked = r.svc.kernel, []
         real = k.read_mdevs
 
-        def spy(adapters: Any = None, only: Any = None) -> dict[str, MdevInfo]:
+        def spy(adapters: Any = None, only: Any = None, *rest: Any) -> dict[str, MdevInfo]:
             asked.append(None if only is None else sorted(only))
-            return real(adapters, only)
+            return real(adapters, only, *rest)
 
         k.read_mdevs = spy  # type: ignore[method-assign]
         r.write("devices/ap/card05/config", "0")
