@@ -15,6 +15,7 @@ import select
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,51 @@ def test_a_card_that_flips_while_the_guests_are_read_is_read_again(
         assert seen[0] == want
         await r.idle()
         assert set(seen) == {want}
+
+    run("default", body)
+
+
+def test_guest_views_read_before_the_kernel_updated_them_are_read_once_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vfio_ap updates guest_matrix after the scan's last uevent: a batch that read the guest
+    views before that (card 05 back, the guest still without it) and finds the card as it was
+    reads their holders once more, so the batch shows the guest whole, not degraded until the
+    next rescan. A contradiction that stays is shown as the kernel says (one re-read only)."""
+
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        assert r.svc.matrix(G1).state == "degraded"
+        k = r.svc.kernel
+        real = k.read_mdevs
+        calls: list[list[str] | None] = []
+
+        def early(*args: Any, **kw: Any) -> dict[str, MdevInfo]:
+            out = real(*args, **kw)
+            only = args[1] if len(args) > 1 else kw.get("only")
+            calls.append(None if only is None else sorted(only))
+            if len(calls) <= stale_reads:  # as before on_scan_complete: 05 not in the view
+                out = {u: replace(m, guest_apqns=frozenset(q for q in m.guest_apqns
+                                                          if q.adapter != 5))
+                       for u, m in out.items()}  # fmt: skip
+            return out
+
+        stale_reads = 1
+        monkeypatch.setattr(k, "read_mdevs", early)
+        r.write("devices/ap/card05/config", "1")
+        await r.idle()
+        assert calls[1:] == [[G1]]  # the holder of 05, once more
+        assert r.svc.matrix(G1).state == "active"
+        calls.clear()
+        stale_reads = 5  # the kernel keeps saying so: read once more, then believed
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        r.write("devices/ap/card05/config", "1")
+        await r.idle()
+        assert calls == [[G1], [G1], [G1]]  # config 0: one read; config 1: two, no more
+        assert r.svc.matrix(G1).state == "degraded"
 
     run("default", body)
 

@@ -287,6 +287,14 @@ def resync(
         # Read those cards again, so no batch shows a guest holding a deconfigured adapter.
         if stale := _contradicted(now, mdevs):
             infos = read_adapters(k, now, stale, set(), {}, False)
+            assert infos is not None  # cards were asked for
+            # The cards read as before: the guest views were read too early instead
+            # (vfio_ap updates guest_matrix in on_scan_complete, after the scan's last
+            # uevent, and sends none). Their holders are read once more, once only: a
+            # contradiction that stays is the kernel's word and is shown as it is.
+            if still := _contradicted(infos, mdevs):
+                holders = [u for u, m in mdevs.items() if m.adapters & still]
+                mdevs.update(k.read_mdevs(infos, holders))
         # mdevctl's definitions change without a uevent too: looked at with the pool.
         return Reading(infos, host, mdevs, managers.scan(svc) if want_pool else None)
 
