@@ -398,11 +398,15 @@ class PatientWriter(_MessageWriter):
                 f"(limit {self.LIMIT >> 20} MiB): dropping the connection"
             )
             log.error("%s", err)
-            self.bus._finalize(err)
+            self._owner().drop(err)
 
     def buffer_message(self, msg: Message, future: asyncio.Future[None] | None = None) -> None:
         super().buffer_message(msg, future)
         self.queued += len(self.messages[-1][0])
+
+    def _owner(self) -> ApmatrixBus:
+        assert isinstance(self.bus, ApmatrixBus)  # installed by ApmatrixBus only
+        return self.bus
 
     def write_callback(self, remove_writer: bool = True) -> None:
         sock, fd = self.sock, self.fd
@@ -436,11 +440,11 @@ class PatientWriter(_MessageWriter):
                     self.fut.set_result(None)
         except Exception as err:
             if self.fut is not None and not self.fut.done():
-                if self.bus._user_disconnect:
+                if self._owner().disconnecting:
                     self.fut.set_result(None)
                 else:
                     self.fut.set_exception(err)
-            self.bus._finalize(err)
+            self._owner().drop(err)
 
 
 class ApmatrixBus(MessageBus):
@@ -466,6 +470,15 @@ class ApmatrixBus(MessageBus):
         # Before the name is ours nobody can be watching our objects: the start-up export
         # of thousands of matrices sends no InterfacesAdded flood (it overran the socket).
         self.announce = False
+
+    def drop(self, err: Exception) -> None:
+        """End the connection for ``err`` (dbus-fast's own teardown: its futures fail)."""
+        self._finalize(err)
+
+    @property
+    def disconnecting(self) -> bool:
+        """True once we asked to disconnect (a write failing then is no error)."""
+        return bool(self._user_disconnect)
 
     def export(self, path: str, interface: ServiceInterface) -> None:
         super().export(path, interface)
