@@ -13,7 +13,10 @@ In this order, before READY=1:
    change was our own removal, which is then completed in the store). A removal writes its
    files first: cut before its mdev went, its files come back (no kernel write at start-up,
    which a guest holding the mdev could block). The stored records go back to their
-   before. The intent is then cleared, durably.
+   before. A host pool the kernel would refuse back (6.19 counts a returned adapter against
+   every domain another mdev holds with it) is judged before any mdev is taken back: the
+   change is then completed if the kernel holds all of it, else its pool and the stored
+   reservations stay as the kernel holds them. The intent is then cleared, durably.
 2. Every live mdev enters the registry with the sets the kernel holds (a stored UUID is that
    matrix, with its name and autostart; an unknown one is *adopted*).
 3. After a reboot (the boot id differs from the one stored with them) the stored reservations
@@ -354,25 +357,78 @@ def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> b
         log.info("completing the interrupted change %r (its mdevs are gone)", intent.what)
         _store_to(store, contents, stored, "stored_after", None)
         return True
-    log.warning("rolling back the interrupted change %r", intent.what)
-    for u, i in reversed(list(items.items())):
-        before = _sets(i["kernel_before"])
-        # A group's intent bounds every set it passed through; one change's, before and after.
-        low = _sets(i.get("kernel_low", i["kernel_before"]))
-        high = _sets(i.get("kernel_high", i["kernel_after"]))
-        if _take(kernel, u, found[u], low, high, to=before):
-            log.info("matrix %s taken back to what it held before the interrupted change", u)
+    # A group's intent bounds every set it passed through; one change's, before and after.
+    plan = {
+        u: (
+            _sets(i.get("kernel_low", i["kernel_before"])),
+            _sets(i.get("kernel_high", i["kernel_after"])),
+            _sets(i["kernel_before"]),
+        )
+        for u, i in items.items()
+    }
+    pool_back: HostPool | None = None
     if intent.pool is not None and cur_pool is not None:
         before_pool = _pool(intent.pool["before"])
         low_pool = _pool(intent.pool.get("low", intent.pool["before"]))
         high_pool = _pool(intent.pool.get("high", intent.pool["after"]))
         if cur_pool != before_pool:
             if _pool_within(cur_pool, low_pool, high_pool):
-                kernel.set_pool(cur_pool, before_pool)
-                log.info("host pool taken back to what it was before the interrupted change")
+                pool_back = before_pool
             else:
                 log.warning("host pool: the kernel holds another pool; left as it is")
-    return _store_to(store, contents, stored, "stored_before", res["before"] if res else None)
+    res_to = res["before"] if res else None
+    if pool_back is not None and cur_pool is not None:
+        # Giving ids back to the host can be refused where taking them was not (6.19 counts
+        # a returned adapter against every domain an mdev holds with it, one of them outside
+        # this change). Judged before any mdev is taken back: a change whose kernel part is
+        # done is then completed instead, and otherwise the pool stays where it is.
+        held = {u: _after_take(found[u], *plan[u]) for u in items}
+        refusal = _pool_refusal(kernel, cur_pool, pool_back, held)
+        if refusal is not None:
+            if done and pool_done:
+                log.warning("completing the interrupted change %r: its host pool cannot go"
+                            " back (%s)", intent.what, refusal)  # fmt: skip
+                return _store_to(store, contents, stored, "stored_after",
+                                 res["after"] if res else None)  # fmt: skip
+            log.warning("the interrupted change %r: its host pool cannot go back (%s);"
+                        " left as the kernel holds it", intent.what, refusal)  # fmt: skip
+            pool_back = None
+            if pool_done and res is not None:
+                res_to = res["after"]  # the stored reservations follow the pool that stays
+    log.warning("rolling back the interrupted change %r", intent.what)
+    for u in reversed(list(items)):
+        low, high, before = plan[u]
+        if _take(kernel, u, found[u], low, high, to=before):
+            log.info("matrix %s taken back to what it held before the interrupted change", u)
+    if pool_back is not None and cur_pool is not None:
+        kernel.set_pool(cur_pool, pool_back)
+        log.info("host pool taken back to what it was before the interrupted change")
+    return _store_to(store, contents, stored, "stored_before", res_to)
+
+
+def _after_take(
+    cur: Matrix | None, low: Matrix | None, high: Matrix | None, before: Matrix | None
+) -> Matrix | None:
+    """What :func:`_take` leaves the mdev holding."""
+    if cur is None or _same(cur, before) or not _within(cur, low, high):
+        return cur
+    return before
+
+
+def _pool_refusal(
+    kernel: Kernel, cur: HostPool, to: HostPool, held: dict[str, Matrix | None]
+) -> str | None:
+    """Why the kernel would refuse the host pool ``to`` once the mdevs of ``held`` hold
+    what it says (every other mdev as it is), judged by the registry's rule; None: it would
+    not."""
+    registry = Registry(limits=kernel.read_limits(), pool=cur,
+                        release_all_ones=kernel.detect_features().all_ones_release)  # fmt: skip
+    for uuid in kernel.list_mdevs():
+        sets = held[uuid] if uuid in held else kernel.read_mdev_sets(uuid)
+        if sets is not None:
+            registry.restore(DefineMatrix(Matrix(uuid, *_triple(sets))))
+    refused = registry.decide(SetPool(to)).error(ops.ORDER)
+    return None if refused is None else str(refused)
 
 
 def _take(

@@ -154,13 +154,13 @@ def make_op(rng: random.Random, state: State) -> Op:
             "domain": set(have.domains),
             "control_domain": set(have.control_domains),
         }
-        targets = [what] + (
-            ["control_domain"] if what == "domain" and have.control_usage_domains else []
-        )
-        for t in targets:
-            (sets[t].add if kind == "assign" else sets[t].discard)(i)
-        if have.control_usage_domains:  # a usage domain stays a control domain
-            sets["control_domain"] |= sets["domain"]
+        (sets[what].add if kind == "assign" else sets[what].discard)(i)
+        if have.control_usage_domains:
+            # Usage domains are control domains too; the control domains beyond them are the
+            # caller's own, and a domain op leaves those (unassigning a domain the matrix does
+            # not use keeps it as a control domain).
+            own = sets["control_domain"] - (set() if what == "control_domain" else have.domains)
+            sets["control_domain"] = own | sets["domain"]
         sm = replace(
             have,
             adapters=frozenset(sets["adapter"]),
