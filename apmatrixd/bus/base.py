@@ -28,9 +28,9 @@ import socket
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from dbus_fast import DBusError, Message, MessageFlag, MessageType
+from dbus_fast import DBusError, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.constants import PropertyAccess
@@ -342,17 +342,39 @@ def live_prop(name: str, signature: str, read: Callable[[Any], Any]) -> Any:
     getter.__name__ = name
     getter.__qualname__ = name
     getter.__annotations__ = {"return": signature}
+    setattr(getter, _DECLARED, (name, signature, read))
     return dbus_property(access=PropertyAccess.READ, name=name)(getter)
+
+
+_DECLARED = "apmatrixd_property"
+"""Attribute of a :func:`live_prop` getter: (D-Bus name, signature, read)."""
 
 
 class Exported(ServiceInterface):
     """An exported interface whose properties come from :attr:`values`."""
+
+    declared: ClassVar[dict[str, tuple[str, Callable[[Any], Any]]]] = {}
+    """Every property of the class (prop and live_prop): name -> (signature, read)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        found: dict[str, tuple[str, Callable[[Any], Any]]] = {}
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                spec = getattr(getattr(attr, "fget", None), _DECLARED, None)
+                if spec is not None:
+                    found[spec[0]] = (spec[1], spec[2])
+        cls.declared = found
 
     def __init__(self, interface: str, authority: Authority, values: dict[str, Any]) -> None:
         super().__init__(interface)
         self.authority = authority
         self.values = values
         self.methods = methods_of(type(self))
+
+    def properties(self) -> dict[str, Variant]:
+        """Every property as GetAll answers it (for InterfacesAdded)."""
+        return {n: Variant(sig, read(self)) for n, (sig, read) in self.declared.items()}
 
     def refresh(self, values: dict[str, Any]) -> None:
         """Store new values; one PropertiesChanged with only those that differ."""
@@ -454,7 +476,9 @@ class ApmatrixBus(MessageBus):
 
     dbus-fast sends InterfacesAdded/Removed from the new object's own path; clients (GDBus,
     sd-bus) match on the ObjectManager's path and never see them (dbus-rig.md §3). These two
-    hooks are private API: dbus-fast is pinned and a test checks the signal path.
+    hooks are dbus-fast's private methods, overridden (the properties come from our own
+    declarations, :meth:`Exported.properties`); tests check the signal path on the oldest
+    and newest dbus-fast we support.
     """
 
     SNDBUF = 4 << 20
@@ -502,37 +526,27 @@ class ApmatrixBus(MessageBus):
         return self
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
-        if not self.announce or self._disconnected or not path.startswith(names.MANAGER_PATH + "/"):
+        if not self._announced(path) or not isinstance(interface, Exported):
+            return  # every interface below the manager is ours
+        try:
+            values = interface.properties()
+        except Exception:  # a value that does not fit its signature: GetAll names it too
+            log.exception("properties of %s at %s unreadable", interface.name, path)
             return
-
-        def send(iface: ServiceInterface, result: Any, _user: Any, err: Exception | None) -> None:
-            if err is not None:
-                log.error("properties of %s at %s unreadable", iface.name, path, exc_info=err)
-                return
-            self.send(
-                Message.new_signal(
-                    path=names.MANAGER_PATH,
-                    interface=names.OBJECT_MANAGER_IFACE,
-                    member="InterfacesAdded",
-                    signature="oa{sa{sv}}",
-                    body=[path, {iface.name: result}],
-                )
-            )
-
-        ServiceInterface._get_all_property_values(interface, send)
+        self._manager_signal("InterfacesAdded", "oa{sa{sv}}", [path, {interface.name: values}])
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
-        if not self.announce or self._disconnected or not path.startswith(names.MANAGER_PATH + "/"):
-            return
-        self.send(
-            Message.new_signal(
-                path=names.MANAGER_PATH,
-                interface=names.OBJECT_MANAGER_IFACE,
-                member="InterfacesRemoved",
-                signature="oas",
-                body=[path, removed_interfaces],
-            )
+        if self._announced(path):
+            self._manager_signal("InterfacesRemoved", "oas", [path, removed_interfaces])
+
+    def _announced(self, path: str) -> bool:
+        return (
+            self.announce and not self._disconnected and path.startswith(names.MANAGER_PATH + "/")
         )
+
+    def _manager_signal(self, member: str, signature: str, body: list[Any]) -> None:
+        self.send(Message.new_signal(path=names.MANAGER_PATH, interface=names.OBJECT_MANAGER_IFACE,
+                                     member=member, signature=signature, body=body))  # fmt: skip
 
 
 __all__ = [

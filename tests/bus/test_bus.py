@@ -37,6 +37,7 @@ from busrig import (
     run_client,
     spec,
     start_daemon,
+    unvariant,
     v,
 )
 from dbus_fast import Variant
@@ -480,6 +481,8 @@ def test_signals_one_per_object_per_change(daemon: Daemon) -> None:
         added = [m for m in listener.signals if m.member == "InterfacesAdded"]
         assert [(m.path, m.body[0]) for m in added] == [(ROOT, p1)]
         assert added[0].body[1][MATRIX]["State"].value == "active"
+        got_all = await c.props(p1, MATRIX)  # every property, as GetAll has them
+        assert {k: unvariant(v.value) for k, v in added[0].body[1][MATRIX].items()} == got_all
         first = [
             (m.path, set(m.body[1])) for m in listener.signals if m.member == "PropertiesChanged"
         ]
