@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from apmatrixd.core import Apqn
+from apmatrixd.core import Apqn, Matrix
 from apmatrixd.journal import JournalError
 from apmatrixd.kernel import Kernel, KernelError, Write
 from apmatrixd.service.executor import Progress
@@ -52,6 +52,9 @@ class Group:
     reservations: tuple[Reservations, Reservations] | None = None
     members: int = 0  # transactions held
     guests: set[str] = field(default_factory=set)  # guest views to read once stored
+    # What the members left each mdev they wrote holding: the next one plans from it (the
+    # s390 lock is held from the first member's writes until flush or abandon).
+    sets: dict[str, Matrix | None] = field(default_factory=dict)
 
     def join(self, tx: Transaction, done: list[Write]) -> None:
         """``tx`` did ``done`` in the kernel; its store writes wait for :meth:`flush`."""
@@ -72,6 +75,7 @@ class Group:
 
     def flush(self, progress: Progress) -> None:
         """Make the group durable, or undo all of it and raise (in the worker)."""
+        self.kernel.release_lock()  # every kernel write is done
         store = self.store
         if store is None or not self.members:
             return
@@ -101,6 +105,7 @@ class Group:
 
     def abandon(self, progress: Progress) -> None:
         """A member failed after it joined: nothing of the group may stay."""
+        self.kernel.release_lock()  # the undo takes it again
         clean = self.undo(progress)
         if self.store is not None and self.members:
             if clean:
@@ -159,6 +164,7 @@ class GroupCommit:
         self.current.abandon(progress)
 
     def close(self, durable: bool) -> None:
+        self._kernel.release_lock()  # no member wrote, or the loop is stopping
         held = self.held
         if not durable and self._before is not None:
             self._state.restore(self._before)
