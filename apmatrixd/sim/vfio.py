@@ -178,9 +178,9 @@ class VfioAp(KernelState):
         self._check_host_owned(apm, aqm)
         self._check_sharing(uuid, apm, aqm)
         if (
-            any(a > self.max_adapter_id for a in apm)
-            or any(d > self.max_domain_id for d in aqm)
-            or any(d > self.max_domain_id for d in adm)
+            max(apm, default=-1) > self.max_adapter_id
+            or max(aqm, default=-1) > self.max_domain_id
+            or max(adm, default=-1) > self.max_domain_id
         ):
             raise oserror(errno.ENODEV)
         m = self.mdevs[uuid]
