@@ -3,7 +3,10 @@
 When callers' changes wait in the queue behind one another, the executor runs them as one
 group (:meth:`~apmatrixd.service.executor.Executor.submit` with ``group=True``). Each member
 is decided on the state as the member before left it and its kernel writes are done at once,
-as alone; what it would store is held in the :class:`Group` instead of written. After the
+as alone; what it would store is held in the :class:`Group` instead of written. The s390
+lock is taken by the first member's writes and kept until the last member's are done, so no
+s390-tools write comes in between and a member plans its writes from what the one before
+left the mdev holding (``Group.sets``) instead of reading it back. After the
 last member the group is made durable with one write per touched file and one fsync per
 directory (:meth:`~apmatrixd.store.Store.write_group`), and only then are the members
 answered and their signals sent. A member refused, or failing in the kernel (its own writes
