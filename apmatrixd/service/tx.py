@@ -233,8 +233,9 @@ class Transaction:
             except JournalError as err:
                 raise StoreError(str(err)) from err
         try:
-            progress.text = "waiting for the s390 configuration lock"
-            kernel.hold_lock()  # until the group is done: the next member plans from ours
+            if writes:  # held until the group is done: the next member plans from ours
+                progress.text = "waiting for the s390 configuration lock"
+                kernel.hold_lock()
             done = self._kernel(kernel, writes, progress)
         except Exception:
             for st in self.matrices:  # undone (or not quite): the next member reads again
