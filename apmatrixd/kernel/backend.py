@@ -16,6 +16,7 @@ Both kernel layouts live here; the rest of the daemon sees only ``Kernel.layout`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -104,6 +105,8 @@ class Kernel:
         self.detect_features()
         self.on_late_write: Callable[[Write, KernelError | None], None] | None = None
         """Told (from a helper thread) when a write given up on by its timeout returns."""
+        self._held: contextlib.ExitStack | None = None  # hold_lock(): the lock kept
+        self._holder = 0  # the thread that holds it
 
     # -- layout -----------------------------------------------------------------------------
     def _detect(self) -> Layout:
@@ -195,13 +198,31 @@ class Kernel:
             return None
         return formats.parse_mask(text, path)
 
+    def hold_lock(self) -> None:
+        """Take the lock and keep it until :meth:`release_lock` (a group of changes: each
+        member plans from what the one before wrote, so nobody may write in between).
+        :meth:`locked` in the holding thread then takes nothing more. Blocking, as locked."""
+        if self._held is not None:
+            return
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.locked())
+        self._held, self._holder = stack, threading.get_ident()
+
+    def release_lock(self) -> None:
+        """Let go of what :meth:`hold_lock` took (nothing if it holds nothing)."""
+        held, self._held, self._holder = self._held, None, 0
+        if held is not None:
+            held.close()
+
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Serialise with s390-tools when a lock path was given (real /sys only).
 
         Blocking: called from the service's worker thread, never from the event loop.
         """
-        if self.lock_path is None:
+        if self.lock_path is None or (
+            self._held is not None and self._holder == threading.get_ident()
+        ):
             yield
             return
         path = self.lock_path

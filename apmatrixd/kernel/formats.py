@@ -16,6 +16,7 @@ from apmatrixd.core.apqn import MAX_ID, Apqn, cross
 from apmatrixd.kernel.errors import KernelError
 
 MASK_BITS = MAX_ID + 1
+_ID_BIT = [1 << (MASK_BITS - 1 - i) for i in range(MASK_BITS)]
 _MASK_RE = re.compile(r"0x[0-9a-f]{64}")
 _APQN_RE = re.compile(r"([0-9a-f]{2})\.([0-9a-f]{4})")
 _ADAPTER_RE = re.compile(r"([0-9a-f]{2})\.")
@@ -89,12 +90,13 @@ def parse_ap_config(text: str, path: str) -> tuple[frozenset[int], frozenset[int
 
 def format_mask(ids: Iterable[int]) -> str:
     """The absolute form ``apmask``/``aqmask`` take: all 64 digits, so nothing is implied."""
-    value = 0
-    for i in ids:
-        if not 0 <= i <= MAX_ID:
-            raise ValueError(f"id {i} outside a 256-bit mask")
-        value |= 1 << (MASK_BITS - 1 - i)
-    return f"0x{value:064x}"
+    ids = set(ids)
+    if ids and (min(ids) < 0 or max(ids) > MAX_ID):
+        bad = min(ids) if min(ids) < 0 else max(ids)
+        raise ValueError(f"id {bad} outside a 256-bit mask")
+    # Each id's bit looked up and summed in C (ids are distinct): an mdev's change formats
+    # six masks, a host pool's has 256 ids.
+    return f"0x{sum(map(_ID_BIT.__getitem__, ids)):064x}"
 
 
 def parse_ids(text: str, path: str, width: int) -> frozenset[int]:

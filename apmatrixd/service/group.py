@@ -3,7 +3,10 @@
 When callers' changes wait in the queue behind one another, the executor runs them as one
 group (:meth:`~apmatrixd.service.executor.Executor.submit` with ``group=True``). Each member
 is decided on the state as the member before left it and its kernel writes are done at once,
-as alone; what it would store is held in the :class:`Group` instead of written. After the
+as alone; what it would store is held in the :class:`Group` instead of written. The s390
+lock is taken by the first member's writes and kept until the last member's are done, so no
+s390-tools write comes in between and a member plans its writes from what the one before
+left the mdev holding (``Group.sets``) instead of reading it back. After the
 last member the group is made durable with one write per touched file and one fsync per
 directory (:meth:`~apmatrixd.store.Store.write_group`), and only then are the members
 answered and their signals sent. A member refused, or failing in the kernel (its own writes
@@ -26,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from apmatrixd.core import Apqn
+from apmatrixd.core import Apqn, Matrix
 from apmatrixd.journal import JournalError
 from apmatrixd.kernel import Kernel, KernelError, Write
 from apmatrixd.service.executor import Progress
@@ -52,6 +55,9 @@ class Group:
     reservations: tuple[Reservations, Reservations] | None = None
     members: int = 0  # transactions held
     guests: set[str] = field(default_factory=set)  # guest views to read once stored
+    # What the members left each mdev they wrote holding: the next one plans from it (the
+    # s390 lock is held from the first member's writes until flush or abandon).
+    sets: dict[str, Matrix | None] = field(default_factory=dict)
 
     def join(self, tx: Transaction, done: list[Write]) -> None:
         """``tx`` did ``done`` in the kernel; its store writes wait for :meth:`flush`."""
@@ -72,6 +78,7 @@ class Group:
 
     def flush(self, progress: Progress) -> None:
         """Make the group durable, or undo all of it and raise (in the worker)."""
+        self.kernel.release_lock()  # every kernel write is done
         store = self.store
         if store is None or not self.members:
             return
@@ -101,6 +108,7 @@ class Group:
 
     def abandon(self, progress: Progress) -> None:
         """A member failed after it joined: nothing of the group may stay."""
+        self.kernel.release_lock()  # the undo takes it again
         clean = self.undo(progress)
         if self.store is not None and self.members:
             if clean:
@@ -159,6 +167,7 @@ class GroupCommit:
         self.current.abandon(progress)
 
     def close(self, durable: bool) -> None:
+        self._kernel.release_lock()  # no member wrote, or the loop is stopping
         held = self.held
         if not durable and self._before is not None:
             self._state.restore(self._before)

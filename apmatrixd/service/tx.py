@@ -20,7 +20,9 @@ removal runs 4 before 3 (``store_first``): a store failure comes before the kern
 touched, and start-up puts the files of a removal cut between the two back.
 
 In a group (:mod:`apmatrixd.service.group`) 2 writes the group's intent so far, without a
-sync, and 4 and 5 wait for the group's flush.
+sync, and 4 and 5 wait for the group's flush; the lock of 3 is taken by the first member that
+writes and kept until the group is done, so a member plans from what the member before it
+wrote instead of reading the mdev again in 1.
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ class Transaction:
             writes += kernel.plan_pool(old, narrowed(old, new))
         for st in self.matrices:
             now = st.believed
-            if st.believed is not None:
+            if st.believed is not None and group is not None and st.uuid in group.sets:
+                now = group.sets[st.uuid]  # a member before wrote it, the lock held since
+            elif st.believed is not None:
                 progress.text = f"reading matrix {st.uuid}"
                 now = kernel.read_mdev_sets(st.uuid)
             elif st.target is not None and kernel.mdev_exists(st.uuid):
@@ -229,8 +233,13 @@ class Transaction:
             except JournalError as err:
                 raise StoreError(str(err)) from err
         try:
+            if writes:  # held until the group is done: the next member plans from ours
+                progress.text = "waiting for the s390 configuration lock"
+                kernel.hold_lock()
             done = self._kernel(kernel, writes, progress)
         except Exception:
+            for st in self.matrices:  # undone (or not quite): the next member reads again
+                group.sets.pop(st.uuid, None)
             if store is not None:  # undone: the journal holds the group without it
                 with contextlib.suppress(JournalError):
                     if group.members:
@@ -239,6 +248,8 @@ class Transaction:
                         store.journal.end()
             raise
         group.join(self, done)
+        for st in self.matrices:
+            group.sets[st.uuid] = st.target
 
     def intent(self, found: Mapping[str, Matrix | None]) -> Intent:
         intent = Intent(self.what, boot=self.boot, store_first=self.store_first)

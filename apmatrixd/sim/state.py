@@ -190,12 +190,14 @@ class KernelState:
         if guest is not None and not self.profile.dynamic:
             apm0, aqm0, adm0 = guest.apcb
             return set(apm0), set(aqm0), set(adm0)
-        host_apm = {a for a, c in self.cards.items() if c.config}
         aqm = m.aqm & self.usage
-        apm = {
+        vfio = self.names.queue_driver
+        apm = {  # the mdev's configured adapters only: a big host has hundreds of cards
             a
-            for a in m.apm & host_apm
-            if all(self.queue_driver(a, d) == self.names.queue_driver for d in aqm)
+            for a in m.apm
+            if (c := self.cards.get(a)) is not None
+            and c.config
+            and all(self.queue_driver(a, d) == vfio for d in aqm)
         }
         return apm, aqm, m.adm & self.control
 

@@ -1,7 +1,11 @@
 """The sysfs face of the emulated kernel: every directory, link and attribute, built on demand.
 
 Nothing here is stored: each lookup builds the one node it needs from ``ApKernel`` state, so
-a path costs O(depth) and a 65536-queue host costs no memory until listed. Formats follow
+a path costs O(depth) and a 65536-queue host costs no memory until listed. The exceptions are
+the directories on the way to an mdev's attributes (every change walks them): their entries
+are fixed for the host's life (layout and kernel profile) and every child is still looked up
+in the live state, so they are built once; an mdev's own directory is kept while the same
+``Mdev`` stands under its UUID (its entries close over that object). Formats follow
 kernel-facts §1 and §2 exactly (``sysfs_emit`` strings, lower-case hex, ascending ids).
 """
 
@@ -128,6 +132,14 @@ class Tree:
         self.k = k
         self.control = control
         self.matrix_dir = f"devices/{k.names.root}/matrix"
+        self._dirs: dict[str, Dir] = {}
+        self._mdevs: dict[str, tuple[object, Dir]] = {}
+
+    def _once(self, key: str, build: Callable[[], Dir]) -> Dir:
+        d = self._dirs.get(key)
+        if d is None:
+            d = self._dirs[key] = build()
+        return d
 
     # ----------------------------------------------------------------- helpers
 
@@ -170,6 +182,9 @@ class Tree:
     # ----------------------------------------------------------------- top level
 
     def root(self) -> Dir:
+        return self._once("", self._root)
+
+    def _root(self) -> Dir:
         """``bus``, ``class``, ``devices``; plus the emulator's own control file, found by name
         only (never listed, so nothing walking the tree sees it), for ``apmatrixd-sim guest``."""
         ctl = self.control
@@ -182,6 +197,9 @@ class Tree:
         return fixed({"bus": self.bus, "class": self.klass, "devices": self.devices}, control)
 
     def devices(self) -> Dir:
+        return self._once("devices", self._devices)
+
+    def _devices(self) -> Dir:
         return fixed({"ap": self.ap_root, self.k.names.root: self.matrix_root})
 
     def klass(self) -> Dir:
@@ -296,6 +314,9 @@ class Tree:
     # ----------------------------------------------------------------- the matrix device
 
     def matrix_root(self) -> Dir:
+        return self._once("matrix_root", self._matrix_root)
+
+    def _matrix_root(self) -> Dir:
         """``devices/vfio_ap``: a root device without bus, so its uevents are filtered."""
         return fixed(
             {
@@ -305,6 +326,9 @@ class Tree:
         )
 
     def matrix_dev(self) -> Dir:
+        return self._once("matrix_dev", self._matrix_dev)
+
+    def _matrix_dev(self) -> Dir:
         k, here, n = self.k, self.matrix_dir, self.k.names
         entries: Entries = {
             "mdev_supported_types": lambda: fixed({n.mdev_type: self.mdev_type_dir}),
@@ -338,6 +362,17 @@ class Tree:
         )
 
     def mdev(self, uuid: str) -> Dir:
+        m = self.k.mdevs[uuid]
+        kept = self._mdevs.get(uuid)
+        if kept is not None and kept[0] is m:
+            return kept[1]
+        if len(self._mdevs) > 2 * len(self.k.mdevs) + 64:  # drop the removed ones
+            self._mdevs = {u: v for u, v in self._mdevs.items() if self.k.mdevs.get(u) is v[0]}
+        d = self._mdev(uuid)
+        self._mdevs[uuid] = (m, d)
+        return d
+
+    def _mdev(self, uuid: str) -> Dir:
         k, n = self.k, self.k.names
         here = f"{self.matrix_dir}/{uuid}"
         m = k.mdevs[uuid]

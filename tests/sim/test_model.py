@@ -360,6 +360,25 @@ def mask(*ids: int) -> str:
     return f"0x{value:064x}"
 
 
+def test_a_recreated_mdev_is_a_new_one(host: Host) -> None:
+    """Removed and created again under the same UUID, an mdev starts empty, and its files
+    write to the new one (the tree keeps an mdev's directory while that mdev stands)."""
+    release(host, "-0-255")
+    m = create(host, U1)
+    assert err(host, f"{m}/assign_adapter", "5") == 0
+    assert err(host, f"{m}/assign_domain", "4") == 0
+    assert text(host, f"{m}/matrix") == "05.0004\n"
+    assert err(host, f"{m}/remove", "1") == 0
+    assert not host.exists(m)
+    m = create(host, U1)
+    assert text(host, f"{m}/matrix") == ""
+    assert err(host, f"{m}/assign_adapter", "6") == 0
+    assert err(host, f"{m}/assign_domain", "0x47") == 0
+    assert text(host, f"{m}/matrix") == "06.0047\n"
+    assert text(host, f"{m}/guest_matrix") == "06.0047\n"
+    assert host.mdevs[U1].apm == {6}
+
+
 def test_ap_config_round_trip_and_atomic(host: Host, events: list[Uevent]) -> None:
     release(host)
     m = create(host, U1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import functools
 import os
 import random
@@ -123,18 +124,24 @@ def test_a_group_does_one_directory_fsync(tmp_path: Path, fsyncs: dict[str, int]
     assert again.startup_drift == [] and stored_view(again) == stored_view(svc)
 
 
+def count_calls(kernel: Kernel, method: str) -> list[str]:
+    """The UUIDs ``kernel.<method>(uuid)`` is called with from now on."""
+    calls: list[str] = []
+    real = getattr(kernel, method)
+
+    def counting(uuid: str) -> Any:
+        calls.append(uuid)
+        return real(uuid)
+
+    setattr(kernel, method, counting)
+    return calls
+
+
 def test_a_group_reads_each_guest_view_once(tmp_path: Path) -> None:
     svc = service(tmp_path)
     svc.create_matrix(UUIDS[0], adapters=[5], domains=[4])
     svc.create_matrix(UUIDS[1], adapters=[6], domains=[0x47], start=False)
-    reads: list[str] = []
-    real = svc.kernel.read_guest
-
-    def counting(uuid: str) -> Any:
-        reads.append(uuid)
-        return real(uuid)
-
-    svc.kernel.read_guest = counting  # type: ignore[method-assign]
+    reads = count_calls(svc.kernel, "read_guest")
     got = run_all(
         svc,
         [assign(svc, UUIDS[0], "domain", d) for d in (0x47, 0xAB)]
@@ -147,6 +154,66 @@ def test_a_group_reads_each_guest_view_once(tmp_path: Path) -> None:
     views = [svc.matrix(u) for u in UUIDS[:3]]
     assert [v.state for v in views] == ["active"] * 3
     assert views[0].guest_apqns == ((5, 4), (5, 0x47), (5, 0xAB))
+
+
+class LockProbe(TreeSysfs):
+    """Records, for every write, whether the s390 lock file is held (by anyone but us)."""
+
+    def __init__(self, host: Host, lock: Path) -> None:
+        super().__init__(host)
+        lock.touch(mode=0o600)
+        self._fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        self.writes: list[bool] = []
+
+    def held(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
+
+    def write(self, path: str, data: str) -> None:
+        self.writes.append(self.held())
+        super().write(path, data)
+
+
+def test_a_group_holds_the_lock_throughout_and_reads_each_mdev_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The s390 lock is taken once for the group's writes and kept until they are all done,
+    so each member plans from what the one before wrote: a matrix changed by several
+    members is read once."""
+    lock = tmp_path / "s390apconfig.lock"
+    io = LockProbe(Host.from_name("default"), lock)
+    svc = Service(Kernel(io, lock_path=str(lock)), store=Store(tmp_path / "state"))
+    svc.load()
+    svc.reserve([5, 6], [4, 0x47])
+    svc.create_matrix(UUIDS[0], adapters=[5], domains=[4])
+    svc.create_matrix(UUIDS[1], adapters=[6], domains=[0x47])
+    reads = count_calls(svc.kernel, "read_mdev_sets")
+    opened: list[str] = []
+    real_open = os.open
+
+    def opening(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path) == str(lock):
+            opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", opening)
+    io.writes.clear()
+    calls = [assign(svc, u, "control_domain", c) for c in (1, 2, 3) for u in UUIDS[:2]]
+    assert run_all(svc, calls) == [None] * 6
+    monkeypatch.undo()
+    assert svc.executor.groups == 1
+    assert len(io.writes) >= 6 and all(io.writes)  # every write under the lock ...
+    assert len(opened) == 1  # ... taken once for the whole group
+    assert sorted(reads) == sorted(UUIDS[:2])  # each mdev read by its first member only
+    assert not io.held()  # and let go once the group is done
+    mdevs = svc.kernel.read_host().mdevs
+    assert mdevs[UUIDS[0]].control_domains == {1, 2, 3, 4}
+    assert mdevs[UUIDS[1]].control_domains == {1, 2, 3, 0x47}
+    assert svc.store is not None and svc.store.journal.read() is None
 
 
 def test_a_lone_change_still_syncs_as_before(tmp_path: Path, fsyncs: dict[str, int]) -> None:

@@ -25,6 +25,7 @@ from apmatrixd.store import (
     StoredMatrix,
     StoreError,
     atomic_write,
+    encode,
 )
 
 G1 = "11111111-1111-4111-8111-111111111111"
@@ -65,6 +66,26 @@ def test_round_trip_and_the_documented_format(tmp_path: Path) -> None:
     s.remove_matrix(G1)
     s.remove_matrix(G1)  # idempotent
     assert Store(tmp_path).load().matrices == {}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        SM.to_json(),
+        StoredMatrix(
+            G2, 'g\u00e9 "2"\t\\', frozenset(range(256)), frozenset(), frozenset()
+        ).to_json(),
+        Reservations().reserve([5, 6], [4, 0x47]).release([6], []).to_json(),
+        {},
+        {"b": None, "a": False, "c": 1.5, "d": [True, None, "x\u2028", -3, 0.25], "e": []},
+        {"nested": {"a": [1]}, "n": 1},  # not what the store writes: json writes it
+        {"nested": [[1], {"a": 2}]},
+    ],
+)
+def test_files_are_the_bytes_json_writes(data: dict[str, object]) -> None:
+    """Stored files are written by our own line writer: byte for byte what json's indenting
+    encoder writes (the documented format), escapes and empty lists included."""
+    assert encode(data) == (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 @pytest.mark.parametrize("step", ["open", "write", "write-more", "fsync", "rename", "fsync-dir"])
