@@ -17,7 +17,7 @@ arrive: no list of events is kept, so a storm costs memory per card touched, not
 The window adapts: as long as the burst has lasted so far, between ``settle_min`` (5 ms: a
 card's uevents come back to back) and ``settle`` (50 ms, reached once a storm has been going
 for that long), so a small burst is handled at once and a storm is still absorbed in few
-batches. A burst that is nothing but cards flipping ``config`` waits only ``settle_min`` once
+batches. A burst that is nothing but cards flipping ``config`` is handed over as soon as
 every queue it must bring has come (:class:`ConfigFlips`). While a large burst is being
 absorbed, ``on_settling(True)`` is called once, and ``on_settling(False)`` once it has been
 handled.
@@ -146,12 +146,15 @@ class Scope:
     # The rescan timer's alone: the pool and a slice of the mdevs (sync.rescan_slice); any
     # event or loss merged in makes it a read of every mdev again.
     sliced: bool = False
+    # A read again of cards whose holders' guest views contradicted them (HotPlug.recheck):
+    # followed up no further. Any event or loss merged in makes it an ordinary burst.
+    late: bool = False
 
     def add(self, e: ApEvent) -> None:
         """One event into the scope. What an event does not say precisely (an action we do
         not know on a card or a queue) costs a read of its whole card, never a miss."""
         self.events += 1
-        self.sliced = False
+        self.sliced = self.late = False
         a = e.adapter
         if e.kind == "card" and a is not None:
             if e.action == "change":
@@ -182,7 +185,7 @@ class Scope:
     def lose(self) -> None:
         """Events were lost: only a read of everything can be trusted."""
         self.everything = self.pool = self.others = True
-        self.sliced = False
+        self.sliced = self.late = False
 
     def _whole(self, a: int) -> None:
         self.whole.add(a)
@@ -205,6 +208,7 @@ class Scope:
         self.bindings |= other.bindings
         self.events += other.events
         self.sliced = self.sliced and other.sliced
+        self.late = self.late and other.late
 
     def __bool__(self) -> bool:
         return bool(self.events or self.everything)
@@ -216,11 +220,13 @@ class ConfigFlips:
     The kernel's order (ap_bus.c: ``config_store()`` and ``ap_scan_adapter()``): the card's
     ``change`` with ``CONFIG=`` first, then, from the bus scan, one ``CONFIG=`` ``change`` per
     queue of the card (``ap_scan_domains()``). Once every queue the card is known to have has
-    reported, that card's part of the burst is over. What the scan does after the last uevent
-    (the other cards, vfio_ap's ``on_scan_complete`` updating guest views) sends no uevent of
-    its own, so the pump still waits ``settle_min`` after it, as for any small burst; a burst
-    that is anything else (another event, a card not known, a queue not expected) is left to
-    the adaptive window.
+    reported, that card's part of the burst is over and the pump hands it over at once. What
+    the scan does after the last uevent sends no uevent of its own: another card's flip comes
+    as a second burst, and vfio_ap's ``on_scan_complete`` updating the guest views is found by
+    the resync's reading them again (a view that contradicts its cards is read once more, and
+    once more a while later: :func:`apmatrixd.service.sync.resync`). A burst that is anything
+    else (another event, a card not known, a queue not expected) is left to the adaptive
+    window.
     """
 
     __slots__ = ("_left", "_other", "_queues")
@@ -359,10 +365,10 @@ class EventPump:
         A burst split by a pause longer than the window costs a second batch, not a wrong
         state: each batch resynchronises from sysfs, and unchanged objects send nothing.
         A burst of cards whose ``config`` flip is over by the kernel's order
-        (:class:`ConfigFlips`) waits ``settle_min``.
+        (:class:`ConfigFlips`) waits nothing: waiting could not tell when vfio_ap is done.
         """
         if self.flips.complete:
-            return self.settle_min
+            return 0.0
         return min(self.settle, max(self.settle_min, now - self._first))
 
     def flush(self) -> None:

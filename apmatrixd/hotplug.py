@@ -6,7 +6,9 @@ resync command (:func:`apmatrixd.service.sync.resync`) on the service's queue. W
 waiting for its turn, later bursts merge into it: a storm that outlasts a slow command costs
 one more resync, not one per burst. A resync whose read fails is retried once reading
 everything; if that fails too, it is tried again later with a growing delay (0.1 s doubling
-to 30 s) until one succeeds.
+to 30 s) until one succeeds. Cards whose holders' guest views still contradicted them after
+a resync (vfio_ap updates guest views when its scan is over, and says so with no uevent) are
+read again with their holders once, ``settle`` later.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class HotPlug:
         self._queued: Scope | None = None
         self._queued_future: asyncio.Future[Changes] | None = None
         self._retry: asyncio.TimerHandle | None = None
+        self._recheck: asyncio.TimerHandle | None = None
+        self._late: set[int] = set()
         self._backoff = 0
         self._closed = False
         # What else the slow timer looks at (chzdev's persistent masks: daemon.py).
@@ -158,6 +162,7 @@ class HotPlug:
                 bindings=s.bindings,
                 only=only,
                 last_read=last,
+                on_late=None if s.late else self.recheck,
             )
         except KernelError as err:
             # Something vanished while it was read (a card leaving mid-burst): read it all.
@@ -166,6 +171,26 @@ class HotPlug:
             changes = yield from sync.resync(self.service, everything=True, pool=True)
         self.drifts += len(changes.drift)
         return changes
+
+    def recheck(self, cards: frozenset[int]) -> None:
+        """Read these cards and their holders again ``settle`` from now: the guest views
+        contradicted the cards even when read once more, so vfio_ap may still be scanning
+        (that read is followed up no further: a contradiction that stays is the kernel's)."""
+        if self._closed:
+            return
+        self._late |= cards
+        if self._recheck is None:
+            self._recheck = self.loop.call_later(self.pump.settle, self._read_late)
+
+    def _read_late(self) -> None:
+        self._recheck = None
+        cards, self._late = self._late, set()
+        self.submit(Scope(cards=cards, late=True))
+
+    @property
+    def rechecking(self) -> bool:
+        """A read again of contradicted cards is due (:meth:`recheck`)."""
+        return self._recheck is not None
 
     def _finished(self, fut: asyncio.Future[Changes]) -> None:
         if fut.cancelled() or self._closed:
@@ -207,6 +232,9 @@ class HotPlug:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         for source in self.sources:
             source.close()
         self.pump.close()
