@@ -149,6 +149,9 @@ class Scope:
     # A read again of cards whose holders' guest views contradicted them (HotPlug.recheck):
     # followed up no further. Any event or loss merged in makes it an ordinary burst.
     late: bool = False
+    # The cards whose config flip the burst holds whole by the kernel's order, and nothing
+    # else (ConfigFlips.complete): what was read of them once their own uevent came holds.
+    flipped: frozenset[int] = frozenset()
 
     def add(self, e: ApEvent) -> None:
         """One event into the scope. What an event does not say precisely (an action we do
@@ -209,6 +212,7 @@ class Scope:
         self.events += other.events
         self.sliced = self.sliced and other.sliced
         self.late = self.late and other.late
+        self.flipped = frozenset()  # two bursts: a card may have changed in between
 
     def __bool__(self) -> bool:
         return bool(self.events or self.everything)
@@ -229,10 +233,15 @@ class ConfigFlips:
     window.
     """
 
-    __slots__ = ("_left", "_other", "_queues")
+    __slots__ = ("_left", "_on_card", "_other", "_queues")
 
-    def __init__(self, queues: Callable[[int], frozenset[int] | None]) -> None:
+    def __init__(
+        self,
+        queues: Callable[[int], frozenset[int] | None],
+        on_card: Callable[[int], None] | None = None,
+    ) -> None:
         self._queues = queues  # the queues a card is known to have; None: card not known
+        self._on_card = on_card  # told of each card whose flip starts the burst's part
         self._left: dict[int, set[int]] = {}  # card -> queues still to report
         self._other = False
 
@@ -245,6 +254,8 @@ class ConfigFlips:
                 known = self._queues(a)
                 if known is not None:
                     self._left[a] = set(known)
+                    if self._on_card is not None:
+                        self._on_card(a)
                     return
             elif e.kind == "queue" and (d := e.domain) is not None and d in self._left.get(a, ()):
                 self._left[a].discard(d)
@@ -258,6 +269,11 @@ class ConfigFlips:
     def complete(self) -> bool:
         """Every card of the burst has had all its queues' flips, and nothing else came."""
         return not self._other and bool(self._left) and not any(self._left.values())
+
+    @property
+    def cards(self) -> frozenset[int]:
+        """The cards whose flips the burst holds whole; empty unless :attr:`complete`."""
+        return frozenset(self._left) if self.complete else frozenset()
 
 
 Handler = Callable[[Scope], "asyncio.Future[Any] | None"]
@@ -284,12 +300,16 @@ class EventPump:
         storm: int = 64,
         on_settling: Callable[[bool], None] | None = None,
         queues: Callable[[int], frozenset[int] | None] | None = None,
+        on_flip: Callable[[int], None] | None = None,
     ) -> None:
         self.loop = loop
         # The queues the daemon knows a card to have (None: not known): see ConfigFlips.
         self.queues: Callable[[int], frozenset[int] | None] = (
             queues if queues is not None else lambda _a: None
         )
+        # Told of a card whose config flip starts (its own uevent, before its queues'): its
+        # state is final then, so it can be read while the queues' uevents still arrive.
+        self.on_flip = on_flip
         self.handler = handler
         self.settle = settle
         self.settle_min = min(settle_min, settle)
@@ -297,7 +317,7 @@ class EventPump:
         self.storm = storm
         self.on_settling = on_settling
         self.scope = Scope()
-        self.flips = ConfigFlips(self.queues)
+        self.flips = ConfigFlips(self.queues, self._flip_started)
         self.lost = False
         self.settling = False
         self.received = 0
@@ -377,8 +397,9 @@ class EventPump:
             self._timer.cancel()
             self._timer = None
         scope, lost = self.scope, self.lost
+        scope.flipped = self.flips.cards
         self.scope, self.lost = Scope(), False
-        self.flips = ConfigFlips(self.queues)
+        self.flips = ConfigFlips(self.queues, self._flip_started)
         n = scope.events
         if n or lost:
             started = time.monotonic()
@@ -412,6 +433,13 @@ class EventPump:
             )
         if self.settling and not self.pending and not self._waiting:
             self._set_settling(False)
+
+    def _flip_started(self, adapter: int) -> None:
+        if self.on_flip is not None:
+            try:
+                self.on_flip(adapter)
+            except Exception:
+                log.exception("flip listener failed")
 
     def _absorbed(self, _fut: asyncio.Future[Any]) -> None:
         self._waiting -= 1

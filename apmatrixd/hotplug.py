@@ -9,11 +9,17 @@ everything; if that fails too, it is tried again later with a growing delay (0.1
 to 30 s) until one succeeds. Cards whose holders' guest views still contradicted them after
 a resync (vfio_ap updates guest views when its scan is over, and says so with no uevent) are
 read again with their holders once, ``settle`` later.
+
+A card's state is final when its own uevent is sent, before its queues' (the kernel's order
+for a ``config`` flip): it is read in a thread of its own as soon as that uevent comes, while
+the queues' uevents still arrive, and the burst's resync takes that reading if the burst was
+that flip whole (:attr:`~apmatrixd.events.Scope.flipped`); otherwise it is read as ever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -73,6 +79,7 @@ class HotPlug:
             storm=storm,
             on_settling=service.set_settling,
             queues=self._queues_of,
+            on_flip=self._read_early,
         )
         self.rescan_interval = rescan_interval
         self.sources: list[Source] = []
@@ -84,6 +91,11 @@ class HotPlug:
         self._timer: asyncio.Task[None] | None = None
         self._queued: Scope | None = None
         self._queued_future: asyncio.Future[Changes] | None = None
+        # Cards read as their flip's uevent came: this burst's, then the waiting resync's.
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._early: dict[int, concurrent.futures.Future[tuple[str, bool, bool] | None]] = {}
+        self._queued_early: dict[int, Callable[[], tuple[str, bool, bool] | None]] = {}
+        self.early_reads = 0
         self._retry: asyncio.TimerHandle | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._late: set[int] = set()
@@ -108,7 +120,19 @@ class HotPlug:
         if self.rescan_interval > 0 and self._timer is None:
             self._timer = asyncio.ensure_future(self._rescan_loop())
 
+    def _read_early(self, adapter: int) -> None:
+        """The pump saw card ``adapter``'s own flip uevent: read its state now, off the loop."""
+        if self._closed:
+            return
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(1, "apmatrixd-early")
+        self._early[adapter] = self._reader.submit(self.service.kernel.read_card, adapter)
+        self.early_reads += 1
+
     def on_batch(self, s: Scope) -> asyncio.Future[Changes]:
+        early, self._early = self._early, {}
+        if self._queued is None:  # merged into a waiting one, they may predate its events
+            self._queued_early = {a: early[a].result for a in s.flipped if a in early}
         return self.submit(s)
 
     def rescan(self) -> asyncio.Future[Changes]:
@@ -129,6 +153,7 @@ class HotPlug:
         """Queue a resync of ``s``, or merge it into the one still waiting for its turn."""
         if self._queued is not None and self._queued_future is not None:
             self._queued.merge(s)
+            self._queued_early = {}
             return self._queued_future
         self._queued = s
         fut = self.service.executor.submit("resync", self._command)
@@ -139,10 +164,13 @@ class HotPlug:
     def _command(self) -> Command[Changes]:
         # Not `or`: a Scope is false without events, as the timer's (pool only) is.
         s = self._queued if self._queued is not None else Scope()
+        early, self._queued_early = self._queued_early, {}
         self._queued, self._queued_future = None, None
-        return self._resync(s)
+        return self._resync(s, early)
 
-    def _resync(self, s: Scope) -> Command[Changes]:
+    def _resync(
+        self, s: Scope, early: dict[int, Callable[[], tuple[str, bool, bool] | None]]
+    ) -> Command[Changes]:
         self.resyncs += 1
         only = last = None
         if s.sliced:
@@ -163,6 +191,7 @@ class HotPlug:
                 only=only,
                 last_read=last,
                 on_late=None if s.late else self.recheck,
+                early=early,
             )
         except KernelError as err:
             # Something vanished while it was read (a card leaving mid-burst): read it all.
@@ -235,6 +264,9 @@ class HotPlug:
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._reader = None
         for source in self.sources:
             source.close()
         self.pump.close()
@@ -249,4 +281,5 @@ class HotPlug:
             "failures": self.failures,
             "drifts": self.drifts,
             "emitted": self.emitted,
+            "early_reads": self.early_reads,
         }

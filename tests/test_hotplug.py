@@ -163,6 +163,49 @@ def test_card_config_off_and_on_degrades_and_restores(scenario: str) -> None:
     run(scenario, body)
 
 
+def test_a_card_is_read_as_its_flip_comes_and_that_reading_is_taken_only_for_the_flip_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A card's state is final when its own config uevent is sent: it is read then, in a
+    thread, while its queues' uevents still come, and the resync takes that reading. A burst
+    that is more than that flip (here the card flips back within it) reads the card again:
+    the early reading may predate the rest (here it is marked: it says the card is offline)."""
+
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        k = r.svc.kernel
+        real = k.read_card
+        reads: list[tuple[int, bool]] = []
+
+        def read_card(adapter: int) -> tuple[str, bool, bool] | None:
+            early = threading.current_thread().name.startswith("apmatrixd-early")
+            reads.append((adapter, early))
+            state = real(adapter)
+            if early and state is not None:  # marked, as if read before some later change
+                return (state[0], False, state[2])
+            return state
+
+        monkeypatch.setattr(k, "read_card", read_card)
+        r.seen.clear()
+        r.write("devices/ap/card05/config", "1")
+        await r.idle()
+        assert reads == [(5, True)]  # read once, as its uevent came; not again after
+        assert r.hp.stats()["early_reads"] == 1 and len(r.seen) == 1
+        assert not r.svc.adapter(5).online  # that reading was taken
+        assert r.svc.matrix(G1).state == "active" and r.svc.adapter(5).configured
+        reads.clear()
+        r.write("devices/ap/card05/config", "0")
+        r.write("devices/ap/card05/config", "1")  # one burst: not a flip whole
+        await r.idle()
+        assert (5, True) in reads and (5, False) in reads  # the early one was not taken
+        assert r.svc.adapter(5).online
+        assert r.svc.adapter(5).configured and r.svc.matrix(G1).state == "active"
+
+    run("default", body)
+
+
 @pytest.mark.parametrize(("config", "want"), [("0", ("degraded", False)), ("1", ("active", True))])
 def test_a_card_that_flips_while_the_guests_are_read_is_read_again(
     monkeypatch: pytest.MonkeyPatch, config: str, want: tuple[str, bool]

@@ -120,7 +120,10 @@ def read_adapters(
     whole: set[int],
     named: dict[int, set[int]],
     everything: bool,
+    early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
 ) -> dict[int, AdapterInfo] | None:
+    """The cards as they are now: ``known`` with the ``cards`` (state), ``whole`` cards and
+    ``named`` queues read again; ``early``: card states read already (:func:`resync`)."""
     if not (cards or whole or named or everything):
         return None
     if everything or len(whole) > FULL_READ:
@@ -143,7 +146,7 @@ def read_adapters(
     for a in sorted(cards - whole):
         if a not in fresh:
             continue
-        state = k.read_card(a)
+        state = early[a]() if early is not None and a in early else k.read_card(a)
         if state is None:
             fresh.pop(a, None)
             continue
@@ -266,6 +269,7 @@ def resync(
     only: Sequence[str] | None = None,
     last_read: Mapping[str, MdevInfo] | None = None,
     on_late: Callable[[frozenset[int]], None] | None = None,
+    early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
 ) -> Command[Changes]:
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
     cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev (or
@@ -273,7 +277,8 @@ def resync(
     ``last_read``: :func:`believed`); publish what changed as one batch. A failed read
     changes nothing and raises. ``on_late`` is told, after the batch, the cards whose
     holders' guest views still contradicted them when read once more (vfio_ap may still be
-    scanning), so that they can be read again later."""
+    scanning), so that they can be read again later. ``early``: the state of some of
+    ``cards`` as read since their last uevent (called in the worker; may wait for it)."""
     st, k = svc.state, svc.kernel
     w = set(whole)
     n = {a: set(d) for a, d in (named or {}).items() if a not in w}
@@ -283,7 +288,7 @@ def resync(
 
     def read(_p: object) -> Reading:
         late: frozenset[int] = frozenset()
-        infos = read_adapters(k, known, c, w, n, everything)
+        infos = read_adapters(k, known, c, w, n, everything, early)
         now = infos if infos is not None else known
         host = k.read_pool(now) if want_pool else None
         mdevs = k.read_mdevs(now, only, last_read)
