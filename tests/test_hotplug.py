@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import select
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rigs import need_tool, unavailable
 
 from apmatrixd.core import Apqn, HostOwned
 from apmatrixd.events import ApEvent, EventPump, Scope, SimSource, classify
@@ -107,6 +111,63 @@ def test_classify() -> None:
     assert rfc is not None and rfc.kind == "matrix" and rfc.mdev_state == "registered"
     assert classify({"ACTION": "add", "DEVPATH": "/devices/pci0/usb1", "SUBSYSTEM": "usb"}) is None
     assert classify({"ACTION": "add", "DEVPATH": "/devices/ap/cardzz", "SUBSYSTEM": "ap"}) is None
+
+
+DEVICE_PROBE = """
+import json, sys
+import pyudev
+from apmatrixd.events import SUBSYSTEMS, classify, classify_device
+from apmatrixd.sim.uevent import NetlinkSink, decode, encode
+from apmatrixd.sim.vfs import Uevent
+
+G1 = sys.argv[1]
+sent = [
+    Uevent("change", "/devices/ap/card05", "ap", 7, "ap_card", "cex4card",
+           {"CONFIG": "1", "MODE": "cca", "DEV_TYPE": "000E", "MODALIAS": "ap:t0E"}),
+    Uevent("change", "/devices/ap/card05/05.00ab", "ap", 8, "ap_queue", "vfio_ap",
+           {"CONFIG": "0", "MODE": "cca"}),
+    Uevent("change", "/devices/ap/card06/06.0004", "ap", 9, "ap_queue", "cex4queue",
+           {"ONLINE": "0", "MODE": "accel"}),
+    Uevent("bind", "/devices/ap/card06/06.0047", "ap", 10, "ap_queue", "vfio_ap"),
+    Uevent("change", "/devices/ap", "ap", 11, None, None, {"AQMASK": "0x" + "f" * 64 + "\\n"}),
+    Uevent("change", "/devices/ap", "ap", 12, None, None,
+           {"BINDINGS": "complete", "COMPLETECOUNT": "1"}),
+    Uevent("change", "/devices/vfio_ap/matrix", "matrix", 13, None, None,
+           {"MDEV_STATE": "registered"}),
+    Uevent("add", f"/devices/vfio_ap/matrix/{G1}", "mdev", 14, "mdev", "vfio_mdev"),
+]
+monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
+for subsystem in SUBSYSTEMS:
+    monitor.filter_by(subsystem)
+monitor.start()
+sink = NetlinkSink()
+for u in sent:
+    sink.send(u)
+out = []
+for u in sent:
+    device = monitor.poll(timeout=5)
+    assert device is not None, u
+    out.append([repr(classify_device(device)), repr(classify(decode(encode(u))[1]))])
+print(json.dumps(out))
+"""
+
+
+def test_a_monitors_device_is_classified_as_its_properties_are() -> None:
+    """The pyudev path (libudev's own fields, the rest among its properties) gives the same
+    events as the properties, for each kind of uevent the daemon acts on."""
+    if os.geteuid() != 0:
+        unavailable("needs root (a private network namespace)", installable=False)
+    need_tool("unshare", "util-linux")
+    r = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", DEVICE_PROBE, G1],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pairs = json.loads(r.stdout)
+    assert len(pairs) == 8
+    for by_device, by_properties in pairs:
+        assert by_device == by_properties
+        assert by_device != "None"
 
 
 def test_scope() -> None:
