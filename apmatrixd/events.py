@@ -93,25 +93,32 @@ def classify(props: Mapping[str, str]) -> ApEvent | None:
         props.get("DEVPATH") or "",
         props.get("SUBSYSTEM") or "",
         int(seq) if seq.isdigit() else 0,
+        props.get("DRIVER"),
         props.get,
     )
 
 
 def classify_device(device: Any) -> ApEvent | None:
     """A pyudev ``Device`` from the monitor as an event: the fields libudev keeps apart
-    (action, devpath, subsystem, seqnum) from its attributes, only the others looked up
-    among its properties; each lookup there costs a few us, times 86 for one card back."""
+    (action, devpath, subsystem, seqnum, driver) from its attributes, only the others looked
+    up among its properties; each lookup there costs a few us, times 86 for one card back."""
     return classify_parts(
         device.action or "",
         device.device_path or "",
         device.subsystem or "",
         device.sequence_number or 0,
+        device.driver,
         device.properties.get,
     )
 
 
 def classify_parts(
-    action: str, devpath: str, subsystem: str, seqnum: int, get: Callable[[str], str | None]
+    action: str,
+    devpath: str,
+    subsystem: str,
+    seqnum: int,
+    driver: str | None,
+    get: Callable[[str], str | None],
 ) -> ApEvent | None:
     """:func:`classify` of a uevent's fields; ``get`` looks up any other property."""
     name = devpath.rsplit("/", 1)[-1]
@@ -125,7 +132,7 @@ def classify_parts(
             "config": config,
             # The kernel sends CONFIG= and ONLINE= in uevents of their own (kernel-facts 3.1).
             "online": _flag(get("ONLINE")) if config is None else None,
-            "driver": get("DRIVER") or None,
+            "driver": driver or None,
             "seqnum": seqnum,
         }
         if len(name) == 6 and name.startswith("card") and (a := _hex(name[4:])) is not None:
