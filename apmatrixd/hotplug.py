@@ -12,10 +12,8 @@ read again with their holders once, ``settle`` later.
 
 A card's state is final when its own uevent is sent, before its queues' (the kernel's order
 for a ``config`` flip): it is read in a thread of its own as soon as that uevent comes, while
-the queues' uevents still arrive, and so are the mdevs holding it (where the kernel has
-``guest_matrix``). The burst's resync takes those readings if the burst was that flip whole
-(:attr:`~apmatrixd.events.Scope.flipped`), the mdevs only if no guest view contradicts the
-cards (vfio_ap had finished its scan when they were read); otherwise they are read as ever.
+the queues' uevents still arrive, and the burst's resync takes that reading if the burst was
+that flip whole (:attr:`~apmatrixd.events.Scope.flipped`); otherwise it is read as ever.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from apmatrixd.events import ApEvent, EventPump, Scope, Source
-from apmatrixd.kernel import KernelError, MdevInfo
+from apmatrixd.kernel import KernelError
 from apmatrixd.service import sync
 from apmatrixd.service.executor import Command, Stopping
 from apmatrixd.service.state import Changes
@@ -39,12 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["MANAGER", "HotPlug", "drift_text", "scope_of"]
 
 log = logging.getLogger(__name__)
-
-_Future = concurrent.futures.Future
-_Holders = _Future[dict[str, MdevInfo]]
-
-EARLY_CARDS = 4
-"""A burst's first cards flipping are read as their uevents come; beyond, it is a storm."""
 
 RETRY_FIRST = 0.1
 RETRY_MAX = 30.0
@@ -101,9 +93,8 @@ class HotPlug:
         self._queued_future: asyncio.Future[Changes] | None = None
         # Cards read as their flip's uevent came: this burst's, then the waiting resync's.
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
-        self._early: dict[int, tuple[_Future[tuple[str, bool, bool] | None], _Holders | None]]
-        self._early = {}
-        self._queued_early: sync.Early | None = None
+        self._early: dict[int, concurrent.futures.Future[tuple[str, bool, bool] | None]] = {}
+        self._queued_early: dict[int, Callable[[], tuple[str, bool, bool] | None]] = {}
         self.early_reads = 0
         self._retry: asyncio.TimerHandle | None = None
         self._recheck: asyncio.TimerHandle | None = None
@@ -130,29 +121,18 @@ class HotPlug:
             self._timer = asyncio.ensure_future(self._rescan_loop())
 
     def _read_early(self, adapter: int) -> None:
-        """The pump saw card ``adapter``'s own flip uevent: read it and the mdevs holding it
-        now, off the loop."""
-        if self._closed or len(self._early) >= EARLY_CARDS:
+        """The pump saw card ``adapter``'s own flip uevent: read its state now, off the loop."""
+        if self._closed:
             return
         if self._reader is None:
             self._reader = concurrent.futures.ThreadPoolExecutor(1, "apmatrixd-early")
-        k = self.service.kernel
-        card = self._reader.submit(k.read_card, adapter)
-        holders = None
-        if k.layout == "upstream" and k.features.dynamic:  # guest views read, not computed
-            uuids = sync.burst_slice(self.service, (adapter,))
-            holders = self._reader.submit(k.read_mdevs, dict(self.service.state.infos), uuids)
-        self._early[adapter] = (card, holders)
+        self._early[adapter] = self._reader.submit(self.service.kernel.read_card, adapter)
         self.early_reads += 1
 
     def on_batch(self, s: Scope) -> asyncio.Future[Changes]:
         early, self._early = self._early, {}
-        taken = [early[a] for a in sorted(s.flipped) if a in early]
-        if self._queued is None and taken:  # merged, they may predate the waiting one's events
-            self._queued_early = sync.Early(
-                {a: early[a][0].result for a in s.flipped if a in early},
-                [h.result for _, h in taken if h is not None],
-            )
+        if self._queued is None:  # merged into a waiting one, they may predate its events
+            self._queued_early = {a: early[a].result for a in s.flipped if a in early}
         return self.submit(s)
 
     def rescan(self) -> asyncio.Future[Changes]:
@@ -173,7 +153,7 @@ class HotPlug:
         """Queue a resync of ``s``, or merge it into the one still waiting for its turn."""
         if self._queued is not None and self._queued_future is not None:
             self._queued.merge(s)
-            self._queued_early = None
+            self._queued_early = {}
             return self._queued_future
         self._queued = s
         fut = self.service.executor.submit("resync", self._command)
@@ -184,11 +164,13 @@ class HotPlug:
     def _command(self) -> Command[Changes]:
         # Not `or`: a Scope is false without events, as the timer's (pool only) is.
         s = self._queued if self._queued is not None else Scope()
-        early, self._queued_early = self._queued_early, None
+        early, self._queued_early = self._queued_early, {}
         self._queued, self._queued_future = None, None
         return self._resync(s, early)
 
-    def _resync(self, s: Scope, early: sync.Early | None) -> Command[Changes]:
+    def _resync(
+        self, s: Scope, early: dict[int, Callable[[], tuple[str, bool, bool] | None]]
+    ) -> Command[Changes]:
         self.resyncs += 1
         only = last = None
         if s.sliced:

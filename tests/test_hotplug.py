@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 from rigs import need_tool, unavailable
 
-from apmatrixd import hotplug
 from apmatrixd.core import Apqn, HostOwned
 from apmatrixd.events import ApEvent, EventPump, Scope, SimSource, classify
 from apmatrixd.hotplug import HotPlug, drift_text, scope_of
@@ -225,19 +224,6 @@ def test_card_config_off_and_on_degrades_and_restores(scenario: str) -> None:
     run(scenario, body)
 
 
-def in_early_reader() -> bool:
-    """This runs in HotPlug's reader of a flip as its uevents come, not in the worker."""
-    return threading.current_thread().name.startswith("apmatrixd-early")
-
-
-async def card05_out(r: Rig) -> Kernel:
-    """Two guests, card 05 deconfigured and absorbed: ready for it to come back."""
-    two_guests(r.svc)
-    r.write("devices/ap/card05/config", "0")
-    await r.idle()
-    return r.svc.kernel
-
-
 def test_a_card_is_read_as_its_flip_comes_and_that_reading_is_taken_only_for_the_flip_whole(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -247,12 +233,15 @@ def test_a_card_is_read_as_its_flip_comes_and_that_reading_is_taken_only_for_the
     the early reading may predate the rest (here it is marked: it says the card is offline)."""
 
     async def body(r: Rig) -> None:
-        k = await card05_out(r)
+        two_guests(r.svc)
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        k = r.svc.kernel
         real = k.read_card
         reads: list[tuple[int, bool]] = []
 
         def read_card(adapter: int) -> tuple[str, bool, bool] | None:
-            early = in_early_reader()
+            early = threading.current_thread().name.startswith("apmatrixd-early")
             reads.append((adapter, early))
             state = real(adapter)
             if early and state is not None:  # marked, as if read before some later change
@@ -274,59 +263,6 @@ def test_a_card_is_read_as_its_flip_comes_and_that_reading_is_taken_only_for_the
         assert (5, True) in reads and (5, False) in reads  # the early one was not taken
         assert r.svc.adapter(5).online
         assert r.svc.adapter(5).configured and r.svc.matrix(G1).state == "active"
-
-    run("default", body)
-
-
-def test_the_holders_read_as_the_flip_comes_are_taken_unless_a_guest_view_contradicts_them(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The mdevs holding a flipping card are read with it, as its uevent comes; the resync
-    takes them and reads no mdev itself. A guest view read then that contradicts the cards
-    (read before vfio_ap finished its scan: here made so on purpose) is read again."""
-
-    async def body(r: Rig) -> None:
-        k = await card05_out(r)
-        real = k.read_mdevs
-        reads: list[tuple[bool, list[str] | None]] = []
-        stale = False
-
-        def read_mdevs(*args: Any, **kw: Any) -> dict[str, MdevInfo]:
-            early = in_early_reader()
-            only = args[1] if len(args) > 1 else kw.get("only")
-            reads.append((early, None if only is None else sorted(only)))
-            out = real(*args, **kw)
-            if early and stale:  # as before on_scan_complete: 05 not in the view yet
-                out = {u: replace(m, guest_apqns=frozenset(q for q in m.guest_apqns
-                                                          if q.adapter != 5))
-                       for u, m in out.items()}  # fmt: skip
-            return out
-
-        monkeypatch.setattr(k, "read_mdevs", read_mdevs)
-        real_card = k.read_card
-        cards: list[int] = []  # read by the worker (not as the flip came)
-
-        def read_card(adapter: int) -> tuple[str, bool, bool] | None:
-            if not in_early_reader():
-                cards.append(adapter)
-            return real_card(adapter)
-
-        monkeypatch.setattr(k, "read_card", read_card)
-        r.write("devices/ap/card05/config", "1")
-        await r.idle()
-        assert reads == [(True, [G1])]  # the holder of 05, as the flip came; nothing after
-        assert r.svc.matrix(G1).state == "active"
-        r.write("devices/ap/card05/config", "0")
-        await r.idle()
-        assert r.svc.matrix(G1).state == "degraded"
-        reads.clear()
-        stale = True
-        r.seen.clear()
-        r.write("devices/ap/card05/config", "1")
-        await r.idle()
-        assert reads == [(True, [G1]), (False, [G1])]  # contradicted: read again
-        assert cards == []  # the mdev, not the card (as a contradiction after reading would)
-        assert r.svc.matrix(G1).state == "active" and len(r.seen) == 1
 
     run("default", body)
 
@@ -370,9 +306,7 @@ def test_guest_views_read_before_the_kernel_updated_them_are_read_once_more(
     views before that (card 05 back, the guest still without it) and finds the card as it was
     reads their holders once more, so the batch shows the guest whole, not degraded until the
     next rescan; if that is still too early, the card and its holders are read again a while
-    later. A contradiction that stays is shown as the kernel says (read again once only).
-    (The reads as the flip's uevents come are left out here: see the test after this.)"""
-    monkeypatch.setattr(hotplug, "EARLY_CARDS", 0)
+    later. A contradiction that stays is shown as the kernel says (read again once only)."""
 
     async def body(r: Rig) -> None:
         two_guests(r.svc)

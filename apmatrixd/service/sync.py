@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from apmatrixd import mdevctl
@@ -111,32 +111,6 @@ class Reading:
     mdevs: dict[str, MdevInfo]
     definitions: mdevctl.Scan | None = None  # mdevctl's directory, with the pool
     late: frozenset[int] = frozenset()  # cards the guest views still contradict
-
-
-@dataclass
-class Early:
-    """What a burst read while its cards' flip uevents still came (HotPlug), for the resync
-    to take: each card's state, and the mdevs holding them (guest views included). Callables
-    run in the worker, which may wait for the reading to finish."""
-
-    cards: dict[int, Callable[[], tuple[str, bool, bool] | None]] = field(default_factory=dict)
-    holders: list[Callable[[], dict[str, MdevInfo]]] = field(default_factory=list)
-
-
-def _early_holders(
-    now: Mapping[int, AdapterInfo], only: Sequence[str] | None, early: Early | None
-) -> dict[str, MdevInfo] | None:
-    """The mdevs of ``only`` as read early, if every one was and no guest view contradicts
-    the cards: vfio_ap's scan was over then. Else None: they are read now."""
-    if early is None or not early.holders or only is None:
-        return None
-    got: dict[str, MdevInfo] = {}
-    for read in early.holders:  # in the order read: a later one saw more of the burst
-        got.update(read())
-    if not got.keys() >= set(only):
-        return None
-    mdevs = {u: got[u] for u in only}
-    return None if _contradicted(now, mdevs) else mdevs
 
 
 def read_adapters(
@@ -295,7 +269,7 @@ def resync(
     only: Sequence[str] | None = None,
     last_read: Mapping[str, MdevInfo] | None = None,
     on_late: Callable[[frozenset[int]], None] | None = None,
-    early: Early | None = None,
+    early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
 ) -> Command[Changes]:
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
     cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev (or
@@ -303,8 +277,8 @@ def resync(
     ``last_read``: :func:`believed`); publish what changed as one batch. A failed read
     changes nothing and raises. ``on_late`` is told, after the batch, the cards whose
     holders' guest views still contradicted them when read once more (vfio_ap may still be
-    scanning), so that they can be read again later. ``early``: some of ``cards`` and the
-    mdevs of ``only`` as read since the cards' last uevent (:class:`Early`)."""
+    scanning), so that they can be read again later. ``early``: the state of some of
+    ``cards`` as read since their last uevent (called in the worker; may wait for it)."""
     st, k = svc.state, svc.kernel
     w = set(whole)
     n = {a: set(d) for a, d in (named or {}).items() if a not in w}
@@ -314,12 +288,10 @@ def resync(
 
     def read(_p: object) -> Reading:
         late: frozenset[int] = frozenset()
-        infos = read_adapters(k, known, c, w, n, everything, early.cards if early else None)
+        infos = read_adapters(k, known, c, w, n, everything, early)
         now = infos if infos is not None else known
         host = k.read_pool(now) if want_pool else None
-        mdevs = _early_holders(now, only, early)
-        if mdevs is None:
-            mdevs = k.read_mdevs(now, only, last_read)
+        mdevs = k.read_mdevs(now, only, last_read)
         # guest_matrix is read after the cards (or, for cards this burst does not name, a
         # batch later): a card that left or came back meanwhile shows in it, not in `now`.
         # Read those cards again, so no batch shows a guest holding a deconfigured adapter.
