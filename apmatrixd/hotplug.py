@@ -38,6 +38,9 @@ __all__ = ["MANAGER", "HotPlug", "drift_text", "scope_of"]
 
 log = logging.getLogger(__name__)
 
+EARLY_CARDS = 4
+"""A burst's first cards flipping are read as their uevents come; beyond, it is a storm."""
+
 RETRY_FIRST = 0.1
 RETRY_MAX = 30.0
 
@@ -122,7 +125,7 @@ class HotPlug:
 
     def _read_early(self, adapter: int) -> None:
         """The pump saw card ``adapter``'s own flip uevent: read its state now, off the loop."""
-        if self._closed:
+        if self._closed or len(self._early) >= EARLY_CARDS:
             return
         if self._reader is None:
             self._reader = concurrent.futures.ThreadPoolExecutor(1, "apmatrixd-early")

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from rigs import need_tool, unavailable
 
+from apmatrixd import hotplug
 from apmatrixd.core import Apqn, HostOwned
 from apmatrixd.events import ApEvent, EventPump, Scope, SimSource, classify
 from apmatrixd.hotplug import HotPlug, drift_text, scope_of
@@ -265,6 +266,36 @@ def test_a_card_is_read_as_its_flip_comes_and_that_reading_is_taken_only_for_the
         assert r.svc.adapter(5).configured and r.svc.matrix(G1).state == "active"
 
     run("default", body)
+
+
+SIX_CARDS = """
+name = "six"
+layout = "upstream"
+apxa = true
+usage_domains = "0-1"
+
+[[adapters]]
+ids = "0x01-0x06"
+type = "CEX8C"
+"""
+
+
+def test_only_a_bursts_first_cards_are_read_as_their_flips_come(tmp_path: Path) -> None:
+    """Six cards flipping at once is a storm's start: the first EARLY_CARDS are read as their
+    uevents come, the others after the burst, as ever; all six end as the kernel says."""
+    scenario = tmp_path / "six.toml"
+    scenario.write_text(SIX_CARDS)
+
+    async def body(r: Rig) -> None:
+        for value in ("0", "1"):
+            for a in range(1, 7):
+                r.write(f"devices/ap/card{a:02x}/config", value)
+            await r.idle()
+            assert {r.svc.adapter(a).configured for a in range(1, 7)} == {value == "1"}
+        assert hotplug.EARLY_CARDS == 4 and r.hp.stats()["early_reads"] == 2 * 4
+        assert r.hp.pump.batches == 2
+
+    run(str(scenario), body)
 
 
 @pytest.mark.parametrize(("config", "want"), [("0", ("degraded", False)), ("1", ("active", True))])
