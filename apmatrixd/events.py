@@ -17,7 +17,7 @@ arrive: no list of events is kept, so a storm costs memory per card touched, not
 The window adapts: as long as the burst has lasted so far, between ``settle_min`` (5 ms: a
 card's uevents come back to back) and ``settle`` (50 ms, reached once a storm has been going
 for that long), so a small burst is handled at once and a storm is still absorbed in few
-batches. A burst that is nothing but cards flipping ``config`` waits only ``settle_min`` once
+batches. A burst that is nothing but cards flipping ``config`` is handed over as soon as
 every queue it must bring has come (:class:`ConfigFlips`). While a large burst is being
 absorbed, ``on_settling(True)`` is called once, and ``on_settling(False)`` once it has been
 handled.
@@ -83,25 +83,56 @@ def _hex(text: str) -> int | None:
 
 
 def classify(props: Mapping[str, str]) -> ApEvent | None:
-    """A uevent's properties (pyudev's ``Device.properties`` or the emulator's) as an event.
+    """A uevent's properties (the emulator's, or any mapping of them) as an event.
 
     None for anything that is not ours (another subsystem, a devpath we do not know).
     """
-    action = props.get("ACTION") or ""
-    devpath = props.get("DEVPATH") or ""
-    subsystem = props.get("SUBSYSTEM") or ""
     seq = props.get("SEQNUM") or "0"
-    seqnum = int(seq) if seq.isdigit() else 0
+    return classify_parts(
+        props.get("ACTION") or "",
+        props.get("DEVPATH") or "",
+        props.get("SUBSYSTEM") or "",
+        int(seq) if seq.isdigit() else 0,
+        props.get("DRIVER"),
+        props.get,
+    )
+
+
+def classify_device(device: Any) -> ApEvent | None:
+    """A pyudev ``Device`` from the monitor as an event: the fields libudev keeps apart
+    (action, devpath, subsystem, seqnum, driver) from its attributes, only the others looked
+    up among its properties; each lookup there costs a few us, times 86 for one card back."""
+    return classify_parts(
+        device.action or "",
+        device.device_path or "",
+        device.subsystem or "",
+        device.sequence_number or 0,
+        device.driver,
+        device.properties.get,
+    )
+
+
+def classify_parts(
+    action: str,
+    devpath: str,
+    subsystem: str,
+    seqnum: int,
+    driver: str | None,
+    get: Callable[[str], str | None],
+) -> ApEvent | None:
+    """:func:`classify` of a uevent's fields; ``get`` looks up any other property."""
     name = devpath.rsplit("/", 1)[-1]
     if subsystem == "ap":
         if devpath == "/devices/ap":
-            mask = "APMASK" in props or "AQMASK" in props
-            bindings = props.get("BINDINGS") == "complete"
+            mask = get("APMASK") is not None or get("AQMASK") is not None
+            bindings = get("BINDINGS") == "complete"
             return ApEvent(action, "bus", devpath, mask=mask, bindings=bindings, seqnum=seqnum)
+        config = _flag(get("CONFIG"))
         common: dict[str, Any] = {
-            "config": _flag(props.get("CONFIG")),
-            "online": _flag(props.get("ONLINE")),
-            "driver": props.get("DRIVER") or None,
+            "config": config,
+            # The kernel sends CONFIG= and ONLINE= in uevents of their own (kernel-facts 3.1).
+            "online": _flag(get("ONLINE")) if config is None else None,
+            "driver": driver or None,
             "seqnum": seqnum,
         }
         if len(name) == 6 and name.startswith("card") and (a := _hex(name[4:])) is not None:
@@ -112,7 +143,7 @@ def classify(props: Mapping[str, str]) -> ApEvent | None:
                 return ApEvent(action, "queue", devpath, adapter=a, domain=d, **common)
         return None
     if subsystem in ("matrix", "ap_matrix") and name == "matrix":
-        state = props.get("MDEV_STATE") or None
+        state = get("MDEV_STATE") or None
         return ApEvent(action, "matrix", devpath, mdev_state=state, seqnum=seqnum)
     if subsystem == "mdev" and len(name) == 36:
         return ApEvent(action, "mdev", devpath, uuid=name.lower(), seqnum=seqnum)
@@ -146,12 +177,18 @@ class Scope:
     # The rescan timer's alone: the pool and a slice of the mdevs (sync.rescan_slice); any
     # event or loss merged in makes it a read of every mdev again.
     sliced: bool = False
+    # A read again of cards whose holders' guest views contradicted them (HotPlug.recheck):
+    # followed up no further. Any event or loss merged in makes it an ordinary burst.
+    late: bool = False
+    # The cards whose config flip the burst holds whole by the kernel's order, and nothing
+    # else (ConfigFlips.complete): what was read of them once their own uevent came holds.
+    flipped: frozenset[int] = frozenset()
 
     def add(self, e: ApEvent) -> None:
         """One event into the scope. What an event does not say precisely (an action we do
         not know on a card or a queue) costs a read of its whole card, never a miss."""
         self.events += 1
-        self.sliced = False
+        self.sliced = self.late = False
         a = e.adapter
         if e.kind == "card" and a is not None:
             if e.action == "change":
@@ -182,7 +219,7 @@ class Scope:
     def lose(self) -> None:
         """Events were lost: only a read of everything can be trusted."""
         self.everything = self.pool = self.others = True
-        self.sliced = False
+        self.sliced = self.late = False
 
     def _whole(self, a: int) -> None:
         self.whole.add(a)
@@ -205,6 +242,8 @@ class Scope:
         self.bindings |= other.bindings
         self.events += other.events
         self.sliced = self.sliced and other.sliced
+        self.late = self.late and other.late
+        self.flipped = frozenset()  # two bursts: a card may have changed in between
 
     def __bool__(self) -> bool:
         return bool(self.events or self.everything)
@@ -216,17 +255,24 @@ class ConfigFlips:
     The kernel's order (ap_bus.c: ``config_store()`` and ``ap_scan_adapter()``): the card's
     ``change`` with ``CONFIG=`` first, then, from the bus scan, one ``CONFIG=`` ``change`` per
     queue of the card (``ap_scan_domains()``). Once every queue the card is known to have has
-    reported, that card's part of the burst is over. What the scan does after the last uevent
-    (the other cards, vfio_ap's ``on_scan_complete`` updating guest views) sends no uevent of
-    its own, so the pump still waits ``settle_min`` after it, as for any small burst; a burst
-    that is anything else (another event, a card not known, a queue not expected) is left to
-    the adaptive window.
+    reported, that card's part of the burst is over and the pump hands it over at once. What
+    the scan does after the last uevent sends no uevent of its own: another card's flip comes
+    as a second burst, and vfio_ap's ``on_scan_complete`` updating the guest views is found by
+    the resync's reading them again (a view that contradicts its cards is read once more, and
+    once more a while later: :func:`apmatrixd.service.sync.resync`). A burst that is anything
+    else (another event, a card not known, a queue not expected) is left to the adaptive
+    window.
     """
 
-    __slots__ = ("_left", "_other", "_queues")
+    __slots__ = ("_left", "_on_card", "_other", "_queues")
 
-    def __init__(self, queues: Callable[[int], frozenset[int] | None]) -> None:
+    def __init__(
+        self,
+        queues: Callable[[int], frozenset[int] | None],
+        on_card: Callable[[int], None] | None = None,
+    ) -> None:
         self._queues = queues  # the queues a card is known to have; None: card not known
+        self._on_card = on_card  # told of each card whose flip starts the burst's part
         self._left: dict[int, set[int]] = {}  # card -> queues still to report
         self._other = False
 
@@ -239,6 +285,8 @@ class ConfigFlips:
                 known = self._queues(a)
                 if known is not None:
                     self._left[a] = set(known)
+                    if self._on_card is not None:
+                        self._on_card(a)
                     return
             elif e.kind == "queue" and (d := e.domain) is not None and d in self._left.get(a, ()):
                 self._left[a].discard(d)
@@ -252,6 +300,11 @@ class ConfigFlips:
     def complete(self) -> bool:
         """Every card of the burst has had all its queues' flips, and nothing else came."""
         return not self._other and bool(self._left) and not any(self._left.values())
+
+    @property
+    def cards(self) -> frozenset[int]:
+        """The cards whose flips the burst holds whole; empty unless :attr:`complete`."""
+        return frozenset(self._left) if self.complete else frozenset()
 
 
 Handler = Callable[[Scope], "asyncio.Future[Any] | None"]
@@ -278,12 +331,16 @@ class EventPump:
         storm: int = 64,
         on_settling: Callable[[bool], None] | None = None,
         queues: Callable[[int], frozenset[int] | None] | None = None,
+        on_flip: Callable[[int], None] | None = None,
     ) -> None:
         self.loop = loop
         # The queues the daemon knows a card to have (None: not known): see ConfigFlips.
         self.queues: Callable[[int], frozenset[int] | None] = (
             queues if queues is not None else lambda _a: None
         )
+        # Told of a card whose config flip starts (its own uevent, before its queues'): its
+        # state is final then, so it can be read while the queues' uevents still arrive.
+        self.on_flip = on_flip
         self.handler = handler
         self.settle = settle
         self.settle_min = min(settle_min, settle)
@@ -291,7 +348,7 @@ class EventPump:
         self.storm = storm
         self.on_settling = on_settling
         self.scope = Scope()
-        self.flips = ConfigFlips(self.queues)
+        self.flips = ConfigFlips(self.queues, self._flip_started)
         self.lost = False
         self.settling = False
         self.received = 0
@@ -307,7 +364,10 @@ class EventPump:
 
     def add(self, props: Mapping[str, str]) -> None:
         """One uevent; call :meth:`arm` after a round of adds."""
-        event = classify(props)
+        self.take(classify(props))
+
+    def take(self, event: ApEvent | None) -> None:
+        """One classified uevent (None: not ours); call :meth:`arm` after a round."""
         if event is None:
             self.ignored += 1
             return
@@ -359,10 +419,10 @@ class EventPump:
         A burst split by a pause longer than the window costs a second batch, not a wrong
         state: each batch resynchronises from sysfs, and unchanged objects send nothing.
         A burst of cards whose ``config`` flip is over by the kernel's order
-        (:class:`ConfigFlips`) waits ``settle_min``.
+        (:class:`ConfigFlips`) waits nothing: waiting could not tell when vfio_ap is done.
         """
         if self.flips.complete:
-            return self.settle_min
+            return 0.0
         return min(self.settle, max(self.settle_min, now - self._first))
 
     def flush(self) -> None:
@@ -371,8 +431,9 @@ class EventPump:
             self._timer.cancel()
             self._timer = None
         scope, lost = self.scope, self.lost
+        scope.flipped = self.flips.cards
         self.scope, self.lost = Scope(), False
-        self.flips = ConfigFlips(self.queues)
+        self.flips = ConfigFlips(self.queues, self._flip_started)
         n = scope.events
         if n or lost:
             started = time.monotonic()
@@ -406,6 +467,13 @@ class EventPump:
             )
         if self.settling and not self.pending and not self._waiting:
             self._set_settling(False)
+
+    def _flip_started(self, adapter: int) -> None:
+        if self.on_flip is not None:
+            try:
+                self.on_flip(adapter)
+            except Exception:
+                log.exception("flip listener failed")
 
     def _absorbed(self, _fut: asyncio.Future[Any]) -> None:
         self._waiting -= 1
@@ -500,7 +568,7 @@ class UdevSource:
                 break
             if device is None:
                 break
-            self.pump.add(device.properties)
+            self.pump.take(classify_device(device))
         self.pump.arm()
 
     def close(self) -> None:

@@ -6,12 +6,20 @@ resync command (:func:`apmatrixd.service.sync.resync`) on the service's queue. W
 waiting for its turn, later bursts merge into it: a storm that outlasts a slow command costs
 one more resync, not one per burst. A resync whose read fails is retried once reading
 everything; if that fails too, it is tried again later with a growing delay (0.1 s doubling
-to 30 s) until one succeeds.
+to 30 s) until one succeeds. Cards whose holders' guest views still contradicted them after
+a resync (vfio_ap updates guest views when its scan is over, and says so with no uevent) are
+read again with their holders once, ``settle`` later.
+
+A card's state is final when its own uevent is sent, before its queues' (the kernel's order
+for a ``config`` flip): it is read in a thread of its own as soon as that uevent comes, while
+the queues' uevents still arrive, and the burst's resync takes that reading if the burst was
+that flip whole (:attr:`~apmatrixd.events.Scope.flipped`); otherwise it is read as ever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -29,6 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["MANAGER", "HotPlug", "drift_text", "scope_of"]
 
 log = logging.getLogger(__name__)
+
+EARLY_CARDS = 4
+"""A burst's first cards flipping are read as their uevents come; beyond, it is a storm."""
 
 RETRY_FIRST = 0.1
 RETRY_MAX = 30.0
@@ -71,6 +82,7 @@ class HotPlug:
             storm=storm,
             on_settling=service.set_settling,
             queues=self._queues_of,
+            on_flip=self._read_early,
         )
         self.rescan_interval = rescan_interval
         self.sources: list[Source] = []
@@ -82,7 +94,14 @@ class HotPlug:
         self._timer: asyncio.Task[None] | None = None
         self._queued: Scope | None = None
         self._queued_future: asyncio.Future[Changes] | None = None
+        # Cards read as their flip's uevent came: this burst's, then the waiting resync's.
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._early: dict[int, concurrent.futures.Future[tuple[str, bool, bool] | None]] = {}
+        self._queued_early: dict[int, Callable[[], tuple[str, bool, bool] | None]] = {}
+        self.early_reads = 0
         self._retry: asyncio.TimerHandle | None = None
+        self._recheck: asyncio.TimerHandle | None = None
+        self._late: set[int] = set()
         self._backoff = 0
         self._closed = False
         # What else the slow timer looks at (chzdev's persistent masks: daemon.py).
@@ -104,7 +123,19 @@ class HotPlug:
         if self.rescan_interval > 0 and self._timer is None:
             self._timer = asyncio.ensure_future(self._rescan_loop())
 
+    def _read_early(self, adapter: int) -> None:
+        """The pump saw card ``adapter``'s own flip uevent: read its state now, off the loop."""
+        if self._closed or len(self._early) >= EARLY_CARDS:
+            return
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(1, "apmatrixd-early")
+        self._early[adapter] = self._reader.submit(self.service.kernel.read_card, adapter)
+        self.early_reads += 1
+
     def on_batch(self, s: Scope) -> asyncio.Future[Changes]:
+        early, self._early = self._early, {}
+        if self._queued is None:  # merged into a waiting one, they may predate its events
+            self._queued_early = {a: early[a].result for a in s.flipped if a in early}
         return self.submit(s)
 
     def rescan(self) -> asyncio.Future[Changes]:
@@ -125,6 +156,7 @@ class HotPlug:
         """Queue a resync of ``s``, or merge it into the one still waiting for its turn."""
         if self._queued is not None and self._queued_future is not None:
             self._queued.merge(s)
+            self._queued_early = {}
             return self._queued_future
         self._queued = s
         fut = self.service.executor.submit("resync", self._command)
@@ -135,10 +167,13 @@ class HotPlug:
     def _command(self) -> Command[Changes]:
         # Not `or`: a Scope is false without events, as the timer's (pool only) is.
         s = self._queued if self._queued is not None else Scope()
+        early, self._queued_early = self._queued_early, {}
         self._queued, self._queued_future = None, None
-        return self._resync(s)
+        return self._resync(s, early)
 
-    def _resync(self, s: Scope) -> Command[Changes]:
+    def _resync(
+        self, s: Scope, early: dict[int, Callable[[], tuple[str, bool, bool] | None]]
+    ) -> Command[Changes]:
         self.resyncs += 1
         only = last = None
         if s.sliced:
@@ -158,6 +193,8 @@ class HotPlug:
                 bindings=s.bindings,
                 only=only,
                 last_read=last,
+                on_late=None if s.late else self.recheck,
+                early=early,
             )
         except KernelError as err:
             # Something vanished while it was read (a card leaving mid-burst): read it all.
@@ -166,6 +203,26 @@ class HotPlug:
             changes = yield from sync.resync(self.service, everything=True, pool=True)
         self.drifts += len(changes.drift)
         return changes
+
+    def recheck(self, cards: frozenset[int]) -> None:
+        """Read these cards and their holders again ``settle`` from now: the guest views
+        contradicted the cards even when read once more, so vfio_ap may still be scanning
+        (that read is followed up no further: a contradiction that stays is the kernel's)."""
+        if self._closed:
+            return
+        self._late |= cards
+        if self._recheck is None:
+            self._recheck = self.loop.call_later(self.pump.settle, self._read_late)
+
+    def _read_late(self) -> None:
+        self._recheck = None
+        cards, self._late = self._late, set()
+        self.submit(Scope(cards=cards, late=True))
+
+    @property
+    def rechecking(self) -> bool:
+        """A read again of contradicted cards is due (:meth:`recheck`)."""
+        return self._recheck is not None
 
     def _finished(self, fut: asyncio.Future[Changes]) -> None:
         if fut.cancelled() or self._closed:
@@ -207,6 +264,12 @@ class HotPlug:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._reader = None
         for source in self.sources:
             source.close()
         self.pump.close()
@@ -221,4 +284,5 @@ class HotPlug:
             "failures": self.failures,
             "drifts": self.drifts,
             "emitted": self.emitted,
+            "early_reads": self.early_reads,
         }

@@ -17,9 +17,9 @@ from typing import Any
 from bench.common import BENCH, Row, cpus, load, say
 
 SUITES = ("bus", "hotplug", "mdevctl", "fleet")
-PARTS = ("startup", "idle")
-"""One row of a suite alone (start-up of bus, idle cost of hotplug): a partial run, for
-measuring one change against its base back to back."""
+PARTS = ("startup", "idle", "hotplug-card")
+"""One row of a suite alone (start-up of bus, idle cost and card hot plug of hotplug): a
+partial run, for measuring one change against its base back to back."""
 
 
 def table(rows: list[Row]) -> str:
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     from bench import mdevbench as mod  # type: ignore[no-redef]
                 (work / name).mkdir()
-                run = mod.run if name not in PARTS else getattr(mod, name)
+                run = mod.run if name not in PARTS else getattr(mod, name.replace("-", "_"))
                 r, raw[name] = run(args.quick, work / name)
                 rows += r
             except Exception as err:  # one broken suite must not hide the others

@@ -1,5 +1,5 @@
-"""Single rows of the suites, run alone (``--only startup``, ``--only idle``): the same code
-as in their suite, with the state they start from made here."""
+"""Single rows of the suites, run alone (``--only startup``, ``--only idle``, ``--only
+hotplug-card``): the same code as in their suite, with the state they start from made here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from busrig import PrivateBus
 
-from bench import busbench, idlebench
+from bench import busbench, hotbench, idlebench
 from bench.common import Row
 from bench.hosts import big_state
 
@@ -26,3 +26,8 @@ def startup(quick: bool, work: Path) -> tuple[list[Row], dict[str, Any]]:
 def idle(quick: bool, work: Path) -> tuple[list[Row], dict[str, Any]]:
     """The hotplug suite's idle-cost row: 1,000 live matrices in real-host mode."""
     return idlebench.idle(quick, work, big_state(work / "state-idle-src", 1000))
+
+
+def hotplug_card(quick: bool, work: Path) -> tuple[list[Row], dict[str, Any]]:
+    """The hotplug suite's card rows: an adapter with 85 queues back, idle and loaded."""
+    return hotbench.hotplug(quick, work)

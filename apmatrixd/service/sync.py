@@ -32,7 +32,7 @@ once, and:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -110,6 +110,7 @@ class Reading:
     pool: HostPool | None
     mdevs: dict[str, MdevInfo]
     definitions: mdevctl.Scan | None = None  # mdevctl's directory, with the pool
+    late: frozenset[int] = frozenset()  # cards the guest views still contradict
 
 
 def read_adapters(
@@ -119,7 +120,10 @@ def read_adapters(
     whole: set[int],
     named: dict[int, set[int]],
     everything: bool,
+    early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
 ) -> dict[int, AdapterInfo] | None:
+    """The cards as they are now: ``known`` with the ``cards`` (state), ``whole`` cards and
+    ``named`` queues read again; ``early``: card states read already (:func:`resync`)."""
     if not (cards or whole or named or everything):
         return None
     if everything or len(whole) > FULL_READ:
@@ -142,7 +146,7 @@ def read_adapters(
     for a in sorted(cards - whole):
         if a not in fresh:
             continue
-        state = k.read_card(a)
+        state = early[a]() if early is not None and a in early else k.read_card(a)
         if state is None:
             fresh.pop(a, None)
             continue
@@ -264,12 +268,17 @@ def resync(
     bindings: bool = False,
     only: Sequence[str] | None = None,
     last_read: Mapping[str, MdevInfo] | None = None,
+    on_late: Callable[[frozenset[int]], None] | None = None,
+    early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
 ) -> Command[Changes]:
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
     cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev (or
     the live ones of ``only``: the rescan timer's slice, :func:`rescan_slice`, with their
     ``last_read``: :func:`believed`); publish what changed as one batch. A failed read
-    changes nothing and raises."""
+    changes nothing and raises. ``on_late`` is told, after the batch, the cards whose
+    holders' guest views still contradicted them when read once more (vfio_ap may still be
+    scanning), so that they can be read again later. ``early``: the state of some of
+    ``cards`` as read since their last uevent (called in the worker; may wait for it)."""
     st, k = svc.state, svc.kernel
     w = set(whole)
     n = {a: set(d) for a, d in (named or {}).items() if a not in w}
@@ -278,7 +287,8 @@ def resync(
     want_pool = pool or everything or (k.layout != "upstream" and bool(w or n))
 
     def read(_p: object) -> Reading:
-        infos = read_adapters(k, known, c, w, n, everything)
+        late: frozenset[int] = frozenset()
+        infos = read_adapters(k, known, c, w, n, everything, early)
         now = infos if infos is not None else known
         host = k.read_pool(now) if want_pool else None
         mdevs = k.read_mdevs(now, only, last_read)
@@ -290,13 +300,15 @@ def resync(
             assert infos is not None  # cards were asked for
             # The cards read as before: the guest views were read too early instead
             # (vfio_ap updates guest_matrix in on_scan_complete, after the scan's last
-            # uevent, and sends none). Their holders are read once more, once only: a
-            # contradiction that stays is the kernel's word and is shown as it is.
+            # uevent, and sends none). Their holders are read once more, once only here: a
+            # contradiction that stays is shown as it is, and told to on_late.
             if still := _contradicted(infos, mdevs):
                 holders = [u for u, m in mdevs.items() if m.adapters & still]
                 mdevs.update(k.read_mdevs(infos, holders))
+                late = frozenset(_contradicted(infos, mdevs))
         # mdevctl's definitions change without a uevent too: looked at with the pool.
-        return Reading(infos, host, mdevs, managers.scan(svc) if want_pool else None)
+        scan = managers.scan(svc) if want_pool else None
+        return Reading(infos, host, mdevs, scan, late)
 
     r: Reading = yield Work("re-reading the AP configuration", read)
     if r.pool is not None and r.pool.queues is not None:
@@ -313,6 +325,8 @@ def resync(
     if r.pool is not None:  # the pool and every mdev re-read: what the rescan timer asks for
         st.stats.rescanned()
     svc.emit(changes)
+    if r.late and on_late is not None:
+        on_late(r.late)
     if adopted:
         yield from store_adopted(svc, adopted)
     if bindings and not st.bindings_ready:
