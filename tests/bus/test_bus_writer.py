@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import time
+from typing import Any
 
 import pytest
 from busrig import PrivateBus, start_daemon
 from dbus_fast import Message
+from dbus_fast.aio import MessageBus
 
 from apmatrixd.bus.base import ApmatrixBus, PatientWriter
 
@@ -91,3 +94,71 @@ def test_sigterm_while_the_bus_goes_away_exits_at_once_and_quietly(bus_first: bo
                 d.proc.wait()
             d.close()
             bus_daemon.stop()
+
+
+class _CountingSocket:
+    """The bus socket, counting the writes made to it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.writes: list[str] = []
+
+    def send(self, data: memoryview) -> int:
+        self.writes.append("send")
+        return self.sock.send(data)
+
+    def sendmsg(self, buffers: list[memoryview], ancdata: list[Any]) -> int:
+        self.writes.append("sendmsg")
+        return self.sock.sendmsg(buffers, ancdata)
+
+
+def test_a_change_s_signals_and_reply_go_out_in_one_write() -> None:
+    """What two turns of the loop queue (a change's signals, then its reply a turn later)
+    is one send(), in order; a message with descriptors still goes alone, with them."""
+    bus_daemon = PrivateBus.start()
+    test = ("/t", "org.apmatrix.Test")
+
+    async def go() -> tuple[list[str], list[Message]]:
+        heard: list[Message] = []
+        got_all = asyncio.Event()
+        address = bus_daemon.address
+        listener = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+
+        def hear(msg: Message) -> None:
+            if msg.interface == test[1]:
+                heard.append(msg)
+                if msg.member == "Fd":
+                    got_all.set()
+
+        listener.add_message_handler(hear)
+        match = Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                        interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                        body=[f"interface='{test[1]}'"])  # fmt: skip
+        await listener.call(match)
+        bus = await ApmatrixBus(bus_address=bus_daemon.address).connect()
+        await bus.call(match)  # whatever connect() queued is written by now
+        counting = _CountingSocket(bus._writer.sock)  # type: ignore[union-attr]
+        bus._writer.sock = counting  # type: ignore[union-attr,assignment]
+        bus.send(Message.new_signal(*test, "S0", "s", ["0"]))
+        bus.send(Message.new_signal(*test, "S1", "s", ["1"]))
+        await asyncio.sleep(0)  # the next turn, as a change's reply
+        bus.send(Message.new_signal(*test, "S2", "s", ["2"]))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        r, w = os.pipe()
+        bus.send(Message.new_signal(*test, "Fd", "h", [0], unix_fds=[r]))
+        await asyncio.wait_for(got_all.wait(), 10)
+        os.close(r)
+        os.close(w)
+        bus.disconnect()
+        listener.disconnect()
+        return counting.writes, heard
+
+    try:
+        writes, heard = asyncio.run(go())
+    finally:
+        bus_daemon.stop()
+    assert writes == ["send", "sendmsg"], writes
+    assert [m.member for m in heard] == ["S0", "S1", "S2", "Fd"]
+    assert len(heard[-1].unix_fds) == 1
+    os.close(heard[-1].unix_fds[0])
