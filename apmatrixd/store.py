@@ -238,6 +238,8 @@ def encode(data: dict[str, Any]) -> bytes:
     try:
         lines = []
         for key in sorted(data):
+            if type(key) is not str:
+                raise _Nested  # json's own rules for other keys
             value = data[key]
             if type(value) is not list:
                 text = _item(value)

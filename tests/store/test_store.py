@@ -80,6 +80,7 @@ def test_round_trip_and_the_documented_format(tmp_path: Path) -> None:
         {"b": None, "a": False, "c": 1.5, "d": [True, None, "x\u2028", -3, 0.25], "e": []},
         {"nested": {"a": [1]}, "n": 1},  # not what the store writes: json writes it
         {"nested": [[1], {"a": 2}]},
+        {1: "x", 2: [3]},  # keys json turns into strings
     ],
 )
 def test_files_are_the_bytes_json_writes(data: dict[str, object]) -> None:
