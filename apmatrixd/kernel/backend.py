@@ -286,6 +286,7 @@ class Kernel:
             listed=listed,
             driver_override=override,
             bindings_count=self.io.exists(f"{AP_BUS}/bindings_complete_count"),
+            mask_uevents=self.io.exists(f"{AP_BUS}/bindings"),
         )
         return self.features
 

@@ -174,7 +174,10 @@ def rescan_slice(svc: Service, tick: int, interval: float) -> list[str]:
     then Check can miss a claim it makes, and the kernel refuses what would clash with it.
     While uevents are heard, an mdev of the slice whose sets read as before keeps its guest
     view (:func:`believed`): its sets (``ap_config``, 6.10+) and ``status`` are all that is
-    read of it."""
+    read of it. Nor does the tick read apmask and aqmask then, where the kernel announces
+    their changes (``APMASK=``/``AQMASK=`` on the bus root; ``Features.mask_uevents``): that
+    burst reads the pool, and a lost uevent reads everything. Without a
+    uevent source, or on a bus that sends none, every tick reads the masks as before."""
     live = sorted(u for u, m in svc.state.meta.items() if m.live)
     if len(live) <= RESCAN_ALL or interval <= 0:
         return live
@@ -264,12 +267,14 @@ def resync(
     bindings: bool = False,
     only: Sequence[str] | None = None,
     last_read: Mapping[str, MdevInfo] | None = None,
+    rescan: bool = False,
 ) -> Command[Changes]:
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
     cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev (or
     the live ones of ``only``: the rescan timer's slice, :func:`rescan_slice`, with their
-    ``last_read``: :func:`believed`); publish what changed as one batch. A failed read
-    changes nothing and raises."""
+    ``last_read``: :func:`believed`); publish what changed as one batch. ``rescan``: a tick
+    of the rescan timer, which also looks at mdevctl's directory and is what Statistics'
+    ``last_rescan`` dates. A failed read changes nothing and raises."""
     st, k = svc.state, svc.kernel
     w = set(whole)
     n = {a: set(d) for a, d in (named or {}).items() if a not in w}
@@ -296,7 +301,8 @@ def resync(
                 holders = [u for u, m in mdevs.items() if m.adapters & still]
                 mdevs.update(k.read_mdevs(infos, holders))
         # mdevctl's definitions change without a uevent too: looked at with the pool.
-        return Reading(infos, host, mdevs, managers.scan(svc) if want_pool else None)
+        scan = managers.scan(svc) if want_pool or rescan else None
+        return Reading(infos, host, mdevs, scan)
 
     r: Reading = yield Work("re-reading the AP configuration", read)
     if r.pool is not None and r.pool.queues is not None:
@@ -310,7 +316,7 @@ def resync(
     adopted = _sync_mdevs(svc, changes, r.mdevs, only)
     if r.definitions is not None:
         managers.take_scan(svc, changes, r.definitions)
-    if r.pool is not None:  # the pool and every mdev re-read: what the rescan timer asks for
+    if rescan or r.pool is not None:  # a tick, or the pool and every mdev re-read
         st.stats.rescanned()
     svc.emit(changes)
     if adopted:
