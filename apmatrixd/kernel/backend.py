@@ -100,6 +100,9 @@ class Kernel:
         self.lock_path = lock_path
         self._sets: dict[frozenset[int], frozenset[int]] = {}
         self._layout = LAYOUTS[layout] if layout else self._detect()
+        # What the rescan timer and hot plug read lies below these (mdevs, cards, masks).
+        for directory in (self._layout.matrix, AP_DEVICES, AP_BUS):
+            io.keep(directory)
         self.features = Features(layout=self._layout.name)
         self.detect_features()
         self.on_late_write: Callable[[Write, KernelError | None], None] | None = None
