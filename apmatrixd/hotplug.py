@@ -104,6 +104,7 @@ class HotPlug:
         self._late: set[int] = set()
         self._backoff = 0
         self._closed = False
+        self._tick = False  # the resync still to run includes a tick of the rescan timer
         # What else the slow timer looks at (chzdev's persistent masks: daemon.py).
         self.on_rescan: list[Callable[[], None]] = []
         service.subscribe(self._count)
@@ -139,13 +140,21 @@ class HotPlug:
         return self.submit(s)
 
     def rescan(self) -> asyncio.Future[Changes]:
-        """The slow timer: the host pool and a slice of the mdevs (the changes no uevent
-        announces; :func:`~apmatrixd.service.sync.rescan_slice` says what it skips)."""
+        """The slow timer: a slice of the mdevs, mdevctl's directory, and the host pool where
+        its changes come without a uevent (the changes no uevent announces;
+        :func:`~apmatrixd.service.sync.rescan_slice` says what it skips)."""
         self.rescans += 1
-        fut = self.submit(Scope(pool=True, sliced=True))
+        self._tick = True
+        fut = self.submit(Scope(pool=not self.masks_heard(), sliced=True))
         for hook in self.on_rescan:
             hook()
         return fut
+
+    def masks_heard(self) -> bool:
+        """A change of apmask or aqmask reaches us as a uevent (``APMASK=``/``AQMASK=`` on
+        the bus root, which makes its burst read the pool): a source runs and the kernel
+        sends them (:attr:`~apmatrixd.kernel.Features.mask_uevents`)."""
+        return bool(self.sources) and self.service.kernel.features.mask_uevents
 
     def request_resync(self) -> None:
         """A command could not read back what it did: re-read the pool and every mdev."""
@@ -176,11 +185,14 @@ class HotPlug:
     ) -> Command[Changes]:
         self.resyncs += 1
         only = last = None
+        tick, self._tick = self._tick, False
+        # A tick merged with a burst is not sliced: then it reads the pool, as it always did.
+        pool = s.pool or (tick and not s.sliced)
         if s.sliced:
             only = sync.rescan_slice(self.service, self.rescans, self.rescan_interval)
             if self.sources:  # uevents tell what else changes a guest view (sync.believed)
                 last = sync.believed(self.service, only)
-        elif not (s.everything or s.pool or s.others):  # only cards and queues
+        elif not (s.everything or pool or s.others):  # only cards and queues
             only = sync.burst_slice(self.service, s.cards | s.whole | s.named.keys())
         try:
             changes: Changes = yield from sync.resync(
@@ -189,12 +201,13 @@ class HotPlug:
                 whole=s.whole,
                 named=s.named,
                 everything=s.everything,
-                pool=s.pool,
+                pool=pool,
                 bindings=s.bindings,
                 only=only,
                 last_read=last,
                 on_late=None if s.late else self.recheck,
                 early=early,
+                rescan=tick,
             )
         except KernelError as err:
             # Something vanished while it was read (a card leaving mid-burst): read it all.

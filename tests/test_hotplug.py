@@ -777,20 +777,45 @@ def test_rescan_timer_finds_drift() -> None:
     run("default", body, rescan_interval=0.05)
 
 
-def test_the_rescan_reads_the_host_pool() -> None:
-    """The timer's scope names no event, only the pool: it must still be read (a scope
-    without events is false, and was once taken for none)."""
+def test_the_rescan_reads_the_host_pool_where_no_uevent_tells() -> None:
+    """The timer reads apmask and aqmask only where a mask change can come without a uevent:
+    without a uevent source, or on a bus without ``bindings`` (Features.mask_uevents). Where
+    both are there, a mask written by hand arrives as APMASK= and that burst reads the pool;
+    the tick still reads its slice and moves Statistics' last_rescan on. (The timer's scope
+    names no event: it must still be read; a scope without events is false.)"""
 
     async def body(r: Rig) -> None:
+        svc = r.svc
+        two_guests(svc)
         await r.idle()
+        assert svc.kernel.features.mask_uevents and r.hp.masks_heard()
         reads: list[object] = []
-        real = r.svc.kernel.read_pool
-        r.svc.kernel.read_pool = lambda *a: reads.append(a) or real(*a)  # type: ignore[method-assign]
+        mdevs: list[object] = []
+        real, real_mdevs = svc.kernel.read_pool, svc.kernel.read_mdevs
+        svc.kernel.read_pool = lambda *a: reads.append(a) or real(*a)  # type: ignore[method-assign]
+        svc.kernel.read_mdevs = lambda *a: mdevs.append(a) or real_mdevs(*a)  # type: ignore[method-assign]
+        before = svc.state.stats.last_rescan
         await r.hp.rescan()
-        assert len(reads) == 1
-        r.hp.request_resync()
+        assert reads == [] and len(mdevs) == 1
+        assert svc.state.stats.last_rescan > before
+        r.write("bus/ap/apmask", "-0x10")  # its uevent reads the pool
+        await r.idle()
+        assert len(reads) == 1 and 0x10 not in svc.host.host_adapters
+        ((_, what),) = r.drifts()
+        assert what.startswith("host adapters: kernel")
+        r.hp.request_resync()  # a command that could not read back what it did
         await r.idle()
         assert len(reads) == 2
+        # A bus that sends no mask uevents: the tick is all that sees a mask change.
+        svc.kernel.features = replace(svc.kernel.features, mask_uevents=False)
+        r.host.apmask = r.host.apmask - {0x11}  # behind the emulator, which sends one
+        await r.hp.rescan()
+        assert len(reads) == 3 and 0x11 not in svc.host.host_adapters
+        # No uevent source: likewise.
+        svc.kernel.features = replace(svc.kernel.features, mask_uevents=True)
+        r.hp.sources.clear()
+        await r.hp.rescan()
+        assert len(reads) == 4
 
     run("default", body)
 

@@ -101,6 +101,9 @@ class Kernel:
         self.lock_path = lock_path
         self._sets: dict[frozenset[int], frozenset[int]] = {}
         self._layout = LAYOUTS[layout] if layout else self._detect()
+        # What the rescan timer and hot plug read lies below these (mdevs, cards, masks).
+        for directory in (self._layout.matrix, AP_DEVICES, AP_BUS):
+            io.keep(directory)
         self.features = Features(layout=self._layout.name)
         self.detect_features()
         self.on_late_write: Callable[[Write, KernelError | None], None] | None = None
@@ -307,6 +310,7 @@ class Kernel:
             listed=listed,
             driver_override=override,
             bindings_count=self.io.exists(f"{AP_BUS}/bindings_complete_count"),
+            mask_uevents=self.io.exists(f"{AP_BUS}/bindings"),
         )
         return self.features
 

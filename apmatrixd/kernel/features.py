@@ -6,6 +6,9 @@
   for the guest to let go.
 - ``ap_config`` in an mdev: 6.10+. One atomic write of all three masks.
 - ``devices/vfio_ap/matrix/features``: 6.12+. The features are listed.
+- bus ``bindings``: the AP bus sends ``APMASK=``/``AQMASK=`` uevents when a mask changes
+  (every ap_bus.c with ``bindings`` that was read has both, ~5.10 on); without it the masks
+  are read by the rescan timer.
 - ``driver_override`` on queues, bus ``bindings_complete_count``: 6.19+. The all-ones
   release rule; overrides and restricted masks exclude each other.
 
@@ -35,6 +38,8 @@ class Features:
     """Queue ``driver_override`` (6.19+)."""
     bindings_count: bool = False
     """Bus ``bindings_complete_count`` (6.19+)."""
+    mask_uevents: bool = False
+    """A mask change comes with a uevent on the bus root (bus ``bindings``, ~5.10+)."""
     layout: str = "upstream"
 
     @property

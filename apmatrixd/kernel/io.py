@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -50,6 +51,11 @@ class SysfsIO(Protocol):
         """True for a directory or a link that leads to one (sysfs is full of those)."""
         ...
 
+    def keep(self, directory: str) -> None:
+        """Paths below ``directory`` may be opened relative to a descriptor of it kept open
+        (a hint: a face without descriptors ignores it)."""
+        ...
+
 
 def _clean(path: str) -> str:
     """Refuse absolute paths and ``..`` escapes: callers build paths from ids and UUIDs."""
@@ -66,9 +72,54 @@ class OsSysfs:
 
     def __init__(self, root: str | os.PathLike[str] = "/sys") -> None:
         self.root = os.fspath(root)
+        # Kept directory -> its O_PATH descriptor (None until first used); the lock makes
+        # a descriptor's use and its replacement one step (the worker and write helpers).
+        self._kept: dict[str, int | None] = {}
+        self._kept_order: tuple[str, ...] = ()  # the deepest first
+        self._kept_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"OsSysfs({self.root!r})"
+
+    def keep(self, directory: str) -> None:
+        """Open what lies below ``directory`` relative to a descriptor of it: with FUSE on
+        /sys every path component is a lookup round trip, and the rescan timer's files sit
+        4-5 deep (sysfs itself is spared the walk). Opened at first use."""
+        with self._kept_lock:
+            self._kept.setdefault(_clean(directory), None)
+            self._kept_order = tuple(sorted(self._kept, key=len, reverse=True))
+
+    def close(self) -> None:
+        """Close the kept descriptors (they hold the mount busy); later opens keep anew."""
+        with self._kept_lock:
+            for d, fd in self._kept.items():
+                if fd is not None:
+                    os.close(fd)
+                    self._kept[d] = None
+
+    def _open_below(self, directory: str, rest: str, flags: int) -> int | None:
+        """``rest`` opened relative to ``directory``'s kept descriptor; None where the full
+        path must decide: the directory is not there (yet), or ``rest`` is not found, which
+        a stale descriptor says too (vfio_ap reloaded makes a new matrix directory)."""
+        with self._kept_lock:
+            dfd = self._kept.get(directory)
+            if dfd is None:
+                try:
+                    dfd = os.open(self._abs(directory), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError:
+                    return None
+                self._kept[directory] = dfd
+            try:
+                return os.open(rest, flags | os.O_CLOEXEC, dir_fd=dfd)
+            except FileNotFoundError:
+                return None
+
+    def _drop(self, directory: str) -> None:
+        """The full path found what the kept descriptor did not: it is stale, keep anew."""
+        with self._kept_lock:
+            if (fd := self._kept.get(directory)) is not None:
+                os.close(fd)
+                self._kept[directory] = None
 
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, _clean(path))
@@ -154,8 +205,17 @@ class OsSysfs:
         return os.path.isdir(self._abs(path))
 
     def _open(self, path: str, flags: int) -> int:
+        rel = _clean(path)
         try:
-            return os.open(self._abs(path), flags | os.O_CLOEXEC)
+            below = next((d for d in self._kept_order if rel.startswith(d + "/")), None)
+            if below is not None:
+                fd = self._open_below(below, rel[len(below) + 1 :], flags)
+                if fd is not None:
+                    return fd
+            fd = os.open(os.path.join(self.root, rel), flags | os.O_CLOEXEC)
+            if below is not None:
+                self._drop(below)
+            return fd
         except OSError as e:
             raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
 
@@ -271,3 +331,6 @@ class TreeSysfs:
             return self.tree.kind(self._resolve(path)) == "dir"
         except OSError:
             return False
+
+    def keep(self, directory: str) -> None:
+        """No descriptors here: every lookup is in memory."""

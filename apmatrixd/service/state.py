@@ -86,7 +86,8 @@ class Statistics:
     drifts: Counter[str] = field(default_factory=Counter)
     drifts_not_adopted: Counter[str] = field(default_factory=Counter)
     refused: Counter[str] = field(default_factory=Counter)  # D-Bus error name -> calls
-    last_rescan: float = 0.0  # wall clock (time.time()) of the last full re-read; 0: none yet
+    # Wall clock (time.time()) of the last rescan tick or full re-read; 0: none yet.
+    last_rescan: float = 0.0
 
     def drift(self, kind: DriftKind, adopted: bool = True) -> None:
         self.drifts[kind] += 1

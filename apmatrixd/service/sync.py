@@ -178,7 +178,10 @@ def rescan_slice(svc: Service, tick: int, interval: float) -> list[str]:
     then Check can miss a claim it makes, and the kernel refuses what would clash with it.
     While uevents are heard, an mdev of the slice whose sets read as before keeps its guest
     view (:func:`believed`): its sets (``ap_config``, 6.10+) and ``status`` are all that is
-    read of it."""
+    read of it. Nor does the tick read apmask and aqmask then, where the kernel announces
+    their changes (``APMASK=``/``AQMASK=`` on the bus root; ``Features.mask_uevents``): that
+    burst reads the pool, and a lost uevent reads everything. Without a
+    uevent source, or on a bus that sends none, every tick reads the masks as before."""
     live = sorted(u for u, m in svc.state.meta.items() if m.live)
     if len(live) <= RESCAN_ALL or interval <= 0:
         return live
@@ -270,6 +273,7 @@ def resync(
     last_read: Mapping[str, MdevInfo] | None = None,
     on_late: Callable[[frozenset[int]], None] | None = None,
     early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
+    rescan: bool = False,
 ) -> Command[Changes]:
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
     cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev (or
@@ -278,7 +282,9 @@ def resync(
     changes nothing and raises. ``on_late`` is told, after the batch, the cards whose
     holders' guest views still contradicted them when read once more (vfio_ap may still be
     scanning), so that they can be read again later. ``early``: the state of some of
-    ``cards`` as read since their last uevent (called in the worker; may wait for it)."""
+    ``cards`` as read since their last uevent (called in the worker; may wait for it).
+    ``rescan``: a tick of the rescan timer, which also looks at mdevctl's directory and is
+    what Statistics' ``last_rescan`` dates."""
     st, k = svc.state, svc.kernel
     w = set(whole)
     n = {a: set(d) for a, d in (named or {}).items() if a not in w}
@@ -307,7 +313,7 @@ def resync(
                 mdevs.update(k.read_mdevs(infos, holders))
                 late = frozenset(_contradicted(infos, mdevs))
         # mdevctl's definitions change without a uevent too: looked at with the pool.
-        scan = managers.scan(svc) if want_pool else None
+        scan = managers.scan(svc) if want_pool or rescan else None
         return Reading(infos, host, mdevs, scan, late)
 
     r: Reading = yield Work("re-reading the AP configuration", read)
@@ -322,7 +328,7 @@ def resync(
     adopted = _sync_mdevs(svc, changes, r.mdevs, only)
     if r.definitions is not None:
         managers.take_scan(svc, changes, r.definitions)
-    if r.pool is not None:  # the pool and every mdev re-read: what the rescan timer asks for
+    if rescan or r.pool is not None:  # a tick, or the pool and every mdev re-read
         st.stats.rescanned()
     svc.emit(changes)
     if r.late and on_late is not None:

@@ -157,3 +157,36 @@ def test_read_in_is_the_same_on_the_in_process_tree() -> None:
     with pytest.raises(OSError) as info:
         tree.read_in("devices/ap/card7f", names)
     assert info.value.errno == errno.ENOENT
+
+
+def test_a_kept_directory_is_opened_below_and_found_again(root: Path) -> None:
+    """Below a kept directory a path is opened relative to its descriptor, and one that was
+    removed and made again (vfio_ap reloaded makes a new matrix directory) is not read
+    through the old descriptor: a name not found there is looked up by the full path, and
+    the new directory kept from then on."""
+    io = OsSysfs(root)
+    io.keep("devices/ap")
+    (root / "devices/ap/card05/online").write_text("1\n")
+    assert io.read("devices/ap/card05/online") == "1\n"
+    kept = os.readlink(f"/proc/self/fd/{io._kept['devices/ap']}")
+    assert kept == str(root / "devices/ap")
+    (root / "devices/ap/card05/online").write_text("0\n")
+    assert io.read("devices/ap/card05/online") == "0\n"  # a read is never a cached one
+    # Gone and made again: the same path reads the new directory.
+    (root / "devices/ap/card05/online").unlink()
+    (root / "devices/ap/card05").rmdir()
+    (root / "devices/ap").rmdir()
+    (root / "devices/ap/card05").mkdir(parents=True)
+    (root / "devices/ap/card05/online").write_text("1\n")
+    assert io.read("devices/ap/card05/online") == "1\n"
+    assert io.read("devices/ap/card05/online") == "1\n"  # now through the new one
+    assert os.readlink(f"/proc/self/fd/{io._kept['devices/ap']}") == kept  # not "(deleted)"
+    got = io.read_in("devices/ap/card05", ["online", "config"])
+    assert got == {"online": "1\n", "config": None}
+    with pytest.raises(FileNotFoundError) as err:
+        io.read("devices/ap/card06/online")
+    assert err.value.filename == "devices/ap/card06/online"
+    io.write("devices/ap/card05/online", "0")  # writes go below it too
+    assert (root / "devices/ap/card05/online").read_text() == "0\n"  # one store, no O_TRUNC
+    io.close()
+    assert io._kept["devices/ap"] is None
