@@ -399,6 +399,8 @@ class PatientWriter(_MessageWriter):
     sent in the turn of the loop its command completes, its reply in the next (the caller's
     task wakes then); so what is queued is written two turns later, consecutive messages
     without descriptors joined into one ``send()`` (up to :attr:`JOIN` bytes), in order.
+    Past :attr:`JOIN` bytes queued it is written at once (128 whole-host Checks answered in
+    one turn are 150 MB: held back they passed :attr:`LIMIT`).
 
     The queue is bounded: past :attr:`LIMIT` bytes waiting, the bus has stopped reading from
     us (dbus-daemon itself bounds what it holds for a slow client), so the connection is
@@ -427,7 +429,11 @@ class PatientWriter(_MessageWriter):
             return
         if msg is not None:
             self.buffer_message(msg, future)
-        if self.bus.unique_name and not self.corked:  # before Hello's reply dbus-fast waits too
+        if not self.bus.unique_name:
+            pass  # before Hello's reply dbus-fast waits too
+        elif self.queued >= self.JOIN:
+            self.flush()  # big replies (a whole-host Check) go at once: bounded, as before
+        elif not self.corked:
             self.corked = True
             self.loop.call_soon(self.loop.call_soon, self.uncork)
         if self.queued > self.LIMIT:
@@ -441,6 +447,10 @@ class PatientWriter(_MessageWriter):
     def uncork(self) -> None:
         """Write what the last two turns queued; the rest when the socket drains."""
         self.corked = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is queued now, as far as the socket takes it."""
         if self.fd is None or not self.bus.connected:
             return
         self.write_callback(remove_writer=False)
