@@ -385,6 +385,43 @@ class KernelState:
         self.bindings_armed = True
         self.emit_queue("bind", a, d)
 
+    def reprobe(self, flips: list[Apqn], old_drivers: list[str | None]) -> None:
+        """After a mask write: unbind each queue whose natural driver flipped and probe it
+        again, in order. The bindings and uevents of ``unbind_queue`` then ``bind_queue``
+        per queue, the per-card parts worked out once: a big host's aqmask write flips
+        16,384 queues."""
+        qdrv, uninit, listening = self.qdrv, self.uninit, bool(self.listeners)
+        card, path, env = -1, "", {}
+        for (a, d), was in zip(flips, old_drivers, strict=True):
+            key = (a, d)
+            if was is None:  # driverless queues are not revised (see kernel.py)
+                qdrv[key] = None
+                continue
+            drv = self.natural_driver(a, d)  # the mask's new verdict
+            if drv is None:
+                qdrv.pop(key, None)
+            else:
+                qdrv[key] = None  # driverless between the unbind and the bind
+            if was == CEX4QUEUE:
+                uninit.add(key)
+            if a != card:
+                card, path, env = a, f"/devices/ap/card{a:02x}/{a:02x}.", self.queue_env(a)
+            if listening:
+                self.emit("unbind", f"{path}{d:04x}", "ap", "ap_queue", None, dict(env))
+            else:
+                self.seqnum += 1
+            if drv is None:
+                continue
+            del qdrv[key]  # bound as the masks say: natural again
+            if drv == CEX4QUEUE:
+                uninit.discard(key)
+                self.cards[a].offline_queues.discard(d)  # zcrypt probe sets online = 1
+            self.bindings_armed = True
+            if listening:
+                self.emit("bind", f"{path}{d:04x}", "ap", "ap_queue", drv, dict(env))
+            else:
+                self.seqnum += 1
+
     def probe_driver(self, a: int, d: int) -> str | None:
         """What an automatic probe of a driverless queue binds it to."""
         if not self.upstream and self.held(a, d) is not None:
