@@ -79,16 +79,7 @@ class ApBus(KernelState):
             self.apmask = new
         else:
             self.aqmask = new
-        for (a, d), was in zip(flips, old_drivers, strict=True):
-            if was is None:  # driverless queues are not revised (see module docstring)
-                self.qdrv[(a, d)] = None
-                continue
-            # Natural driver flipped with the mask: put the old binding back, then reprobe.
-            self.qdrv[(a, d)] = was
-            self.unbind_queue(a, d)
-            drv = self.natural_driver(a, d)
-            if drv is not None:
-                self.bind_queue(a, d, drv)
+        self.reprobe(flips, old_drivers)
         self.emit_root({which.upper(): format_mask(new) + "\n"})
 
     # ----------------------------------------------------------------- drivers

@@ -48,6 +48,7 @@ class Mdev:
     apm: set[int] = field(default_factory=set)
     aqm: set[int] = field(default_factory=set)
     adm: set[int] = field(default_factory=set)
+    born: int = 0  # creation order: the kernel's mdev_list order, which its checks walk
 
 
 @dataclass
@@ -126,6 +127,11 @@ class KernelState:
         # Queues taken from cex4queue: bus state "uninitiated", request_count reads "-".
         self.uninit: set[Apqn] = set()
         self.mdevs: dict[str, Mdev] = {}
+        # adapter -> the mdevs whose APM has it: who holds an APQN is a look-up, not a walk
+        # of every mdev (a big host's start-up creates 1,000, each write checked for sharing).
+        # vfio.py changes an APM only through index_apm.
+        self.by_adapter: dict[int, set[str]] = {}
+        self.births = 0
         usable = sorted(self.usage & self.aqmask)
         self.ap_domain = usable[0] if usable else -1
         self.config_time = 30
@@ -154,11 +160,30 @@ class KernelState:
         return self.upstream and a in self.apmask and d in self.aqmask
 
     def held(self, a: int, d: int) -> Mdev | None:
-        """The mdev whose APM x AQM contains the APQN, if any."""
-        for m in self.mdevs.values():
-            if a in m.apm and d in m.aqm:
-                return m
-        return None
+        """The mdev whose APM x AQM contains the APQN, if any (the oldest, should two)."""
+        holders = [m for u in self.by_adapter.get(a, ()) if d in (m := self.mdevs[u]).aqm]
+        return min(holders, key=lambda m: m.born) if holders else None
+
+    def sharers(self, uuid: str, apm: set[int], aqm: set[int]) -> list[Mdev]:
+        """The other mdevs holding an APQN of ``apm`` x ``aqm``, newest first (mdev_list is
+        head-inserted: the kernel checks the newest first)."""
+        uuids: set[str] = set()
+        for a in apm:
+            uuids.update(self.by_adapter.get(a, ()))
+        uuids.discard(uuid)
+        found = [m for u in uuids if not aqm.isdisjoint((m := self.mdevs[u]).aqm)]
+        return sorted(found, key=lambda m: m.born, reverse=True)
+
+    def index_apm(self, m: Mdev, apm: set[int]) -> None:
+        """Set ``m``'s APM to ``apm`` and keep ``by_adapter`` in step."""
+        for a in m.apm - apm:
+            holders = self.by_adapter[a]
+            holders.discard(m.uuid)
+            if not holders:
+                del self.by_adapter[a]
+        for a in apm - m.apm:
+            self.by_adapter.setdefault(a, set()).add(m.uuid)
+        m.apm = apm
 
     def natural_driver(self, a: int, d: int) -> str | None:
         """The driver a probe picks: the host pool's upstream (a ``driver_override`` wins over
@@ -359,6 +384,43 @@ class KernelState:
         self.set_queue_driver(a, d, drv)
         self.bindings_armed = True
         self.emit_queue("bind", a, d)
+
+    def reprobe(self, flips: list[Apqn], old_drivers: list[str | None]) -> None:
+        """After a mask write: unbind each queue whose natural driver flipped and probe it
+        again, in order. The bindings and uevents of ``unbind_queue`` then ``bind_queue``
+        per queue, the per-card parts worked out once: a big host's aqmask write flips
+        16,384 queues."""
+        qdrv, uninit, listening = self.qdrv, self.uninit, bool(self.listeners)
+        card, path, env = -1, "", {}
+        for (a, d), was in zip(flips, old_drivers, strict=True):
+            key = (a, d)
+            if was is None:  # driverless queues are not revised (see kernel.py)
+                qdrv[key] = None
+                continue
+            drv = self.natural_driver(a, d)  # the mask's new verdict
+            if drv is None:
+                qdrv.pop(key, None)
+            else:
+                qdrv[key] = None  # driverless between the unbind and the bind
+            if was == CEX4QUEUE:
+                uninit.add(key)
+            if a != card:
+                card, path, env = a, f"/devices/ap/card{a:02x}/{a:02x}.", self.queue_env(a)
+            if listening:
+                self.emit("unbind", f"{path}{d:04x}", "ap", "ap_queue", None, dict(env))
+            else:
+                self.seqnum += 1
+            if drv is None:
+                continue
+            del qdrv[key]  # bound as the masks say: natural again
+            if drv == CEX4QUEUE:
+                uninit.discard(key)
+                self.cards[a].offline_queues.discard(d)  # zcrypt probe sets online = 1
+            self.bindings_armed = True
+            if listening:
+                self.emit("bind", f"{path}{d:04x}", "ap", "ap_queue", drv, dict(env))
+            else:
+                self.seqnum += 1
 
     def probe_driver(self, a: int, d: int) -> str | None:
         """What an automatic probe of a driverless queue binds it to."""

@@ -40,7 +40,8 @@ class VfioAp(KernelState):
             raise oserror(errno.EEXIST)
         if len(self.mdevs) >= MAX_INSTANCES:
             raise oserror(self.profile.instances_errno)
-        self.mdevs[uuid] = Mdev(uuid)
+        self.births += 1
+        self.mdevs[uuid] = Mdev(uuid, born=self.births)
         self.emit_mdev("add", uuid, False)
         self.emit_mdev("bind", uuid, True)
 
@@ -54,6 +55,7 @@ class VfioAp(KernelState):
             # 6.0+ waits in Host.write until the guest lets go; only 5.x gets here attached.
             raise oserror(errno.EBUSY)
         if value and uuid in self.mdevs:
+            self.index_apm(self.mdevs[uuid], set())
             del self.mdevs[uuid]
             self.emit_mdev("unbind", uuid, False)
             self.emit_mdev("remove", uuid, False)
@@ -83,20 +85,25 @@ class VfioAp(KernelState):
                     raise oserror(errno.EADDRNOTAVAIL)
 
     def _check_sharing(self, uuid: str, apm: set[int], aqm: set[int]) -> None:
-        # The kernel's mdev_list is head-inserted: the newest mdev is checked first.
-        for other in reversed(self.mdevs.values()):
-            # isdisjoint first: a host of 1,000 mdevs is walked at every write
-            if other.uuid == uuid or apm.isdisjoint(other.apm) or aqm.isdisjoint(other.aqm):
-                continue
-            both_a, both_d = apm & other.apm, aqm & other.aqm
-            if both_a and both_d:
-                for a in sorted(both_a):
-                    for d in sorted(both_d):
-                        self.dmesg.append(
-                            f"vfio_ap_mdev {uuid}: Userspace may not assign queue "
-                            f"{a:02x}.{d:04x} to mdev: already assigned to {other.uuid}"
-                        )
-                raise oserror(errno.EADDRINUSE)
+        for other in self.sharers(uuid, apm, aqm)[:1]:  # the first the kernel finds
+            for a in sorted(apm & other.apm):
+                for d in sorted(aqm & other.aqm):
+                    self.dmesg.append(
+                        f"vfio_ap_mdev {uuid}: Userspace may not assign queue "
+                        f"{a:02x}.{d:04x} to mdev: already assigned to {other.uuid}"
+                    )
+            raise oserror(errno.EADDRINUSE)
+
+    def _set_id(self, m: Mdev, kind: str, ident: int, on: bool) -> None:
+        """Set or clear one bit of an mdev's mask (the APM through the adapter index)."""
+        if kind == "adapter":
+            self.index_apm(m, m.apm | {ident} if on else m.apm - {ident})
+            return
+        target = m.aqm if kind == "domain" else m.adm
+        if on:
+            target.add(ident)
+        else:
+            target.discard(ident)
 
     def _check_reserved(self, kind: str, ident: int, m: Mdev) -> None:
         """5.x: the new id's queues (with every id of the other mask, or at least one queue if
@@ -124,7 +131,6 @@ class VfioAp(KernelState):
         if ident > self._limit(kind):
             raise oserror(errno.ENODEV)
         m = self.mdevs[uuid]
-        target = {"adapter": m.apm, "domain": m.aqm, "control_domain": m.adm}[kind]
         if kind != "control_domain":
             self._check_reserved(kind, ident, m)
             apm = m.apm | {ident} if kind == "adapter" else m.apm
@@ -132,9 +138,9 @@ class VfioAp(KernelState):
             try:
                 self._check_sharing(uuid, apm, aqm)
             except OSError:
-                target.discard(ident)  # the kernel clears the bit, set before or not
+                self._set_id(m, kind, ident, False)  # the kernel clears the bit, set or not
                 raise
-        target.add(ident)
+        self._set_id(m, kind, ident, True)
 
     def mdev_assign(self, uuid: str, kind: str, data: bytes) -> None:
         """assign_adapter/_domain/_control_domain: parse, ENODEV, idempotent, then checks."""
@@ -145,15 +151,14 @@ class VfioAp(KernelState):
         if ident > self._limit(kind):
             raise oserror(errno.ENODEV)
         m = self.mdevs[uuid]
-        target = {"adapter": m.apm, "domain": m.aqm, "control_domain": m.adm}[kind]
-        if ident in target:
+        if ident in {"adapter": m.apm, "domain": m.aqm, "control_domain": m.adm}[kind]:
             return
         if kind != "control_domain":
             apm = m.apm | {ident} if kind == "adapter" else m.apm
             aqm = m.aqm | {ident} if kind == "domain" else m.aqm
             self._check_host_owned(apm, aqm)
             self._check_sharing(uuid, apm, aqm)
-        target.add(ident)
+        self._set_id(m, kind, ident, True)
 
     def mdev_unassign(self, uuid: str, kind: str, data: bytes) -> None:
         """unassign_*: parse and range only; an unassigned id is a successful no-op."""
@@ -162,8 +167,7 @@ class VfioAp(KernelState):
         ident = kstrtoul(data)
         if ident > self._limit(kind):
             raise oserror(errno.ENODEV)
-        m = self.mdevs[uuid]
-        {"adapter": m.apm, "domain": m.aqm, "control_domain": m.adm}[kind].discard(ident)
+        self._set_id(self.mdevs[uuid], kind, ident, False)
 
     def mdev_ap_config(self, uuid: str, data: bytes) -> None:
         """ap_config: three masks, atomic; EINVAL, EADDRNOTAVAIL, EADDRINUSE, ENODEV."""
@@ -184,4 +188,5 @@ class VfioAp(KernelState):
         ):
             raise oserror(errno.ENODEV)
         m = self.mdevs[uuid]
-        m.apm, m.aqm, m.adm = apm, aqm, adm
+        self.index_apm(m, apm)
+        m.aqm, m.adm = aqm, adm

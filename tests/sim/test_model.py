@@ -323,6 +323,34 @@ def test_kernel_doc_example_3_overlap_is_eaddrinuse(host: Host) -> None:
     )
 
 
+def test_sharing_names_the_newest_holder_and_follows_every_change(host: Host) -> None:
+    """vfio_ap walks its head-inserted mdev list: of two holders the newer is named. Who
+    holds an APQN must follow assign, unassign, ap_config and remove alike."""
+    release(host, "-5-6")
+    m1, m2, m3 = create(host, U1), create(host, U2), create(host, U3)
+    assert err(host, f"{m1}/ap_config", f"{mask(5)},{mask(4)},{mask()}") == 0
+    assert err(host, f"{m2}/assign_adapter", "6") == 0
+    assert err(host, f"{m2}/assign_domain", "4") == 0
+    both = f"{mask(5, 6)},{mask(4)},{mask()}"
+    assert err(host, f"{m3}/ap_config", both) == errno.EADDRINUSE
+    assert host.dmesg[-1].endswith(f"queue 06.0004 to mdev: already assigned to {U2}")
+    assert text(host, "bus/ap/devices/06.0004/status") == "assigned\n"
+    assert err(host, f"{m2}/unassign_adapter", "6") == 0
+    assert text(host, "bus/ap/devices/06.0004/status") == "unassigned\n"
+    assert err(host, f"{m3}/ap_config", both) == errno.EADDRINUSE
+    assert host.dmesg[-1].endswith(f"queue 05.0004 to mdev: already assigned to {U1}")
+    assert err(host, f"{m1}/ap_config", f"{mask(6)},{mask(4)},{mask()}") == 0  # 05 let go
+    assert text(host, "bus/ap/devices/05.0004/status") == "unassigned\n"
+    assert err(host, f"{m3}/assign_adapter", "5") == 0
+    assert err(host, f"{m3}/assign_domain", "4") == 0
+    assert err(host, f"{m3}/assign_adapter", "6") == errno.EADDRINUSE
+    assert err(host, f"{m1}/remove", "1") == 0
+    assert err(host, f"{m3}/assign_adapter", "6") == 0  # the removed mdev holds nothing
+    assert text(host, f"{m3}/matrix") == "05.0004\n06.0004\n"
+    assert err(host, f"{m2}/assign_adapter", "5") == errno.EADDRINUSE
+    assert text(host, f"{m2}/matrix") == ".0004\n"
+
+
 def test_control_domains_are_shareable_and_unchecked(host: Host) -> None:
     m1, m2 = create(host, U1), create(host, U2)
     for m in (m1, m2):
