@@ -185,6 +185,7 @@ class HotPlug:
     ) -> Command[Changes]:
         self.resyncs += 1
         only = last = None
+        guests_only = False
         tick, self._tick = self._tick, False
         # A tick merged with a burst is not sliced: then it reads the pool, as it always did.
         pool = s.pool or (tick and not s.sliced)
@@ -194,6 +195,7 @@ class HotPlug:
                 last = sync.believed(self.service, only)
         elif not (s.everything or pool or s.others):  # only cards and queues
             only = sync.burst_slice(self.service, s.cards | s.whole | s.named.keys())
+            last, guests_only = sync.believed(self.service, only), True
         try:
             changes: Changes = yield from sync.resync(
                 self.service,
@@ -205,6 +207,7 @@ class HotPlug:
                 bindings=s.bindings,
                 only=only,
                 last_read=last,
+                guests_only=guests_only,
                 on_late=None if s.late else self.recheck,
                 early=early,
                 rescan=tick,

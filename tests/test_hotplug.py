@@ -641,31 +641,43 @@ def test_matrix_changed_by_hand_is_drift_and_adopted() -> None:
 
 
 def test_a_card_burst_reads_only_the_mdevs_holding_its_cards() -> None:
-    """Hot plug of card 05 re-reads the guests that hold 05, not every mdev; a hand edit of
-    another one (no uevent) is found by the first burst that names a card it holds."""
+    """Hot plug of card 05 re-reads the guests that hold 05, not every mdev, and of those
+    only the guest view (a burst of cards changes no sets): no ``ap_config``. A hand edit
+    (no uevent) that gives a holder more shows in its view, and that holder is read whole:
+    the first burst that names a card it holds finds it."""
 
     async def body(r: Rig) -> None:
         two_guests(r.svc)  # g1: 05,06 x 04; g2: 06 x 47
-        r.svc.reserve([7], [])
         r.write("bus/ap/scans", "1")  # BINDINGS=complete after the reprobes: not in the bursts
         await r.idle()
-        r.write(f"devices/vfio_ap/matrix/{G2}/assign_adapter", "7")  # no uevent at all
-        k, asked = r.svc.kernel, []
-        real = k.read_mdevs
+        k, asked, reads = r.svc.kernel, [], []
+        real, read = k.read_mdevs, k.io.read_in
 
         def spy(adapters: Any = None, only: Any = None, *rest: Any) -> dict[str, MdevInfo]:
             asked.append(None if only is None else sorted(only))
             return real(adapters, only, *rest)
 
+        def counting(directory: str, names: Any) -> dict[str, str | None]:
+            reads.extend(names)
+            return read(directory, names)
+
         k.read_mdevs = spy  # type: ignore[method-assign]
+        k.io.read_in = counting  # type: ignore[method-assign]
         r.write("devices/ap/card05/config", "0")
         await r.idle()
-        assert asked == [[G1]]
+        assert asked == [[G1]] and reads.count("guest_matrix") == 1
+        assert "ap_config" not in reads
         assert r.svc.matrix(G1).state == "degraded" and r.drifts() == []
+        r.write("devices/ap/card05/config", "1")
+        await r.idle()
+        assert asked[1:] == [[G1]] and r.svc.matrix(G1).state == "active"
+        r.write(f"devices/vfio_ap/matrix/{G2}/assign_adapter", "5")  # no uevent at all
+        reads.clear()
         r.write("devices/ap/card06/config", "0")
         await r.idle()
-        assert asked[1:] == [sorted([G1, G2])]
-        assert r.drifts() == [(G2, "adapters: kernel 06,07 vs registry 06")]
+        assert asked[2:] == [sorted([G1, G2])]
+        assert reads.count("ap_config") == 1  # g2's view holds 05.0047: g2 read whole
+        assert r.drifts() == [(G2, "adapters: kernel 05,06 vs registry 06")]
         assert r.svc.matrix(G2).state == "degraded"
 
     run("default", body)

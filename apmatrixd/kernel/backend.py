@@ -554,11 +554,12 @@ class Kernel:
         adapters: Mapping[int, AdapterInfo] | None = None,
         only: Iterable[str] | None = None,
         known: Mapping[str, MdevInfo] | None = None,
+        guests_only: bool = False,
     ) -> dict[str, MdevInfo]:
         """Every mdev of our type (or those of ``only``). ``adapters`` (the caller's current
         view) spares a re-read where the guest view is computed here; an mdev removed while
         reading is left out. ``known``: what the caller last read of some of them (see
-        :meth:`_read_mdev`)."""
+        :meth:`_read_mdev`); ``guests_only``: their sets are taken from there, not read."""
         out: dict[str, MdevInfo] = {}
         host: tuple[Mapping[int, AdapterInfo], frozenset[int] | None] | None = None
         known = known or {}
@@ -572,7 +573,7 @@ class Kernel:
 
         for uuid in self.list_mdevs() if only is None else only:
             try:
-                out[uuid] = self._read_mdev(uuid, context, known.get(uuid))
+                out[uuid] = self._read_mdev(uuid, context, known.get(uuid), guests_only)
             except KernelError as err:
                 if err.errno != errno.ENOENT:
                     raise
@@ -607,6 +608,7 @@ class Kernel:
         uuid: str,
         host: Callable[[], tuple[Mapping[int, AdapterInfo], frozenset[int] | None]],
         known: MdevInfo | None = None,
+        guests_only: bool = False,
     ) -> MdevInfo:
         """One mdev; ``host`` gives the cards and usage domains where the guest view must be
         computed here (rfc2017, or upstream before 6.0: no ``guest_matrix``).
@@ -616,9 +618,20 @@ class Kernel:
         without changing the sets only on a change of the host (a card or queue coming,
         going or moving between drivers), and each of those sends uevents, which the caller
         answers with a full read. Its ``status`` (a guest starting or stopping: no uevent)
-        is read in any case."""
+        is read in any case.
+
+        ``guests_only`` (a burst of only cards and queues, which changes no mdev's sets):
+        ``guest_matrix`` alone is read and the sets are ``known``'s, unless the view holds
+        an APQN outside them (a hand edit that assigned more): then it is read whole."""
         base = self.mdev_path(uuid)
         upstream = self._layout.name == "upstream"
+        if guests_only and upstream and known is not None:
+            text = self._read_in(base, ("guest_matrix",))["guest_matrix"]
+            if text is not None:
+                guest_a, guest_d = formats.parse_matrix(text, f"{base}/guest_matrix")
+                if guest_a <= known.adapters and guest_d <= known.domains:
+                    guest = frozenset(cross(guest_a, guest_d))
+                    return replace(known, guest_apqns=guest, in_use=self._status_in_use(guest))
         # With nothing known, guest_matrix is read with the sets: one lookup of the directory.
         with_guest = ("guest_matrix",) if upstream and known is None else ()
         attrs = self._read_in(base, (*self._set_names(), *with_guest))

@@ -201,7 +201,12 @@ def burst_slice(svc: Service, cards: Iterable[int]) -> list[str]:
     edit of the others is found where it always was: by the rescan timer's slice
     (:func:`rescan_slice`), by any burst that is not only cards and queues (every mdev),
     and by a change before it writes that mdev. On a host with 1,000 mdevs a card coming
-    back reads the few that hold it, not 1,000."""
+    back reads the few that hold it, not 1,000. Of those only the guest view and InUse
+    are read, the sets taken as last read (:func:`believed`; ``ap_config`` is a FUSE round
+    trip of its own on the emulator): a hand edit that assigned more shows in the view and
+    makes that mdev read whole, one that took an adapter away contradicts its card and
+    makes the holders read whole (:func:`resync`); taking domains away is left, as for the
+    others, to the rescan timer's slice."""
     st, touched = svc.state, frozenset(cards)
     out = []
     for uuid, meta in sorted(st.meta.items()):
@@ -271,6 +276,7 @@ def resync(
     bindings: bool = False,
     only: Sequence[str] | None = None,
     last_read: Mapping[str, MdevInfo] | None = None,
+    guests_only: bool = False,
     on_late: Callable[[frozenset[int]], None] | None = None,
     early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
     rescan: bool = False,
@@ -278,7 +284,9 @@ def resync(
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
     cards (card -> domains), ``everything``, the host ``pool`` if asked, and every mdev (or
     the live ones of ``only``: the rescan timer's slice, :func:`rescan_slice`, with their
-    ``last_read``: :func:`believed`); publish what changed as one batch. A failed read
+    ``last_read``: :func:`believed`; ``guests_only``: of those only the guest views are read,
+    the sets taken from ``last_read``, for a burst of only cards and queues:
+    :func:`burst_slice`); publish what changed as one batch. A failed read
     changes nothing and raises. ``on_late`` is told, after the batch, the cards whose
     holders' guest views still contradicted them when read once more (vfio_ap may still be
     scanning), so that they can be read again later. ``early``: the state of some of
@@ -297,7 +305,7 @@ def resync(
         infos = read_adapters(k, known, c, w, n, everything, early)
         now = infos if infos is not None else known
         host = k.read_pool(now) if want_pool else None
-        mdevs = k.read_mdevs(now, only, last_read)
+        mdevs = k.read_mdevs(now, only, last_read, guests_only)
         # guest_matrix is read after the cards (or, for cards this burst does not name, a
         # batch later): a card that left or came back meanwhile shows in it, not in `now`.
         # Read those cards again, so no batch shows a guest holding a deconfigured adapter.
