@@ -528,18 +528,12 @@ class UdevSource:
             self.monitor.filter_by(subsystem)
         self.receive_buffer = self._enlarge_buffer()
         self._fd = -1
-        # One uevent, None when none is queued. libudev's receive never blocks (its socket
-        # is non-blocking and it answers EAGAIN, which pyudev turns into None), so the drain
-        # takes pyudev's receive alone where it has one: poll(timeout=0) builds and runs a
-        # poll(2) before each, a third of the ~40 us a uevent costs here, 86 for a card.
-        self._receive: Callable[[], Any] = getattr(
-            self.monitor, "_receive_device", self._poll_receive
-        )
 
-    def _poll_receive(self) -> Any:
-        """One uevent through pyudev's public poll. On an overflow that poll sees POLLERR
-        and raises without an errno, and reads nothing, so the error would stay and be
-        seen again on every wake-up: it is taken from the socket (SO_ERROR, which clears
+    def _receive(self) -> Any:
+        """One uevent (None: none queued) through pyudev's public poll (its receive alone
+        would spare a poll(2) per uevent, ~15 us, but is private). On an overflow poll sees
+        POLLERR and raises without an errno, and reads nothing, so the error would stay and
+        be seen again on every wake-up: it is taken from the socket (SO_ERROR, which clears
         it) and raised as what it is (ENOBUFS)."""
         try:
             return self.monitor.poll(timeout=0)
