@@ -410,9 +410,15 @@ def _after_take(
     cur: Matrix | None, low: Matrix | None, high: Matrix | None, before: Matrix | None
 ) -> Matrix | None:
     """What :func:`_take` leaves the mdev holding."""
-    if cur is None or _same(cur, before) or not _within(cur, low, high):
-        return cur
-    return before
+    return before if _taken_back(cur, low, high, before) else cur
+
+
+def _taken_back(
+    cur: Matrix | None, low: Matrix | None, high: Matrix | None, to: Matrix | None
+) -> bool:
+    """Is the mdev's ``cur`` to be taken to ``to``? Not if it is there already, or gone (a
+    reboot, or our removal: never re-created), or outside what the change passed through."""
+    return cur is not None and not _same(cur, to) and _within(cur, low, high)
 
 
 def _pool_refusal(
@@ -443,12 +449,12 @@ def _take(
     """Take the mdev ``u`` from ``cur`` to ``to``, but only if it holds something between
     ``low`` and ``high`` (what the change passed through) and is there at all; True if it
     was written."""
-    if _same(cur, to) or cur is None:
-        return False  # there, or gone (a reboot, or our removal): never re-created
-    if not _within(cur, low, high):
-        log.warning("matrix %s: the kernel holds more than the interrupted change did;"
-                    " left as it is", u)  # fmt: skip
+    if not _taken_back(cur, low, high, to):
+        if cur is not None and not _same(cur, to):
+            log.warning("matrix %s: the kernel holds more than the interrupted change did;"
+                        " left as it is", u)  # fmt: skip
         return False
+    assert cur is not None
     target = None if to is None else Matrix(u, *_triple(to))
     kernel.apply_matrix(u, Matrix(u, *_triple(cur)), target)
     return True
