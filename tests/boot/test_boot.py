@@ -12,6 +12,7 @@ import time
 
 import pytest
 from bootrig import MEMBER, OUTSIDER, REPO, SIM, Machine
+from busrig import path_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # the first one may build the root
 
@@ -34,10 +35,6 @@ def guest(n: int) -> str:
     """The UUID of guest ``n`` (1-9): 11111111-1111-4111-8111-111111111111 and so on."""
     d = str(n)
     return f"{d * 8}-{d * 4}-4{d * 3}-8{d * 3}-{d * 12}"
-
-
-def path_of(uuid: str) -> str:
-    return f"{ROOT}/matrices/{uuid.replace('-', '_')}"
 
 
 def busctl(m: Machine, *args: str, user: str | None = None, check: bool = True) -> str:

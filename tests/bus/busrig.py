@@ -45,6 +45,12 @@ ERR = "org.apmatrix.Apmatrix1.Error."
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 
 
+def path_of(uuid: str) -> str:
+    """A matrix's object path, spelled out here (not the daemon's names.matrix_path) so a
+    test finds a wrongly named object missing."""
+    return f"{ROOT}/matrices/{uuid.replace('-', '_')}"
+
+
 def apmatrixd_argv() -> list[str]:
     """The installed console script, as a unit's ExecStart= would run it, with an mdevctl
     directory of its own (a later --mdevctl-dir wins): no test daemon reads or writes the

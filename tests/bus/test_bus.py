@@ -34,6 +34,7 @@ from busrig import (
     busctl_json,
     call_as,
     dump_tree,
+    path_of,
     run_client,
     spec,
     start_daemon,
@@ -46,10 +47,6 @@ from rigs import need_tool
 GUEST1 = "11111111-1111-4111-8111-111111111111"
 PROPS = "org.freedesktop.DBus.Properties"
 GUEST2 = "22222222-2222-4222-8222-222222222222"
-
-
-def path_of(uuid: str) -> str:
-    return f"{ROOT}/matrices/{uuid.replace('-', '_')}"
 
 
 def mgr(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:

@@ -29,6 +29,7 @@ from busrig import (
     Daemon,
     DaemonFactory,
     arun,
+    path_of,
     spec,
     start_daemon,
     world_readable_client,
@@ -50,10 +51,6 @@ GONE = {
     "org.freedesktop.DBus.Error.Disconnected",
 }
 REAL_KILLS = 60 if os.environ.get("APMATRIXD_LONG") else 6
-
-
-def path_of(uuid: str) -> str:
-    return f"{ROOT}/matrices/{uuid.replace('-', '_')}"
 
 
 def opts(**kw: Any) -> dict[str, Variant]:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from busrig import MANAGER, MATRIX, ROOT, Client, arun
+from busrig import MANAGER, MATRIX, ROOT, Client, arun, path_of
 from dbus_fast import Message, Variant
 from rigs import NsRig, need_fuse, need_netns, need_tool
 
@@ -25,10 +25,6 @@ D = "22222222-2222-4222-8222-222222222222"
 ERR = "org.apmatrix.Apmatrix1.Error."
 
 pytestmark = pytest.mark.e2e
-
-
-def path_of(uuid: str) -> str:
-    return f"{ROOT}/matrices/{uuid.replace('-', '_')}"
 
 
 @pytest.fixture

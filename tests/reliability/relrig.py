@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from busrig import MANAGER, MATRIX, ROOT, Client, Daemon, unvariant
+from busrig import path_of as path_of  # the suites import it from here
 from dbus_fast import Message, MessageType
 
 from apmatrixd.journal import Journal
@@ -349,10 +350,6 @@ async def check_all(
 def apqns_named(text: str) -> set[tuple[int, int]]:
     """The APQNs (``05.0004``) an error text names."""
     return {(int(a, 16), int(d, 16)) for a, d in APQN_RE.findall(text)}
-
-
-def path_of(uuid: str) -> str:
-    return f"{ROOT}/matrices/{uuid.replace('-', '_')}"
 
 
 class Raw:
