@@ -28,12 +28,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
+from dbus_fast import BusType, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from apmatrixd import mdevctl
 from apmatrixd.argdoc import DocumentedParser
-from apmatrixd.bus import names
+from apmatrixd.bus import names, request
 from apmatrixd.core import InvalidArgument
 from apmatrixd.core.matrix import normalize_uuid
 
@@ -70,22 +70,17 @@ def parser() -> DocumentedParser:
 
 async def _call(bus: MessageBus, path: str, iface: str, member: str, sig: str = "",
                 body: list[Any] | None = None) -> list[Any]:  # fmt: skip
-    msg = Message(
-        destination=names.BUS_NAME,
-        path=path,
-        interface=iface,
-        member=member,
-        signature=sig,
-        body=body or [],
+    reply = await request.call(
+        bus, path, iface, member, sig, body or [],
         flags=MessageFlag.NO_AUTOSTART,  # apmatrixd not running: defer, do not start it
-    )
-    reply = await asyncio.wait_for(bus.call(msg), TIMEOUT)
+        timeout=TIMEOUT,
+    )  # fmt: skip
     if reply is None:
         raise Deferred("the bus went away")
     if reply.message_type == MessageType.ERROR:
         if reply.error_name in NOT_RUNNING:
             raise Deferred("apmatrixd is not running")
-        text = str(reply.body[0]) if reply.body and isinstance(reply.body[0], str) else ""
+        text = request.error_text(reply.body)
         short = str(reply.error_name).rsplit(".", 1)[-1]
         raise RuntimeError(f"apmatrixd refuses: {short}: {text}" if text else short)
     return list(reply.body)
@@ -134,7 +129,7 @@ def _capabilities(stdin: bytes) -> str:
 
 async def _attributes(bus: MessageBus, uuid: str) -> str:
     """The live matrix's assignments as mdevctl lists attributes ("[]" if none is live)."""
-    path = f"{names.MATRICES_PATH}/{normalize_uuid(uuid).replace('-', '_')}"
+    path = names.matrix_path(normalize_uuid(uuid))
     try:
         (props,) = await _call(bus, path, "org.freedesktop.DBus.Properties", "GetAll", "s",
                                [names.MATRIX_IFACE])  # fmt: skip

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
+from dbus_fast import BusType, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import AuthError, DBusError, InvalidAddressError
 
-from apmatrixd.bus import names
+from apmatrixd.bus import names, request
 
 BUS_FAILURES = (OSError, EOFError, TimeoutError, AuthError, DBusError)
 """What a lost or refused bus connection raises, in every dbus-fast version (1.84 has no
@@ -122,18 +122,12 @@ class Connection:
         unix_fds: Sequence[int] = (),
     ) -> list[Any]:
         """One call; ``h`` arguments in ``body`` are indices into ``unix_fds``."""
-        msg = Message(
-            destination=names.BUS_NAME,
-            path=path,
-            interface=iface,
-            member=member,
-            signature=signature,
-            body=list(body),
-            flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION,
-            unix_fds=list(unix_fds),
-        )
         try:
-            reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)
+            reply = await request.call(
+                self.bus, path, iface, member, signature, body,
+                flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION,
+                timeout=CALL_TIMEOUT, unix_fds=unix_fds,
+            )  # fmt: skip
         except BUS_FAILURES as err:
             raise CtlError(f"no answer from apmatrixd ({err or type(err).__name__})") from None
         if reply is None:
@@ -148,7 +142,7 @@ class Connection:
         body: list[Any],
         proposal: tuple[frozenset[int], frozenset[int], str] | None,
     ) -> CtlError:
-        text = str(body[0]) if body and isinstance(body[0], str) else ""
+        text = request.error_text(body)
         if name in NOT_RUNNING or name.startswith("org.freedesktop.DBus.Error.Spawn"):
             return CtlError(
                 f"apmatrixd is not running ({names.BUS_NAME} has no owner on "
