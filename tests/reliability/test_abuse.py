@@ -158,12 +158,14 @@ def nobody_leaves(address: str, target: str, stop: threading.Event, counts: dict
         counts["nobody left"] += 20
 
 
-async def victim(address: str, seconds: float) -> dict[str, Any]:
+async def victim(address: str, seconds: float, rounds: int = 3) -> dict[str, Any]:
+    """Rounds of reads and changes for ``seconds``, and at least ``rounds`` of them (a loaded
+    machine is slower, not a failure: each call still has to come within STALL)."""
     c = await Client.connect(address)
     worst: dict[str, float] = {}
     n = 0
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline or n < rounds:
         uuid = f"ffffffff-ffff-4fff-8fff-{n:012x}"
         steps: list[tuple[str, str, str, str, list[Any]]] = [
             (ROOT, "org.freedesktop.DBus.Peer", "Ping", "", []),
@@ -179,6 +181,11 @@ async def victim(address: str, seconds: float) -> dict[str, Any]:
         n += 1
     c.close()
     return {"rounds": n, "worst": worst}
+
+
+def abused(counts: dict[str, int]) -> bool:
+    """Each abuser has done enough to count."""
+    return counts["sent"] > 1000 and counts["hung up"] > 10 and counts["nobody left"] > 0
 
 
 def test_abusers_do_not_stall_the_others(sim: SimFactory) -> None:
@@ -208,6 +215,9 @@ def test_abusers_do_not_stall_the_others(sim: SimFactory) -> None:
     try:
         time.sleep(0.3)  # the abuse is in full swing
         result = asyncio.run(victim(s.address, seconds))
+        enough = time.monotonic() + 30  # as much abuse as asserted below, on a slow machine too
+        while not abused(counts) and time.monotonic() < enough:
+            time.sleep(0.1)
     finally:
         stop.set()
         for t in threads:
@@ -215,7 +225,7 @@ def test_abusers_do_not_stall_the_others(sim: SimFactory) -> None:
         sleeper.close()
     print(f"\nabuse: {counts}; victim {result['rounds']} rounds, worst {result['worst']}")
     assert result["rounds"] >= 3  # each call of each round was answered within STALL
-    assert counts["sent"] > 1000 and counts["hung up"] > 10 and counts["nobody left"] > 0
+    assert abused(counts), counts
 
     async def after() -> None:
         c = await Client.connect(s.address)
