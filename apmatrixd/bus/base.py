@@ -33,14 +33,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from dbus_fast import DBusError, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
-from dbus_fast.constants import PropertyAccess
-from dbus_fast.service import ServiceInterface, dbus_property
-from dbus_fast.service import method as dbus_method  # the name every version has (1.x-5.x)
-from dbus_fast.service import signal as dbus_signal
+from dbus_fast.constants import ErrorType
 from dbus_fast.signature import get_signature_tree
 
 from apmatrixd.bus import names
-from apmatrixd.bus.introspect import introspect
+from apmatrixd.bus.introspect import STANDARD, introspect
 
 if TYPE_CHECKING:
     from apmatrixd.auth import Authority
@@ -128,41 +125,20 @@ def call(fn: Handler) -> Any:
 
     ``fn`` answers a read at once, or returns the future of the command it queued (every
     change), which the :class:`Dispatcher` awaits: the loop serves other calls meanwhile.
-
-    dbus-fast reads the D-Bus signature from the annotations (``Annotated`` aliases); they are
-    resolved here once, and ``-> None`` is dropped (dbus-fast would take it for a signature).
-    What dbus-fast registers serves introspection only: it never runs ``fn`` (a call it
-    dispatches itself, bypassing :class:`Dispatcher`, is refused).
+    The D-Bus signature comes from the annotations (``Annotated`` aliases), resolved here
+    once. Only the :class:`Dispatcher` runs it: nothing is registered with dbus-fast, so a
+    call the dispatcher does not take (another signature) is the library's UnknownMethod.
     """
     member = fn.__name__
     hints = typing.get_type_hints(fn, include_extras=True)
-    sig = inspect.signature(fn)
-    params = [
-        p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
-    ]
+    params = list(inspect.signature(fn).parameters.values())[1:]
     ret = hints.get("return", inspect.Signature.empty)
     if typing.get_origin(ret) is collections.abc.Awaitable:  # a queued change: what it gives
         (ret,) = typing.get_args(ret)
-    if ret is None:
-        ret = type(None)
-
-    @functools.wraps(fn)
-    async def undispatched(self: Exported, *args: Any) -> Any:
-        log.error("%s.%s reached without the dispatcher: refused", self.name, member)
-        raise DBusError(names.ACCESS_DENIED, f"{self.name}.{member}: not dispatched by apmatrixd")
-
-    in_types = [_signature_of(p.annotation) for p in params[1:]]
-    out_sig = "" if ret in (type(None), inspect.Signature.empty) else _signature_of(ret)
-    undispatched.__signature__ = sig.replace(  # type: ignore[attr-defined]
-        parameters=[
-            params[0],
-            *(p.replace(annotation=t) for p, t in zip(params[1:], in_types, strict=False)),
-        ],
-        return_annotation=out_sig or inspect.Signature.empty,
-    )
-    declared = dbus_method()(undispatched)
+    in_types = [_signature_of(hints.get(p.name, p.annotation)) for p in params]
+    out_sig = "" if ret in (None, type(None), inspect.Signature.empty) else _signature_of(ret)
     setattr(
-        declared,
+        fn,
         METHOD_ATTR,
         Method(
             member,
@@ -173,7 +149,7 @@ def call(fn: Handler) -> Any:
             fn,
         ),
     )
-    return declared
+    return fn
 
 
 def _signature_of(annotation: Any) -> str:
@@ -200,14 +176,19 @@ def methods_of(cls: type) -> dict[str, Method]:
 
 
 class Dispatcher:
-    """Runs every call of our own methods: authorise *this* message, run, reply.
+    """Answers every call to our objects: our methods (authorise *this* message, run, reply),
+    Properties, GetManagedObjects and Introspect.
 
-    A message handler on the bus, consulted before dbus-fast's dispatch: a call whose path,
-    interface (or none), member and signature name one of our methods is taken here, and
-    everything else (properties, introspection, unknown methods) is left to dbus-fast. The
-    caller's identity is read from the message in hand, so no call can be judged by another
-    call's sender. File descriptors a message carries are closed once it has been handled:
-    a handler that keeps one duplicates it.
+    A message handler on the bus, consulted before dbus-fast's dispatch (nothing of ours is
+    exported to dbus-fast): a call whose path, interface (or none), member and signature name
+    one of our methods is taken here, and so are Properties calls to our objects, every
+    GetManagedObjects and the introspection of our objects and the nodes above them.
+    Everything else (Peer, a signature that fits nothing, a path with no object) is left to
+    dbus-fast, whose answers are the library's errors as before. The caller's identity is
+    read from the message in hand, so no call can be judged by another call's sender. File
+    descriptors a message carries are closed once it has been handled: a handler that keeps
+    one duplicates it. Properties are public reads (the bus policy says who may ask), as
+    dbus-fast served them.
     """
 
     def __init__(self, bus: MessageBus) -> None:
@@ -220,11 +201,9 @@ class Dispatcher:
     def add(self, path: str, obj: Exported) -> None:
         self._objects.setdefault(path, {})[obj.name] = obj
 
-    def remove(self, path: str, interface: str | None = None) -> None:
-        if interface is None:
-            self._objects.pop(path, None)
-        else:
-            self._objects.get(path, {}).pop(interface, None)
+    def remove(self, path: str) -> list[Exported]:
+        """Every interface at ``path`` dropped; the objects that were there."""
+        return list(self._objects.pop(path, {}).values())
 
     def find(self, msg: Message) -> tuple[Exported, Method] | None:
         ifaces = self._objects.get(msg.path or "")
@@ -246,26 +225,90 @@ class Dispatcher:
     def __call__(self, msg: Message) -> bool | Message:
         if msg.message_type != MessageType.METHOD_CALL:
             return False
-        if (
-            msg.interface == INTROSPECTABLE
-            and msg.member == "Introspect"
-            and not msg.signature
-            and msg.path in self._objects
-        ):  # ours, from the shipped XML: argument names included
-            ifaces = self._objects[msg.path]
-            text = introspect(msg.path, ifaces, self.children(msg.path))
-            return Message.new_method_return(msg, "s", [text])
-        found = self.find(msg)
+        iface = msg.interface
+        found = None
+        answer: bool | Message = False
+        if iface == PROPERTIES:
+            answer = self._properties(msg)
+        elif iface == INTROSPECTABLE and msg.member == "Introspect" and not msg.signature:
+            answer = self._introspect(msg)
+        elif iface == OBJECT_MANAGER and msg.member == "GetManagedObjects" and not msg.signature:
+            answer = self._managed_objects(msg)
+        else:
+            found = self.find(msg)
         if found is None:
-            # Nothing of dbus-fast's takes a descriptor: closed now, before dbus-fast answers,
-            # so a caller that has its reply knows the daemon holds none of its descriptors
-            # (a later callback would wait behind every message already in the socket).
+            # None of these, nor anything of dbus-fast's, takes a descriptor: closed now,
+            # before the answer, so a caller that has its reply knows the daemon holds none of
+            # its descriptors (a later callback would wait behind every message in the socket).
             _close_all(msg.unix_fds)
-            return False
+            return answer
         task = asyncio.ensure_future(self._run(msg, *found))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
+
+    def _introspect(self, msg: Message) -> bool | Message:
+        """Ours, from the shipped XML (argument names included), and the nodes above ours
+        (``/``, ``/org``, ...) with their children, so ``busctl tree`` finds everything."""
+        path = msg.path or "/"
+        ifaces = self._objects.get(path)
+        children = self.children(path)
+        if ifaces is None and not children:
+            return False  # not ours: dbus-fast's empty node
+        return Message.new_method_return(msg, "s", [introspect(path, ifaces or (), children)])
+
+    def _managed_objects(self, msg: Message) -> Message:
+        """Every object below the path (every one for ``/``), as dbus-fast answered it."""
+        base = msg.path or "/"
+        prefix = base.rstrip("/") + "/"
+        try:
+            found = {
+                path: {name: obj.properties() for name, obj in ifaces.items()}
+                for path, ifaces in self._objects.items()
+                if base == "/" or path.startswith(prefix)
+            }
+        except Exception as exc:  # a value that does not fit its signature
+            return self._error(msg, exc, "ObjectManager.GetManagedObjects")
+        return Message.new_method_return(msg, "a{oa{sa{sv}}}", [found])
+
+    def _properties(self, msg: Message) -> bool | Message:
+        """Get, GetAll and Set (every property is read-only) of our objects, with dbus-fast's
+        errors; a bad signature, an empty interface or a path not ours is the library's."""
+        member = msg.member or ""
+        ifaces = self._objects.get(msg.path or "")
+        if _PROPERTY_CALLS.get(member) != msg.signature or ifaces is None or not msg.body[0]:
+            return False
+        iface = msg.body[0]
+        obj = ifaces.get(iface)
+        if obj is None:
+            if iface in STANDARD or iface == OBJECT_MANAGER:  # they have no properties
+                if member == "GetAll":
+                    return Message.new_method_return(msg, "a{sv}", [{}])
+                return _unknown_property(msg, iface, msg.body[1])
+            return Message.new_error(
+                msg,
+                ErrorType.UNKNOWN_INTERFACE.value,
+                f'could not find an interface "{iface}" at path: "{msg.path}"',
+            )
+        try:
+            if member == "GetAll":
+                return Message.new_method_return(msg, "a{sv}", [obj.properties()])
+            spec = obj.declared.get(msg.body[1])
+            if spec is None:
+                return _unknown_property(msg, iface, msg.body[1])
+            if member == "Set":
+                return Message.new_error(
+                    msg, ErrorType.PROPERTY_READ_ONLY.value, "the property is readonly"
+                )
+            signature, read = spec
+            return Message.new_method_return(msg, "v", [Variant(signature, read(obj))])
+        except Exception as exc:  # a value that does not fit its signature
+            return self._error(msg, exc, f"{iface}.{member}")
+
+    def _error(self, msg: Message, exc: Exception, key: str) -> Message:
+        err = to_dbus_error(exc, key)
+        self._refused(err.type)
+        return Message.new_error(msg, err.type, err.text)
 
     async def _run(self, msg: Message, obj: Exported, method: Method) -> None:
         key = f"{obj.name}.{method.member}"
@@ -291,9 +334,7 @@ class Dispatcher:
             if inspect.isawaitable(result):  # a change: queued as a command, await its commit
                 result = await result
         except Exception as exc:
-            err = to_dbus_error(exc, key)
-            self._refused(err.type)
-            return Message.new_error(msg, err.type, err.text)
+            return self._error(msg, exc, key)
         if method.out_count == 0:
             body: list[Any] = []
         elif method.out_count == 1:
@@ -310,6 +351,17 @@ class Dispatcher:
                 log.exception("counting a refused call failed")
 
 
+_PROPERTY_CALLS = {"Get": "ss", "GetAll": "s", "Set": "ssv"}
+
+
+def _unknown_property(msg: Message, iface: str, name: str) -> Message:
+    return Message.new_error(
+        msg,
+        ErrorType.UNKNOWN_PROPERTY.value,
+        f'interface "{iface}" does not have property "{name}"',
+    )
+
+
 def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -317,11 +369,20 @@ def _close_all(fds: Iterable[int]) -> None:
 
 
 def signal(signature: str) -> Callable[[Handler], Any]:
-    """Declare a D-Bus signal whose arguments have ``signature`` (the method returns them)."""
+    """Declare a D-Bus signal whose arguments have ``signature``: calling the method sends it
+    from every path the object is exported at, with the arguments the method returns."""
 
     def decorate(fn: Handler) -> Any:
-        fn.__annotations__ = {"return": signature}  # a string: every dbus-fast version reads it
-        return dbus_signal()(fn)
+        member = fn.__name__
+
+        @functools.wraps(fn)
+        def emit(self: Exported, *args: Any) -> Any:
+            body = fn(self, *args)
+            self.send_signal(self.name, member, signature, body)
+            return body
+
+        setattr(emit, _SIGNAL, (member, signature))
+        return emit
 
     return decorate
 
@@ -341,47 +402,75 @@ def live_prop(name: str, signature: str, read: Callable[[Any], Any]) -> Any:
 
     getter.__name__ = name
     getter.__qualname__ = name
-    getter.__annotations__ = {"return": signature}
     setattr(getter, _DECLARED, (name, signature, read))
-    return dbus_property(access=PropertyAccess.READ, name=name)(getter)
+    return property(getter)
 
 
 _DECLARED = "apmatrixd_property"
 """Attribute of a :func:`live_prop` getter: (D-Bus name, signature, read)."""
+_SIGNAL = "apmatrixd_signal"
+"""Attribute of a :func:`signal` method: (member, signature)."""
+
+PROPERTIES = "org.freedesktop.DBus.Properties"
+OBJECT_MANAGER = names.OBJECT_MANAGER_IFACE
 
 
-class Exported(ServiceInterface):
-    """An exported interface whose properties come from :attr:`values`."""
+class Exported:
+    """An exported interface: methods (run by :class:`Dispatcher`), properties from
+    :attr:`values`, signals; published with :meth:`ApmatrixBus.publish`.
+
+    Not a dbus-fast ``ServiceInterface``: the dispatcher answers calls, Properties and
+    GetManagedObjects for our objects itself, from the declarations collected once per class
+    here (a ServiceInterface inspects its class for each object: ~0.2 ms an object, a quarter
+    of start-up with 1,000 matrices, and its PropertiesChanged walks every property)."""
 
     declared: ClassVar[dict[str, tuple[str, Callable[[Any], Any]]]] = {}
     """Every property of the class (prop and live_prop): name -> (signature, read)."""
+    signals: ClassVar[dict[str, str]] = {}
+    """Every :func:`signal` of the class: member -> signature."""
+    methods: ClassVar[dict[str, Method]] = {}
+    """Every :func:`call` of the class: member -> Method."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         found: dict[str, tuple[str, Callable[[Any], Any]]] = {}
+        sigs: dict[str, str] = {}
         for klass in reversed(cls.__mro__):
             for attr in vars(klass).values():
                 spec = getattr(getattr(attr, "fget", None), _DECLARED, None)
                 if spec is not None:
                     found[spec[0]] = (spec[1], spec[2])
-        cls.declared = found
+                sig = getattr(attr, _SIGNAL, None)
+                if sig is not None:
+                    sigs[sig[0]] = sig[1]
+        cls.declared, cls.signals, cls.methods = found, sigs, methods_of(cls)
 
     def __init__(self, interface: str, authority: Authority, values: dict[str, Any]) -> None:
-        super().__init__(interface)
+        self.name = interface
         self.authority = authority
         self.values = values
-        self.methods = methods_of(type(self))
+        self.at: list[tuple[MessageBus, str]] = []
+        """Where it is published (bus, path): where its signals go."""
 
     def properties(self) -> dict[str, Variant]:
-        """Every property as GetAll answers it (for InterfacesAdded)."""
+        """Every property as GetAll answers it (and InterfacesAdded, GetManagedObjects)."""
         return {n: Variant(sig, read(self)) for n, (sig, read) in self.declared.items()}
 
     def refresh(self, values: dict[str, Any]) -> None:
         """Store new values; one PropertiesChanged with only those that differ."""
-        changed = {k: v for k, v in values.items() if self.values.get(k) != v}
+        old, declared = self.values, self.declared
+        changed = {
+            k: Variant(declared[k][0], v)
+            for k, v in values.items()
+            if old.get(k) != v and k in declared
+        }
         self.values = values
         if changed:
-            self.emit_properties_changed(changed)
+            self.send_signal(PROPERTIES, "PropertiesChanged", "sa{sv}as", [self.name, changed, []])
+
+    def send_signal(self, interface: str, member: str, signature: str, body: list[Any]) -> None:
+        for bus, path in self.at:
+            bus.send(Message.new_signal(path, interface, member, signature, body))
 
 
 class PatientWriter(_MessageWriter):
@@ -525,15 +614,14 @@ class PatientWriter(_MessageWriter):
 
 
 class ApmatrixBus(MessageBus):
-    """A MessageBus that runs our methods through :class:`Dispatcher`, sends ObjectManager
-    signals from the manager's path, and drops read-only calls nobody wants answered
-    (:func:`drop_unwanted_reads`).
+    """A MessageBus that serves our objects through :class:`Dispatcher`, sends the
+    ObjectManager's signals from the manager's path, and drops read-only calls nobody wants
+    answered (:func:`drop_unwanted_reads`).
 
-    dbus-fast sends InterfacesAdded/Removed from the new object's own path; clients (GDBus,
-    sd-bus) match on the ObjectManager's path and never see them (dbus-rig.md §3). These two
-    hooks are dbus-fast's private methods, overridden (the properties come from our own
-    declarations, :meth:`Exported.properties`); tests check the signal path on the oldest
-    and newest dbus-fast we support.
+    Objects are published here (:meth:`publish`, :meth:`withdraw`), not exported to
+    dbus-fast. InterfacesAdded/Removed go out from the ObjectManager's path, where clients
+    (GDBus, sd-bus) match on them (dbus-rig.md §3), with the properties of our own
+    declarations (:meth:`Exported.properties`).
     """
 
     SNDBUF = 4 << 20
@@ -565,15 +653,27 @@ class ApmatrixBus(MessageBus):
         """True once we asked to disconnect (a write failing then is no error)."""
         return bool(self._user_disconnect)
 
-    def export(self, path: str, interface: ServiceInterface) -> None:
-        super().export(path, interface)
-        if isinstance(interface, Exported):
-            self.dispatcher.add(path, interface)
+    def publish(self, path: str, obj: Exported) -> None:
+        """Serve ``obj`` at ``path`` (InterfacesAdded once we own the name)."""
+        self.dispatcher.add(path, obj)
+        obj.at.append((self, path))
+        if not self._announced(path):
+            return
+        try:
+            values = obj.properties()
+        except Exception:  # a value that does not fit its signature: GetAll names it too
+            log.exception("properties of %s at %s unreadable", obj.name, path)
+            return
+        self._manager_signal("InterfacesAdded", "oa{sa{sv}}", [path, {obj.name: values}])
 
-    def unexport(self, path: str, interface: ServiceInterface | str | None = None) -> None:
-        super().unexport(path, interface)
-        name = interface.name if isinstance(interface, ServiceInterface) else interface
-        self.dispatcher.remove(path, name)
+    def withdraw(self, path: str) -> None:
+        """Serve nothing at ``path`` any more (InterfacesRemoved once we own the name)."""
+        gone = self.dispatcher.remove(path)
+        for obj in gone:
+            with contextlib.suppress(ValueError):
+                obj.at.remove((self, path))
+        if gone and self._announced(path):
+            self._manager_signal("InterfacesRemoved", "oas", [path, [o.name for o in gone]])
 
     async def connect(self) -> ApmatrixBus:
         await super().connect()
@@ -585,20 +685,6 @@ class ApmatrixBus(MessageBus):
         except OSError as err:  # capped by net.core.wmem_max for non-root: fine
             log.debug("cannot enlarge the bus socket's send buffer: %s", err)
         return self
-
-    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
-        if not self._announced(path) or not isinstance(interface, Exported):
-            return  # every interface below the manager is ours
-        try:
-            values = interface.properties()
-        except Exception:  # a value that does not fit its signature: GetAll names it too
-            log.exception("properties of %s at %s unreadable", interface.name, path)
-            return
-        self._manager_signal("InterfacesAdded", "oa{sa{sv}}", [path, {interface.name: values}])
-
-    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
-        if self._announced(path):
-            self._manager_signal("InterfacesRemoved", "oas", [path, removed_interfaces])
 
     def _announced(self, path: str) -> bool:
         return (

@@ -23,9 +23,8 @@ from apmatrixd.bus.objects import (
 from apmatrixd.core import NotFound
 
 if TYPE_CHECKING:
-    from dbus_fast.aio import MessageBus
-
     from apmatrixd.auth import Authority
+    from apmatrixd.bus.base import ApmatrixBus
     from apmatrixd.service import Changes, Service
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 class ObjectTree(_Tree):
     """Owns every exported object; the only place that exports or unexports."""
 
-    def __init__(self, bus: MessageBus, service: Service, authority: Authority) -> None:
+    def __init__(self, bus: ApmatrixBus, service: Service, authority: Authority) -> None:
         self._bus = bus
         self._service = service
         self._authority = authority
@@ -44,7 +43,7 @@ class ObjectTree(_Tree):
 
     def export(self) -> None:
         """Export the manager and everything the service holds now, then follow its changes."""
-        self._bus.export(names.MANAGER_PATH, self.manager)
+        self._bus.publish(names.MANAGER_PATH, self.manager)
         for m in self._service.matrices():
             self.ensure_matrix(m.uuid)
         for a in self._service.adapters():
@@ -56,7 +55,7 @@ class ObjectTree(_Tree):
             self._drop_matrix(uuid)
         for aid in list(self.adapters):
             self._drop_adapter(aid)
-        self._bus.unexport(names.MANAGER_PATH)
+        self._bus.withdraw(names.MANAGER_PATH)
 
     # -- matrices ---------------------------------------------------------------------------
     def ensure_matrix(self, uuid: str) -> str:
@@ -74,13 +73,13 @@ class ObjectTree(_Tree):
         if obj is None:
             obj = Matrix(self._service, self._authority, view)
             self.matrices[uuid] = obj
-            self._bus.export(names.matrix_path(uuid), obj)
+            self._bus.publish(names.matrix_path(uuid), obj)
         else:
             obj.refresh(matrix_values(view))
 
     def _drop_matrix(self, uuid: str) -> None:
         if self.matrices.pop(uuid, None) is not None:
-            self._bus.unexport(names.matrix_path(uuid))
+            self._bus.withdraw(names.matrix_path(uuid))
 
     # -- adapters ---------------------------------------------------------------------------
     def _sync_adapter(self, aid: int) -> None:
@@ -93,13 +92,13 @@ class ObjectTree(_Tree):
         if obj is None:
             obj = Adapter(self._authority, view)
             self.adapters[aid] = obj
-            self._bus.export(names.adapter_path(aid), obj)
+            self._bus.publish(names.adapter_path(aid), obj)
         else:
             obj.refresh(adapter_values(view))
 
     def _drop_adapter(self, aid: int) -> None:
         if self.adapters.pop(aid, None) is not None:
-            self._bus.unexport(names.adapter_path(aid))
+            self._bus.withdraw(names.adapter_path(aid))
 
     # -- the service's reports --------------------------------------------------------------
     def on_changes(self, changes: Changes) -> None:

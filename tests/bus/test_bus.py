@@ -544,6 +544,32 @@ def members(xml: str, wanted: set[str], arg_names: bool = True) -> dict[str, Any
     return out
 
 
+def declared_xml(cls: Any, iface: str) -> str:
+    """What a class of ours declares for ``iface`` (methods, properties, signals), as
+    introspection XML without argument names."""
+    from dbus_fast.signature import get_signature_tree
+
+    from apmatrixd.bus.base import methods_of
+
+    def args(parent: ET.Element, signature: str, direction: str | None) -> None:
+        for t in get_signature_tree(signature).types:
+            a = ET.SubElement(parent, "arg", type=t.signature)
+            if direction:
+                a.set("direction", direction)
+
+    node = ET.Element("node")
+    el = ET.SubElement(node, "interface", name=iface)
+    for m in methods_of(cls).values():
+        method = ET.SubElement(el, "method", name=m.member)
+        args(method, m.in_signature, "in")
+        args(method, m.out_signature, "out")
+    for name, (signature, _read) in cls.declared.items():
+        ET.SubElement(el, "property", name=name, type=signature, access="read")
+    for member, signature in cls.signals.items():
+        args(ET.SubElement(el, "signal", name=member), signature, None)
+    return ET.tostring(node, encoding="unicode")
+
+
 def test_every_property_survives_busctl_json(daemon: Daemon) -> None:
     """busctl --json is how scripts read a D-Bus service: every property of every interface,
     GetAll and GetManagedObjects must come out of it, equal to what dbus-fast reads (systemd
@@ -587,10 +613,8 @@ def test_every_property_survives_busctl_json(daemon: Daemon) -> None:
 
 def test_live_introspection_equals_shipped_xml(daemon: Daemon) -> None:
     """What busctl and gdbus show is the shipped description, argument names included; and
-    what the code implements (dbus-fast's view of the classes, our dispatch table) has
-    exactly its methods, signatures, properties and signals."""
-    from dbus_fast.service import ServiceInterface
-
+    what the code implements (the classes' declarations, our dispatch table) has exactly its
+    methods, signatures, properties and signals."""
     from apmatrixd.bus.base import methods_of
     from apmatrixd.bus.objects import Adapter, Manager, Matrix
 
@@ -614,9 +638,7 @@ def test_live_introspection_equals_shipped_xml(daemon: Daemon) -> None:
     assert set(canonical) == ours
     assert live == canonical
     for cls, iface in ((Manager, MANAGER), (Matrix, MATRIX), (Adapter, ADAPTER)):
-        bare = cls.__new__(cls)
-        ServiceInterface.__init__(bare, iface)  # dbus-fast's view of the class, no service
-        declared = ET.tostring(bare.introspect().to_xml(), encoding="unicode")
+        declared = declared_xml(cls, iface)
         assert members(declared, {iface}, arg_names=False) == members(
             XML.read_text(), {iface}, arg_names=False
         )

@@ -166,23 +166,56 @@ def test_the_message_authorised_is_the_one_dispatched() -> None:
     authorise(FakeBus(0, (True, False, {})), create, calls=".CreateMatrix")
 
 
-def test_a_method_dbus_fast_runs_itself_is_refused() -> None:
-    """What dbus-fast registers for a method only serves introspection; reached directly (a
-    dispatch that bypassed apmatrixd's) it refuses instead of running unauthorised."""
-    from apmatrixd.bus.base import METHOD_ATTR
-    from apmatrixd.bus.objects import Manager
+def test_the_dispatcher_answers_properties_objects_and_introspection() -> None:
+    """Nothing of ours is exported to dbus-fast: the dispatcher answers Properties,
+    GetManagedObjects and Introspect of our objects with dbus-fast's replies and errors, and
+    leaves the library's own cases (a signature that fits nothing, a path not ours) to it."""
+    from apmatrixd.bus.base import Dispatcher, Exported, live_prop, prop
 
-    declared = Manager.Reserve
-    assert getattr(declared, METHOD_ATTR).in_signature == "auau"
-    wrapped = declared.__wrapped__  # type: ignore[attr-defined]  # dbus-fast keeps the function
+    class Thing(Exported):
+        Name = prop("Name", "s")
+        Ids = prop("Ids", "au")
+        Count = live_prop("Count", "u", lambda self: 7)
 
-    from dbus_fast.service import ServiceInterface
+    root, below = "/org/apmatrix/Apmatrix1", "/org/apmatrix/Apmatrix1/matrices/x"
+    iface = "org.apmatrix.Apmatrix1.Matrix"
+    d = Dispatcher(None)  # type: ignore[arg-type]  # no call of ours runs: no bus needed
+    d.add(root, Thing("org.apmatrix.Apmatrix1.Manager", Authority(None), {"Name": "m", "Ids": []}))
+    d.add(below, Thing(iface, Authority(None), {"Name": "x", "Ids": [1, 2]}))
 
-    bare = Manager.__new__(Manager)
-    ServiceInterface.__init__(bare, "org.apmatrix.Apmatrix1.Manager")
-    with pytest.raises(DBusError, match="not dispatched") as e:
-        asyncio.run(wrapped(bare, [1], [2]))
-    assert e.value.type == "org.freedesktop.DBus.Error.AccessDenied"
+    def ask(path: str, member: str, sig: str = "", body: list[Any] | None = None,
+            interface: str = "org.freedesktop.DBus.Properties") -> Any:  # fmt: skip
+        return d(Message(destination=":1.1", path=path, interface=interface, member=member,
+                         signature=sig, body=body or [], serial=1))  # fmt: skip
+
+    def error(reply: Any) -> str:
+        assert isinstance(reply, Message) and reply.message_type == MessageType.ERROR, reply
+        return str(reply.error_name).rsplit(".", 1)[-1]
+
+    got = ask(below, "GetAll", "s", [iface])
+    assert got.signature == "a{sv}"
+    assert {k: (v.signature, v.value) for k, v in got.body[0].items()} == {
+        "Name": ("s", "x"), "Ids": ("au", [1, 2]), "Count": ("u", 7),
+    }  # fmt: skip
+    assert ask(below, "Get", "ss", [iface, "Count"]).body == [Variant("u", 7)]
+    assert error(ask(below, "Get", "ss", [iface, "Nope"])) == "UnknownProperty"
+    assert error(ask(below, "Set", "ssv", [iface, "Name", Variant("s", "y")])) == "PropertyReadOnly"
+    assert error(ask(below, "GetAll", "s", ["org.nope"])) == "UnknownInterface"
+    assert ask(below, "GetAll", "s", ["org.freedesktop.DBus.Peer"]).body == [{}]
+    assert ask(below, "GetAll", "s", [""]) is False  # dbus-fast: NotSupported
+    assert ask(below, "Get", "s", [iface]) is False  # dbus-fast: UnknownMethod
+    assert ask(root + "/nope", "GetAll", "s", [iface]) is False  # dbus-fast: UnknownObject
+
+    om = "org.freedesktop.DBus.ObjectManager"
+    assert set(ask(root, "GetManagedObjects", interface=om).body[0]) == {below}
+    assert set(ask("/", "GetManagedObjects", interface=om).body[0]) == {root, below}
+    assert ask("/org/other", "GetManagedObjects", interface=om).body == [{}]
+
+    intro = "org.freedesktop.DBus.Introspectable"
+    assert '<node name="org"/>' in ask("/", "Introspect", interface=intro).body[0]
+    text = ask(root, "Introspect", interface=intro).body[0]
+    assert '<node name="matrices"/>' in text and om in text
+    assert ask("/elsewhere", "Introspect", interface=intro) is False  # dbus-fast: empty node
 
 
 def test_reads_nobody_wants_answered_are_dropped() -> None:
