@@ -115,6 +115,27 @@ def test_a_temp_file_left_by_a_real_kill_is_cleaned_on_load(tmp_path: Path) -> N
     assert not leftover.exists()
 
 
+def test_a_state_directory_removed_under_the_store_is_made_again(tmp_path: Path) -> None:
+    """The directories are written through kept descriptors; one removed meanwhile (rm -rf
+    by an admin) must not swallow the next write into a directory no path leads to."""
+    import shutil
+
+    root = tmp_path / "state"
+    s = Store(root)
+    s.load()
+    s.write_matrix(SM)
+    shutil.rmtree(root / "matrices")
+    s.write_matrix(SM)
+    assert json.loads((root / "matrices" / f"{G1}.json").read_text())["uuid"] == G1
+    shutil.rmtree(root)
+    s.write_reservations(Reservations(frozenset({5})))
+    s.write_matrix(SM)
+    assert Store(root).load().matrices == {G1: SM}
+    assert Store(root).load().reservations.reserved_adapters == {5}
+    s.remove_matrix(G1)
+    assert os.listdir(root / "matrices") == []
+
+
 def damage(path: Path, how: str) -> str:
     good = path.read_bytes()
     if how == "truncated":
