@@ -266,17 +266,22 @@ def _no_fault(_step: str) -> None:
     pass
 
 
-def atomic_write(
-    path: str | os.PathLike[str], data: bytes, fault: Fault = _no_fault, sync_dir: bool = True
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def replace_at(
+    dirfd: int, name: str, data: bytes, fault: Fault = _no_fault, sync_dir: bool = True
 ) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
+    """Replace ``name`` in the directory ``dirfd`` with ``data`` so that a crash leaves
+    either the old or the new file: a temp file, write, fsync, rename over it, fsync of the
+    directory. Relative to the directory's descriptor: no path is looked up again.
 
     ``sync_dir=False``: the rename is made durable by the caller's one fsync of the directory
     (a group of writes, :meth:`Store.write_group`)."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = f".{name}.tmp-{os.getpid()}"
     fault("open")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, _TEMP_FLAGS, 0o600, dir_fd=dirfd)
     try:
         try:
             view = memoryview(data)
@@ -293,29 +298,55 @@ def atomic_write(
         finally:
             os.close(fd)
         fault("rename")
-        os.rename(tmp, target)
+        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dirfd)
         raise
     if sync_dir:
         fault("fsync-dir")
-        fsync_dir(target.parent)
+        os.fsync(dirfd)
+
+
+def unlink_at(dirfd: int, name: str, fault: Fault = _no_fault, sync_dir: bool = True) -> bool:
+    """Remove ``name`` from the directory ``dirfd`` (False if it was not there) and make
+    that durable (``sync_dir``)."""
+    fault("unlink")
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except FileNotFoundError:
+        return False
+    if sync_dir:
+        fault("fsync-dir")
+        os.fsync(dirfd)
+    return True
+
+
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, fault: Fault = _no_fault, sync_dir: bool = True
+) -> None:
+    """:func:`replace_at` by path: ``path`` replaced with ``data``, crash-safe."""
+    parent, name = os.path.split(os.fspath(path))
+    dirfd = os.open(parent or ".", _DIR_FLAGS)
+    try:
+        replace_at(dirfd, name, data, fault, sync_dir)
+    finally:
+        os.close(dirfd)
 
 
 def durable_unlink(
     path: str | os.PathLike[str], fault: Fault = _no_fault, sync_dir: bool = True
 ) -> bool:
-    """Remove ``path`` (False if it was not there) and make that durable (``sync_dir``)."""
-    fault("unlink")
+    """:func:`unlink_at` by path: remove ``path`` (False if it was not there), durably."""
+    parent, name = os.path.split(os.fspath(path))
     try:
-        os.unlink(path)
+        dirfd = os.open(parent or ".", _DIR_FLAGS)
     except FileNotFoundError:
         return False
-    if sync_dir:
-        fault("fsync-dir")
-        fsync_dir(Path(path).parent)
-    return True
+    try:
+        return unlink_at(dirfd, name, fault, sync_dir)
+    finally:
+        os.close(dirfd)
 
 
 def kill_fault_from_env() -> Fault | None:
@@ -349,12 +380,18 @@ class Contents:
 
 
 class Store:
-    """One state directory. Not thread-safe: the service calls it from its one thread."""
+    """One state directory. Not thread-safe: the service calls it from its one thread.
+
+    The state directory and its ``matrices`` are written through descriptors kept open
+    (one lookup of their paths, not one per write); a directory removed under the daemon
+    (its link count 0) is made again at the next write, as a path would have been."""
 
     def __init__(self, root: str | os.PathLike[str], fault: Fault | None = None) -> None:
         self.root = Path(root)
         self.fault: Fault = fault or _no_fault
         self.journal = Journal(self.root, fault=self.fault)
+        self._root_fd = -1
+        self._matrices_fd = -1
 
     @property
     def matrices_dir(self) -> Path:
@@ -378,6 +415,41 @@ class Store:
             except FileExistsError:
                 continue
             fsync_dir(d.parent)
+
+    def _dirs(self) -> tuple[int, int]:
+        """The descriptors of the state directory and of ``matrices``, opened (and the
+        directories made) if not yet, or again if either was removed meanwhile."""
+        fds = (self._root_fd, self._matrices_fd)
+        if fds[0] >= 0 and all(os.fstat(fd).st_nlink > 0 for fd in fds):
+            return fds
+        self.close_dirs()
+        self._prepare()
+        root = os.open(self.root, _DIR_FLAGS)
+        try:
+            matrices = os.open(MATRICES, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=root)
+        except BaseException:
+            os.close(root)
+            raise
+        self._root_fd, self._matrices_fd = root, matrices
+        return root, matrices
+
+    def close_dirs(self) -> None:
+        """Let go of the kept directory descriptors (they are opened again when needed)."""
+        for fd in (self._root_fd, self._matrices_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._root_fd = self._matrices_fd = -1
+
+    def _put_matrix(self, uuid: str, rec: StoredMatrix | None, sync: bool) -> None:
+        """One matrix file written (None: removed), crash-safe; durable if ``sync``."""
+        fd = self._dirs()[1]
+        if rec is None:
+            unlink_at(fd, f"{uuid}{SUFFIX}", self.fault, sync)
+        else:
+            replace_at(fd, f"{uuid}{SUFFIX}", encode(rec.to_json()), self.fault, sync)
+
+    def _put_root(self, name: str, data: bytes, sync: bool = True) -> None:
+        replace_at(self._dirs()[0], name, data, self.fault, sync)
 
     # -- loading ----------------------------------------------------------------------------
     def load(self) -> Contents:
@@ -458,33 +530,26 @@ class Store:
     # -- writing ----------------------------------------------------------------------------
     def _guard(self, what: str, op: Callable[[], object]) -> None:
         try:
-            self._prepare()
             op()
         except OSError as err:
             text = err.strerror or errno.errorcode.get(err.errno or 0, str(err))
             raise StoreError(f"cannot store {what} in {self.root}: {text}") from err
 
     def write_matrix(self, m: StoredMatrix) -> None:
-        data = encode(m.to_json())
-        self._guard(
-            f"matrix {m.uuid}", lambda: atomic_write(self.matrix_path(m.uuid), data, self.fault)
-        )
+        self._guard(f"matrix {m.uuid}", lambda: self._put_matrix(m.uuid, m, True))
 
     def remove_matrix(self, uuid: str) -> None:
-        self._guard(
-            f"the removal of matrix {uuid}",
-            lambda: durable_unlink(self.matrix_path(uuid), self.fault),
-        )
+        self._guard(f"the removal of matrix {uuid}", lambda: self._put_matrix(uuid, None, True))
 
     def write_boot(self, boot: str) -> None:
         """Which boot the stored reservations were applied in: a restart in the same boot
         must not apply them again over what an admin did to the masks meanwhile."""
         data = encode({"format": BOOT_FORMAT, "version": VERSION, "boot": boot})
-        self._guard("the boot id", lambda: atomic_write(self.boot_path, data, self.fault))
+        self._guard("the boot id", lambda: self._put_root(BOOT_FILE, data))
 
     def write_reservations(self, r: Reservations) -> None:
         data = encode(r.to_json())
-        self._guard("the host reservations", lambda: atomic_write(self.host_path, data, self.fault))
+        self._guard("the host reservations", lambda: self._put_root(HOST_FILE, data))
 
     def write_group(
         self,
@@ -498,39 +563,29 @@ class Store:
         (before, after). A failure puts back what it had written, before the StoreError is
         raised; ``StoreError.clean`` says whether that put everything back."""
         written: list[tuple[str, StoredMatrix | None]] = []
-        dirs: set[Path] = set()
+        dirs: dict[str, int] = {}
         wrote_host = False
-
-        def put(uuid: str, rec: StoredMatrix | None, sync: bool) -> None:
-            if rec is None:
-                durable_unlink(self.matrix_path(uuid), self.fault, sync)
-            else:
-                atomic_write(self.matrix_path(uuid), encode(rec.to_json()), self.fault, sync)
-
         try:
-            self._guard("a group of changes", self._prepare)
+            self._guard("a group of changes", self._dirs)
             for uuid, (before, after) in matrices.items():
                 if before == after:
                     continue
                 written.append((uuid, before))  # before the write: a failed rename too
-                self._guard(f"matrix {uuid}", lambda: put(uuid, after, False))  # noqa: B023
-                dirs.add(self.matrices_dir)
+                self._guard(f"matrix {uuid}", lambda: self._put_matrix(uuid, after, False))  # noqa: B023
+                dirs[str(self.matrices_dir)] = self._matrices_fd
             if reservations is not None and reservations[0] != reservations[1]:
                 wrote_host = True
                 data = encode(reservations[1].to_json())
-                self._guard(
-                    "the host reservations",
-                    lambda: atomic_write(self.host_path, data, self.fault, False),
-                )
-                dirs.add(self.root)
-            for d in sorted(dirs):
+                self._guard("the host reservations", lambda: self._put_root(HOST_FILE, data, False))
+                dirs[str(self.root)] = self._root_fd
+            for d, fd in sorted(dirs.items()):
                 self.fault("fsync-dir")
-                self._guard(f"the directory {d}", lambda: fsync_dir(d))  # noqa: B023
+                self._guard(f"the directory {d}", lambda: os.fsync(fd))  # noqa: B023
         except StoreError as err:
             clean = True
             for uuid, before in reversed(written):
                 try:
-                    put(uuid, before, True)
+                    self._put_matrix(uuid, before, True)
                 except OSError as why:
                     log.error("cannot restore the stored matrix %s: %s", uuid, why)
                     clean = False
@@ -576,5 +631,7 @@ __all__ = [
     "atomic_write",
     "durable_unlink",
     "kill_fault_from_env",
+    "replace_at",
     "stored",
+    "unlink_at",
 ]

@@ -22,7 +22,9 @@ _APQN_RE = re.compile(r"([0-9a-f]{2})\.([0-9a-f]{4})")
 _ADAPTER_RE = re.compile(r"([0-9a-f]{2})\.")
 _DOMAIN_RE = re.compile(r"\.([0-9a-f]{4})")
 _INT_RE = re.compile(r"-?[0-9]+")
-_HEX_BITS = str.maketrans({f"{n:x}": f"{n:04b}" for n in range(16)})
+_BINARY = f"0{MASK_BITS}b"
+_IDS = range(MASK_BITS)
+_SPARSE = 24  # up to this many ids set, a step per id is faster than one per bit in C
 _BIT_BYTES = bytes.maketrans(b"01", b"\x00\x01")
 
 
@@ -72,10 +74,20 @@ def parse_mask(text: str, path: str) -> frozenset[int]:
 def _mask(word: str, path: str) -> frozenset[int]:
     if not _MASK_RE.fullmatch(word):
         raise malformed(path, f"mask {word!r} (want 0x and 64 hex digits)")
-    # Each hex digit as its four bits, picked in C: no Python step per id (a host pool
-    # mask has all 256 set, an mdev's few).
-    bits = word[2:].translate(_HEX_BITS).encode()
-    return frozenset(compress(range(MASK_BITS), bits.translate(_BIT_BYTES)))
+    return mask_ids(int(word[2:], 16))
+
+
+def mask_ids(mask: int) -> frozenset[int]:
+    """The ids of a 256-bit mask as a number (id 0 the most significant bit)."""
+    if mask.bit_count() <= _SPARSE:  # an mdev's few: one step per id set
+        ids = []
+        while mask:
+            low = mask & -mask
+            ids.append(MASK_BITS - low.bit_length())
+            mask ^= low
+        return frozenset(ids)
+    # Many (a host pool's all 256): printed in binary, its 1s picked in C, no step per id.
+    return frozenset(compress(_IDS, format(mask, _BINARY).encode().translate(_BIT_BYTES)))
 
 
 def parse_ap_config(text: str, path: str) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
@@ -90,13 +102,28 @@ def parse_ap_config(text: str, path: str) -> tuple[frozenset[int], frozenset[int
 
 def format_mask(ids: Iterable[int]) -> str:
     """The absolute form ``apmask``/``aqmask`` take: all 64 digits, so nothing is implied."""
-    ids = set(ids)
-    if ids and (min(ids) < 0 or max(ids) > MAX_ID):
-        bad = min(ids) if min(ids) < 0 else max(ids)
+    kept = isinstance(ids, frozenset)
+    if kept:
+        known = _MASK_TEXT.get(frozenset(ids))  # no copy: frozenset() of one is itself
+        if known is not None:
+            return known
+    unique = frozenset(ids)
+    if unique and (min(unique) < 0 or max(unique) > MAX_ID):
+        bad = min(unique) if min(unique) < 0 else max(unique)
         raise ValueError(f"id {bad} outside a 256-bit mask")
-    # Each id's bit looked up and summed in C (ids are distinct): an mdev's change formats
-    # six masks, a host pool's has 256 ids.
-    return f"0x{sum(map(_ID_BIT.__getitem__, ids)):064x}"
+    # Each id's bit looked up and summed in C (ids are distinct): a host pool's has 256 ids.
+    text = f"0x{sum(map(_ID_BIT.__getitem__, unique)):064x}"
+    if kept:
+        if len(_MASK_TEXT) >= _MASK_TEXTS:
+            _MASK_TEXT.clear()
+        _MASK_TEXT[unique] = text
+    return text
+
+
+_MASK_TEXT: dict[frozenset[int], str] = {}
+"""The text of masks formatted lately: a change formats each of an mdev's three masks before
+and after, and two of the three (or, in a group, the member before's) are the same sets."""
+_MASK_TEXTS = 128
 
 
 def parse_ids(text: str, path: str, width: int) -> frozenset[int]:

@@ -165,9 +165,17 @@ def hex2bitmap(text: bytes, nbits: int = AP_BITS) -> frozenset[int]:
         raise einval()
     if not run:
         return frozenset()
+    value, width = int(run, 16), 4 * len(run)
+    if value.bit_count() <= 24:  # an mdev's few ids: the set bits one by one, highest first
+        out = set()
+        while value:
+            bit = value.bit_length()
+            out.add(width - bit)
+            value -= 1 << (bit - 1)
+        return frozenset(out)
     # The digits at once as a bit string, id 0 leftmost, its 1s picked in C (no Python step
     # per id: a host pool's mask has all 256).
-    bits = format(int(run, 16), f"0{4 * len(run)}b").encode()
+    bits = format(value, f"0{width}b").encode()
     return frozenset(compress(count(), bits.translate(_BIT_FLAGS)))
 
 

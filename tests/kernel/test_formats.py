@@ -33,6 +33,25 @@ def test_mask_round_trip(ids: frozenset[int]) -> None:
     text = format_mask(ids)
     assert len(text) == 66
     assert parse_mask(text + "\n", P) == ids
+    # Formatted again from the kept texts, whichever form the ids come in.
+    assert format_mask(ids) == format_mask(frozenset(ids)) == format_mask(sorted(ids)) == text
+    assert format_mask(ids | {0}) == format_mask(list(ids | {0}))
+
+
+@pytest.mark.parametrize("bad", [256, -1])
+def test_an_id_outside_the_mask_is_refused_every_time(bad: int) -> None:
+    for ids in (frozenset({5, bad}), frozenset({5, bad}), [bad]):
+        with pytest.raises(ValueError, match=f"id {bad} outside a 256-bit mask"):
+            format_mask(ids)
+
+
+@given(st.integers(0, 2**256 - 1), st.integers(0, 256))
+def test_a_mask_reads_the_same_sparse_or_dense(mask: int, keep: int) -> None:
+    """Few ids and many are read by different steps: both against the digits themselves."""
+    for value in (mask, mask >> keep, mask & ((1 << keep) - 1)):  # many, fewer, few ids
+        text = f"0x{value:064x}"
+        want = {i for i, bit in enumerate(f"{value:0256b}") if bit == "1"}
+        assert parse_mask(text, P) == want
 
 
 @pytest.mark.parametrize(

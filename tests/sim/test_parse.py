@@ -108,6 +108,15 @@ def test_hex2bitmap_left_aligned() -> None:
     assert hex2bitmap(b"8" + b"0" * 62 + b"1") == {0, 255}
 
 
+@given(st.integers(0, 2**256 - 1), st.integers(0, 256), st.integers(1, 64))
+def test_hex2bitmap_reads_few_and_many_ids_alike(mask: int, shift: int, digits: int) -> None:
+    """Few ids set and many take different steps: each against the digits themselves."""
+    for value in (mask, mask >> shift):
+        run = f"{value:064x}"[-digits:]
+        bits = {4 * i + b for i, c in enumerate(run) for b in range(4) if int(c, 16) >> 3 - b & 1}
+        assert hex2bitmap(b"0x" + run.encode()) == bits
+
+
 @pytest.mark.parametrize("text", [b"0X1", b"0x" + b"0" * 65, b"0xg", b"0xx1", b"1 ", b"0x1\n\n"])
 def test_hex2bitmap_einval(text: bytes) -> None:
     with pytest.raises(OSError) as exc:

@@ -8,12 +8,16 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from apmatrixd.core import Apqn, Conflict
 from apmatrixd.core.errors import NotManaged
 from apmatrixd.journal import Journal
+from apmatrixd.journal import dumps as journal_dumps
 from apmatrixd.kernel import HostSnapshot, Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Service
 from apmatrixd.service.executor import Command
@@ -89,6 +93,24 @@ def test_files_are_the_bytes_json_writes(data: dict[str, object]) -> None:
     assert encode(data) == (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(), JSON))
+def test_an_intent_is_the_text_json_writes(data: dict[str, Any]) -> None:
+    """The journal's encoder (made once) writes what json.dumps(sort_keys=True) does."""
+    assert journal_dumps(data) == json.dumps(data, sort_keys=True)
+
+
+def test_an_intent_that_is_not_json_is_refused() -> None:
+    with pytest.raises(TypeError, match="type set is not JSON serializable"):
+        journal_dumps({"a": {1}})
+
+
 @pytest.mark.parametrize("step", ["open", "write", "write-more", "fsync", "rename", "fsync-dir"])
 def test_a_crash_at_any_step_leaves_the_old_or_the_new_file(tmp_path: Path, step: str) -> None:
     target = tmp_path / "f.json"
@@ -113,6 +135,27 @@ def test_a_temp_file_left_by_a_real_kill_is_cleaned_on_load(tmp_path: Path) -> N
     got = s.load()
     assert list(got.matrices) == [G1] and got.set_aside == []
     assert not leftover.exists()
+
+
+def test_a_state_directory_removed_under_the_store_is_made_again(tmp_path: Path) -> None:
+    """The directories are written through kept descriptors; one removed meanwhile (rm -rf
+    by an admin) must not swallow the next write into a directory no path leads to."""
+    import shutil
+
+    root = tmp_path / "state"
+    s = Store(root)
+    s.load()
+    s.write_matrix(SM)
+    shutil.rmtree(root / "matrices")
+    s.write_matrix(SM)
+    assert json.loads((root / "matrices" / f"{G1}.json").read_text())["uuid"] == G1
+    shutil.rmtree(root)
+    s.write_reservations(Reservations(frozenset({5})))
+    s.write_matrix(SM)
+    assert Store(root).load().matrices == {G1: SM}
+    assert Store(root).load().reservations.reserved_adapters == {5}
+    s.remove_matrix(G1)
+    assert os.listdir(root / "matrices") == []
 
 
 def damage(path: Path, how: str) -> str:
