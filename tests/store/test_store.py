@@ -8,16 +8,12 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from apmatrixd.core import Apqn, Conflict
 from apmatrixd.core.errors import NotManaged
 from apmatrixd.journal import Journal
-from apmatrixd.journal import dumps as journal_dumps
 from apmatrixd.kernel import HostSnapshot, Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Service
 from apmatrixd.service.executor import Command
@@ -91,24 +87,6 @@ def test_files_are_the_bytes_json_writes(data: dict[str, object]) -> None:
     """Stored files are written by our own line writer: byte for byte what json's indenting
     encoder writes (the documented format), escapes and empty lists included."""
     assert encode(data) == (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-
-
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
-    max_leaves=20,
-)
-
-
-@given(st.dictionaries(st.text(), JSON))
-def test_an_intent_is_the_text_json_writes(data: dict[str, Any]) -> None:
-    """The journal's encoder (made once) writes what json.dumps(sort_keys=True) does."""
-    assert journal_dumps(data) == json.dumps(data, sort_keys=True)
-
-
-def test_an_intent_that_is_not_json_is_refused() -> None:
-    with pytest.raises(TypeError, match="type set is not JSON serializable"):
-        journal_dumps({"a": {1}})
 
 
 @pytest.mark.parametrize("step", ["open", "write", "write-more", "fsync", "rename", "fsync-dir"])
