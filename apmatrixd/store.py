@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
@@ -349,6 +350,12 @@ def durable_unlink(
         os.close(dirfd)
 
 
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def kill_fault_from_env() -> Fault | None:
     """The test hook of :data:`KILL_ENV`: a fault that SIGKILLs this process at step N."""
     text = os.environ.get(KILL_ENV, "")
@@ -392,6 +399,7 @@ class Store:
         self.journal = Journal(self.root, fault=self.fault)
         self._root_fd = -1
         self._matrices_fd = -1
+        self._closer: weakref.finalize | None = None
 
     @property
     def matrices_dir(self) -> Path:
@@ -431,13 +439,15 @@ class Store:
             os.close(root)
             raise
         self._root_fd, self._matrices_fd = root, matrices
+        # Closed with the Store too: a process that makes many (tests, tools) keeps none.
+        self._closer = weakref.finalize(self, _close_fds, root, matrices)
         return root, matrices
 
     def close_dirs(self) -> None:
         """Let go of the kept directory descriptors (they are opened again when needed)."""
-        for fd in (self._root_fd, self._matrices_fd):
-            if fd >= 0:
-                os.close(fd)
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
         self._root_fd = self._matrices_fd = -1
 
     def _put_matrix(self, uuid: str, rec: StoredMatrix | None, sync: bool) -> None:

@@ -719,3 +719,15 @@ def test_a_remove_cut_before_its_mdev_went_is_undone_at_start(tmp_path: Path) ->
     m = svc2.matrix(G1)  # back as it was: ours, named, autostart, live; nothing was written
     assert (m.name, m.autostart, m.adopted, m.state) == ("g", True, False, "active")
     assert (tmp_path / "matrices" / f"{G1}.json").exists() and svc2.startup_drift == []
+
+
+def test_a_store_let_go_keeps_no_descriptor(tmp_path: Path) -> None:
+    """The kept directory descriptors go with the Store: a process that makes many (the
+    test suites, tools) does not run out of descriptors."""
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        s = Store(tmp_path)
+        s.write_reservations(Reservations())
+        s.journal.close()
+        del s
+    assert set(os.listdir("/proc/self/fd")) == before
