@@ -20,7 +20,7 @@ for that long), so a small burst is handled at once and a storm is still absorbe
 batches. A burst that is nothing but cards flipping ``config`` is handed over as soon as
 every queue it must bring has come (:class:`ConfigFlips`). While a large burst is being
 absorbed, ``on_settling(True)`` is called once, and ``on_settling(False)`` once it has been
-handled.
+handled; a few cards' flips are not large, whatever their queues (:data:`FEW_FLIPS`).
 """
 
 from __future__ import annotations
@@ -150,6 +150,10 @@ def classify_parts(
     return None
 
 
+FEW_FLIPS = 4
+"""A burst of at most this many cards flipping ``config`` (:class:`ConfigFlips`) is no storm,
+however many queues they have: its end is known by the count, and it is handed over then."""
+
 QUEUE_LIMIT = 16
 """Beyond this many queues of one card named in a burst, the whole card is read again."""
 
@@ -264,15 +268,10 @@ class ConfigFlips:
     window.
     """
 
-    __slots__ = ("_left", "_on_card", "_other", "_queues")
+    __slots__ = ("_left", "_other", "_queues")
 
-    def __init__(
-        self,
-        queues: Callable[[int], frozenset[int] | None],
-        on_card: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, queues: Callable[[int], frozenset[int] | None]) -> None:
         self._queues = queues  # the queues a card is known to have; None: card not known
-        self._on_card = on_card  # told of each card whose flip starts the burst's part
         self._left: dict[int, set[int]] = {}  # card -> queues still to report
         self._other = False
 
@@ -285,8 +284,6 @@ class ConfigFlips:
                 known = self._queues(a)
                 if known is not None:
                     self._left[a] = set(known)
-                    if self._on_card is not None:
-                        self._on_card(a)
                     return
             elif e.kind == "queue" and (d := e.domain) is not None and d in self._left.get(a, ()):
                 self._left[a].discard(d)
@@ -300,6 +297,11 @@ class ConfigFlips:
     def complete(self) -> bool:
         """Every card of the burst has had all its queues' flips, and nothing else came."""
         return not self._other and bool(self._left) and not any(self._left.values())
+
+    @property
+    def few(self) -> bool:
+        """So far only the flips of at most :data:`FEW_FLIPS` known cards, complete or not."""
+        return not self._other and 0 < len(self._left) <= FEW_FLIPS
 
     @property
     def cards(self) -> frozenset[int]:
@@ -331,16 +333,12 @@ class EventPump:
         storm: int = 64,
         on_settling: Callable[[bool], None] | None = None,
         queues: Callable[[int], frozenset[int] | None] | None = None,
-        on_flip: Callable[[int], None] | None = None,
     ) -> None:
         self.loop = loop
         # The queues the daemon knows a card to have (None: not known): see ConfigFlips.
         self.queues: Callable[[int], frozenset[int] | None] = (
             queues if queues is not None else lambda _a: None
         )
-        # Told of a card whose config flip starts (its own uevent, before its queues'): its
-        # state is final then, so it can be read while the queues' uevents still arrive.
-        self.on_flip = on_flip
         self.handler = handler
         self.settle = settle
         self.settle_min = min(settle_min, settle)
@@ -348,7 +346,7 @@ class EventPump:
         self.storm = storm
         self.on_settling = on_settling
         self.scope = Scope()
-        self.flips = ConfigFlips(self.queues, self._flip_started)
+        self.flips = ConfigFlips(self.queues)
         self.lost = False
         self.settling = False
         self.received = 0
@@ -402,9 +400,12 @@ class EventPump:
             return
         now = self.loop.time()
         # A handful of events is over in milliseconds: flipping Settling for it would only
-        # add signals. A storm is many events, or a burst still going after half max_delay.
+        # add signals (two, around the batch's), and so is a card's config flip with its 85
+        # or 256 queues. A storm is many other events, or a burst still going after half
+        # max_delay.
         long = now - self._first > self.max_delay / 2
-        if not self.settling and (self.pending >= self.storm or long):
+        many = self.pending >= self.storm and not self.flips.few
+        if not self.settling and (many or long):
             self._set_settling(True)
         deadline = min(now + self.window(now), self._first + self.max_delay)
         if self._timer is not None:
@@ -433,7 +434,7 @@ class EventPump:
         scope, lost = self.scope, self.lost
         scope.flipped = self.flips.cards
         self.scope, self.lost = Scope(), False
-        self.flips = ConfigFlips(self.queues, self._flip_started)
+        self.flips = ConfigFlips(self.queues)
         n = scope.events
         if n or lost:
             started = time.monotonic()
@@ -467,13 +468,6 @@ class EventPump:
             )
         if self.settling and not self.pending and not self._waiting:
             self._set_settling(False)
-
-    def _flip_started(self, adapter: int) -> None:
-        if self.on_flip is not None:
-            try:
-                self.on_flip(adapter)
-            except Exception:
-                log.exception("flip listener failed")
 
     def _absorbed(self, _fut: asyncio.Future[Any]) -> None:
         self._waiting -= 1
