@@ -97,11 +97,11 @@ def two_guests(svc: Service) -> None:
 def test_classify() -> None:
     e = classify({"ACTION": "change", "DEVPATH": "/devices/ap/card05", "SUBSYSTEM": "ap",
                   "CONFIG": "0", "SEQNUM": "7"})  # fmt: skip
-    assert e == ApEvent("change", "card", "/devices/ap/card05", adapter=5, config=False, seqnum=7)
+    assert e == ApEvent("change", "card", "/devices/ap/card05", adapter=5, config=False)
     q = classify({"ACTION": "bind", "DEVPATH": "/devices/ap/card05/05.00ab", "SUBSYSTEM": "ap",
                   "DRIVER": "vfio_ap"})  # fmt: skip
     assert q is not None
-    assert (q.kind, q.adapter, q.domain, q.driver) == ("queue", 5, 0xAB, "vfio_ap")
+    assert (q.action, q.kind, q.adapter, q.domain) == ("bind", "queue", 5, 0xAB)
     root = classify({"ACTION": "change", "DEVPATH": "/devices/ap", "SUBSYSTEM": "ap",
                      "APMASK": "0x00\n"})  # fmt: skip
     assert root is not None and root.kind == "bus" and root.mask
