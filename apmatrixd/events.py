@@ -160,7 +160,7 @@ class Scope:
     sets of small ints, not 65,792 objects held until the burst is handled.
     """
 
-    cards: set[int] = field(default_factory=set)  # the card's type, online, config
+    cards: set[int] = field(default_factory=set)  # the card's online, config (not its type)
     whole: set[int] = field(default_factory=set)  # the card with every queue and driver
     named: dict[int, set[int]] = field(default_factory=dict)  # card -> queues added/bound/...
     everything: bool = False  # events were lost, or vfio_ap itself changed

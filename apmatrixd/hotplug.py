@@ -99,7 +99,7 @@ class HotPlug:
         self._queued_future: asyncio.Future[Changes] | None = None
         # Cards of a flip read as the burst is handed over, for the resync waiting its turn.
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
-        self._queued_early: dict[int, Callable[[], tuple[str, bool, bool] | None]] = {}
+        self._queued_early: dict[int, Callable[[], tuple[bool, bool] | None]] = {}
         self.early_reads = 0
         self._retry: asyncio.TimerHandle | None = None
         self._recheck: asyncio.TimerHandle | None = None
@@ -131,9 +131,7 @@ class HotPlug:
             self._queued_early = self._read_early(sorted(s.flipped)[:EARLY_CARDS])
         return self.submit(s)
 
-    def _read_early(
-        self, cards: list[int]
-    ) -> dict[int, Callable[[], tuple[str, bool, bool] | None]]:
+    def _read_early(self, cards: list[int]) -> dict[int, Callable[[], tuple[bool, bool] | None]]:
         """Start reading these cards' states off the loop; what the resync calls to take each
         (it waits for the reading if need be)."""
         if self._closed:
@@ -186,7 +184,7 @@ class HotPlug:
         return self._resync(s, early)
 
     def _resync(
-        self, s: Scope, early: dict[int, Callable[[], tuple[str, bool, bool] | None]]
+        self, s: Scope, early: dict[int, Callable[[], tuple[bool, bool] | None]]
     ) -> Command[Changes]:
         self.resyncs += 1
         only = last = None

@@ -241,12 +241,12 @@ def test_a_card_is_read_in_a_thread_of_its_own_only_for_its_flip_whole(
         real = k.read_card
         reads: list[tuple[int, bool]] = []
 
-        def read_card(adapter: int) -> tuple[str, bool, bool] | None:
+        def read_card(adapter: int) -> tuple[bool, bool] | None:
             early = threading.current_thread().name.startswith("apmatrixd-early")
             reads.append((adapter, early))
             state = real(adapter)
             if early and state is not None:  # marked, as if read before some later change
-                return (state[0], False, state[2])
+                return (False, state[1])
             return state
 
         monkeypatch.setattr(k, "read_card", read_card)
@@ -264,6 +264,35 @@ def test_a_card_is_read_in_a_thread_of_its_own_only_for_its_flip_whole(
         assert reads == [(5, False)] and r.hp.stats()["early_reads"] == 1
         assert r.svc.adapter(5).online
         assert r.svc.adapter(5).configured and r.svc.matrix(G1).state == "active"
+
+    run("default", body)
+
+
+def test_a_cards_flip_reads_its_online_and_config_not_its_type() -> None:
+    """A card's own uevents change its online and config, never its type (the bus re-creates
+    a card whose type changes: remove and add, a whole read): a flip reads those two
+    attributes of the card, and the adapter keeps its type and mode."""
+
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        before = r.svc.adapter(5)
+        io = r.svc.kernel.io
+        real = io.read_in
+        card_reads: list[tuple[str, ...]] = []
+
+        def read_in(directory: str, names: Any) -> dict[str, str | None]:
+            if directory == "devices/ap/card05":
+                card_reads.append(tuple(names))
+            return real(directory, names)
+
+        io.read_in = read_in  # type: ignore[method-assign]
+        for value in ("0", "1"):
+            r.write("devices/ap/card05/config", value)
+            await r.idle()
+            assert r.svc.adapter(5).configured is (value == "1")
+        assert card_reads == [("online", "config")] * 2
+        after = r.svc.adapter(5)
+        assert (after.type, after.mode) == (before.type, before.mode) and before.type
 
     run("default", body)
 
@@ -320,7 +349,7 @@ def test_a_flipped_cards_holders_are_read_while_the_card_is(
         views = threading.Event()
         waited: list[bool] = []
 
-        def read_card(adapter: int) -> tuple[str, bool, bool] | None:
+        def read_card(adapter: int) -> tuple[bool, bool] | None:
             if threading.current_thread().name.startswith("apmatrixd-early"):
                 waited.append(views.wait(5))
             return real_card(adapter)

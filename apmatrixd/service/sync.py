@@ -120,7 +120,7 @@ def read_adapters(
     whole: set[int],
     named: dict[int, set[int]],
     everything: bool,
-    early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
+    early: Mapping[int, Callable[[], tuple[bool, bool] | None]] | None = None,
 ) -> dict[int, AdapterInfo] | None:
     """The cards as they are now: ``known`` with the ``cards`` (state), ``whole`` cards and
     ``named`` queues read again; ``early``: card states read already (:func:`resync`)."""
@@ -150,8 +150,8 @@ def read_adapters(
         if state is None:
             fresh.pop(a, None)
             continue
-        kind, online, configured = state
-        fresh[a] = replace(fresh[a], type=kind, online=online, configured=configured)
+        online, configured = state
+        fresh[a] = replace(fresh[a], online=online, configured=configured)
     return fresh
 
 
@@ -278,7 +278,7 @@ def resync(
     last_read: Mapping[str, MdevInfo] | None = None,
     guests_only: bool = False,
     on_late: Callable[[frozenset[int]], None] | None = None,
-    early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
+    early: Mapping[int, Callable[[], tuple[bool, bool] | None]] | None = None,
     rescan: bool = False,
 ) -> Command[Changes]:
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
