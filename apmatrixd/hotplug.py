@@ -15,7 +15,7 @@ uevent, then one per queue, by the kernel's order) has its cards read in a threa
 as soon as it is handed over, while the worker reads their holders' guest views, which do not
 depend on that reading where the kernel gives them (``guest_matrix``): two round trips through
 sysfs at once instead of one after the other. Not while the queues' uevents still come: that
-thread then took the interpreter from the loop draining them, ~35 us a uevent. A burst that
+thread then took the interpreter from the loop draining them, ~20 us a uevent. A burst that
 merges into a resync still waiting its turn reads its cards there, as ever.
 """
 
