@@ -20,7 +20,7 @@ for that long), so a small burst is handled at once and a storm is still absorbe
 batches. A burst that is nothing but cards flipping ``config`` is handed over as soon as
 every queue it must bring has come (:class:`ConfigFlips`). While a large burst is being
 absorbed, ``on_settling(True)`` is called once, and ``on_settling(False)`` once it has been
-handled.
+handled; a few cards' flips are not large, whatever their queues (:data:`FEW_FLIPS`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,10 @@ RECEIVE_BUFFER = 128 * 1024 * 1024
 Kind = Literal["bus", "card", "queue", "matrix", "mdev"]
 
 
-@dataclass(frozen=True, slots=True)
-class ApEvent:
-    """One uevent, reduced to what the daemon acts on."""
+class ApEvent(NamedTuple):
+    """One uevent, reduced to what the daemon acts on (which driver a queue went to is read
+    from sysfs, and the order is the socket's: DRIVER= and SEQNUM= are not kept). A tuple:
+    one is made per uevent, 86 for a card back, and a frozen dataclass costs 3x as much."""
 
     action: str  # add | remove | change | bind | unbind | ...
     kind: Kind
@@ -60,11 +61,9 @@ class ApEvent:
     uuid: str | None = None  # mdev events
     config: bool | None = None  # CONFIG=0/1
     online: bool | None = None  # ONLINE=0/1
-    driver: str | None = None  # DRIVER= while bound
     mask: bool = False  # APMASK= / AQMASK= on the bus root: the host pool moved
     bindings: bool = False  # BINDINGS=complete on the bus root: every queue has its driver
     mdev_state: str | None = None  # MDEV_STATE= on the matrix device (vfio_ap (un)loaded)
-    seqnum: int = 0
 
 
 def _flag(value: str | None) -> bool | None:
@@ -87,27 +86,23 @@ def classify(props: Mapping[str, str]) -> ApEvent | None:
 
     None for anything that is not ours (another subsystem, a devpath we do not know).
     """
-    seq = props.get("SEQNUM") or "0"
     return classify_parts(
         props.get("ACTION") or "",
         props.get("DEVPATH") or "",
         props.get("SUBSYSTEM") or "",
-        int(seq) if seq.isdigit() else 0,
-        props.get("DRIVER"),
         props.get,
     )
 
 
 def classify_device(device: Any) -> ApEvent | None:
     """A pyudev ``Device`` from the monitor as an event: the fields libudev keeps apart
-    (action, devpath, subsystem, seqnum, driver) from its attributes, only the others looked
-    up among its properties; each lookup there costs a few us, times 86 for one card back."""
+    (action, devpath, subsystem) from its attributes, only the others looked up among its
+    properties. Each is a call into libudev and a decode, ~1.5 us, times 86 for one card
+    back: no more of them than the event needs."""
     return classify_parts(
         device.action or "",
         device.device_path or "",
         device.subsystem or "",
-        device.sequence_number or 0,
-        device.driver,
         device.properties.get,
     )
 
@@ -116,8 +111,6 @@ def classify_parts(
     action: str,
     devpath: str,
     subsystem: str,
-    seqnum: int,
-    driver: str | None,
     get: Callable[[str], str | None],
 ) -> ApEvent | None:
     """:func:`classify` of a uevent's fields; ``get`` looks up any other property."""
@@ -126,29 +119,32 @@ def classify_parts(
         if devpath == "/devices/ap":
             mask = get("APMASK") is not None or get("AQMASK") is not None
             bindings = get("BINDINGS") == "complete"
-            return ApEvent(action, "bus", devpath, mask=mask, bindings=bindings, seqnum=seqnum)
+            return ApEvent(action, "bus", devpath, mask=mask, bindings=bindings)
+        kind: Kind
+        if len(name) == 6 and name.startswith("card"):
+            kind, a, d = "card", _hex(name[4:]), None
+            if a is None:
+                return None
+        elif len(name) == 7 and name[2] == ".":
+            kind, a, d = "queue", _hex(name[:2]), _hex(name[3:])
+            if a is None or d is None:
+                return None
+        else:
+            return None
         config = _flag(get("CONFIG"))
-        common: dict[str, Any] = {
-            "config": config,
-            # The kernel sends CONFIG= and ONLINE= in uevents of their own (kernel-facts 3.1).
-            "online": _flag(get("ONLINE")) if config is None else None,
-            "driver": driver or None,
-            "seqnum": seqnum,
-        }
-        if len(name) == 6 and name.startswith("card") and (a := _hex(name[4:])) is not None:
-            return ApEvent(action, "card", devpath, adapter=a, **common)
-        if len(name) == 7 and name[2] == ".":
-            a, d = _hex(name[:2]), _hex(name[3:])
-            if a is not None and d is not None:
-                return ApEvent(action, "queue", devpath, adapter=a, domain=d, **common)
-        return None
+        # The kernel sends CONFIG= and ONLINE= in uevents of their own (kernel-facts 3.1).
+        online = _flag(get("ONLINE")) if config is None else None
+        return ApEvent(action, kind, devpath, adapter=a, domain=d, config=config, online=online)
     if subsystem in ("matrix", "ap_matrix") and name == "matrix":
-        state = get("MDEV_STATE") or None
-        return ApEvent(action, "matrix", devpath, mdev_state=state, seqnum=seqnum)
+        return ApEvent(action, "matrix", devpath, mdev_state=get("MDEV_STATE") or None)
     if subsystem == "mdev" and len(name) == 36:
-        return ApEvent(action, "mdev", devpath, uuid=name.lower(), seqnum=seqnum)
+        return ApEvent(action, "mdev", devpath, uuid=name.lower())
     return None
 
+
+FEW_FLIPS = 4
+"""A burst of at most this many cards flipping ``config`` (:class:`ConfigFlips`) is no storm,
+however many queues they have: its end is known by the count, and it is handed over then."""
 
 QUEUE_LIMIT = 16
 """Beyond this many queues of one card named in a burst, the whole card is read again."""
@@ -164,7 +160,7 @@ class Scope:
     sets of small ints, not 65,792 objects held until the burst is handled.
     """
 
-    cards: set[int] = field(default_factory=set)  # the card's type, online, config
+    cards: set[int] = field(default_factory=set)  # the card's online, config (not its type)
     whole: set[int] = field(default_factory=set)  # the card with every queue and driver
     named: dict[int, set[int]] = field(default_factory=dict)  # card -> queues added/bound/...
     everything: bool = False  # events were lost, or vfio_ap itself changed
@@ -264,15 +260,10 @@ class ConfigFlips:
     window.
     """
 
-    __slots__ = ("_left", "_on_card", "_other", "_queues")
+    __slots__ = ("_left", "_other", "_queues")
 
-    def __init__(
-        self,
-        queues: Callable[[int], frozenset[int] | None],
-        on_card: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, queues: Callable[[int], frozenset[int] | None]) -> None:
         self._queues = queues  # the queues a card is known to have; None: card not known
-        self._on_card = on_card  # told of each card whose flip starts the burst's part
         self._left: dict[int, set[int]] = {}  # card -> queues still to report
         self._other = False
 
@@ -285,8 +276,6 @@ class ConfigFlips:
                 known = self._queues(a)
                 if known is not None:
                     self._left[a] = set(known)
-                    if self._on_card is not None:
-                        self._on_card(a)
                     return
             elif e.kind == "queue" and (d := e.domain) is not None and d in self._left.get(a, ()):
                 self._left[a].discard(d)
@@ -300,6 +289,11 @@ class ConfigFlips:
     def complete(self) -> bool:
         """Every card of the burst has had all its queues' flips, and nothing else came."""
         return not self._other and bool(self._left) and not any(self._left.values())
+
+    @property
+    def few(self) -> bool:
+        """So far only the flips of at most :data:`FEW_FLIPS` known cards, complete or not."""
+        return not self._other and 0 < len(self._left) <= FEW_FLIPS
 
     @property
     def cards(self) -> frozenset[int]:
@@ -331,16 +325,12 @@ class EventPump:
         storm: int = 64,
         on_settling: Callable[[bool], None] | None = None,
         queues: Callable[[int], frozenset[int] | None] | None = None,
-        on_flip: Callable[[int], None] | None = None,
     ) -> None:
         self.loop = loop
         # The queues the daemon knows a card to have (None: not known): see ConfigFlips.
         self.queues: Callable[[int], frozenset[int] | None] = (
             queues if queues is not None else lambda _a: None
         )
-        # Told of a card whose config flip starts (its own uevent, before its queues'): its
-        # state is final then, so it can be read while the queues' uevents still arrive.
-        self.on_flip = on_flip
         self.handler = handler
         self.settle = settle
         self.settle_min = min(settle_min, settle)
@@ -348,7 +338,7 @@ class EventPump:
         self.storm = storm
         self.on_settling = on_settling
         self.scope = Scope()
-        self.flips = ConfigFlips(self.queues, self._flip_started)
+        self.flips = ConfigFlips(self.queues)
         self.lost = False
         self.settling = False
         self.received = 0
@@ -402,9 +392,12 @@ class EventPump:
             return
         now = self.loop.time()
         # A handful of events is over in milliseconds: flipping Settling for it would only
-        # add signals. A storm is many events, or a burst still going after half max_delay.
+        # add signals (two, around the batch's), and so is a card's config flip with its 85
+        # or 256 queues. A storm is many other events, or a burst still going after half
+        # max_delay.
         long = now - self._first > self.max_delay / 2
-        if not self.settling and (self.pending >= self.storm or long):
+        many = self.pending >= self.storm and not self.flips.few
+        if not self.settling and (many or long):
             self._set_settling(True)
         deadline = min(now + self.window(now), self._first + self.max_delay)
         if self._timer is not None:
@@ -433,7 +426,7 @@ class EventPump:
         scope, lost = self.scope, self.lost
         scope.flipped = self.flips.cards
         self.scope, self.lost = Scope(), False
-        self.flips = ConfigFlips(self.queues, self._flip_started)
+        self.flips = ConfigFlips(self.queues)
         n = scope.events
         if n or lost:
             started = time.monotonic()
@@ -467,13 +460,6 @@ class EventPump:
             )
         if self.settling and not self.pending and not self._waiting:
             self._set_settling(False)
-
-    def _flip_started(self, adapter: int) -> None:
-        if self.on_flip is not None:
-            try:
-                self.on_flip(adapter)
-            except Exception:
-                log.exception("flip listener failed")
 
     def _absorbed(self, _fut: asyncio.Future[Any]) -> None:
         self._waiting -= 1

@@ -10,10 +10,13 @@ to 30 s) until one succeeds. Cards whose holders' guest views still contradicted
 a resync (vfio_ap updates guest views when its scan is over, and says so with no uevent) are
 read again with their holders once, ``settle`` later.
 
-A card's state is final when its own uevent is sent, before its queues' (the kernel's order
-for a ``config`` flip): it is read in a thread of its own as soon as that uevent comes, while
-the queues' uevents still arrive, and the burst's resync takes that reading if the burst was
-that flip whole (:attr:`~apmatrixd.events.Scope.flipped`); otherwise it is read as ever.
+A burst that is a ``config`` flip whole (:attr:`~apmatrixd.events.Scope.flipped`: the card's
+uevent, then one per queue, by the kernel's order) has its cards read in a thread of its own
+as soon as it is handed over, while the worker reads their holders' guest views, which do not
+depend on that reading where the kernel gives them (``guest_matrix``): two round trips through
+sysfs at once instead of one after the other. Not while the queues' uevents still come: that
+thread then took the interpreter from the loop draining them, ~20 us a uevent. A burst that
+merges into a resync still waiting its turn reads its cards there, as ever.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ __all__ = ["MANAGER", "HotPlug", "drift_text", "scope_of"]
 log = logging.getLogger(__name__)
 
 EARLY_CARDS = 4
-"""A burst's first cards flipping are read as their uevents come; beyond, it is a storm."""
+"""Of a burst of cards flipping, the first are read in a thread of their own; the others with
+the rest of the resync (a storm's start)."""
 
 RETRY_FIRST = 0.1
 RETRY_MAX = 30.0
@@ -82,7 +86,6 @@ class HotPlug:
             storm=storm,
             on_settling=service.set_settling,
             queues=self._queues_of,
-            on_flip=self._read_early,
         )
         self.rescan_interval = rescan_interval
         self.sources: list[Source] = []
@@ -94,10 +97,9 @@ class HotPlug:
         self._timer: asyncio.Task[None] | None = None
         self._queued: Scope | None = None
         self._queued_future: asyncio.Future[Changes] | None = None
-        # Cards read as their flip's uevent came: this burst's, then the waiting resync's.
+        # Cards of a flip read as the burst is handed over, for the resync waiting its turn.
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
-        self._early: dict[int, concurrent.futures.Future[tuple[str, bool, bool] | None]] = {}
-        self._queued_early: dict[int, Callable[[], tuple[str, bool, bool] | None]] = {}
+        self._queued_early: dict[int, Callable[[], tuple[bool, bool] | None]] = {}
         self.early_reads = 0
         self._retry: asyncio.TimerHandle | None = None
         self._recheck: asyncio.TimerHandle | None = None
@@ -124,20 +126,21 @@ class HotPlug:
         if self.rescan_interval > 0 and self._timer is None:
             self._timer = asyncio.ensure_future(self._rescan_loop())
 
-    def _read_early(self, adapter: int) -> None:
-        """The pump saw card ``adapter``'s own flip uevent: read its state now, off the loop."""
-        if self._closed or len(self._early) >= EARLY_CARDS:
-            return
+    def on_batch(self, s: Scope) -> asyncio.Future[Changes]:
+        if self._queued is None and s.flipped:  # else merged: read with the rest, in its turn
+            self._queued_early = self._read_early(sorted(s.flipped)[:EARLY_CARDS])
+        return self.submit(s)
+
+    def _read_early(self, cards: list[int]) -> dict[int, Callable[[], tuple[bool, bool] | None]]:
+        """Start reading these cards' states off the loop; what the resync calls to take each
+        (it waits for the reading if need be)."""
+        if self._closed:
+            return {}
         if self._reader is None:
             self._reader = concurrent.futures.ThreadPoolExecutor(1, "apmatrixd-early")
-        self._early[adapter] = self._reader.submit(self.service.kernel.read_card, adapter)
-        self.early_reads += 1
-
-    def on_batch(self, s: Scope) -> asyncio.Future[Changes]:
-        early, self._early = self._early, {}
-        if self._queued is None:  # merged into a waiting one, they may predate its events
-            self._queued_early = {a: early[a].result for a in s.flipped if a in early}
-        return self.submit(s)
+        read = self.service.kernel.read_card
+        self.early_reads += len(cards)
+        return {a: self._reader.submit(read, a).result for a in cards}
 
     def rescan(self) -> asyncio.Future[Changes]:
         """The slow timer: a slice of the mdevs, mdevctl's directory, and the host pool where
@@ -181,7 +184,7 @@ class HotPlug:
         return self._resync(s, early)
 
     def _resync(
-        self, s: Scope, early: dict[int, Callable[[], tuple[str, bool, bool] | None]]
+        self, s: Scope, early: dict[int, Callable[[], tuple[bool, bool] | None]]
     ) -> Command[Changes]:
         self.resyncs += 1
         only = last = None

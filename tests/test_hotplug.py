@@ -27,7 +27,7 @@ from rigs import need_tool, unavailable
 
 from apmatrixd import hotplug
 from apmatrixd.core import Apqn, HostOwned
-from apmatrixd.events import ApEvent, EventPump, Scope, SimSource, classify
+from apmatrixd.events import FEW_FLIPS, ApEvent, EventPump, Scope, SimSource, classify
 from apmatrixd.hotplug import HotPlug, drift_text, scope_of
 from apmatrixd.kernel import Kernel, KernelError, MdevInfo, TreeSysfs
 from apmatrixd.service import Changes, Service, ops
@@ -97,11 +97,11 @@ def two_guests(svc: Service) -> None:
 def test_classify() -> None:
     e = classify({"ACTION": "change", "DEVPATH": "/devices/ap/card05", "SUBSYSTEM": "ap",
                   "CONFIG": "0", "SEQNUM": "7"})  # fmt: skip
-    assert e == ApEvent("change", "card", "/devices/ap/card05", adapter=5, config=False, seqnum=7)
+    assert e == ApEvent("change", "card", "/devices/ap/card05", adapter=5, config=False)
     q = classify({"ACTION": "bind", "DEVPATH": "/devices/ap/card05/05.00ab", "SUBSYSTEM": "ap",
                   "DRIVER": "vfio_ap"})  # fmt: skip
     assert q is not None
-    assert (q.kind, q.adapter, q.domain, q.driver) == ("queue", 5, 0xAB, "vfio_ap")
+    assert (q.action, q.kind, q.adapter, q.domain) == ("bind", "queue", 5, 0xAB)
     root = classify({"ACTION": "change", "DEVPATH": "/devices/ap", "SUBSYSTEM": "ap",
                      "APMASK": "0x00\n"})  # fmt: skip
     assert root is not None and root.kind == "bus" and root.mask
@@ -225,13 +225,13 @@ def test_card_config_off_and_on_degrades_and_restores(scenario: str) -> None:
     run(scenario, body)
 
 
-def test_a_card_is_read_as_its_flip_comes_and_that_reading_is_taken_only_for_the_flip_whole(
+def test_a_card_is_read_in_a_thread_of_its_own_only_for_its_flip_whole(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A card's state is final when its own config uevent is sent: it is read then, in a
-    thread, while its queues' uevents still come, and the resync takes that reading. A burst
-    that is more than that flip (here the card flips back within it) reads the card again:
-    the early reading may predate the rest (here it is marked: it says the card is offline)."""
+    """A burst that is a card's config flip whole has the card read in a thread of its own as
+    the burst is handed over, and the resync takes that reading (here it is marked: it says
+    the card is offline). A burst that is more than that flip (here the card flips back within
+    it) has it read with the rest of the resync, as ever."""
 
     async def body(r: Rig) -> None:
         two_guests(r.svc)
@@ -241,19 +241,19 @@ def test_a_card_is_read_as_its_flip_comes_and_that_reading_is_taken_only_for_the
         real = k.read_card
         reads: list[tuple[int, bool]] = []
 
-        def read_card(adapter: int) -> tuple[str, bool, bool] | None:
+        def read_card(adapter: int) -> tuple[bool, bool] | None:
             early = threading.current_thread().name.startswith("apmatrixd-early")
             reads.append((adapter, early))
             state = real(adapter)
             if early and state is not None:  # marked, as if read before some later change
-                return (state[0], False, state[2])
+                return (False, state[1])
             return state
 
         monkeypatch.setattr(k, "read_card", read_card)
         r.seen.clear()
         r.write("devices/ap/card05/config", "1")
         await r.idle()
-        assert reads == [(5, True)]  # read once, as its uevent came; not again after
+        assert reads == [(5, True)]  # read once, in that thread; not again after
         assert r.hp.stats()["early_reads"] == 1 and len(r.seen) == 1
         assert not r.svc.adapter(5).online  # that reading was taken
         assert r.svc.matrix(G1).state == "active" and r.svc.adapter(5).configured
@@ -261,9 +261,38 @@ def test_a_card_is_read_as_its_flip_comes_and_that_reading_is_taken_only_for_the
         r.write("devices/ap/card05/config", "0")
         r.write("devices/ap/card05/config", "1")  # one burst: not a flip whole
         await r.idle()
-        assert (5, True) in reads and (5, False) in reads  # the early one was not taken
+        assert reads == [(5, False)] and r.hp.stats()["early_reads"] == 1
         assert r.svc.adapter(5).online
         assert r.svc.adapter(5).configured and r.svc.matrix(G1).state == "active"
+
+    run("default", body)
+
+
+def test_a_cards_flip_reads_its_online_and_config_not_its_type() -> None:
+    """A card's own uevents change its online and config, never its type (the bus re-creates
+    a card whose type changes: remove and add, a whole read): a flip reads those two
+    attributes of the card, and the adapter keeps its type and mode."""
+
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        before = r.svc.adapter(5)
+        io = r.svc.kernel.io
+        real = io.read_in
+        card_reads: list[tuple[str, ...]] = []
+
+        def read_in(directory: str, names: Any) -> dict[str, str | None]:
+            if directory == "devices/ap/card05":
+                card_reads.append(tuple(names))
+            return real(directory, names)
+
+        io.read_in = read_in  # type: ignore[method-assign]
+        for value in ("0", "1"):
+            r.write("devices/ap/card05/config", value)
+            await r.idle()
+            assert r.svc.adapter(5).configured is (value == "1")
+        assert card_reads == [("online", "config")] * 2
+        after = r.svc.adapter(5)
+        assert (after.type, after.mode) == (before.type, before.mode) and before.type
 
     run("default", body)
 
@@ -280,9 +309,10 @@ type = "CEX8C"
 """
 
 
-def test_only_a_bursts_first_cards_are_read_as_their_flips_come(tmp_path: Path) -> None:
-    """Six cards flipping at once is a storm's start: the first EARLY_CARDS are read as their
-    uevents come, the others after the burst, as ever; all six end as the kernel says."""
+def test_only_a_bursts_first_cards_are_read_in_a_thread_of_their_own(tmp_path: Path) -> None:
+    """Six cards flipping at once is a storm's start: the first EARLY_CARDS are read in a
+    thread of their own, the others with the rest of the resync; all six end as the kernel
+    says."""
     scenario = tmp_path / "six.toml"
     scenario.write_text(SIX_CARDS)
 
@@ -296,6 +326,51 @@ def test_only_a_bursts_first_cards_are_read_as_their_flips_come(tmp_path: Path) 
         assert r.hp.pump.batches == 2
 
     run(str(scenario), body)
+
+
+def test_a_flipped_cards_holders_are_read_while_the_card_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A card's flip whole: its holders' guest views are read while the card is read in its
+    own thread, not after (here the card's reading waits for the views: read one after the
+    other, it would wait in vain). The card leaving again in between is caught as any
+    contradiction: no batch shows the guest holding the deconfigured adapter."""
+
+    async def body(r: Rig) -> None:
+        two_guests(r.svc)
+        r.write("devices/ap/card05/config", "0")
+        await r.idle()
+        seen: list[tuple[str, bool]] = []
+        r.svc.subscribe(
+            lambda _c: seen.append((r.svc.matrix(G1).state, r.svc.adapter(5).configured))
+        )
+        k = r.svc.kernel
+        real_card, real_mdevs = k.read_card, k.read_mdevs
+        views = threading.Event()
+        waited: list[bool] = []
+
+        def read_card(adapter: int) -> tuple[bool, bool] | None:
+            if threading.current_thread().name.startswith("apmatrixd-early"):
+                waited.append(views.wait(5))
+            return real_card(adapter)
+
+        def read_mdevs(*args: Any, **kw: Any) -> dict[str, MdevInfo]:
+            out = real_mdevs(*args, **kw)
+            if not views.is_set():
+                r.write("devices/ap/card05/config", "0")  # gone again once the views are read
+                views.set()
+            return out
+
+        monkeypatch.setattr(k, "read_card", read_card)
+        monkeypatch.setattr(k, "read_mdevs", read_mdevs)
+        r.write("devices/ap/card05/config", "1")
+        await r.idle()
+        # Both bursts (back, and gone again) were a flip whole: each read so.
+        assert waited == [True, True] and r.hp.stats()["early_reads"] == 2
+        assert ("active", False) not in seen, seen
+        assert r.svc.matrix(G1).state == "degraded" and not r.svc.adapter(5).configured
+
+    run("default", body)
 
 
 @pytest.mark.parametrize(("config", "want"), [("0", ("degraded", False)), ("1", ("active", True))])
@@ -904,6 +979,47 @@ def test_pump_batches_and_settling() -> None:
         pump.arm()
         await asyncio.sleep(0.1)
         assert batches == [25, 1, 0]
+
+    asyncio.run(go())
+
+
+def test_a_few_cards_flipping_config_are_no_storm_however_many_queues() -> None:
+    """A card's config flip with its 85 queues is more uevents than a storm's threshold, but
+    its end is known: no Settling signal pair around its batch. Five cards' flips, or as many
+    uevents of another kind, are a storm."""
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        flags: list[bool] = []
+        batches: list[int] = []
+        domains = frozenset(range(85))
+        pump = EventPump(
+            loop, lambda s: batches.append(s.events), settle=0.02, storm=64,
+            on_settling=flags.append, queues=lambda _a: domains,
+        )  # fmt: skip
+
+        def flip(cards: range) -> None:
+            for a in cards:
+                pump.add(_card(a, CONFIG="1"))
+            for a in cards:
+                for d in sorted(domains):
+                    pump.add(_queue(a, d, CONFIG="1"))
+            pump.arm()
+
+        flip(range(5, 6))
+        await asyncio.sleep(0.1)
+        assert batches == [86] and flags == []
+        flip(range(1, 1 + FEW_FLIPS))
+        await asyncio.sleep(0.1)
+        assert batches == [86, 86 * FEW_FLIPS] and flags == []
+        flip(range(1, 2 + FEW_FLIPS))
+        await asyncio.sleep(0.1)
+        assert batches[-1] == 86 * (FEW_FLIPS + 1) and flags == [True, False]
+        for d in sorted(domains):  # as many queues coming online: a storm
+            pump.add(_queue(5, d, ONLINE="1"))
+        pump.arm()
+        await asyncio.sleep(0.1)
+        assert batches[-1] == 85 and flags == [True, False, True, False]
 
     asyncio.run(go())
 

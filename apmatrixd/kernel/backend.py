@@ -419,10 +419,14 @@ class Kernel:
             overrides=tuple(sorted(kept + fresh)),
         )
 
-    def read_card(self, adapter: int) -> tuple[str, bool, bool] | None:
-        """A card's type, online and configured state without its queues; None if gone."""
+    def read_card(self, adapter: int) -> tuple[bool, bool] | None:
+        """A card's online and configured state, what its own uevents change; None if gone.
+        Not its type, fixed while the card is there: the bus removes and re-creates a card
+        whose type or functions change (kernel-facts 2.3), which is read whole. Through FUSE
+        each attribute is five round trips."""
+        card = f"{AP_DEVICES}/card{adapter:02x}"
         try:
-            return self._card_state(f"{AP_DEVICES}/card{adapter:02x}")
+            return self._card_flags(card, self._read_in(card, ("online", "config")))
         except KernelError as err:
             if err.errno == errno.ENOENT:
                 return None
@@ -475,12 +479,17 @@ class Kernel:
         kind = ""
         if (text := attrs["type"]) is not None:
             kind = formats.single_line(text, f"{card}/type")
+        return (kind, *self._card_flags(card, attrs))
+
+    @staticmethod
+    def _card_flags(card: str, attrs: Mapping[str, str | None]) -> tuple[bool, bool]:
+        """Online, configured (an attribute the kernel lacks reads as true)."""
         online = configured = True
         if (text := attrs["online"]) is not None:
             online = formats.parse_bool(text, f"{card}/online")
         if (text := attrs["config"]) is not None:
             configured = formats.parse_bool(text, f"{card}/config")
-        return kind, online, configured
+        return online, configured
 
     def _read_adapter(
         self,

@@ -72,11 +72,15 @@ class OsSysfs:
 
     def __init__(self, root: str | os.PathLike[str] = "/sys") -> None:
         self.root = os.fspath(root)
-        # Kept directory -> its O_PATH descriptor (None until first used); the lock makes
-        # a descriptor's use and its replacement one step (the worker and write helpers).
+        # Kept directory -> its O_PATH descriptor (None until first used). The lock guards
+        # the table, not the opens below it: the worker and the hot plug reader open through
+        # the same descriptor at once. One in use (counted) is closed by its last user, so
+        # its number is never reused for another file while an open is relative to it.
         self._kept: dict[str, int | None] = {}
         self._kept_order: tuple[str, ...] = ()  # the deepest first
         self._kept_lock = threading.Lock()
+        self._users: dict[int, int] = {}  # descriptor -> opens under way relative to it
+        self._retired: set[int] = set()  # replaced or closed while in use
 
     def __repr__(self) -> str:
         return f"OsSysfs({self.root!r})"
@@ -94,7 +98,7 @@ class OsSysfs:
         with self._kept_lock:
             for d, fd in self._kept.items():
                 if fd is not None:
-                    os.close(fd)
+                    self._retire(fd)
                     self._kept[d] = None
 
     def _open_below(self, directory: str, rest: str, flags: int) -> int | None:
@@ -109,17 +113,33 @@ class OsSysfs:
                 except OSError:
                     return None
                 self._kept[directory] = dfd
-            try:
-                return os.open(rest, flags | os.O_CLOEXEC, dir_fd=dfd)
-            except FileNotFoundError:
-                return None
+            self._users[dfd] = self._users.get(dfd, 0) + 1
+        try:
+            return os.open(rest, flags | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+        finally:
+            with self._kept_lock:
+                self._users[dfd] -= 1
+                if not self._users[dfd]:
+                    del self._users[dfd]
+                    if dfd in self._retired:
+                        self._retired.discard(dfd)
+                        os.close(dfd)
 
     def _drop(self, directory: str) -> None:
         """The full path found what the kept descriptor did not: it is stale, keep anew."""
         with self._kept_lock:
             if (fd := self._kept.get(directory)) is not None:
-                os.close(fd)
+                self._retire(fd)
                 self._kept[directory] = None
+
+    def _retire(self, fd: int) -> None:
+        """Close a kept descriptor now, or once the opens relative to it are done (locked)."""
+        if fd in self._users:
+            self._retired.add(fd)
+        else:
+            os.close(fd)
 
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, _clean(path))

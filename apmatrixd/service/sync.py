@@ -120,7 +120,7 @@ def read_adapters(
     whole: set[int],
     named: dict[int, set[int]],
     everything: bool,
-    early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
+    early: Mapping[int, Callable[[], tuple[bool, bool] | None]] | None = None,
 ) -> dict[int, AdapterInfo] | None:
     """The cards as they are now: ``known`` with the ``cards`` (state), ``whole`` cards and
     ``named`` queues read again; ``early``: card states read already (:func:`resync`)."""
@@ -150,8 +150,8 @@ def read_adapters(
         if state is None:
             fresh.pop(a, None)
             continue
-        kind, online, configured = state
-        fresh[a] = replace(fresh[a], type=kind, online=online, configured=configured)
+        online, configured = state
+        fresh[a] = replace(fresh[a], online=online, configured=configured)
     return fresh
 
 
@@ -278,7 +278,7 @@ def resync(
     last_read: Mapping[str, MdevInfo] | None = None,
     guests_only: bool = False,
     on_late: Callable[[frozenset[int]], None] | None = None,
-    early: Mapping[int, Callable[[], tuple[str, bool, bool] | None]] | None = None,
+    early: Mapping[int, Callable[[], tuple[bool, bool] | None]] | None = None,
     rescan: bool = False,
 ) -> Command[Changes]:
     """Re-read ``cards`` (state), ``whole`` cards (with every queue), the ``named`` queues of
@@ -290,7 +290,7 @@ def resync(
     changes nothing and raises. ``on_late`` is told, after the batch, the cards whose
     holders' guest views still contradicted them when read once more (vfio_ap may still be
     scanning), so that they can be read again later. ``early``: the state of some of
-    ``cards`` as read since their last uevent (called in the worker; may wait for it).
+    ``cards`` being read since their last uevent (called in the worker; may wait for it).
     ``rescan``: a tick of the rescan timer, which also looks at mdevctl's directory and is
     what Statistics' ``last_rescan`` dates."""
     st, k = svc.state, svc.kernel
@@ -300,15 +300,25 @@ def resync(
     known = dict(st.infos)
     want_pool = pool or everything or (k.layout != "upstream" and bool(w or n))
 
+    # The cards of `early` are being read in a thread of their own: where the kernel gives
+    # the guest views (guest_matrix) they do not depend on that reading, so they are read
+    # meanwhile, not after it. A view read before a card that changed in between contradicts
+    # it, and is read again below as any other.
+    views_first = bool(early) and guests_only and k.layout == "upstream"
+    views_first = views_first and k.features.dynamic is True
+
     def read(_p: object) -> Reading:
         late: frozenset[int] = frozenset()
+        mdevs = k.read_mdevs(known, only, last_read, guests_only) if views_first else None
         infos = read_adapters(k, known, c, w, n, everything, early)
         now = infos if infos is not None else known
         host = k.read_pool(now) if want_pool else None
-        mdevs = k.read_mdevs(now, only, last_read, guests_only)
+        if mdevs is None:
+            mdevs = k.read_mdevs(now, only, last_read, guests_only)
         # guest_matrix is read after the cards (or, for cards this burst does not name, a
-        # batch later): a card that left or came back meanwhile shows in it, not in `now`.
-        # Read those cards again, so no batch shows a guest holding a deconfigured adapter.
+        # batch later; or while they are read, above): a card that left or came back
+        # meanwhile shows in one and not the other. Read those cards again, so no batch
+        # shows a guest holding a deconfigured adapter.
         if stale := _contradicted(now, mdevs):
             infos = read_adapters(k, now, stale, set(), {}, False)
             assert infos is not None  # cards were asked for

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,51 @@ def test_a_kept_directory_is_opened_below_and_found_again(root: Path) -> None:
     assert (root / "devices/ap/card05/online").read_text() == "0\n"  # one store, no O_TRUNC
     io.close()
     assert io._kept["devices/ap"] is None
+
+
+def test_opens_below_a_kept_directory_run_at_once_and_its_descriptor_outlives_them(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker and the hot plug reader open below the same kept descriptor at once (each
+    open is a round trip through FUSE): neither waits for the other's. A descriptor found
+    stale meanwhile is closed only once the opens relative to it are done, so its number
+    never names another file under an open."""
+    io = OsSysfs(root)
+    io.keep("devices/ap")
+    for a in (5, 6):
+        (root / f"devices/ap/card{a:02x}").mkdir(parents=True, exist_ok=True)
+        (root / f"devices/ap/card{a:02x}/online").write_text("1\n")
+    assert io.read("devices/ap/card05/online") == "1\n"
+    kept = io._kept["devices/ap"]
+    assert kept is not None
+    real_open = os.open
+    both = threading.Barrier(2, timeout=5)
+    seen: list[bool] = []
+
+    def open_(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if dir_fd == kept:
+            both.wait()  # the other thread's open must get here too, meanwhile
+            if threading.current_thread().name == "first":
+                io._drop("devices/ap")  # found stale by someone else, while in use here
+                seen.append(os.readlink(f"/proc/self/fd/{kept}") == str(root / "devices/ap"))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    got: dict[str, str] = {}
+
+    def read(name: str, a: int) -> None:
+        got[name] = io.read(f"devices/ap/card{a:02x}/online")
+
+    threads = [
+        threading.Thread(target=read, args=(n, a), name=n) for n, a in (("first", 5), ("second", 6))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert got == {"first": "1\n", "second": "1\n"} and seen == [True]
+    monkeypatch.setattr(os, "open", real_open)
+    assert not io._users and not io._retired  # closed by its last user
+    assert io.read("devices/ap/card06/online") == "1\n"  # kept anew
+    assert io._kept["devices/ap"] is not None
+    io.close()
