@@ -425,10 +425,19 @@ class Registry:
             ("domain", domains),
             ("control domain", control_domains),
         ):
+            if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0):
+                continue  # the usual answer, in C: these sets are whole matrices'
             bad = [i for i in ids if type(i) is not int or i < 0]
             if bad:
                 return Decision(change, invalid=f"{what} id must be a number >= 0, not {bad[0]!r}")
-        rng = self.limits.violations(adapters, domains, control_domains)
+        lim = self.limits
+        rng = (
+            lim.violations(adapters, domains, control_domains)
+            if max(adapters, default=0) > lim.max_adapter
+            or max(domains, default=0) > lim.max_domain
+            or max(control_domains, default=0) > lim.max_domain
+            else []
+        )
         old = self._matrices.get(uuid) if isinstance(change, UpdateMatrix) else None
         if old is not None and self._sound.get(uuid) == self._basis():
             # What it keeps, (its adapters & new) x (its domains & new), is its alone (see
