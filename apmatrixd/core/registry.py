@@ -103,6 +103,10 @@ class Decision:
     conflicts: tuple[Clash, ...] = ()  # APQNs held by another matrix
     busy: tuple[Clash, ...] = ()  # the host pool taking back matrix APQNs
     noop: bool = False
+    # Set by the registry when it judged the sets' whole cross product (itself, or by what
+    # they gain on a sound matrix): the pools it judged against (Registry._sound). None for
+    # a decision made up by a caller (a flag change, which judges no APQN).
+    basis: tuple[object, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def accepted(self) -> bool:
@@ -453,7 +457,11 @@ class Registry:
             # already breaks a rule must not get more on the strength of its older APQNs.
             host, held = self.clashes(adapters, domains, uuid)
         return Decision(
-            change, out_of_range=tuple(rng), host=tuple(sorted(host)), conflicts=tuple(sorted(held))
+            change,
+            out_of_range=tuple(rng),
+            host=tuple(sorted(host)),
+            conflicts=tuple(sorted(held)),
+            basis=self._basis(),
         )
 
     def _basis(self) -> tuple[object, ...]:
@@ -542,11 +550,11 @@ class Registry:
             decision = self.decide(change)
         decision.raise_if_refused(order)
         undo = self._apply(change)
-        if isinstance(change, UpdateMatrix):
-            # Accepted: its whole cross product was free, and now is its own.
-            self._sound[change.uuid] = self._basis()
-        elif isinstance(change, DefineMatrix):
-            self._sound[change.matrix.uuid] = self._basis()
+        if decision.basis is not None:  # accepted: its whole cross product was free, now its own
+            if isinstance(change, UpdateMatrix):
+                self._sound[change.uuid] = decision.basis
+            elif isinstance(change, DefineMatrix):
+                self._sound[change.matrix.uuid] = decision.basis
         return undo
 
     def _apply(self, change: Change) -> Change:

@@ -17,6 +17,7 @@ from apmatrixd.core import (
     Busy,
     Change,
     Conflict,
+    Decision,
     DefineMatrix,
     HostOwned,
     HostPool,
@@ -419,6 +420,20 @@ def test_whatever_takes_a_kept_apqn_away_is_seen_by_the_next_decision(spoil: str
     kept = {Apqn(a, d) for a in (5, 6) for d in (4, 0x47)}
     assert kept & {c.apqn for c in (*decision.host, *decision.conflicts)}
     assert [v for v in reg.violations() if "sound" in v] == []
+
+
+def test_a_decision_made_up_by_the_caller_marks_nothing() -> None:
+    """A flag change is applied with an empty Decision of the caller's (it judges no APQN):
+    it must not mark a matrix whose APQNs the kernel's truth claims as sound."""
+    reg = Registry(pool=HostPool(frozenset(), frozenset()))
+    reg.apply(DefineMatrix(Matrix(U1, fs(5, 6), fs(4))))
+    reg.apply(DefineMatrix(Matrix(U2, fs(6), fs(0xAB))))
+    reg.set_truth(U1, {5, 6}, {4, 0xAB})  # U1's mdev holds 06.00ab too
+    flag = UpdateMatrix(U2, fs(6), fs(0xAB), fs(), autostart=True)
+    reg.apply(flag, decided=Decision(flag))
+    assert U2 not in reg._sound and [v for v in reg.violations() if "sound" in v] == []
+    grow = UpdateMatrix(U2, fs(6, 7), fs(0xAB), fs())
+    assert reg.decide(grow) == _whole(reg).decide(grow) and not reg.decide(grow).accepted
 
 
 def test_a_claim_held_behind_another_counts_once_that_one_is_cleared() -> None:
