@@ -24,7 +24,10 @@ refused by the kernel for a reason the registry could have named.
 
 An owner index (APQN -> matrix) and a per-adapter one (adapter -> matrices) make a
 decision cost follow the matrices it touches: the same with ten matrices as with ten
-thousand, and a query of the whole host no dearer than its answer.
+thousand, and a query of the whole host no dearer than its answer. A matrix whose whole
+cross product a decision found free stays marked while nothing can have given one of its
+APQNs to anyone else (:attr:`Registry._sound`): deciding its next update judges only the
+APQNs the update adds, with the answer the whole product would give.
 """
 
 from __future__ import annotations
