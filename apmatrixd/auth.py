@@ -94,6 +94,17 @@ def denied(text: str) -> DBusError:
     return DBusError(names.ACCESS_DENIED, text)
 
 
+def _calls(msg: Message, member: str) -> bool:
+    """``msg`` is a method call of ``member`` (``Interface.Member``; no interface: the
+    member alone must match)."""
+    interface, _, name = member.rpartition(".")
+    return (
+        msg.message_type == MessageType.METHOD_CALL
+        and msg.interface in (None, interface)
+        and msg.member == name
+    )
+
+
 class Authority:
     """Authorises method calls on one bus connection (uid cache + polkit)."""
 
@@ -143,13 +154,18 @@ class Authority:
         self._uids[sender] = uid
         return uid
 
+    def allowed_now(self, msg: Message, member: str) -> bool:
+        """True when :meth:`authorise` would let ``msg`` call ``member`` without asking
+        anyone: the method needs no action, or its sender is root as already known. False
+        says nothing: :meth:`authorise` decides (it asks, or refuses and says why)."""
+        if not _calls(msg, member) or member not in ACTIONS:
+            return False
+        return ACTIONS[member] is None or (bool(msg.sender) and self._uids.get(msg.sender) == 0)
+
     async def authorise(self, msg: Message, member: str) -> None:
         """Raise AccessDenied (or InteractiveAuthorizationRequired) unless the sender of
         ``msg`` may call ``member`` (``Interface.Member``, which ``msg`` must name)."""
-        if msg.message_type != MessageType.METHOD_CALL or (
-            msg.interface not in (None, member.rpartition(".")[0])
-            or msg.member != member.rpartition(".")[2]
-        ):
+        if not _calls(msg, member):
             log.error("authorising %s for a message that calls %s.%s: refused", member,
                       msg.interface, msg.member)  # fmt: skip
             raise denied(f"{member}: the call does not match the method")

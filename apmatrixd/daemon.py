@@ -237,9 +237,10 @@ def make_bus(args: argparse.Namespace) -> tuple[ApmatrixBus, str]:
 
 
 def _status(service: Service) -> str:
-    # Counted from the registry: building every matrix's view here cost ms per change.
+    # Counted from the registry, the layout from the state: building every matrix's view,
+    # or the host's, here cost every change.
     n = len(service.registry.matrices)
-    return f"STATUS=serving {n} matri{'x' if n == 1 else 'ces'} ({service.host.layout} layout)"
+    return f"STATUS=serving {n} matri{'x' if n == 1 else 'ces'} ({service.state.layout} layout)"
 
 
 async def _watchdog(interval: float) -> None:

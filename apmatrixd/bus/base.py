@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -114,6 +114,9 @@ class Method:
     fds: tuple[int, ...]
     """Positions of the ``h`` arguments: the message carries indices, the handler gets fds."""
     fn: Handler
+    queues: bool = False
+    """``fn`` only queues a command and returns its future (``-> Awaitable[...]``, not
+    ``async def``): run in the message's own callback, answered from the future."""
 
 
 METHOD_ATTR = "__apmatrixd_method__"
@@ -133,7 +136,8 @@ def call(fn: Handler) -> Any:
     hints = typing.get_type_hints(fn, include_extras=True)
     params = list(inspect.signature(fn).parameters.values())[1:]
     ret = hints.get("return", inspect.Signature.empty)
-    if typing.get_origin(ret) is collections.abc.Awaitable:  # a queued change: what it gives
+    queues = typing.get_origin(ret) is collections.abc.Awaitable
+    if queues:  # a queued change: what it gives
         (ret,) = typing.get_args(ret)
     in_types = [_signature_of(hints.get(p.name, p.annotation)) for p in params]
     out_sig = "" if ret in (None, type(None), inspect.Signature.empty) else _signature_of(ret)
@@ -147,6 +151,7 @@ def call(fn: Handler) -> Any:
             len(get_signature_tree(out_sig).types),
             tuple(i for i, t in enumerate(in_types) if t == "h"),
             fn,
+            queues and not inspect.iscoroutinefunction(fn),
         ),
     )
     return fn
@@ -242,10 +247,21 @@ class Dispatcher:
             # its descriptors (a later callback would wait behind every message in the socket).
             _close_all(msg.unix_fds)
             return answer
-        task = asyncio.ensure_future(self._run(msg, *found))
+        obj, method = found
+        key = f"{obj.name}.{method.member}"
+        if method.queues and obj.authority.allowed_now(msg, key):
+            # A change by root, as already known: nobody to ask, so no task for the call;
+            # it is answered from its command's future. Everything else runs in a task of
+            # its own (a flood of costly reads must not hold up each message's callback).
+            self._start(msg, obj, method, key)
+        else:
+            self._spawn(self._authorise(msg, obj, method, key))
+        return True
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
 
     def _introspect(self, msg: Message) -> bool | Message:
         """Ours, from the shipped XML (argument names included), and the nodes above ours
@@ -310,18 +326,20 @@ class Dispatcher:
         self._refused(err.type)
         return Message.new_error(msg, err.type, err.text)
 
-    async def _run(self, msg: Message, obj: Exported, method: Method) -> None:
-        key = f"{obj.name}.{method.member}"
-        try:
-            reply = await self._answer(msg, obj, method, key)
-        finally:
-            _close_all(msg.unix_fds)
-        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED and self._bus.connected:
-            self._bus.send(reply)
-
-    async def _answer(self, msg: Message, obj: Exported, method: Method, key: str) -> Message:
+    async def _authorise(self, msg: Message, obj: Exported, method: Method, key: str) -> None:
         try:
             await obj.authority.authorise(msg, key)
+        except Exception as exc:
+            self._finish(msg, self._error(msg, exc, key))
+            return
+        except BaseException:  # cancelled (the daemon stops): no answer, no descriptor kept
+            _close_all(msg.unix_fds)
+            raise
+        self._start(msg, obj, method, key)
+
+    def _start(self, msg: Message, obj: Exported, method: Method, key: str) -> None:
+        """Run the authorised call: a read is answered now, a change when it is committed."""
+        try:
             args = list(msg.body)
             for i in method.fds:
                 index = args[i]
@@ -331,10 +349,41 @@ class Dispatcher:
                     )
                 args[i] = msg.unix_fds[index]
             result = method.fn(obj, *args)
-            if inspect.isawaitable(result):  # a change: queued as a command, await its commit
-                result = await result
         except Exception as exc:
-            return self._error(msg, exc, key)
+            self._finish(msg, self._error(msg, exc, key))
+            return
+        if isinstance(result, asyncio.Future):  # a change: queued as a command
+            result.add_done_callback(functools.partial(self._committed, msg, method, key))
+        elif inspect.isawaitable(result):  # a handler of its own (async def): a task awaits it
+            self._spawn(self._await(msg, method, key, result))
+        else:
+            self._finish(msg, self._reply(msg, method, result))
+
+    async def _await(self, msg: Message, method: Method, key: str, pending: Any) -> None:
+        try:
+            result = await pending
+        except Exception as exc:
+            self._finish(msg, self._error(msg, exc, key))
+            return
+        except BaseException:
+            _close_all(msg.unix_fds)
+            raise
+        self._finish(msg, self._reply(msg, method, result))
+
+    def _committed(self, msg: Message, method: Method, key: str, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():  # the daemon stops: nobody answers, as an awaiting task did not
+            _close_all(msg.unix_fds)
+            return
+        exc = fut.exception()
+        if exc is None:
+            self._finish(msg, self._reply(msg, method, fut.result()))
+        elif isinstance(exc, Exception):
+            self._finish(msg, self._error(msg, exc, key))
+        else:  # SystemExit and the like stop the loop where they were raised
+            _close_all(msg.unix_fds)
+
+    @staticmethod
+    def _reply(msg: Message, method: Method, result: Any) -> Message:
         if method.out_count == 0:
             body: list[Any] = []
         elif method.out_count == 1:
@@ -342,6 +391,18 @@ class Dispatcher:
         else:
             body = list(result)
         return Message.new_method_return(msg, method.out_signature, body)
+
+    def _finish(self, msg: Message, reply: Message) -> None:
+        """Close the descriptors the call carried (a handler that keeps one duplicated it),
+        then reply unless the caller asked for none."""
+        _close_all(msg.unix_fds)
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED or not self._bus.connected:
+            return
+        try:
+            self._bus.send(reply)
+        except Exception as exc:  # an answer that does not fit its signature: said, not raised
+            err = to_dbus_error(exc, f"the reply to {msg.interface}.{msg.member}")
+            self._bus.send(Message.new_error(msg, err.type, err.text))
 
     def _refused(self, name: str) -> None:
         if self.on_refused is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from apmatrixd.core.apqn import MAX_ID, Apqn, cross
 from apmatrixd.core.errors import InvalidArgument, OutOfRange, RangeViolation
@@ -84,13 +84,15 @@ class Matrix:
         domains: Iterable[int] | None = None,
         control_domains: Iterable[int] | None = None,
     ) -> Matrix:
-        return replace(
-            self,
-            adapters=self.adapters if adapters is None else frozenset(adapters),
-            domains=self.domains if domains is None else frozenset(domains),
-            control_domains=(
-                self.control_domains if control_domains is None else frozenset(control_domains)
-            ),
+        # Every field named: dataclasses.replace() costs a few times the constructor, and each
+        # change makes several of these (a test checks no field is left behind).
+        return Matrix(
+            self.uuid,
+            self.adapters if adapters is None else frozenset(adapters),
+            self.domains if domains is None else frozenset(domains),
+            self.control_domains if control_domains is None else frozenset(control_domains),
+            self.name,
+            self.autostart,
         )
 
     @property

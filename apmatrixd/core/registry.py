@@ -24,7 +24,10 @@ refused by the kernel for a reason the registry could have named.
 
 An owner index (APQN -> matrix) and a per-adapter one (adapter -> matrices) make a
 decision cost follow the matrices it touches: the same with ten matrices as with ten
-thousand, and a query of the whole host no dearer than its answer.
+thousand, and a query of the whole host no dearer than its answer. A matrix whose whole
+cross product a decision found free stays marked while nothing can have given one of its
+APQNs to anyone else (:attr:`Registry._sound`): deciding its next update judges only the
+APQNs the update adds, with the answer the whole product would give.
 """
 
 from __future__ import annotations
@@ -103,6 +106,10 @@ class Decision:
     conflicts: tuple[Clash, ...] = ()  # APQNs held by another matrix
     busy: tuple[Clash, ...] = ()  # the host pool taking back matrix APQNs
     noop: bool = False
+    # Set by the registry when it judged the sets' whole cross product (itself, or by what
+    # they gain on a sound matrix): the pools it judged against (Registry._sound). None for
+    # a decision made up by a caller (a flag change, which judges no APQN).
+    basis: tuple[object, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def accepted(self) -> bool:
@@ -163,6 +170,12 @@ class Registry:
     release_all_ones: bool = True  # the 6.19 in_use rule (False: 6.0-6.18 and older)
     # 6.19+: queues a driver_override gives to vfio_ap: not the host's, whatever the masks.
     vfio_overrides: frozenset[tuple[int, int]] = frozenset()
+    # Matrices whose whole cross product a decision found free (no host pool, no other
+    # owner, no claim) when it was applied, with the pools it was judged against
+    # (:meth:`_basis`). While those pools stand, the APQNs are still its alone: anything
+    # that could give one of them to someone else (another matrix's insert over it, a
+    # claim) drops the mark. A decision on a marked matrix judges only what it gains.
+    _sound: dict[str, tuple[object, ...]] = field(default_factory=dict, compare=False)
 
     def copy(self) -> Registry:
         """An independent copy (a group of changes keeps one to go back to): the matrices
@@ -176,6 +189,7 @@ class Registry:
             _by_name={k: dict(v) for k, v in self._by_name.items()},
             _claims=dict(self._claims),
             _claimed_by=dict(self._claimed_by),
+            _sound=dict(self._sound),
         )
 
     # -- queries --------------------------------------------------------------------------
@@ -227,12 +241,16 @@ class Registry:
             (a, d) for a in adapters for d in domains if a not in m.adapters or d not in m.domains
         )
         if extra:
+            self._sound.clear()  # a claim may fall on any matrix's APQNs
             self._claimed_by[uuid] = extra
             for q in extra:
                 self._claims.setdefault(q, uuid)
 
     def clear_truth(self, uuid: str) -> None:
-        for q in self._claimed_by.pop(uuid, ()):
+        claimed = self._claimed_by.pop(uuid, ())
+        if claimed:
+            self._sound.clear()  # a claim held behind this one may now count
+        for q in claimed:
             if self._claims.get(q) == uuid:
                 del self._claims[q]
                 for other, qs in self._claimed_by.items():  # rare: two claims of one APQN
@@ -414,16 +432,45 @@ class Registry:
             ("domain", domains),
             ("control domain", control_domains),
         ):
+            if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0):
+                continue  # the usual answer, in C: these sets are whole matrices'
             bad = [i for i in ids if type(i) is not int or i < 0]
             if bad:
                 return Decision(change, invalid=f"{what} id must be a number >= 0, not {bad[0]!r}")
-        rng = self.limits.violations(adapters, domains, control_domains)
-        # The whole cross product, as the kernel checks it: an adopted matrix that already
-        # breaks a rule must not get more on the strength of its older APQNs.
-        host, held = self.clashes(adapters, domains, uuid)
-        return Decision(
-            change, out_of_range=tuple(rng), host=tuple(sorted(host)), conflicts=tuple(sorted(held))
+        lim = self.limits
+        rng = (
+            lim.violations(adapters, domains, control_domains)
+            if max(adapters, default=0) > lim.max_adapter
+            or max(domains, default=0) > lim.max_domain
+            or max(control_domains, default=0) > lim.max_domain
+            else []
         )
+        old = self._matrices.get(uuid) if isinstance(change, UpdateMatrix) else None
+        if old is not None and self._sound.get(uuid) == self._basis():
+            # What it keeps, (its adapters & new) x (its domains & new), is its alone (see
+            # _sound): the answer for the whole cross product is the answer for what it
+            # gains, (new adapters) x domains and kept adapters x (new domains).
+            host, held = self.clashes(adapters - old.adapters, domains, uuid)
+            kept = adapters & old.adapters
+            more_host, more_held = self.clashes(kept, domains - old.domains, uuid)
+            host += more_host
+            held += more_held
+        else:
+            # The whole cross product, as the kernel checks it: an adopted matrix that
+            # already breaks a rule must not get more on the strength of its older APQNs.
+            host, held = self.clashes(adapters, domains, uuid)
+        return Decision(
+            change,
+            out_of_range=tuple(rng),
+            host=tuple(sorted(host)),
+            conflicts=tuple(sorted(held)),
+            basis=self._basis(),
+        )
+
+    def _basis(self) -> tuple[object, ...]:
+        """What a matrix's soundness was judged against besides the owner index (the pools
+        are immutable values, replaced whole: compared by identity first)."""
+        return (self.pool, self.truth_pool, self.vfio_overrides)
 
     def _decide_define(self, change: DefineMatrix) -> Decision:
         m = change.matrix
@@ -467,17 +514,24 @@ class Registry:
                 if owner is not None:
                     busy.append(Clash(apqn, owner, self._matrices[owner].name))
         else:
-            seen: set[Apqn] = set()
+            seen: dict[Apqn, str] = {}  # -> a matrix holding it
             every = self.release_all_ones  # else only what the new pool would own
             for a in sorted(new.adapters - old.adapters):
                 for uuid in sorted(self._by_adapter.get(a, ())):
                     m = self._matrices[uuid]
-                    seen.update(Apqn(a, d) for d in m.domains if every or d in new.domains)
+                    for d in m.domains:
+                        if every or d in new.domains:
+                            seen.setdefault(Apqn(a, d), uuid)
             for d in sorted(new.domains - old.domains):
                 for uuid in sorted(self._by_domain.get(d, ())):
                     m = self._matrices[uuid]
-                    seen.update(Apqn(a, d) for a in m.adapters if every or a in new.adapters)
-            busy = [Clash(q, self._owner[q], self._matrices[self._owner[q]].name) for q in seen]
+                    for a in m.adapters:
+                        if every or a in new.adapters:
+                            seen.setdefault(Apqn(a, d), uuid)
+            # The index's owner; one it lost track of (matrices restored over one another,
+            # one of them removed since) is named by its holder, not a KeyError.
+            owners = [(q, self._owner.get(q, h)) for q, h in seen.items()]
+            busy = [Clash(q, u, self._matrices[u].name) for q, u in owners]
         for (a, d), uuid in self._claims.items():  # held in the kernel: it would say EBUSY
             q = Apqn(a, d)
             if new.owns(q) and not old.owns(q) and q not in self._owner:
@@ -498,9 +552,17 @@ class Registry:
         if decision is None:
             decision = self.decide(change)
         decision.raise_if_refused(order)
-        return self._apply(change)
+        undo = self._apply(change)
+        if decision.basis is not None:  # accepted: its whole cross product was free, now its own
+            if isinstance(change, UpdateMatrix):
+                self._sound[change.uuid] = decision.basis
+            elif isinstance(change, DefineMatrix):
+                self._sound[change.matrix.uuid] = decision.basis
+        return undo
 
     def _apply(self, change: Change) -> Change:
+        # Unchecked until apply() says otherwise (restore() puts back what was valid once,
+        # with no decision).
         if isinstance(change, DefineMatrix):
             self._insert(change.matrix)
             return RemoveMatrix(change.matrix.uuid)
@@ -518,7 +580,7 @@ class Registry:
                     name=old.name if change.name is None else change.name,
                     autostart=old.autostart if change.autostart is None else change.autostart,
                 )
-            self._replace(old, new)
+            self._replace(old, new, self._sound.pop(old.uuid, None) is not None)
             return UpdateMatrix(
                 old.uuid, old.adapters, old.domains, old.control_domains, old.name, old.autostart
             )
@@ -531,9 +593,12 @@ class Registry:
         self._apply(undo)
 
     def _insert(self, m: Matrix) -> None:
+        self._sound.pop(m.uuid, None)
         self._matrices[m.uuid] = m
+        owner, uuid = self._owner, m.uuid
         for apqn in m.apqns():
-            self._owner[apqn] = m.uuid
+            self._take(owner.get(apqn), uuid)
+            owner[apqn] = uuid
         for a in m.adapters:
             self._by_adapter.setdefault(a, set()).add(m.uuid)
         for d in m.domains:
@@ -541,9 +606,10 @@ class Registry:
         if m.name:
             self._by_name.setdefault(m.name, {})[m.uuid] = None
 
-    def _replace(self, old: Matrix, new: Matrix) -> None:
+    def _replace(self, old: Matrix, new: Matrix, sound: bool = False) -> None:
         """``_drop(old)`` then ``_insert(new)`` of one matrix, touching only the APQNs and ids
-        that differ: a matrix of 100 adapters given one more is 4 APQNs of work, not 200."""
+        that differ: a matrix of 100 adapters given one more is 4 APQNs of work, not 200
+        (``sound``: ``old`` was marked in :attr:`_sound`, all its APQNs are its own)."""
         uuid = new.uuid
         del self._matrices[uuid]
         self._matrices[uuid] = new
@@ -555,13 +621,18 @@ class Registry:
         for p in gone:
             if pairs.get(p) == uuid:
                 del pairs[p]
-        for p in product(kept_a, kept_d):  # its own already, unless adopted past the rules
-            if pairs.get(p) != uuid:
-                owner[Apqn(*p)] = uuid
+        if not sound:  # else its own already (unless adopted past the rules)
+            for p in product(kept_a, kept_d):
+                held = pairs.get(p)
+                if held != uuid:
+                    self._take(held, uuid)
+                    owner[Apqn(*p)] = uuid
         came = chain(
             product(new.adapters - old.adapters, new.domains), product(kept_a, new.domains - kept_d)
         )
         for a, d in came:
+            p = (a, d)
+            self._take(pairs.get(p), uuid)
             owner[Apqn(a, d)] = uuid
         for index, was, now in (
             (self._by_adapter, old.adapters, new.adapters),
@@ -574,7 +645,14 @@ class Registry:
         if new.name:
             self._by_name.setdefault(new.name, {})[uuid] = None
 
+    def _take(self, held: str | None, uuid: str) -> None:
+        """``uuid`` takes an APQN ``held`` by another matrix (past the rules): that one no
+        longer has all its APQNs to itself."""
+        if held is not None and held != uuid:
+            self._sound.pop(held, None)
+
     def _drop(self, m: Matrix) -> None:
+        self._sound.pop(m.uuid, None)
         del self._matrices[m.uuid]
         for apqn in m.apqns():
             if self._owner.get(apqn) == m.uuid:
@@ -620,6 +698,19 @@ class Registry:
         out += [f"name {n!r} held by {', '.join(u)}" for n, u in names.items() if len(u) > 1]
         if {n: set(u) for n, u in names.items()} != {n: set(u) for n, u in self._by_name.items()}:
             out.append("name index out of step")
+        basis = self._basis()
+        for uuid, judged in self._sound.items():
+            marked = self._matrices.get(uuid)
+            if marked is None:
+                out.append(f"{uuid} marked sound but gone")
+                continue
+            for apqn in marked.apqns():
+                if self._owner.get(apqn) != uuid:
+                    out.append(f"{apqn} of {uuid}, marked sound, owned by {self._owner.get(apqn)}")
+                elif judged == basis and (
+                    self.owns_in_host(apqn) or self._claims.get((apqn[0], apqn[1]), uuid) != uuid
+                ):
+                    out.append(f"{apqn} of {uuid}, marked sound, is the host's or claimed")
         return out
 
 

@@ -178,6 +178,12 @@ class Executor:
         self._task: asyncio.Task[None] | None = None
         self._worker: Worker | None = None
         self._pending = ""
+        # The Work in flight (job, work, progress, loop time it started) and the one timer
+        # that watches it: armed when Work starts and none is, it re-arms itself for the
+        # Work then in flight (a timer per Work cost each change a heap push and left a
+        # cancelled handle behind in the loop's heap for pending_after seconds).
+        self._work: tuple[_Job, Work[Any], Progress, float] | None = None
+        self._watch: asyncio.TimerHandle | None = None
         self.refusing = ""
         self.grouping: Grouping | None = None  # None: every command alone
         self.groups = 0  # groups run (more than one member), for tests and the bench
@@ -347,17 +353,31 @@ class Executor:
         if self._worker is None:
             self._worker = Worker()
         progress = Progress(work.what)
-        started = time.monotonic()
-        timer = loop.call_later(self.pending_after, self._still_waiting, job, work, progress)
+        started = loop.time()
+        self._work = (job, work, progress, started)
+        if self._watch is None:
+            self._watch = loop.call_at(started + self.pending_after, self._watchdog)
         try:
             return await self._worker.run(lambda: work.fn(progress))
         finally:
-            timer.cancel()
+            self._work = None
             if self._pending:
-                log.info(
-                    "%s: done after %.1f s (%s)", job.what, time.monotonic() - started, work.what
-                )
+                log.info("%s: done after %.1f s (%s)", job.what, loop.time() - started, work.what)
                 self._set_pending("")
+
+    def _watchdog(self) -> None:
+        """Report the Work in flight once it has run ``pending_after`` seconds; else wait
+        for the rest of its time (none in flight: disarmed until the next starts)."""
+        self._watch = None
+        if self._work is None:
+            return
+        job, work, progress, started = self._work
+        loop = asyncio.get_running_loop()
+        due = started + self.pending_after
+        if loop.time() < due:
+            self._watch = loop.call_at(due, self._watchdog)
+        else:
+            self._still_waiting(job, work, progress)
 
     def _still_waiting(self, job: _Job, work: Work[Any], progress: Progress) -> None:
         text = f"{job.what}: {progress.text or work.what}"
@@ -398,6 +418,9 @@ class Executor:
         self.refusing = why
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._task is not None:
             self._task.cancel()
             self._task = None

@@ -254,15 +254,15 @@ def update_sets(
     st = svc.state
     managed(svc, m, "change")
     change = UpdateMatrix(m.uuid, frozenset(a), frozenset(d), frozenset(c))
+    new = m.with_sets(change.adapters, change.domains, change.control_domains)
     meta = st.meta[m.uuid]
     if meta.live:
-        no_override_claimed(svc, m.with_sets(change.adapters, change.domains))
+        no_override_claimed(svc, new)
     decision = st.registry.decide(change)
     refuse(svc, decision)
     drifted = meta.live and meta.truth is not None
     if decision.noop and not drifted:
         return
-    new = m.with_sets(change.adapters, change.domains, change.control_domains)
     if meta.live:
         yield from live_rules(svc, st.kernel_sets(m.uuid), new)
     record = st.record(m.uuid, new)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +17,7 @@ from apmatrixd.core import (
     Busy,
     Change,
     Conflict,
+    Decision,
     DefineMatrix,
     HostOwned,
     HostPool,
@@ -359,3 +360,180 @@ def test_normalize_uuid_answers_as_the_uuid_module(text: object) -> None:
             normalize_uuid(text)  # type: ignore[arg-type]
     else:
         assert normalize_uuid(text) == want  # type: ignore[arg-type]
+
+
+# -- a decision on a sound matrix judges what it gains; the answer is the whole product's -----
+def _whole(reg: Registry) -> Registry:
+    """A copy that knows no matrix to be sound: every decision judges the whole product."""
+    ref = reg.copy()
+    ref._sound.clear()
+    return ref
+
+
+def test_an_accepted_update_marks_the_matrix_and_the_next_decision_uses_it(reg: Registry) -> None:
+    define(reg, U1, fs(5), fs(4))
+    assert U1 in reg._sound
+    grow = UpdateMatrix(U1, fs(5, 6), fs(4, 0x47), fs())
+    assert reg.decide(grow) == _whole(reg).decide(grow)
+    reg.apply(grow)
+    reg.restore(DefineMatrix(Matrix(U2, fs(6), fs(0x47))))  # adopted past the rules: 06.0047
+    assert U1 not in reg._sound  # its 06.0047 is U2's in the index now
+    again = UpdateMatrix(U1, fs(5, 6), fs(4, 0x47, 0xAB), fs())
+    assert reg.decide(again) == _whole(reg).decide(again)
+    assert not reg.decide(again).accepted  # 06.0047, which it keeps, is held by U2
+    reg.apply(RemoveMatrix(U2))
+    reg.apply(UpdateMatrix(U1, fs(5, 6), fs(4, 0x47), fs()))
+    assert U1 in reg._sound
+    reg.pool = HostPool(adapters=frozenset(range(256)) - {5}, domains=frozenset(range(256)))
+    shrink = UpdateMatrix(U1, fs(5, 6), fs(4), fs())  # 06.0004 is the host's since
+    assert not reg.decide(shrink).accepted and reg.decide(shrink) == _whole(reg).decide(shrink)
+    assert reg.violations() == ["06.0004 of " + U1 + " is in the host pool",
+                                "06.0047 of " + U1 + " is in the host pool"]  # fmt: skip
+
+
+SPOILERS = {
+    # Each gives an APQN U1 holds and keeps to someone else, behind the decisions.
+    "adopted over it": lambda reg: reg.restore(DefineMatrix(Matrix(U2, fs(6), fs(0x47)))),
+    "adopted into it": lambda reg: (
+        reg.apply(DefineMatrix(Matrix(U2, fs(7), fs(0x47)))),
+        reg.restore(UpdateMatrix(U2, fs(6, 7), fs(0x47), fs())),
+    ),
+    "claimed by the kernel's truth": lambda reg: (
+        reg.apply(DefineMatrix(Matrix(U2, fs(7), fs(0x47)))),
+        reg.set_truth(U2, {6, 7}, {0x47}),
+    ),
+    "a truth pool": lambda reg: setattr(reg, "truth_pool", HostPool(fs(5), fs(4))),
+    "a pool set outside": lambda reg: setattr(reg, "pool", HostPool(fs(5), fs(4))),
+    "a vfio_ap override gone": lambda reg: setattr(reg, "vfio_overrides", frozenset()),
+}
+
+
+@pytest.mark.parametrize("spoil", sorted(SPOILERS))
+def test_whatever_takes_a_kept_apqn_away_is_seen_by_the_next_decision(spoil: str) -> None:
+    reg = Registry(pool=HostPool(fs(6), fs(0x47)), vfio_overrides=frozenset({(6, 0x47)}))
+    reg.apply(DefineMatrix(Matrix(U1, fs(5, 6), fs(4, 0x47))))
+    assert U1 in reg._sound and [v for v in reg.violations() if "sound" in v] == []
+    SPOILERS[spoil](reg)
+    grow = UpdateMatrix(U1, fs(5, 6, 7), fs(4, 0x47), fs())
+    decision = reg.decide(grow)
+    assert decision == _whole(reg).decide(grow)
+    kept = {Apqn(a, d) for a in (5, 6) for d in (4, 0x47)}
+    assert kept & {c.apqn for c in (*decision.host, *decision.conflicts)}
+    assert [v for v in reg.violations() if "sound" in v] == []
+
+
+def test_a_decision_made_up_by_the_caller_marks_nothing() -> None:
+    """A flag change is applied with an empty Decision of the caller's (it judges no APQN):
+    it must not mark a matrix whose APQNs the kernel's truth claims as sound."""
+    reg = Registry(pool=HostPool(frozenset(), frozenset()))
+    reg.apply(DefineMatrix(Matrix(U1, fs(5, 6), fs(4))))
+    reg.apply(DefineMatrix(Matrix(U2, fs(6), fs(0xAB))))
+    reg.set_truth(U1, {5, 6}, {4, 0xAB})  # U1's mdev holds 06.00ab too
+    flag = UpdateMatrix(U2, fs(6), fs(0xAB), fs(), autostart=True)
+    reg.apply(flag, decided=Decision(flag))
+    assert U2 not in reg._sound and [v for v in reg.violations() if "sound" in v] == []
+    grow = UpdateMatrix(U2, fs(6, 7), fs(0xAB), fs())
+    assert reg.decide(grow) == _whole(reg).decide(grow) and not reg.decide(grow).accepted
+
+
+def test_a_claim_held_behind_another_counts_once_that_one_is_cleared() -> None:
+    """U1's own claim hides U3's on the same APQN, so U1 may take it; once U1's claim is
+    cleared, U3's counts, and U1 keeping that APQN is refused as the whole product says."""
+    reg = Registry(pool=HostPool(frozenset(), frozenset()))
+    reg.apply(DefineMatrix(Matrix(U1, fs(6), fs(0x47))))
+    reg.apply(DefineMatrix(Matrix(U3, fs(0x11), fs(0x11))))
+    reg.set_truth(U1, {6}, {0x47, 0x48})  # U1's mdev holds 06.0048 too
+    reg.set_truth(U3, {0x11, 6}, {0x11, 0x48})  # and so does U3's: behind U1's claim
+    reg.apply(UpdateMatrix(U1, fs(6), fs(0x47, 0x48), fs()))
+    assert U1 in reg._sound
+    reg.clear_truth(U1)  # as every update does once it is applied
+    grow = UpdateMatrix(U1, fs(6), fs(0x47, 0x48, 0x49), fs())
+    assert reg.decide(grow) == _whole(reg).decide(grow)
+    assert [(c.apqn, c.owner) for c in reg.decide(grow).conflicts] == [(Apqn(6, 0x48), U3)]
+
+
+small_ids = st.frozensets(st.integers(0, 2), max_size=3)
+pools = st.builds(HostPool, small_ids, small_ids)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["define", "update", "adopt", "redo", "remove", "pool", "truth_pool",
+                             "overrides", "claim", "unclaim"]),
+            st.integers(0, 2),
+            small_ids,
+            small_ids,
+            pools,
+        ),
+        max_size=30,
+    ),
+    st.lists(st.tuples(st.integers(0, 2), small_ids, small_ids), min_size=1, max_size=4),
+)  # fmt: skip
+def test_a_decision_on_a_sound_matrix_is_the_whole_products(
+    ops: list[tuple[str, int, frozenset[int], frozenset[int], HostPool]],
+    asks: list[tuple[int, frozenset[int], frozenset[int]]],
+) -> None:
+    """Random registries (matrices adopted past the rules, the kernel's claims and truth pool,
+    driver_override queues, pools changed outside) and random updates: every decision equals
+    the one that judges the whole cross product, and no matrix marked sound is not."""
+    reg = Registry(limits=Limits(4, 4), pool=HostPool(frozenset({0}), frozenset({0})))
+    uuids = [f"{i}{i}{i}{i}{i}{i}{i}{i}-0000-0000-0000-000000000000" for i in range(3)]
+
+    def check() -> None:
+        assert [v for v in reg.violations() if "sound" in v] == []
+        for i, a, d in asks:
+            if uuids[i] in reg.matrices:
+                ask = UpdateMatrix(uuids[i], a, d, d)
+                assert reg.decide(ask) == _whole(reg).decide(ask)
+
+    for op, i, a, d, pool in ops:
+        uuid = uuids[i]
+        here = uuid in reg.matrices
+        change: Change | None = None
+        if op == "define" and not here:
+            change = DefineMatrix(Matrix(uuid, a, d))
+        elif op == "update" and here:
+            change = UpdateMatrix(uuid, a, d, frozenset())
+        elif op == "adopt" and not here:
+            reg.restore(DefineMatrix(Matrix(uuid, a, d)))
+        elif op == "redo" and here:
+            reg.restore(UpdateMatrix(uuid, a, d, frozenset()))
+        elif op == "remove" and here:
+            change = RemoveMatrix(uuid)
+        elif op == "pool":
+            change = SetHostPool(pool)
+        elif op == "truth_pool":
+            reg.truth_pool = pool if a else None
+        elif op == "overrides":
+            reg.vfio_overrides = frozenset((x, y) for x in a for y in d)
+        elif op == "claim" and here:
+            reg.set_truth(uuid, a, d)
+        elif op == "unclaim":
+            reg.clear_truth(uuid)
+        if change is not None and reg.decide(change).accepted:
+            reg.apply(change)
+        check()
+
+
+def test_a_pool_taking_an_apqn_the_index_lost_is_busy_for_its_holder() -> None:
+    """Matrices restored over one another, one removed since: the index no longer names the
+    other as the APQN's owner, but the pool may not take it (a refusal, not a KeyError)."""
+    reg = Registry(pool=HostPool(frozenset(), frozenset()))
+    reg.restore(DefineMatrix(Matrix(U1, fs(5), fs(4))))
+    reg.restore(DefineMatrix(Matrix(U2, fs(5), fs(4))))
+    reg.apply(RemoveMatrix(U2))
+    err = reg.decide(SetHostPool(HostPool(fs(5), fs(4)))).error()
+    assert isinstance(err, Busy) and [c.owner for c in err.clashes] == [U1]
+
+
+def test_with_sets_keeps_every_other_field() -> None:
+    """with_sets() names each field itself (faster than dataclasses.replace): one added to
+    Matrix and not to it would be dropped here."""
+    m = Matrix(U1, fs(1), fs(2), fs(3), name="guest1", autostart=True)
+    assert {f.name for f in fields(Matrix)} == {
+        "uuid", "adapters", "domains", "control_domains", "name", "autostart"
+    }  # fmt: skip
+    assert m.with_sets(fs(5), None, fs()) == replace(m, adapters=fs(5), control_domains=fs())
+    assert m.with_sets() == m

@@ -69,6 +69,34 @@ def test_a_long_wait_is_pending_until_it_returns() -> None:
     asyncio.run(go())
 
 
+def test_a_work_starting_after_the_timer_was_armed_is_judged_by_its_own_start() -> None:
+    """One timer watches a busy stretch: armed for the first Work, it finds another in flight
+    when it fires (the command held the loop meanwhile), waits for that one's own time and
+    reports it, by its own text; the first, long done, is never reported."""
+
+    async def go() -> None:
+        seen: list[str] = []
+        ex = Executor(on_pending=seen.append, pending_after=0.2)
+
+        def cmd() -> Command[None]:
+            def first(p: Progress) -> None:
+                p.text = "the first write"
+
+            def second(p: Progress) -> None:
+                p.text = "the second write"
+                time.sleep(1.0)
+
+            yield Work("first", first)
+            time.sleep(0.4)  # on the loop: the timer armed for the first cannot fire yet
+            yield Work("second", second)
+
+        await ex.submit("Update x", cmd)
+        assert seen[0] == "Update x: the second write" and seen[-1] == ""
+        ex.close()
+
+    asyncio.run(go())
+
+
 def test_run_now_never_interleaves_with_a_queued_command() -> None:
     async def go() -> None:
         ex = Executor()
