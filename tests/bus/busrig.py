@@ -196,10 +196,13 @@ class Daemon:
         return self.stderr_path.read_text(errors="replace")
 
     def terminate(self) -> int:
-        """SIGTERM, as systemd stops a unit; the exit status."""
+        """SIGTERM, as systemd stops a unit; the exit status. Waited for as long as the
+        daemon's own bounds on a stop can take with --sim-mount (the name released 2 s,
+        queued changes 5 s, the FUSE unmount and its thread 10 s each), which a loaded
+        two-core machine reached after the check flood; systemd itself waits 90 s."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=10)
+        return self.proc.wait(timeout=30)
 
     def close(self) -> None:
         self.sock.close()
