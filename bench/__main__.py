@@ -91,6 +91,15 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(md).rstrip() + "\n"
 
 
+def changed_files() -> list[str]:
+    """Tracked files that differ from HEAD (a run measures the tree as it was at its start)."""
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, cwd=BENCH,
+    ).stdout  # fmt: skip
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="few repetitions, small sizes (smoke)")
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.time()
     load_before = load()
+    dirty_before = changed_files()
     rows: list[Row] = []
     raw: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -173,12 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
     ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True, cwd=BENCH,
-    ).stdout.strip()  # fmt: skip
-    if dirty:
+    dirty_after = changed_files()
+    if dirty_before:  # what was measured is not the commit
         commit += " plus uncommitted changes"
+    elif dirty_after:
+        commit += f" (changed while it ran: {', '.join(dirty_after)})"
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "duration_s": round(time.time() - started),
