@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import collections.abc
 import contextlib
 import functools
@@ -200,6 +201,7 @@ class Dispatcher:
         self._bus = bus
         self._objects: dict[str, dict[str, Exported]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._busy: collections.Counter[str] = collections.Counter()  # sender -> its tasks
         # Told the error name of every call answered with an error (Manager.Statistics).
         self.on_refused: Callable[[str], None] | None = None
 
@@ -237,8 +239,8 @@ class Dispatcher:
             answer = self._properties(msg)
         elif iface == INTROSPECTABLE and msg.member == "Introspect" and not msg.signature:
             answer = self._introspect(msg)
-        elif iface == OBJECT_MANAGER and msg.member == "GetManagedObjects" and not msg.signature:
-            answer = self._managed_objects(msg)
+        elif iface == OBJECT_MANAGER and msg.member == "GetManagedObjects":  # any signature, as
+            answer = self._managed_objects(msg)  # dbus-fast took it
         else:
             found = self.find(msg)
         if found is None:
@@ -249,19 +251,31 @@ class Dispatcher:
             return answer
         obj, method = found
         key = f"{obj.name}.{method.member}"
-        if method.queues and obj.authority.allowed_now(msg, key):
+        sender = msg.sender or ""
+        if method.queues and not self._busy[sender] and obj.authority.allowed_now(msg, key):
             # A change by root, as already known: nobody to ask, so no task for the call;
             # it is answered from its command's future. Everything else runs in a task of
-            # its own (a flood of costly reads must not hold up each message's callback).
-            self._start(msg, obj, method, key)
+            # its own (a flood of costly reads must not hold up each message's callback),
+            # and so does a change sent behind a call of the same sender still in a task:
+            # its command must not be queued before that call's (calls keep their order).
+            pending = self._start(msg, obj, method, key)
+            if pending is not None:
+                self._spawn(sender, self._await(msg, method, key, pending))
         else:
-            self._spawn(self._authorise(msg, obj, method, key))
+            self._spawn(sender, self._authorise(msg, obj, method, key))
         return True
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, sender: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._busy[sender] += 1
+        task.add_done_callback(functools.partial(self._done, sender))
+
+    def _done(self, sender: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._busy[sender] -= 1
+        if not self._busy[sender]:
+            del self._busy[sender]
 
     def _introspect(self, msg: Message) -> bool | Message:
         """Ours, from the shipped XML (argument names included), and the nodes above ours
@@ -335,10 +349,13 @@ class Dispatcher:
         except BaseException:  # cancelled (the daemon stops): no answer, no descriptor kept
             _close_all(msg.unix_fds)
             raise
-        self._start(msg, obj, method, key)
+        pending = self._start(msg, obj, method, key)
+        if pending is not None:  # in this task: a handler of its own runs before later calls
+            await self._await(msg, method, key, pending)
 
-    def _start(self, msg: Message, obj: Exported, method: Method, key: str) -> None:
-        """Run the authorised call: a read is answered now, a change when it is committed."""
+    def _start(self, msg: Message, obj: Exported, method: Method, key: str) -> Any:
+        """Run the authorised call: a read is answered now, a change when it is committed;
+        a handler of its own (async def) is returned, for the caller to await."""
         try:
             args = list(msg.body)
             for i in method.fds:
@@ -351,13 +368,14 @@ class Dispatcher:
             result = method.fn(obj, *args)
         except Exception as exc:
             self._finish(msg, self._error(msg, exc, key))
-            return
+            return None
         if isinstance(result, asyncio.Future):  # a change: queued as a command
             result.add_done_callback(functools.partial(self._committed, msg, method, key))
-        elif inspect.isawaitable(result):  # a handler of its own (async def): a task awaits it
-            self._spawn(self._await(msg, method, key, result))
+        elif inspect.isawaitable(result):  # a handler of its own (async def)
+            return result
         else:
             self._finish(msg, self._reply(msg, method, result))
+        return None
 
     async def _await(self, msg: Message, method: Method, key: str, pending: Any) -> None:
         try:

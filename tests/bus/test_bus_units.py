@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import uuid as uuidlib
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from dbus_fast import DBusError, Message, MessageFlag, MessageType, Variant
 
 from apmatrixd import notify
 from apmatrixd.auth import Authority
-from apmatrixd.bus.objects import parse_options
+from apmatrixd.bus.objects import Ids, Options, Str, parse_options
 from apmatrixd.core import InvalidArgument
 
 
@@ -283,3 +284,68 @@ def test_a_full_socket_makes_the_bus_wait_not_disconnect(system_bus: str) -> Non
 
     heard, alive = asyncio.run(go())
     assert alive and heard == 300
+
+
+ORDERED: list[str] = []
+"""What the two kinds of change handler of the ordering test did, in order."""
+
+
+def _ordered_manager() -> Any:
+    from apmatrixd.bus.base import Exported, call
+
+    class Manager(Exported):
+        @call
+        async def CreateMatrix(self, uuid: Str, options: Options) -> Str:  # a handler of its own
+            ORDERED.append("create")
+            return uuid
+
+        @call
+        def Reserve(self, adapters: Ids, domains: Ids) -> Awaitable[None]:  # queues a command
+            ORDERED.append("reserve")
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+    return Manager
+
+
+def test_a_root_callers_pipelined_calls_keep_their_order() -> None:
+    """A change by root known as such is queued in its message's callback (no task); one
+    sent right behind a call of the same caller still in a task (an async handler, or one
+    being authorised) waits its turn in a task too, so it cannot overtake it: a Reserve sent
+    after a CreateMatrix of the same adapter must find the matrix there."""
+    from apmatrixd.bus.base import Dispatcher
+
+    class Bus:
+        connected = True
+
+        def __init__(self) -> None:
+            self.sent: list[Message] = []
+
+        def send(self, msg: Message) -> None:
+            self.sent.append(msg)
+
+    ORDERED.clear()
+    root = "/org/apmatrix/Apmatrix1"
+    iface = "org.apmatrix.Apmatrix1.Manager"
+
+    async def go() -> None:
+        bus = Bus()
+        auth = Authority(bus)  # type: ignore[arg-type]
+        auth._uids[":1.5"] = 0  # root, as already known from an earlier call
+        d = Dispatcher(bus)  # type: ignore[arg-type]
+        d.add(root, _ordered_manager()(iface, auth, {}))
+
+        def msg(member: str, sig: str, body: list[Any], serial: int) -> Message:
+            return Message(path=root, interface=iface, member=member, signature=sig,
+                           body=body, sender=":1.5", serial=serial)  # fmt: skip
+
+        assert d(msg("CreateMatrix", "sa{sv}", ["g", {}], 1)) is True
+        assert d(msg("Reserve", "auau", [[5], []], 2)) is True
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(bus.sent) == 2  # both answered
+        assert d(msg("Reserve", "auau", [[6], []], 3)) is True  # nothing in flight: at once
+        assert ORDERED == ["create", "reserve", "reserve"]
+
+    asyncio.run(go())
