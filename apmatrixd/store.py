@@ -390,8 +390,8 @@ class Store:
     """One state directory. Not thread-safe: the service calls it from its one thread.
 
     The state directory and its ``matrices`` are written through descriptors kept open
-    (one lookup of their paths, not one per write); a directory removed under the daemon
-    (its link count 0) is made again at the next write, as a path would have been."""
+    (a stat of their paths per write, no mkdir nor open); a directory removed, or moved
+    aside and replaced, under the daemon is found at the next write, as a path would be."""
 
     def __init__(self, root: str | os.PathLike[str], fault: Fault | None = None) -> None:
         self.root = Path(root)
@@ -428,13 +428,13 @@ class Store:
         """The descriptors of the state directory and of ``matrices``, opened (and the
         directories made) if not yet, or again if either was removed meanwhile."""
         fds = (self._root_fd, self._matrices_fd)
-        if fds[0] >= 0 and all(os.fstat(fd).st_nlink > 0 for fd in fds):
+        if fds[0] >= 0 and self._still(fds):
             return fds
         self.close_dirs()
         self._prepare()
         root = os.open(self.root, _DIR_FLAGS)
         try:
-            matrices = os.open(MATRICES, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=root)
+            matrices = os.open(MATRICES, _DIR_FLAGS, dir_fd=root)
         except BaseException:
             os.close(root)
             raise
@@ -442,6 +442,18 @@ class Store:
         # Closed with the Store too: a process that makes many (tests, tools) keeps none.
         self._closer = weakref.finalize(self, _close_fds, root, matrices)
         return root, matrices
+
+    def _still(self, fds: tuple[int, int]) -> bool:
+        """The kept descriptors are the directories the paths name now: one moved aside and
+        replaced (a backup restored) or removed is opened anew, as a path write would find."""
+        try:
+            for path, fd in ((self.root, fds[0]), (self.matrices_dir, fds[1])):
+                now, kept = os.stat(path), os.fstat(fd)
+                if (now.st_dev, now.st_ino) != (kept.st_dev, kept.st_ino) or not kept.st_nlink:
+                    return False
+        except OSError:
+            return False
+        return True
 
     def close_dirs(self) -> None:
         """Let go of the kept directory descriptors (they are opened again when needed)."""

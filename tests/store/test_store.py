@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,6 +135,30 @@ def test_a_state_directory_removed_under_the_store_is_made_again(tmp_path: Path)
     assert Store(root).load().reservations.reserved_adapters == {5}
     s.remove_matrix(G1)
     assert os.listdir(root / "matrices") == []
+
+
+def test_a_state_directory_moved_aside_and_replaced_is_written_anew(tmp_path: Path) -> None:
+    """A directory moved aside and a fresh one made in its place (a backup restored): the
+    next write goes where the path leads, not into the moved one the descriptor still
+    names; a symlinked ``matrices`` is followed, as load() follows it."""
+    root = tmp_path / "state"
+    s = Store(root)
+    s.load()
+    s.write_matrix(SM)
+    (root / "matrices").rename(root / "matrices.old")
+    (root / "matrices").mkdir()
+    s.write_matrix(SM)
+    assert Store(root).load().matrices == {G1: SM}
+    root.rename(tmp_path / "state.bak")
+    s.write_boot("b1")
+    s.write_reservations(Reservations(frozenset({5})))
+    assert Store(root).load().reservations.reserved_adapters == {5}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(root / "matrices")
+    (root / "matrices").symlink_to(elsewhere)
+    s.write_matrix(SM)
+    assert os.listdir(elsewhere) == [f"{G1}.json"]
 
 
 def damage(path: Path, how: str) -> str:
