@@ -323,33 +323,6 @@ def unlink_at(dirfd: int, name: str, fault: Fault = _no_fault, sync_dir: bool = 
     return True
 
 
-def atomic_write(
-    path: str | os.PathLike[str], data: bytes, fault: Fault = _no_fault, sync_dir: bool = True
-) -> None:
-    """:func:`replace_at` by path: ``path`` replaced with ``data``, crash-safe."""
-    parent, name = os.path.split(os.fspath(path))
-    dirfd = os.open(parent or ".", _DIR_FLAGS)
-    try:
-        replace_at(dirfd, name, data, fault, sync_dir)
-    finally:
-        os.close(dirfd)
-
-
-def durable_unlink(
-    path: str | os.PathLike[str], fault: Fault = _no_fault, sync_dir: bool = True
-) -> bool:
-    """:func:`unlink_at` by path: remove ``path`` (False if it was not there), durably."""
-    parent, name = os.path.split(os.fspath(path))
-    try:
-        dirfd = os.open(parent or ".", _DIR_FLAGS)
-    except FileNotFoundError:
-        return False
-    try:
-        return unlink_at(dirfd, name, fault, sync_dir)
-    finally:
-        os.close(dirfd)
-
-
 def _close_fds(*fds: int) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -650,10 +623,10 @@ __all__ = [
     "Store",
     "StoreError",
     "StoredMatrix",
-    "atomic_write",
-    "durable_unlink",
     "kill_fault_from_env",
     "replace_at",
+    "replace_at",
     "stored",
+    "unlink_at",
     "unlink_at",
 ]

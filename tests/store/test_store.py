@@ -25,8 +25,8 @@ from apmatrixd.store import (
     Store,
     StoredMatrix,
     StoreError,
-    atomic_write,
     encode,
+    replace_at,
 )
 
 G1 = "11111111-1111-4111-8111-111111111111"
@@ -99,8 +99,12 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_file(tmp_path: Path, step
         if at == step:
             raise Boom(at)
 
-    with pytest.raises(Boom):
-        atomic_write(target, b"new\n", fault)
+    dirfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(Boom):
+            replace_at(dirfd, target.name, b"new\n", fault)
+    finally:
+        os.close(dirfd)
     want = "new\n" if step == "fsync-dir" else "old\n"
     assert target.read_text() == want
     assert sorted(os.listdir(tmp_path)) == ["f.json"]  # the temp file went with the crash
