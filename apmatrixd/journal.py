@@ -38,6 +38,21 @@ and latest ``after``, and ``kernel_low``/``kernel_high`` (the pool: ``low``/``hi
 intersection and union of every set the group passed through, so start-up takes for ours
 anything the kernel holds within those bounds, and rolls the group back whole.
 
+A change acknowledged before its files are written (one change run alone: its caller waits
+on one fdatasync of the journal instead of a file's write, fsync, rename and directory
+fsync) appends a commit record after its intent once its kernel writes are done, and makes
+the journal durable; only then is the caller answered. Start-up completes
+a committed change (its files to ``after``, whatever the kernel holds now counts as it would
+for any change) instead of rolling it back. A commit that fails is cut off again before the
+change is undone.
+
+The files of a committed change are written after it is answered, in the worker, before
+anything else runs there; the clear that follows is not synced (its files are durable: a
+lost clear leaves an intent whose files equal its ``after``, which start-up recognises as
+done). So that such a stale commit record can never make start-up complete a change over
+the files of a later one, every later change that writes the store makes its own intent
+durable before its first file (``stale_commit``): one fdatasync, once.
+
 Format: records, each a header line ``APMJ1 <length> <crc32>`` (hex, 8 digits each) and that
 many bytes of JSON, ended by a record of length 0 (a clear is that alone). A torn record
 fails the length or the checksum and ends the intent there: only a machine crash tears one
@@ -47,6 +62,7 @@ been renamed, atomically.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
@@ -65,6 +81,8 @@ MAGIC = b"APMJ1"
 HEADER = len(MAGIC) + 1 + 8 + 1 + 8 + 1
 FORMAT = "apmatrixd-intent"
 VERSION = 1
+COMMIT = b'{"format": "apmatrixd-commit", "version": 1}'
+"""The body of a commit record (see the module docstring)."""
 
 Fault = Callable[[str], None]
 
@@ -103,6 +121,7 @@ class Intent:
     reservations: dict[str, Any] | None = None
     boot: str = ""  # the host's boot id when it was written
     store_first: bool = False  # the store is written before the kernel (a removal)
+    committed: bool = False  # acknowledged: only its files may lag (read back, not written)
 
     @property
     def writes_store(self) -> bool:
@@ -226,6 +245,10 @@ class Journal:
         self._fd = -1
         self._durable_clear = True
         self._end = 0  # where the next record of a group goes
+        self._committed = False  # the intent written last has a commit record
+        # A committed intent's clear was not synced: the disk may still show it committed,
+        # so a later change syncs its own intent before its files (see the module docstring).
+        self.stale_commit = False
 
     def _open(self) -> int:
         if self._fd < 0:
@@ -273,6 +296,7 @@ class Journal:
         fails."""
         self._write(self._body(intent), 0)
         self._durable_clear = intent.store_first or not intent.writes_store
+        self._committed = False
 
     def append(self, intent: Intent) -> int:
         """Add the intent of a group's next member, without a sync; the mark to
@@ -286,9 +310,26 @@ class Journal:
         """Drop the records from ``mark`` on (a member that failed and undid itself)."""
         self._write(b"", mark)
 
-    def _write(self, body: bytes, at: int) -> None:
+    def commit(self) -> None:
+        """The change whose records were written is acknowledged: a commit record after
+        them, made durable; its clear will be too. JournalError (the record cut off again)
+        if that fails."""
+        mark = self._end
+        self._write(COMMIT, mark, "journal-commit")
         try:
-            self._put(body, "journal-write", at)
+            self.fault("journal-commit-sync")
+            os.fdatasync(self._open())
+        except OSError as err:
+            with contextlib.suppress(JournalError):  # else a daemon crash would complete it
+                self.cut(mark)
+            raise JournalError(
+                err.errno, f"cannot sync the intent journal {self.path}: {err.strerror}"
+            ) from err
+        self._committed, self.stale_commit = True, False
+
+    def _write(self, body: bytes, at: int, step: str = "journal-write") -> None:
+        try:
+            self._put(body, step, at)
         except OSError as err:
             raise JournalError(
                 err.errno, f"cannot write the intent journal {self.path}: {err.strerror}"
@@ -303,20 +344,28 @@ class Journal:
         try:
             self.fault("journal-sync")
             os.fdatasync(self._open())
+            self.stale_commit = False
         except OSError as err:
             raise JournalError(
                 err.errno, f"cannot sync the intent journal {self.path}: {err.strerror}"
             ) from err
 
-    def end(self) -> None:
-        """The change is done (or undone): clear the intent (see the module docstring)."""
+    def end(self) -> bool:
+        """The change is done (or undone): clear the intent (see the module docstring);
+        False if that failed (logged)."""
         try:
             self._put(b"", "journal-clear")
             if self._durable_clear:
                 self.fault("journal-clear-sync")
                 os.fdatasync(self._fd)
+                self.stale_commit = False
+            elif self._committed:
+                self.stale_commit = True
+            self._committed = False
         except OSError as err:  # the intent stays: start-up finds its change done or undone
             log.error("cannot clear the intent journal %s: %s", self.path, err.strerror)
+            return False
+        return True
 
     def read(self) -> Intent | None:
         """The intent left by the last run, or None (none, cleared, or torn). A group's
@@ -333,6 +382,7 @@ class Journal:
         finally:
             os.close(fd)
         parts: list[Intent] = []
+        committed = False
         at = 0
         while len(raw) - at >= HEADER:
             head = raw[at : at + HEADER]
@@ -351,17 +401,23 @@ class Journal:
             if len(body) != n or zlib.crc32(body) != want:
                 log.info("journal %s holds a torn intent (never durable): ignored", self.path)
                 break
+            if body == COMMIT:
+                committed = bool(parts)
+                break
             try:
                 parts.append(Intent.from_json(json.loads(body)))
             except ValueError as err:
                 log.warning("journal %s: unusable intent (%s): ignored", self.path, err)
                 return None
             at += HEADER + n
-        if len(parts) <= 1:
-            return parts[0] if parts else None
-        whole = Intent("")
-        for part in parts:
-            whole = whole.then(part, f"a group of {len(parts)} changes")
+        if not parts:
+            return None
+        whole = parts[0]
+        if len(parts) > 1:
+            whole = Intent("")
+            for part in parts:
+                whole = whole.then(part, f"a group of {len(parts)} changes")
+        whole.committed = committed
         return whole
 
     def clear_durably(self) -> None:

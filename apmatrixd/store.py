@@ -272,14 +272,23 @@ _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEX
 
 
 def replace_at(
-    dirfd: int, name: str, data: bytes, fault: Fault = _no_fault, sync_dir: bool = True
+    dirfd: int,
+    name: str,
+    data: bytes,
+    fault: Fault = _no_fault,
+    sync_dir: bool = True,
+    journaled: bool = False,
 ) -> None:
     """Replace ``name`` in the directory ``dirfd`` with ``data`` so that a crash leaves
     either the old or the new file: a temp file, write, fsync, rename over it, fsync of the
     directory. Relative to the directory's descriptor: no path is looked up again.
 
     ``sync_dir=False``: the rename is made durable by the caller's one fsync of the directory
-    (a group of writes, :meth:`Store.write_group`)."""
+    (a group of writes, :meth:`Store.write_group`). ``journaled``: the file's content is in
+    a committed intent (journal.py) until the caller clears it, so the rename may come
+    before the fsync: one commit of the file system's log makes both durable (the fsync of
+    the directory then finds nothing left to do), and a machine crash between them leaves a
+    file that start-up rewrites from the intent (:meth:`Store.load` ``rewritten``)."""
     tmp = f".{name}.tmp-{os.getpid()}"
     fault("open")
     fd = os.open(tmp, _TEMP_FLAGS, 0o600, dir_fd=dirfd)
@@ -294,12 +303,16 @@ def replace_at(
             fault("write-more")
             while done < len(view):
                 done += os.write(fd, view[done:])
+            if journaled:
+                fault("rename")
+                os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
             fault("fsync")
             os.fsync(fd)
         finally:
             os.close(fd)
-        fault("rename")
-        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        if not journaled:
+            fault("rename")
+            os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dirfd)
@@ -373,6 +386,9 @@ class Store:
         self._root_fd = -1
         self._matrices_fd = -1
         self._closer: weakref.finalize | None = None
+        # The files of an acknowledged change that could not be written after its commit
+        # (journal.py): written before any other change may start. (what, how)
+        self.unfinished: tuple[str, Callable[[], None]] | None = None
 
     @property
     def matrices_dir(self) -> Path:
@@ -435,21 +451,27 @@ class Store:
             self._closer = None
         self._root_fd = self._matrices_fd = -1
 
-    def _put_matrix(self, uuid: str, rec: StoredMatrix | None, sync: bool) -> None:
+    def _put_matrix(
+        self, uuid: str, rec: StoredMatrix | None, sync: bool, journaled: bool = False
+    ) -> None:
         """One matrix file written (None: removed), crash-safe; durable if ``sync``."""
         fd = self._dirs()[1]
         if rec is None:
             unlink_at(fd, f"{uuid}{SUFFIX}", self.fault, sync)
         else:
-            replace_at(fd, f"{uuid}{SUFFIX}", encode(rec.to_json()), self.fault, sync)
+            data = encode(rec.to_json())
+            replace_at(fd, f"{uuid}{SUFFIX}", data, self.fault, sync, journaled)
 
-    def _put_root(self, name: str, data: bytes, sync: bool = True) -> None:
-        replace_at(self._dirs()[0], name, data, self.fault, sync)
+    def _put_root(self, name: str, data: bytes, sync: bool = True, journaled: bool = False) -> None:
+        replace_at(self._dirs()[0], name, data, self.fault, sync, journaled)
 
     # -- loading ----------------------------------------------------------------------------
-    def load(self) -> Contents:
+    def load(self, rewritten: frozenset[str] = frozenset()) -> Contents:
         """Read every definition; damaged files are set aside and logged, never fatal.
 
+        ``rewritten``: the names (``host.json``, ``<uuid>.json``) of files a committed
+        intent will write again (journal.py): one of them found damaged is a write a
+        machine crash cut after its rename, so it is left out, not set aside.
         Raises OSError only if the directory itself cannot be created or listed.
         """
         self._prepare()
@@ -464,7 +486,10 @@ class Store:
             try:
                 out.reservations = Reservations.from_json(self._read_json(self.host_path))
             except Damaged as why:
-                out.set_aside.append(self._set_aside(self.host_path, str(why)))
+                if HOST_FILE in rewritten:
+                    log.info("%s: %s; written again from the journal", self.host_path, why)
+                else:
+                    out.set_aside.append(self._set_aside(self.host_path, str(why)))
         if self.boot_path.exists():
             try:
                 data = _check_header(self._read_json(self.boot_path), BOOT_FORMAT)
@@ -484,7 +509,10 @@ class Store:
                 if name != f"{m.uuid}{SUFFIX}":
                     raise Damaged(f"holds matrix {m.uuid}, but is named {name}")
             except Damaged as why:
-                out.set_aside.append(self._set_aside(path, str(why)))
+                if name in rewritten:
+                    log.info("%s: %s; written again from the journal", path, why)
+                else:
+                    out.set_aside.append(self._set_aside(path, str(why)))
                 continue
             out.matrices[m.uuid] = m
         return out
@@ -530,6 +558,21 @@ class Store:
             text = err.strerror or errno.errorcode.get(err.errno or 0, str(err))
             raise StoreError(f"cannot store {what} in {self.root}: {text}") from err
 
+    def finish(self) -> None:
+        """Before a change writes its intent: the files an acknowledged change could not
+        write yet, written now (its committed intent is the journal's until then); a
+        StoreError if that fails again, and the new change does not start."""
+        if self.unfinished is None:
+            return
+        what, write = self.unfinished
+        try:
+            write()
+        except StoreError as err:
+            raise StoreError(f"the files of an earlier change ({what}) are not written yet: "
+                             f"{err}") from err  # fmt: skip
+        self.unfinished = None
+        log.info("the files of %r are written now", what)
+
     def write_matrix(self, m: StoredMatrix) -> None:
         self._guard(f"matrix {m.uuid}", lambda: self._put_matrix(m.uuid, m, True))
 
@@ -546,13 +589,19 @@ class Store:
         data = encode(r.to_json())
         self._guard("the host reservations", lambda: self._put_root(HOST_FILE, data))
 
+    def _sync_dir(self, dirfd: int) -> None:
+        self.fault("fsync-dir")
+        os.fsync(dirfd)
+
     def write_group(
         self,
         matrices: Mapping[str, tuple[StoredMatrix | None, StoredMatrix | None]],
         reservations: tuple[Reservations, Reservations] | None = None,
+        journaled: bool = False,
     ) -> None:
         """Several changes made durable together: each file written (temp, fsync, rename)
         as one change would, then one fsync per directory touched instead of one per file.
+        ``journaled``: the files of a committed intent (see :func:`replace_at`).
 
         ``matrices``: uuid -> (before, after), None meaning no file; ``reservations``:
         (before, after). A failure puts back what it had written, before the StoreError is
@@ -566,16 +615,17 @@ class Store:
                 if before == after:
                     continue
                 written.append((uuid, before))  # before the write: a failed rename too
-                self._guard(f"matrix {uuid}", lambda: self._put_matrix(uuid, after, False))  # noqa: B023
+                put = lambda: self._put_matrix(uuid, after, False, journaled)  # noqa: B023, E731
+                self._guard(f"matrix {uuid}", put)
                 dirs[str(self.matrices_dir)] = self._matrices_fd
             if reservations is not None and reservations[0] != reservations[1]:
                 wrote_host = True
                 data = encode(reservations[1].to_json())
-                self._guard("the host reservations", lambda: self._put_root(HOST_FILE, data, False))
+                self._guard("the host reservations",
+                            lambda: self._put_root(HOST_FILE, data, False, journaled))  # fmt: skip
                 dirs[str(self.root)] = self._root_fd
             for d, fd in sorted(dirs.items()):
-                self.fault("fsync-dir")
-                self._guard(f"the directory {d}", lambda: os.fsync(fd))  # noqa: B023
+                self._guard(f"the directory {d}", lambda: self._sync_dir(fd))  # noqa: B023
         except StoreError as err:
             clean = True
             for uuid, before in reversed(written):

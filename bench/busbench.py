@@ -23,6 +23,7 @@ from busrig import MANAGER, NAME, ROOT, Daemon, PrivateBus, apmatrixd_argv
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from apmatrixd.journal import Journal
 from bench.common import REPO, Row, Stats, now, say, show
 from bench.hosts import big_state
 
@@ -143,6 +144,13 @@ def durable_write(where: Path) -> float:
     return now() - t
 
 
+async def _files_written(state_dir: Path, most: float = 1.0) -> None:
+    """Until the daemon's journal holds no intent (its last change's files are written)."""
+    end = now() + most
+    while Journal(state_dir).read() is not None and now() < end:
+        await asyncio.sleep(0.0002)
+
+
 async def _roundtrip(
     address: str, reps: int, burst_reps: int, state_dir: Path
 ) -> dict[str, list[float]]:
@@ -158,6 +166,9 @@ async def _roundtrip(
     out["durable"] = []
     for i in range(reps):  # interleaved, so both sides see the same machine
         a = 1 + i % 100
+        # The last change's files are written just after its answer (journal.py): the floor
+        # waits for them, so that it does not share the disk with the daemon's own writes.
+        await _files_written(state_dir)
         out["durable"].append(durable_write(state_dir))
         out["ping"].append(await timed(bus, msg(ROOT, PEER, "Ping")))
         out["assign"].append(await timed(bus, msg(P1, MATRIX_IFACE, "AssignAdapter", "u", [a])))

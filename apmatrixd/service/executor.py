@@ -50,9 +50,20 @@ class Stopping(ApmatrixError):
 
 @dataclass
 class Progress:
-    """What the Work running now is doing; the worker updates it as it goes."""
+    """What the Work running now is doing; the worker updates it as it goes.
+
+    ``after``: set by a Work whose driver allows it (``later``): what the worker does once
+    the Work's result is handed back, before it runs anything else (the files of a change
+    already durable in the intent journal: see journal.py)."""
 
     text: str = ""
+    later: bool = False
+    after: Callable[[], None] | None = None
+
+    def run_after(self) -> None:
+        after, self.after = self.after, None
+        if after is not None:
+            after()
 
 
 @dataclass
@@ -106,22 +117,24 @@ class Worker:
 
     def __init__(self, name: str = "apmatrixd-io") -> None:
         self._jobs: queue.SimpleQueue[
-            tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop] | None
+            tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop, Progress]
+            | None
         ] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """``fn()`` in the thread; the future (of the running loop) has its result. A future
-        cancelled before its turn comes is skipped."""
+    def run(self, fn: Callable[[], T], progress: Progress | None = None) -> asyncio.Future[T]:
+        """``fn()`` in the thread; the future (of the running loop) has its result, and then
+        the thread runs ``progress.after`` if ``fn`` left one. A future cancelled before its
+        turn comes is skipped."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((fn, fut, loop))
+        self._jobs.put((fn, fut, loop, progress or Progress()))
         return fut
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            fn, fut, loop = job
+            fn, fut, loop, progress = job
             if fut.cancelled():  # read across threads: at worst it runs and is dropped
                 continue
             try:
@@ -130,6 +143,10 @@ class Worker:
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(_settle, fut, result, error)
+            try:
+                progress.run_after()
+            except Exception:  # it keeps what it could not do for the next Work (store.py)
+                log.exception("after %s", progress.text or "a change")
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -212,7 +229,7 @@ class Executor:
 
     @staticmethod
     def _drive_inline(command: Command[T]) -> T:
-        progress = Progress()
+        progress = Progress(later=True)
         result: Any = None
         error: BaseException | None = None
         while True:
@@ -225,6 +242,7 @@ class Executor:
                 result = work.fn(progress)
             except Exception as exc:
                 error = exc
+            progress.run_after()  # here too before the command goes on, as the worker does
 
     # -- queued ------------------------------------------------------------------------------
     def submit(
@@ -352,13 +370,13 @@ class Executor:
         loop = asyncio.get_running_loop()
         if self._worker is None:
             self._worker = Worker()
-        progress = Progress(work.what)
+        progress = Progress(work.what, later=True)
         started = loop.time()
         self._work = (job, work, progress, started)
         if self._watch is None:
             self._watch = loop.call_at(started + self.pending_after, self._watchdog)
         try:
-            return await self._worker.run(lambda: work.fn(progress))
+            return await self._worker.run(lambda: work.fn(progress), progress)
         finally:
             self._work = None
             if self._pending:
@@ -404,14 +422,17 @@ class Executor:
                 log.exception("pending listener failed")
 
     async def idle(self) -> None:
-        """Until every queued command has finished."""
+        """Until every queued command has finished, and what the worker does after one
+        (``Progress.after``: the files of an answered change) too."""
         while self._running is not None or self._jobs:
             task = self._task
             if task is None or task.done():
                 if not self._jobs:
-                    return
+                    break
                 self._task = task = asyncio.get_running_loop().create_task(self._drain())
             await asyncio.wait([task])
+        if self._worker is not None:
+            await self._worker.run(lambda: None)  # in order: behind the last one's after
 
     def refuse(self, why: str) -> None:
         """From now on every submit fails with :class:`Stopping` (the daemon is stopping)."""

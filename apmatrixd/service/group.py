@@ -84,7 +84,9 @@ class Group:
             return
         progress.text = f"storing {self.members} changes"
         try:
-            if self.files() > 1:  # some renames could be durable and not others
+            # Some renames could be durable and not others, or the disk could still show
+            # an earlier change committed (journal.py): the intent first.
+            if self.files() > 1 or store.journal.stale_commit:
                 store.journal.sync()
             store.write_group(self.matrices, self.reservations)
         except (StoreError, JournalError) as err:

@@ -50,7 +50,7 @@ from apmatrixd.service import managers, ops, sync
 from apmatrixd.service.executor import Command, Work
 from apmatrixd.service.state import APMATRIXD, EXTERNAL, Changes, Meta
 from apmatrixd.service.tx import Transaction
-from apmatrixd.store import Contents, Reservations, Store, StoredMatrix
+from apmatrixd.store import HOST_FILE, SUFFIX, Contents, Reservations, Store, StoredMatrix
 
 if TYPE_CHECKING:
     from apmatrixd.service.service import Service
@@ -287,8 +287,12 @@ def _pool_within(cur: HostPool, before: HostPool, after: HostPool) -> bool:
 def _recover(kernel: Kernel, store: Store) -> tuple[Contents, frozenset[str]]:
     """Step 1 of the module docstring: the store's contents afterwards, and the matrices of
     an interrupted change that could not be rolled back (not to be taken for drift)."""
-    contents = store.load()
     intent = store.journal.read()
+    rewritten: frozenset[str] = frozenset()
+    if intent is not None and intent.committed:  # its files are written again below
+        rewritten = frozenset(f"{u}{SUFFIX}" for u, i in intent.matrices.items() if i.get("stored"))
+        rewritten |= {HOST_FILE} if intent.reservations is not None else set()
+    contents = store.load(rewritten)
     if intent is None:
         return contents, frozenset()
     try:
@@ -318,6 +322,12 @@ def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> b
     known = all(now(u) in (i["stored_before"], i["stored_after"]) for u, i in stored.items()) and (
         res is None or res_now in (res["before"], res["after"])
     )
+    if intent.committed:  # acknowledged: only its files can lag (journal.py)
+        if at_after:
+            log.info("the acknowledged change %r was stored", intent.what)
+            return False
+        log.warning("completing the files of the acknowledged change %r", intent.what)
+        return _store_to(store, contents, stored, "stored_after", res["after"] if res else None)
     same_boot = bool(intent.boot) and intent.boot == kernel.boot_id()
     if intent.store_first and at_after and same_boot:
         # A removal: its files went first. If its mdevs are still there the kernel part never

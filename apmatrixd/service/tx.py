@@ -172,6 +172,7 @@ class Transaction:
             self._join(group, kernel, store, writes, found, progress)
             return
         if store is not None:
+            store.finish()  # an acknowledged change's files first: its intent is the journal's
             progress.text = "writing the intent journal"
             self.boot = kernel.boot_id()
             try:  # synced only before a write of several files (see journal.py)
@@ -191,6 +192,14 @@ class Transaction:
                     raise
             else:
                 done = self._kernel(kernel, writes, progress)
+                if store is not None and progress.later and (ops or res):
+                    try:  # acknowledged on the commit; the files are written after
+                        store.journal.commit()
+                    except JournalError as err:
+                        clean = self.undo_kernel(kernel, done, progress)
+                        raise StoreError(str(err)) from err
+                    progress.after = lambda: self._files(store, ops, res, progress)
+                    return
                 try:
                     self._store(store, ops, res, progress)
                 except Exception:
@@ -223,6 +232,8 @@ class Transaction:
             raise RuntimeError(f"{self.what}: a change without an inverse cannot join a group")
         mark = 0
         if store is not None:
+            if not group.members:
+                store.finish()  # as for one change (_execute)
             progress.text = "writing the intent journal"
             self.boot = kernel.boot_id()
             try:
@@ -250,6 +261,35 @@ class Transaction:
         group.join(self, done)
         for st in self.matrices:
             group.sets[st.uuid] = st.target
+
+    def _files(
+        self,
+        store: Store,
+        ops: list[tuple[str, StoredMatrix | None]],
+        res: bool,
+        progress: Progress,
+    ) -> None:
+        """In the worker, once the change is answered: its files, then the clear of its
+        committed intent (journal.py). What cannot be written now is kept for
+        :meth:`Store.finish`, before the next change: nothing acknowledged is lost."""
+        pool = None
+        if res:
+            assert self.reservations is not None and self.reservations_before is not None
+            pool = (self.reservations_before, self.reservations)
+        matrices = {u: (self.stored_before.get(u), r) for u, r in ops}
+
+        def write() -> None:
+            store.write_group(matrices, pool, journaled=True)
+            if not store.journal.end():
+                raise StoreError(f"cannot clear the intent journal {store.journal.path}")
+
+        progress.text = f"storing {self.what}"
+        try:
+            write()
+        except StoreError as err:
+            log.error("%s: acknowledged, but its files are not written yet (%s); the next "
+                      "change writes them first", self.what, err)  # fmt: skip
+            store.unfinished = (self.what, write)
 
     def intent(self, found: Mapping[str, Matrix | None]) -> Intent:
         intent = Intent(self.what, boot=self.boot, store_first=self.store_first)
@@ -343,7 +383,9 @@ class Transaction:
         if store is None:
             return lambda: True
         try:
-            if len(ops) + res > 1:  # some renames could be durable and not others
+            # Some renames could be durable and not others, or the disk could still show
+            # an earlier change committed (journal.py): the intent first.
+            if len(ops) + res > 1 or store.journal.stale_commit:
                 try:
                     store.journal.sync()
                 except JournalError as err:

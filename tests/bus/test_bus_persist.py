@@ -36,6 +36,7 @@ from busrig import (
 )
 from dbus_fast import Message, MessageFlag, Variant
 
+from apmatrixd.journal import Journal
 from apmatrixd.store import KILL_ENV, Store
 
 UUIDS = [
@@ -124,6 +125,11 @@ def test_a_damaged_state_file_is_set_aside_and_logged(start: DaemonFactory, tmp_
         c.close()
 
     arun(setup())
+    # The last change's file is written just after its answer (its commit is in the
+    # journal): wait for it, so the file truncated below is the one start-up reads.
+    deadline = time.monotonic() + 10
+    while Journal(state).read() is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
     kill9(d)
     bad = state / "matrices" / f"{UUIDS[1]}.json"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated

@@ -161,31 +161,49 @@ class Sim:
 
     # -- the state directory -----------------------------------------------------------------
     def stored(self) -> dict[str, Any]:
-        """Every file of the state directory: name -> parsed JSON (or the raw text)."""
+        """Every file of the state directory as start-up would load it: name -> parsed JSON
+        (or the raw text), with the files of an acknowledged change whose files are still
+        being written (a committed intent, journal.py) as they will be."""
+        intent = Journal(self.state).read()  # first: its files may be written meanwhile
+        out = self._state_files()
+        if intent is not None and intent.committed:
+            for u, item in intent.matrices.items():
+                if item.get("stored"):
+                    out.pop(f"matrices/{u}.json", None)
+                    if item["stored_after"] is not None:
+                        out[f"matrices/{u}.json"] = item["stored_after"]
+            if intent.reservations is not None:
+                out["host.json"] = intent.reservations["after"]
+            intent = None  # as start-up leaves it
+        out["journal"] = repr(intent)
+        return dict(sorted(out.items()))
+
+    def _state_files(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         top = str(self.state)
         for where, _dirs, files in os.walk(top):
             for name in files:
+                if name == "journal" or (name.startswith(".") and ".tmp-" in name):
+                    continue  # the journal as above; a write in flight, as load() skips it
                 path = os.path.join(where, name)
-                with open(path, "rb") as f:
-                    text = f.read().decode(errors="replace")
+                try:
+                    with open(path, "rb") as f:
+                        text = f.read().decode(errors="replace")
+                except FileNotFoundError:  # removed since the listing: the intent has it
+                    continue
                 rel = os.path.relpath(path, top)
                 try:
                     out[rel] = json.loads(text)
                 except ValueError:
                     out[rel] = text
-        return dict(sorted(out.items()))
+        return out
 
     def state_bytes(self) -> dict[str, bytes]:
-        """The state directory's files; the intent journal only as "is an intent pending?"
-        (each change writes and clears it, a refused one too)."""
-        out = {
-            str(p.relative_to(self.state)): p.read_bytes()
-            for p in sorted(self.state.rglob("*"))
-            if p.is_file() and p.name != "journal"
-        }
-        out["journal"] = repr(Journal(self.state).read()).encode()
-        return out
+        """The state directory as start-up would load it (:meth:`stored`), as bytes; the
+        intent journal only as "is an intent pending?" (each change writes and clears it, a
+        refused one too)."""
+        return {k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)).encode()
+                for k, v in self.stored().items()}  # fmt: skip
 
 
 SimFactory = Callable[..., Sim]

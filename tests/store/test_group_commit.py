@@ -78,6 +78,10 @@ def run_all(svc: Service, calls: list[Callable[[], asyncio.Future[Any]]]) -> lis
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
             if any(isinstance(f.exception(), Killed) for f in done if not f.cancelled()):
                 break
+        if not any(
+            isinstance(f.exception(), Killed) for f in futs if f.done() and not f.cancelled()
+        ):
+            await svc.executor.idle()  # the files of a lone change are written after its answer
         return [
             (f.exception() or f.result()) if f.done() else Killed("never answered") for f in futs
         ]

@@ -389,7 +389,7 @@ def test_an_interrupted_update_is_taken_back_by_its_journal_entry(tmp_path: Path
     svc = service(host, tmp_path, fault=crashing(armed))
     svc.reserve([5, 6], [4])
     svc.create_matrix(G1, adapters=[5], domains=[4])
-    armed[:] = ["write"]  # the kernel got the update, the daemon died before the store did
+    armed[:] = ["journal-commit"]  # the kernel got the update, the daemon died before its commit
     with pytest.raises(Crash):
         svc.update(G1, [5, 6], [4], [4])
     assert svc.kernel.read_mdev(G1).adapters == {5, 6}
@@ -422,7 +422,7 @@ def test_a_create_cut_by_a_crash_can_be_retried(tmp_path: Path) -> None:
     armed: list[str] = []
     svc = service(host, tmp_path, fault=crashing(armed))
     svc.reserve([5, 6], [4])
-    armed[:] = ["write"]  # mdev created and assigned, then the daemon died
+    armed[:] = ["journal-commit"]  # mdev created and assigned, then the daemon died
     with pytest.raises(Crash):
         svc.create_matrix(G1, adapters=[5, 6], domains=[4])
     assert svc.kernel.mdev_exists(G1)
@@ -491,9 +491,8 @@ def test_a_store_failure_undoes_the_change(tmp_path: Path, scenario: str) -> Non
         "remove": lambda: svc.remove(G1),
     }
     for name, call in calls.items():
-        for step in (
-            ("unlink", "fsync-dir") if name == "remove" else ("write", "rename", "fsync-dir")
-        ):
+        commit = ("journal-commit", "journal-commit-sync")  # what acknowledges a change
+        for step in ("unlink", "fsync-dir") if name == "remove" else commit:
             before = snapshot()
             armed[:] = [step]
             with pytest.raises(StoreError, match="No space left on device"):
@@ -560,7 +559,7 @@ def test_a_rollback_that_fails_keeps_the_intent_and_adopts_nothing(tmp_path: Pat
     svc = service(host, tmp_path, fault=crashing(armed))
     svc.reserve([5, 6], [4])
     svc.create_matrix(G1, adapters=[5], domains=[4])
-    armed[:] = ["write"]  # the kernel got {5, 6}, the daemon died before the store did
+    armed[:] = ["journal-commit"]  # the kernel got {5, 6}, the daemon died before its commit
     with pytest.raises(Crash):
         svc.update(G1, [5, 6], [4], [4])
     host.inject_fault(f"devices/vfio_ap/matrix/{G1}/ap_config", errno.EBUSY)
@@ -760,3 +759,92 @@ def test_a_store_let_go_keeps_no_descriptor(tmp_path: Path) -> None:
         s.journal.close()
         del s
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_change_is_answered_on_its_commit_and_its_files_follow(tmp_path: Path) -> None:
+    """A lone change is acknowledged once its intent and commit record are durable; files
+    that cannot be written then are written before the next change, or by start-up, and a
+    next change that cannot write them is refused with nothing done."""
+    host = Host.from_name("default")
+    full = {"left": 0}
+
+    def disk(step: str) -> None:
+        if full["left"] and step in ("open", "rename"):
+            full["left"] -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    svc = service(host, tmp_path, fault=disk)
+    svc.reserve([5, 6], [4, 0x47])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    path = tmp_path / "matrices" / f"{G1}.json"
+    full["left"] = 1
+    svc.assign(G1, "adapter", 6)  # acknowledged: the journal has it
+    assert svc.matrix(G1).adapters == (5, 6) and svc.kernel.read_mdev(G1).adapters == {5, 6}
+    assert json.loads(path.read_text())["adapters"] == [5]  # its file is not written yet
+    intent = Journal(tmp_path).read()
+    assert intent is not None and intent.committed
+    # A restart now (a crash) completes it from the journal: the file, nothing undone.
+    again = service(Host.from_name("default"), shutil.copytree(tmp_path, tmp_path / "copy"))
+    assert again.matrix(G1).adapters == (5, 6)
+    assert json.loads((tmp_path / "copy" / "matrices" / f"{G1}.json").read_text())["adapters"] == [
+        5,
+        6,
+    ]
+    assert Journal(tmp_path / "copy").read() is None
+    # The next change cannot write it either: refused before it starts, nothing changes.
+    full["left"] = 2
+    with pytest.raises(StoreError, match="files of an earlier change.*No space left"):
+        svc.assign(G1, "domain", 0x47)
+    assert svc.matrix(G1).domains == (4,) and svc.kernel.read_mdev(G1).domains == {4}
+    assert Journal(tmp_path).read() == intent
+    # Once it can, the next change writes them first, then its own.
+    svc.assign(G1, "domain", 0x47)
+    assert json.loads(path.read_text())["adapters"] == [5, 6]
+    assert json.loads(path.read_text())["domains"] == [4, 0x47]
+    assert Journal(tmp_path).read() is None
+
+
+def test_a_change_after_a_commit_syncs_its_intent_before_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A committed change's clear is not synced, so the disk may still show it committed;
+    a later change that writes files without a commit of its own (a removal) makes its
+    intent durable first, or a machine crash could have start-up complete the old change
+    over the removal's files."""
+    svc = service(Host.from_name("default"), tmp_path)
+    svc.reserve([5], [4])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    synced: list[str] = []
+    real = os.fdatasync
+    journal = svc.store.journal if svc.store is not None else None
+    assert journal is not None and journal.stale_commit
+
+    def fdatasync(fd: int) -> None:
+        synced.append("journal" if fd == journal._fd else "other")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    svc.remove(G1)
+    assert synced[:1] == ["journal"] and not journal.stale_commit
+    assert not (tmp_path / "matrices" / f"{G1}.json").exists()
+
+
+def test_a_file_cut_after_its_rename_is_written_again_from_the_journal(tmp_path: Path) -> None:
+    """The files of a committed change are renamed before their fsync (one log commit): a
+    machine crash between the two can leave one empty. Start-up writes it again from the
+    committed intent instead of setting it aside as damaged."""
+    host = Host.from_name("default")
+    armed: list[str] = []
+    svc = service(host, tmp_path, fault=crashing(armed))
+    svc.reserve([5, 6], [4])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    armed[:] = ["fsync"]  # the file renamed, the machine died before its data was on disk
+    with pytest.raises(Crash):
+        svc.assign(G1, "adapter", 6)
+    path = tmp_path / "matrices" / f"{G1}.json"
+    path.write_bytes(b"")
+    svc2 = service(host, tmp_path)
+    assert svc2.matrix(G1).adapters == (5, 6) and not svc2.startup_drift
+    assert json.loads(path.read_text())["adapters"] == [5, 6]
+    assert sorted(os.listdir(tmp_path / "matrices")) == [f"{G1}.json"]  # nothing set aside
+    assert Journal(tmp_path).read() is None
