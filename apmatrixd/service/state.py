@@ -225,9 +225,9 @@ class State:
             view = self.adapters.get(a)
             if view is None:
                 continue
-            fresh = replace(view, owners=self.registry.owners_of_adapter(a))
-            if fresh != view:
-                self.adapters[a] = fresh
+            owners = self.registry.owners_of_adapter(a)
+            if owners != view.owners:  # the only field that can differ: compared alone
+                self.adapters[a] = replace(view, owners=owners)
                 changes.adapters_changed.add(a)
 
     # -- the kernel's truth -----------------------------------------------------------------
