@@ -18,8 +18,6 @@ import logging
 import string
 import uuid as uuidlib
 from collections.abc import Iterable
-from itertools import compress
-from operator import attrgetter
 from typing import TYPE_CHECKING, Literal
 
 from apmatrixd import mdevctl
@@ -335,19 +333,14 @@ def live_rules(svc: Service, old: Matrix | None, new: Matrix) -> Command[None]:
             raise Unavailable(missing, f"matrix {new.label}")
 
 
-_OVERRIDES = attrgetter("overrides")
-
-
 def no_override_claimed(svc: Service, m: Matrix) -> None:
     """6.19+: a live matrix may not claim a queue a driver_override binds to another driver
     (checked before the registry, which would call such a queue the host's)."""
-    infos = svc.state.infos
-    # Few cards have a driver_override, if any: found in C, then looked at one by one.
-    cards = list(filter(infos.__contains__, m.adapters))
-    marked = compress(cards, map(_OVERRIDES, map(infos.__getitem__, cards)))
+    st = svc.state
+    infos = st.infos
     claimed = [
         (f"{a:02x}.{d:04x}", drv)
-        for a in sorted(marked)
+        for a in sorted(m.adapters & st.overridden)  # few cards, if any: not every adapter
         for d, drv in infos[a].overrides
         if d in m.domains and drv != svc.kernel.vfio_driver
     ]
