@@ -210,6 +210,21 @@ def test_driver_override_queues_are_shown_and_refuse_the_masks() -> None:
         svc.create_matrix(G2, adapters=[6], domains=[0x47])
 
 
+def test_an_adapter_assigned_to_a_live_matrix_may_not_claim_a_parked_queue() -> None:
+    host = Host.from_name("default")
+    svc = loaded("6.19", host)
+    for q, driver in (("05.0004", b"vfio_ap"), ("06.0004", b"dra_parking")):
+        host.write(f"devices/ap/card{q[:2]}/{q}/driver_override", driver)
+        host.write("bus/ap/drivers/cex4queue/unbind", q.encode())
+        host.write("bus/ap/drivers_probe", q.encode())
+    svc.run(sync.resync, everything=True)
+    svc.create_matrix(G1, adapters=[5], domains=[4])  # its queue's override is vfio_ap's
+    before = svc.kernel.read_mdev_sets(G1)
+    with pytest.raises(DriverOverride, match=r"driver_override: 06.0004 -> dra_parking$"):
+        svc.assign(G1, "adapter", 6)
+    assert svc.matrix(G1).adapters == (5,) and svc.kernel.read_mdev_sets(G1) == before
+
+
 def test_an_override_the_inventory_cannot_see_is_named_after_the_kernel_refuses() -> None:
     host = Host.from_name("default")
     svc = loaded("6.19", host)

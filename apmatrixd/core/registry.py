@@ -129,6 +129,8 @@ class Decision:
         Kernel interfaces differ in which check comes first (``assign_adapter`` checks the
         range first, ``ap_config`` last), so the caller says which order it speaks for.
         """
+        if self.accepted:  # the usual answer: no refusal built to find there is none
+            return None
         clashes = [*self.host, *self.conflicts]
         makers: dict[str, ApmatrixError | None] = {
             "invalid": InvalidArgument(self.invalid) if self.invalid else None,
@@ -426,6 +428,7 @@ class Registry:
         adapters: frozenset[int],
         domains: frozenset[int],
         control_domains: frozenset[int],
+        noop: bool = False,
     ) -> Decision:
         for what, ids in (
             ("adapter", adapters),
@@ -436,7 +439,8 @@ class Registry:
                 continue  # the usual answer, in C: these sets are whole matrices'
             bad = [i for i in ids if type(i) is not int or i < 0]
             if bad:
-                return Decision(change, invalid=f"{what} id must be a number >= 0, not {bad[0]!r}")
+                why = f"{what} id must be a number >= 0, not {bad[0]!r}"
+                return Decision(change, invalid=why, noop=noop)
         lim = self.limits
         rng = (
             lim.violations(adapters, domains, control_domains)
@@ -451,10 +455,11 @@ class Registry:
             # _sound): the answer for the whole cross product is the answer for what it
             # gains, (new adapters) x domains and kept adapters x (new domains).
             host, held = self.clashes(adapters - old.adapters, domains, uuid)
-            kept = adapters & old.adapters
-            more_host, more_held = self.clashes(kept, domains - old.domains, uuid)
-            host += more_host
-            held += more_held
+            gained_d = domains - old.domains
+            if gained_d:  # else no kept APQN is new: the common change of one adapter
+                more_host, more_held = self.clashes(adapters & old.adapters, gained_d, uuid)
+                host += more_host
+                held += more_held
         else:
             # The whole cross product, as the kernel checks it: an adopted matrix that
             # already breaks a rule must not get more on the strength of its older APQNs.
@@ -464,6 +469,7 @@ class Registry:
             out_of_range=tuple(rng),
             host=tuple(sorted(host)),
             conflicts=tuple(sorted(held)),
+            noop=noop,
             basis=self._basis(),
         )
 
@@ -486,9 +492,6 @@ class Registry:
             return Decision(change, not_found=f"no matrix {change.uuid}")
         if change.name is not None and self._name_taken(change.name, change.uuid):
             return Decision(change, exists=f"a matrix named {change.name!r} already exists")
-        d = self._decide_sets(
-            change, change.uuid, change.adapters, change.domains, change.control_domains
-        )
         same = (
             change.adapters == base.adapters
             and change.domains == base.domains
@@ -496,7 +499,9 @@ class Registry:
             and change.name in (None, base.name)
             and change.autostart in (None, base.autostart)
         )
-        return Decision(**{**d.__dict__, "noop": same})
+        return self._decide_sets(
+            change, change.uuid, change.adapters, change.domains, change.control_domains, same
+        )
 
     def _decide_pool(self, change: SetHostPool) -> Decision:
         new, old = change.pool, self.pool
@@ -614,32 +619,30 @@ class Registry:
         del self._matrices[uuid]
         self._matrices[uuid] = new
         owner, pairs = self._owner, self._pairs()
-        kept_a, kept_d = old.adapters & new.adapters, old.domains & new.domains
-        gone = chain(
-            product(old.adapters - new.adapters, old.domains), product(kept_a, old.domains - kept_d)
-        )
-        for p in gone:
+        # Each difference taken once (a set operation on 100 adapters is ~2 us), the adapters
+        # both hold only where the domains changed or the kept APQNs are to be re-owned.
+        lost_a, got_a = old.adapters - new.adapters, new.adapters - old.adapters
+        lost_d, got_d = old.domains - new.domains, new.domains - old.domains
+        kept_a = old.adapters & new.adapters if lost_d or got_d or not sound else frozenset()
+        for p in chain(product(lost_a, old.domains), product(kept_a, lost_d)):
             if pairs.get(p) == uuid:
                 del pairs[p]
         if not sound:  # else its own already (unless adopted past the rules)
-            for p in product(kept_a, kept_d):
+            for p in product(kept_a, old.domains & new.domains):
                 held = pairs.get(p)
                 if held != uuid:
                     self._take(held, uuid)
                     owner[Apqn(*p)] = uuid
-        came = chain(
-            product(new.adapters - old.adapters, new.domains), product(kept_a, new.domains - kept_d)
-        )
-        for a, d in came:
+        for a, d in chain(product(got_a, new.domains), product(kept_a, got_d)):
             p = (a, d)
             self._take(pairs.get(p), uuid)
             owner[Apqn(a, d)] = uuid
-        for index, was, now in (
-            (self._by_adapter, old.adapters, new.adapters),
-            (self._by_domain, old.domains, new.domains),
+        for index, lost, got in (
+            (self._by_adapter, lost_a, got_a),
+            (self._by_domain, lost_d, got_d),
         ):
-            self._unindex(index, was - now, uuid)
-            for i in now - was:
+            self._unindex(index, lost, uuid)
+            for i in got:
                 index.setdefault(i, set()).add(uuid)
         self._unname(old)
         if new.name:
@@ -691,6 +694,16 @@ class Registry:
                     out.append(f"{apqn} of {m.uuid} is in the host pool")
         if seen != self._owner:
             out.append("owner index out of step")
+        by_adapter: dict[int, set[str]] = {}
+        by_domain: dict[int, set[str]] = {}
+        for m in self._matrices.values():
+            for index, ids in ((by_adapter, m.adapters), (by_domain, m.domains)):
+                for i in ids:
+                    index.setdefault(i, set()).add(m.uuid)
+        if by_adapter != self._by_adapter:
+            out.append("adapter index out of step")
+        if by_domain != self._by_domain:
+            out.append("domain index out of step")
         names: dict[str, dict[str, None]] = {}
         for m in self._matrices.values():
             if m.name:

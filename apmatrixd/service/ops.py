@@ -285,7 +285,9 @@ def update_sets(
     # An adapter's owners change only if it came or went, or if the domains changed.
     old = truth.matrix() if truth is not None else m
     same = m.domains == new.domains and old.domains == new.domains
-    touched = (m.adapters ^ new.adapters) | (old.adapters ^ new.adapters)
+    touched = m.adapters ^ new.adapters
+    if old is not m:
+        touched |= old.adapters ^ new.adapters
     st.touch_adapters(changes, touched if same else m.adapters | new.adapters | old.adapters)
     svc.emit(changes)
 
@@ -334,10 +336,11 @@ def live_rules(svc: Service, old: Matrix | None, new: Matrix) -> Command[None]:
 def no_override_claimed(svc: Service, m: Matrix) -> None:
     """6.19+: a live matrix may not claim a queue a driver_override binds to another driver
     (checked before the registry, which would call such a queue the host's)."""
-    infos = svc.state.infos
+    st = svc.state
+    infos = st.infos
     claimed = [
         (f"{a:02x}.{d:04x}", drv)
-        for a in sorted(m.adapters & infos.keys())
+        for a in sorted(m.adapters & st.overridden)  # few cards, if any: not every adapter
         for d, drv in infos[a].overrides
         if d in m.domains and drv != svc.kernel.vfio_driver
     ]

@@ -141,6 +141,9 @@ class State:
     # The last read of each card; its ``domains`` are the queues present (one shared set per
     # card, not 65,536 Apqn tuples on a 256 x 256 host), and the Adapter views built from it.
     infos: dict[int, AdapterInfo] = field(default_factory=dict)
+    # The cards among them with a queue bound by driver_override (note_overrides, which
+    # every change of ``infos`` calls): a change's check looks at those, not every card.
+    overridden: frozenset[int] = frozenset()
     adapters: dict[int, AdapterView] = field(default_factory=dict)
     reservations: Reservations = field(default_factory=Reservations)
     on_disk: dict[str, StoredMatrix] = field(default_factory=dict)  # as last written
@@ -191,6 +194,7 @@ class State:
         self.registry.vfio_overrides = frozenset(
             (a.id, d) for a in self.infos.values() for d, drv in a.overrides if drv == VFIO_AP
         )
+        self.overridden = frozenset(a.id for a in self.infos.values() if a.overrides)
 
     def overrides(self) -> list[tuple[str, str]]:
         """Every queue bound by driver_override that the inventory shows: (``05.0004``, driver)."""
@@ -225,9 +229,9 @@ class State:
             view = self.adapters.get(a)
             if view is None:
                 continue
-            fresh = replace(view, owners=self.registry.owners_of_adapter(a))
-            if fresh != view:
-                self.adapters[a] = fresh
+            owners = self.registry.owners_of_adapter(a)
+            if owners != view.owners:  # the only field that can differ: compared alone
+                self.adapters[a] = replace(view, owners=owners)
                 changes.adapters_changed.add(a)
 
     # -- the kernel's truth -----------------------------------------------------------------

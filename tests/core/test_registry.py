@@ -482,7 +482,10 @@ def test_a_decision_on_a_sound_matrix_is_the_whole_products(
     uuids = [f"{i}{i}{i}{i}{i}{i}{i}{i}-0000-0000-0000-000000000000" for i in range(3)]
 
     def check() -> None:
-        assert [v for v in reg.violations() if "sound" in v] == []
+        # The per-id indexes follow the matrices whatever was adopted; the owner index
+        # may not (two matrices restored over one another).
+        kept = ("sound", "adapter index", "domain index")
+        assert [v for v in reg.violations() if any(k in v for k in kept)] == []
         for i, a, d in asks:
             if uuids[i] in reg.matrices:
                 ask = UpdateMatrix(uuids[i], a, d, d)
