@@ -118,7 +118,22 @@ class Host(ApKernel):
 
     def _walk(self, path: str, follow: bool) -> tuple[list[str], Node]:
         """Resolve like the VFS: ``..`` and symlinks in the middle; the last link if ``follow``."""
-        comps = deque(self._split(path))
+        names = self._split(path)
+        node: Node = self.tree.root()
+        for name in names:  # most paths are plain names and no link: straight down
+            if name in ("", ".", "..") or not isinstance(node, Dir):
+                break
+            child = node.child(name)
+            if child is None or isinstance(child, Link):
+                break
+            node = child
+        else:
+            return names, node
+        return self._walk_links(names, follow)
+
+    def _walk_links(self, parts: list[str], follow: bool) -> tuple[list[str], Node]:
+        """The general walk, from the root again: dots, and links followed as they come."""
+        comps = deque(parts)
         names: list[str] = []
         nodes: list[Node] = [self.tree.root()]
         hops = 0
