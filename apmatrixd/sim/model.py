@@ -223,10 +223,13 @@ class Host(ApKernel):
         An armed delay (:meth:`inject_delay`) blocks first, without the host lock. On 6.0+ a
         ``remove`` of an mdev a guest holds blocks until the guest lets go (the vfio core
         asks QEMU for the device and waits), with the lock released meanwhile."""
-        delay = self._take_delay(path)
+        # No delay armed, no guest running (the common case): no lock taken to find that out.
+        # One armed or started meanwhile races with this write as before: the checks and the
+        # store never were one hold of the lock.
+        delay = self._take_delay(path) if self.delays else 0.0
         if delay > 0:
             time.sleep(delay)
-        held = self._remove_waits_for(path, data)
+        held = self._remove_waits_for(path, data) if self.guests else None
         if held is not None:
             self._wait_released(held)
         return self._store(path, data)
@@ -357,6 +360,8 @@ class Host(ApKernel):
         return armed
 
     def _take_fault(self, canonical: str, path: str) -> None:
+        if not self.faults:
+            return
         for key in (canonical, self._norm(path)):
             queue = self.faults.get(key)
             if queue:
