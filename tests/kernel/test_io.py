@@ -273,3 +273,15 @@ def test_opens_below_a_kept_directory_run_at_once_and_its_descriptor_outlives_th
     assert io.read("devices/ap/card06/online") == "1\n"  # kept anew
     assert io._kept["devices/ap"] is not None
     io.close()
+
+
+def test_the_running_kernel_s_boot_id_is_read_once(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every change's intent names the boot; /proc is read for the first one only."""
+    (root / "devices/vfio_ap/matrix").mkdir(parents=True)
+    kernel = Kernel(OsSysfs(root))
+    want = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert kernel.boot_id() == want
+    monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail("read again"))
+    assert kernel.boot_id() == want
