@@ -36,7 +36,9 @@ records are read back as one change (:meth:`Intent.then`) from what the kernel a
 held before the first member to what the last one wants: each matrix's earliest ``before``
 and latest ``after``, and ``kernel_low``/``kernel_high`` (the pool: ``low``/``high``), the
 intersection and union of every set the group passed through, so start-up takes for ours
-anything the kernel holds within those bounds, and rolls the group back whole.
+anything the kernel holds within those bounds, and rolls the group back whole. A member's
+record leaves out the ``stored_before`` of a matrix an earlier record of the group carries
+(the earliest is the one read), and one cut off takes its part of that with it.
 
 A change acknowledged before its files are written (one change run alone: its caller waits
 on one fdatasync of the journal instead of a file's write, fsync, rename and directory
@@ -69,7 +71,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,6 +251,10 @@ class Journal:
         # A committed intent's clear was not synced: the disk may still show it committed,
         # so a later change syncs its own intent before its files (see the module docstring).
         self.stale_commit = False
+        # Matrix -> where the group's record carrying its ``stored_before`` starts. A later
+        # member's record leaves it out: every member of a group has the same (the store is
+        # written after the last one), and :meth:`Intent.then` keeps the earliest anyway.
+        self._carried: dict[str, int] = {}
 
     def _open(self) -> int:
         if self._fd < 0:
@@ -297,22 +303,28 @@ class Journal:
         self._write(self._body(intent), 0)
         self._durable_clear = intent.store_first or not intent.writes_store
         self._committed = False
+        self._carried = {u: 0 for u, item in intent.matrices.items() if "stored_before" in item}
 
     def append(self, intent: Intent) -> int:
         """Add the intent of a group's next member, without a sync; the mark to
         :meth:`cut` it off again. JournalError if that fails."""
         mark = self._end
-        self._write(self._body(intent), mark)
+        carried = self._carried
+        self._write(self._body(intent, carried), mark)
         self._durable_clear = self._durable_clear and not intent.writes_store
+        for u, item in intent.matrices.items():
+            if "stored_before" in item:
+                carried.setdefault(u, mark)
         return mark
 
     def cut(self, mark: int) -> None:
         """Drop the records from ``mark`` on (a member that failed and undid itself)."""
         self._write(b"", mark)
+        self._carried = {u: at for u, at in self._carried.items() if at < mark}
 
     def commit(self) -> None:
         """The change whose records were written is acknowledged: a commit record after
-        them, made durable; its clear will be too. JournalError (the record cut off again)
+        them, made durable (see the module docstring). JournalError (the record cut off again)
         if that fails."""
         mark = self._end
         self._write(COMMIT, mark, "journal-commit")
@@ -336,8 +348,15 @@ class Journal:
             ) from err
 
     @staticmethod
-    def _body(intent: Intent) -> bytes:
-        return json.dumps(intent.to_json(), sort_keys=True).encode()
+    def _body(intent: Intent, carried: Mapping[str, int] | None = None) -> bytes:
+        """The record's JSON; without the ``stored_before`` of the matrices in ``carried``."""
+        data = intent.to_json()
+        if carried:
+            data["matrices"] = {
+                u: {k: v for k, v in item.items() if k != "stored_before"} if u in carried else item
+                for u, item in intent.matrices.items()
+            }
+        return json.dumps(data, sort_keys=True).encode()
 
     def sync(self) -> None:
         """Make the intent written by :meth:`stage` durable."""

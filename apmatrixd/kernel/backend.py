@@ -110,6 +110,7 @@ class Kernel:
         """Told (from a helper thread) when a write given up on by its timeout returns."""
         self._held: contextlib.ExitStack | None = None  # hold_lock(): the lock kept
         self._holder = 0  # the thread that holds it
+        self._boot = ""  # the running kernel's boot id, once read
 
     # -- layout -----------------------------------------------------------------------------
     def _detect(self) -> Layout:
@@ -266,11 +267,13 @@ class Kernel:
         tree_boot = getattr(getattr(self.io, "tree", None), "boot_id", None)
         if isinstance(tree_boot, str):
             return tree_boot
-        try:
-            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-                return f.read().strip()
-        except OSError:
-            return ""
+        if not self._boot:  # read once: it is the same for as long as this process runs
+            try:
+                with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                    self._boot = f.read().strip()
+            except OSError:
+                return ""
+        return self._boot
 
     # -- the generation ---------------------------------------------------------------------
     def detect_features(self) -> Features:

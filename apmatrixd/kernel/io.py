@@ -247,9 +247,10 @@ class TreeSysfs:
     tree, so ``bus/ap/devices/05.0004/driver`` works whatever the model accepts.
 
     Each ``kind()`` walks the tree from its root, so a path of depth n cost n walks. The
-    real paths seen not to be links are remembered (``_plain``): in sysfs a name is a link or
-    not for good (it may come and go, never change sides), and a stale entry for a path that
-    went away only skips a check the tree's own operation makes again (ENOENT either way).
+    real paths seen not to be links are remembered (``_plain``), and one asked for again
+    resolves to itself at once: in sysfs a name is a link or not for good (it may come and
+    go, never change sides), and a stale entry for a path that went away only skips a check
+    the tree's own operation makes again (ENOENT either way).
     Links themselves are never cached: their targets move (``driver`` on bind/unbind).
     """
 
@@ -264,7 +265,10 @@ class TreeSysfs:
         return f"TreeSysfs({self.tree!r})"
 
     def _resolve(self, path: str, follow_last: bool = True) -> str:
-        parts = _clean(path).split("/") if path else []
+        norm = _clean(path)
+        if norm in self._plain:  # a real path seen before: every component of it is no link
+            return norm
+        parts = norm.split("/") if norm else []
         done = ""
         hops = 0
         while parts:
@@ -306,14 +310,18 @@ class TreeSysfs:
             raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
 
     def read_in(self, directory: str, names: Sequence[str]) -> dict[str, str | None]:
-        if not self.is_dir(directory):
-            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), directory)
+        # Each name read at once (a path seen before resolves without a walk, see
+        # ``_resolve``); whether the directory is there is asked only if a name is missing.
         out: dict[str, str | None] = {}
         for name in names:
             try:
                 out[name] = self.read(f"{directory}/{name}")
             except OSError as e:
-                if e.errno != errno.ENOENT:
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+                if not self.is_dir(directory):
+                    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), directory) from None
+                if e.errno == errno.ENOTDIR:
                     raise
                 out[name] = None
         return out

@@ -118,7 +118,22 @@ class Host(ApKernel):
 
     def _walk(self, path: str, follow: bool) -> tuple[list[str], Node]:
         """Resolve like the VFS: ``..`` and symlinks in the middle; the last link if ``follow``."""
-        comps = deque(self._split(path))
+        names = self._split(path)
+        node: Node = self.tree.root()
+        for name in names:  # most paths are plain names and no link: straight down
+            if name in ("", ".", "..") or not isinstance(node, Dir):
+                break
+            child = node.child(name)
+            if child is None or isinstance(child, Link):
+                break
+            node = child
+        else:
+            return names, node
+        return self._walk_links(names, follow)
+
+    def _walk_links(self, parts: list[str], follow: bool) -> tuple[list[str], Node]:
+        """The general walk, from the root again: dots, and links followed as they come."""
+        comps = deque(parts)
         names: list[str] = []
         nodes: list[Node] = [self.tree.root()]
         hops = 0
@@ -208,10 +223,13 @@ class Host(ApKernel):
         An armed delay (:meth:`inject_delay`) blocks first, without the host lock. On 6.0+ a
         ``remove`` of an mdev a guest holds blocks until the guest lets go (the vfio core
         asks QEMU for the device and waits), with the lock released meanwhile."""
-        delay = self._take_delay(path)
+        # No delay armed, no guest running (the common case): no lock taken to find that out.
+        # One armed or started meanwhile races with this write as before: the checks and the
+        # store never were one hold of the lock.
+        delay = self._take_delay(path) if self.delays else 0.0
         if delay > 0:
             time.sleep(delay)
-        held = self._remove_waits_for(path, data)
+        held = self._remove_waits_for(path, data) if self.guests else None
         if held is not None:
             self._wait_released(held)
         return self._store(path, data)
@@ -342,6 +360,8 @@ class Host(ApKernel):
         return armed
 
     def _take_fault(self, canonical: str, path: str) -> None:
+        if not self.faults:
+            return
         for key in (canonical, self._norm(path)):
             queue = self.faults.get(key)
             if queue:

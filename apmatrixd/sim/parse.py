@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import compress, count
 
 ULONG_MAX = (1 << 64) - 1
@@ -226,10 +226,17 @@ def strsep(rest: bytes | None, delims: bytes) -> tuple[bytes | None, bytes | Non
     """C ``strsep``: (token, rest); the token is None once the string is used up."""
     if rest is None:
         return None, None
-    cut = min((i for i in map(rest.find, delims) if i >= 0), default=-1)  # each delim in C
-    if cut < 0:
+    found = _SEPARATORS.get(delims)
+    if found is None:  # one pattern per set of delimiters: the first of any found in C
+        found = _SEPARATORS[delims] = re.compile(b"[" + re.escape(delims) + b"]").search
+    hit = found(rest)
+    if hit is None:
         return rest, None
+    cut = hit.start()
     return rest[:cut], rest[cut + 1 :]
+
+
+_SEPARATORS: dict[bytes, Callable[[bytes], re.Match[bytes] | None]] = {}
 
 
 def format_mask(ids: Iterable[int], nbits: int = AP_BITS) -> str:

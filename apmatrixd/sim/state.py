@@ -167,11 +167,18 @@ class KernelState:
     def sharers(self, uuid: str, apm: set[int], aqm: set[int]) -> list[Mdev]:
         """The other mdevs holding an APQN of ``apm`` x ``aqm``, newest first (mdev_list is
         head-inserted: the kernel checks the newest first)."""
-        uuids: set[str] = set()
-        for a in apm:
-            uuids.update(self.by_adapter.get(a, ()))
-        uuids.discard(uuid)
-        found = [m for u in uuids if not aqm.isdisjoint((m := self.mdevs[u]).aqm)]
+        if len(self.mdevs) <= len(apm):  # the kernel's walk of the mdev list is shorter
+            found = [
+                m
+                for m in self.mdevs.values()
+                if m.uuid != uuid and not apm.isdisjoint(m.apm) and not aqm.isdisjoint(m.aqm)
+            ]
+        else:  # the holders of each of the few adapters (the index)
+            uuids: set[str] = set()
+            for a in apm:
+                uuids.update(self.by_adapter.get(a, ()))
+            uuids.discard(uuid)
+            found = [m for u in uuids if not aqm.isdisjoint((m := self.mdevs[u]).aqm)]
         return sorted(found, key=lambda m: m.born, reverse=True)
 
     def index_apm(self, m: Mdev, apm: set[int]) -> None:

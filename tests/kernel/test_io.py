@@ -160,6 +160,40 @@ def test_read_in_is_the_same_on_the_in_process_tree() -> None:
     assert info.value.errno == errno.ENOENT
 
 
+def test_the_in_process_tree_reads_a_remembered_path_as_it_is_now() -> None:
+    """A path read before resolves at once (no walk): an mdev removed is ENOENT by it, one
+    created again under the same UUID reads its own (empty) sets, and a path through a link
+    is still resolved, to wherever the link leads now."""
+    from apmatrixd.kernel import TreeSysfs
+    from apmatrixd.sim.model import Host
+
+    host = Host.from_name("default")
+    tree = TreeSysfs(host)
+    u = "11111111-1111-1111-1111-111111111111"
+    mdev = f"devices/vfio_ap/matrix/{u}"
+    tree.write("bus/ap/apmask", "0x" + "0" * 64)
+    tree.write("devices/vfio_ap/matrix/mdev_supported_types/vfio_ap-passthrough/create", u)
+    tree.write(f"{mdev}/assign_adapter", "5")
+    names = ("ap_config", "nonexistent")
+    assert tree.read_in(mdev, names)["ap_config"].startswith("0x04")
+    assert f"{mdev}/ap_config" in tree._plain
+    tree.write(f"{mdev}/remove", "1")
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            tree.read_in(mdev, names)
+        assert (info.value.errno, info.value.filename) == (errno.ENOENT, mdev)
+    tree.write("devices/vfio_ap/matrix/mdev_supported_types/vfio_ap-passthrough/create", u)
+    empty = ",".join(["0x" + "0" * 64] * 3) + "\n"
+    assert tree.read_in(mdev, names) == {"ap_config": empty, "nonexistent": None}
+    driver = "bus/ap/devices/05.0004/driver"
+    assert tree.readlink(driver).endswith("/vfio_ap")
+    assert "05.0004" in tree.listdir(driver)
+    tree.write(f"{mdev}/remove", "1")
+    tree.write("bus/ap/apmask", "0x" + "f" * 64)  # back to the host: the link moves
+    assert tree.readlink(driver).endswith("/cex4queue")
+    assert tree.read_in("bus/ap/devices/05.0004", ("online",)) == {"online": "1\n"}
+
+
 def test_a_kept_directory_is_opened_below_and_found_again(root: Path) -> None:
     """Below a kept directory a path is opened relative to its descriptor, and one that was
     removed and made again (vfio_ap reloaded makes a new matrix directory) is not read
@@ -239,3 +273,15 @@ def test_opens_below_a_kept_directory_run_at_once_and_its_descriptor_outlives_th
     assert io.read("devices/ap/card06/online") == "1\n"  # kept anew
     assert io._kept["devices/ap"] is not None
     io.close()
+
+
+def test_the_running_kernel_s_boot_id_is_read_once(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every change's intent names the boot; /proc is read for the first one only."""
+    (root / "devices/vfio_ap/matrix").mkdir(parents=True)
+    kernel = Kernel(OsSysfs(root))
+    want = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert kernel.boot_id() == want
+    monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail("read again"))
+    assert kernel.boot_id() == want

@@ -351,6 +351,29 @@ def test_sharing_names_the_newest_holder_and_follows_every_change(host: Host) ->
     assert text(host, f"{m2}/matrix") == ".0004\n"
 
 
+def test_sharers_by_the_mdev_list_and_by_the_adapter_index_agree(host: Host) -> None:
+    """The holders of an APQN are found by the kernel's walk of the mdev list, or through the
+    adapter index where the mdevs outnumber the adapters asked about: the same, newest first."""
+    assert err(host, "bus/ap/apmask", "0x" + ZERO64) == 0
+    uuids = [f"{i:08x}-0000-0000-0000-000000000000" for i in range(1, 6)]
+    for i, u in enumerate(uuids, 1):  # adapters overlapping widely, one domain each
+        m = create(host, u)
+        assert err(host, f"{m}/ap_config", f"{mask(*range(i, 12 + i))},{mask(i)},{mask()}") == 0
+    newest_first = [host.mdevs[u] for u in reversed(uuids)]
+    for apm in ({3}, {16}, set(range(20)), set(range(40))):  # the index, then the list
+        for aqm in ({1}, {2, 4}, {1, 3, 5}, {9}):
+            want = [m for m in newest_first if m.apm & apm and m.aqm & aqm]
+            assert host.sharers(uuids[0], apm, aqm) == [m for m in want if m.uuid != uuids[0]]
+            assert host.sharers("", apm, aqm) == want
+    m6 = create(host, "66666666-0000-0000-0000-000000000000")
+    wide = f"{mask(*range(40))},{mask(2, 4)},{mask()}"
+    assert err(host, f"{m6}/ap_config", wide) == errno.EADDRINUSE
+    assert host.dmesg[-1].endswith(f"queue 0f.0004 to mdev: already assigned to {uuids[3]}")
+    assert err(host, f"{m6}/assign_adapter", "4") == 0
+    assert err(host, f"{m6}/assign_domain", "2") == errno.EADDRINUSE  # the index: few adapters
+    assert host.dmesg[-1].endswith(f"queue 04.0002 to mdev: already assigned to {uuids[1]}")
+
+
 def test_control_domains_are_shareable_and_unchecked(host: Host) -> None:
     m1, m2 = create(host, U1), create(host, U2)
     for m in (m1, m2):

@@ -169,6 +169,9 @@ def test_strsep_like_c() -> None:
     assert strsep(b"d\n", b",\n") == (b"d", b"")
     assert strsep(b"", b",\n") == (b"", None)
     assert strsep(None, b",\n") == (None, None)
+    assert strsep(b"a\nb,c", b",\n") == (b"a", b"b,c")  # the first of any delimiter
+    assert strsep(b"x]y-z^", b"^-]") == (b"x", b"y-z^")  # no delimiter is a pattern
+    assert strsep(b"x.y", b"-") == (b"x.y", None)
 
 
 def test_uuid_is_valid() -> None:

@@ -10,6 +10,7 @@ import asyncio
 import errno
 import fcntl
 import functools
+import json
 import os
 import random
 import stat
@@ -33,7 +34,7 @@ from test_kill_anywhere import (
 )
 
 from apmatrixd.core import ApmatrixError, Conflict
-from apmatrixd.journal import Intent, Journal
+from apmatrixd.journal import HEADER, Intent, Journal
 from apmatrixd.kernel import Kernel, TreeSysfs
 from apmatrixd.service import Service, ops
 from apmatrixd.service.state import Changes
@@ -435,6 +436,48 @@ def test_the_journal_reads_a_group_as_one_change(tmp_path: Path) -> None:
     assert torn is not None and torn.what == "Assign"
     j.end()
     assert Journal(tmp_path).read() is None
+
+
+def test_a_group_journals_a_matrix_s_stored_before_once(tmp_path: Path) -> None:
+    """Only the first record of a matrix carries its stored_before (the one read back); after
+    a member that first carried another matrix's is cut off, the next one carries it again."""
+
+    def item(a: list[int], stored: tuple[Any, Any]) -> dict[str, Any]:
+        before = {"adapters": a[:-1], "domains": [4], "control_domains": []}
+        after = {"adapters": a, "domains": [4], "control_domains": []}
+        return {"kernel_before": before, "kernel_after": after, "stored": True,
+                "stored_before": stored[0], "stored_after": stored[1]}  # fmt: skip
+
+    def carried() -> list[list[str]]:
+        """Per record up to the end mark: the matrices whose stored_before it carries."""
+        raw, at, out = (tmp_path / "journal").read_bytes(), 0, []
+        while n := int(raw[at : at + HEADER].split()[1], 16):
+            body = json.loads(raw[at + HEADER : at + HEADER + n])
+            out.append(sorted(u for u, i in body["matrices"].items() if "stored_before" in i))
+            at += HEADER + n
+        return out
+
+    j = Journal(tmp_path)
+    j.stage(Intent("Assign", matrices={UUIDS[0]: item([5, 6], ({"a": 0}, {"a": 1}))}))
+    j.append(Intent("Assign", matrices={UUIDS[0]: item([5, 6, 7], ({"a": 0}, {"a": 2}))}))
+    both = {UUIDS[0]: item([5, 6, 7, 8], ({"a": 0}, {"a": 3})),
+            UUIDS[1]: item([9], ({"b": 0}, {"b": 1}))}  # fmt: skip
+    mark = j.append(Intent("Apply", matrices=both))
+    assert carried() == [[UUIDS[0]], [], [UUIDS[1]]]
+    j.cut(mark)
+    j.append(Intent("Apply", matrices=both))
+    j.append(Intent("Assign", matrices={UUIDS[1]: item([9, 10], ({"b": 0}, {"b": 2}))}))
+    assert carried() == [[UUIDS[0]], [], [UUIDS[1]], []]
+    got = Journal(tmp_path).read()
+    assert got is not None and got.what == "a group of 4 changes"
+    first, second = got.matrices[UUIDS[0]], got.matrices[UUIDS[1]]
+    assert (first["stored_before"], first["stored_after"]) == ({"a": 0}, {"a": 3})
+    assert (second["stored_before"], second["stored_after"]) == ({"b": 0}, {"b": 2})
+    assert first["kernel_low"]["adapters"] == [5] and second["kernel_high"]["adapters"] == [9, 10]
+    j.end()
+    j.stage(Intent("Assign", matrices={UUIDS[1]: item([9], ({"b": 2}, {"b": 3}))}))  # anew
+    j.append(Intent("Assign", matrices={UUIDS[0]: item([5], ({"a": 3}, {"a": 4}))}))
+    assert carried() == [[UUIDS[1]], [UUIDS[0]]]
 
 
 def test_reads_are_answered_while_a_group_is_stored(tmp_path: Path) -> None:
