@@ -24,7 +24,7 @@ from apmatrixd.core import (
 )
 from apmatrixd.kernel import Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Changes, Service, ops
-from apmatrixd.service.executor import Command, Worker
+from apmatrixd.service.executor import Command, Progress, Worker
 from apmatrixd.sim.model import Host
 
 G1 = "11111111-1111-4111-8111-111111111111"
@@ -259,9 +259,9 @@ class CountingWorker(Worker):
         super().__init__("test-counting-worker")
         self.handoffs = 0
 
-    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+    def run(self, fn: Callable[[], T], progress: Progress | None = None) -> asyncio.Future[T]:
         self.handoffs += 1
-        return super().run(fn)
+        return super().run(fn, progress)
 
 
 def test_a_change_reads_its_guest_view_in_its_own_worker_step(two: Service) -> None:
