@@ -450,7 +450,9 @@ async def _serve(bus: ApmatrixBus, service: Service, drift: list[tuple[str, str]
     if bus.connected:
         with contextlib.suppress(DBusError, OSError, EOFError, TimeoutError):
             await asyncio.wait_for(bus.release_name(names.BUS_NAME), RELEASE_WAIT)
-    if service.executor.busy:  # let the changes queued so far finish (a cut one is undone)
+    # Let the changes queued so far finish (a cut one is undone), and the files of the last
+    # one answered be written (else the next start writes them from the journal).
+    if service.executor.busy:
         log.info("waiting for %s", service.executor.running or "queued changes")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(service.executor.idle(), STOP_WAIT)

@@ -327,8 +327,8 @@ class Journal:
         them, made durable (see the module docstring). JournalError (the record cut off again)
         if that fails."""
         mark = self._end
-        self._write(COMMIT, mark, "journal-commit")
         try:
+            self._put(COMMIT, "journal-commit", mark)
             self.fault("journal-commit-sync")
             os.fdatasync(self._open())
         except OSError as err:
@@ -437,6 +437,8 @@ class Journal:
             for part in parts:
                 whole = whole.then(part, f"a group of {len(parts)} changes")
         whole.committed = committed
+        if committed:  # on disk: a later change must sync its own intent before its files
+            self.stale_commit = True
         return whole
 
     def clear_durably(self) -> None:

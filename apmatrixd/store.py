@@ -567,7 +567,7 @@ class Store:
         what, write = self.unfinished
         try:
             write()
-        except StoreError as err:
+        except Exception as err:
             raise StoreError(f"the files of an earlier change ({what}) are not written yet: "
                              f"{err}") from err  # fmt: skip
         self.unfinished = None

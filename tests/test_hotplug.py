@@ -768,6 +768,7 @@ def test_adopted_drift_is_stored_so_a_restart_keeps_it(tmp_path: Path) -> None:
         r.svc.reserve([7], [])
         r.write(f"devices/vfio_ap/matrix/{G1}/assign_adapter", "7")
         await r.hp.rescan()
+        await r.svc.executor.idle()  # the files of its last change follow its answer
         assert Store(tmp_path).load().matrices[G1].adapters == {5, 6, 7}
         again = Service(Kernel(TreeSysfs(r.host)), store=Store(tmp_path))
         again.load()  # a restart on the same host

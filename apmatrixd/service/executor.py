@@ -10,7 +10,8 @@ the same generators:
   Work that takes longer than ``pending_after`` seconds is reported (``on_pending``: the
   Manager's ``Pending`` property, and the log) until it returns.
 - :meth:`Executor.run_now` (tests, benchmarks, tools): the Work runs inline in the caller's
-  thread. Refused while a queued command is in flight, so the two never interleave; it may
+  thread. Refused while a queued command is in flight, so the two never interleave (it
+  waits for the worker to write the files of one already answered); it may
   run ahead of queued commands that have not started (the daemon itself only queues).
 
 Nothing else changes the state: a command's code after its last ``yield`` runs on the loop
@@ -120,6 +121,9 @@ class Worker:
             tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop, Progress]
             | None
         ] = queue.SimpleQueue()
+        # Jobs handed over and not done yet, what runs after them included (see busy).
+        self._open = 0
+        self._count = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -129,24 +133,50 @@ class Worker:
         turn comes is skipped."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        with self._count:
+            self._open += 1
         self._jobs.put((fn, fut, loop, progress or Progress()))
         return fut
 
+    @property
+    def busy(self) -> bool:
+        """A job, or what runs after one (a change's files), is not done yet."""
+        return self._open > 0
+
+    def wait(self) -> None:
+        """Block until no job is left (:meth:`Executor.run_now` only: never on the loop
+        while a command is in flight)."""
+        with self._count:
+            self._count.wait_for(lambda: self._open == 0)
+
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            fn, fut, loop, progress = job
-            if fut.cancelled():  # read across threads: at worst it runs and is dropped
-                continue
             try:
-                result, error = fn(), None
-            except BaseException as exc:  # handed to the loop, raised there
-                result, error = None, exc
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(_settle, fut, result, error)
-            try:
-                progress.run_after()
-            except Exception:  # it keeps what it could not do for the next Work (store.py)
-                log.exception("after %s", progress.text or "a change")
+                self._run(*job)
+            finally:
+                with self._count:
+                    self._open -= 1
+                    self._count.notify_all()
+
+    @staticmethod
+    def _run(
+        fn: Callable[[], Any],
+        fut: asyncio.Future[Any],
+        loop: asyncio.AbstractEventLoop,
+        progress: Progress,
+    ) -> None:
+        if fut.cancelled():  # read across threads: at worst it runs and is dropped
+            return
+        try:
+            result, error = fn(), None
+        except BaseException as exc:  # handed to the loop, raised there
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+        try:
+            progress.run_after()
+        except BaseException:  # it keeps what it could not do for the next Work (store.py)
+            log.exception("after %s", progress.text or "a change")
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -207,8 +237,15 @@ class Executor:
 
     @property
     def busy(self) -> bool:
-        """A command is running or waiting in the queue."""
-        return self._running is not None or bool(self._jobs) or self._inline
+        """A command is running or waiting in the queue, or the worker is still writing the
+        files of one already answered."""
+        worker = self._worker
+        return (
+            self._running is not None
+            or bool(self._jobs)
+            or self._inline
+            or (worker is not None and worker.busy)
+        )
 
     @property
     def running(self) -> str:
@@ -221,6 +258,8 @@ class Executor:
         if self._running is not None or self._inline:
             command.close()
             raise RuntimeError(f"a command is in flight ({self.running or 'inline'})")
+        if self._worker is not None:  # the files of the last change answered, written first
+            self._worker.wait()
         self._inline = True
         try:
             return self._drive_inline(command)

@@ -198,6 +198,7 @@ class Transaction:
                     except JournalError as err:
                         clean = self.undo_kernel(kernel, done, progress)
                         raise StoreError(str(err)) from err
+                    assert progress.after is None, "one change's files after each Work"
                     progress.after = lambda: self._files(store, ops, res, progress)
                     return
                 try:
@@ -286,7 +287,7 @@ class Transaction:
         progress.text = f"storing {self.what}"
         try:
             write()
-        except StoreError as err:
+        except Exception as err:  # StoreError, or anything else: kept all the same
             log.error("%s: acknowledged, but its files are not written yet (%s); the next "
                       "change writes them first", self.what, err)  # fmt: skip
             store.unfinished = (self.what, write)
