@@ -83,8 +83,10 @@ MAGIC = b"APMJ1"
 HEADER = len(MAGIC) + 1 + 8 + 1 + 8 + 1
 FORMAT = "apmatrixd-intent"
 VERSION = 1
-COMMIT = b'{"format": "apmatrixd-commit", "version": 1}'
-"""The body of a commit record (see the module docstring)."""
+COMMIT_FORMAT = "apmatrixd-commit"
+"""A commit record's ``format``; its ``of`` is the CRC-32 of every byte before it, so it
+commits the records it was written after and no others (a torn journal cannot pair it with
+a later intent of the same length)."""
 
 Fault = Callable[[str], None]
 
@@ -328,7 +330,9 @@ class Journal:
         if that fails."""
         mark = self._end
         try:
-            self._put(COMMIT, "journal-commit", mark)
+            before = os.pread(self._open(), mark, 0)  # the records it commits (page cache)
+            body = {"format": COMMIT_FORMAT, "version": VERSION, "of": zlib.crc32(before)}
+            self._put(json.dumps(body, sort_keys=True).encode(), "journal-commit", mark)
             self.fault("journal-commit-sync")
             os.fdatasync(self._open())
         except OSError as err:
@@ -420,11 +424,15 @@ class Journal:
             if len(body) != n or zlib.crc32(body) != want:
                 log.info("journal %s holds a torn intent (never durable): ignored", self.path)
                 break
-            if body == COMMIT:
-                committed = bool(parts)
-                break
             try:
-                parts.append(Intent.from_json(json.loads(body)))
+                data = json.loads(body)
+                if isinstance(data, dict) and data.get("format") == COMMIT_FORMAT:
+                    committed = bool(parts) and data.get("of") == zlib.crc32(raw[:at])
+                    if not committed:
+                        log.warning("journal %s: a commit record of other records: ignored",
+                                    self.path)  # fmt: skip
+                    break
+                parts.append(Intent.from_json(data))
             except ValueError as err:
                 log.warning("journal %s: unusable intent (%s): ignored", self.path, err)
                 return None

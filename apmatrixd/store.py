@@ -370,6 +370,7 @@ class Contents:
     reservations: Reservations = field(default_factory=Reservations)
     set_aside: list[str] = field(default_factory=list)
     boot: str = ""  # the boot in which the reservations were last applied ('' if none)
+    left_out: list[str] = field(default_factory=list)  # damaged, to be rewritten (load())
 
 
 class Store:
@@ -488,6 +489,7 @@ class Store:
             except Damaged as why:
                 if HOST_FILE in rewritten:
                     log.info("%s: %s; written again from the journal", self.host_path, why)
+                    out.left_out.append(HOST_FILE)
                 else:
                     out.set_aside.append(self._set_aside(self.host_path, str(why)))
         if self.boot_path.exists():
@@ -511,6 +513,7 @@ class Store:
             except Damaged as why:
                 if name in rewritten:
                     log.info("%s: %s; written again from the journal", path, why)
+                    out.left_out.append(name)
                 else:
                     out.set_aside.append(self._set_aside(path, str(why)))
                 continue

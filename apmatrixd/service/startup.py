@@ -326,6 +326,15 @@ def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> b
         if at_after:
             log.info("the acknowledged change %r was stored", intent.what)
             return False
+        cut = set(contents.left_out)  # its own writes, cut by a machine crash
+        ours = all(
+            now(u) in (i["stored_before"], i["stored_after"]) or f"{u}{SUFFIX}" in cut
+            for u, i in stored.items()
+        ) and (res is None or res_now in (res["before"], res["after"]) or HOST_FILE in cut)
+        if not ours:  # written since by someone else (an admin, a backup restored)
+            log.warning("journal: the store has moved on since the acknowledged change %r: "
+                        "its files are left as they are", intent.what)  # fmt: skip
+            return False
         log.warning("completing the files of the acknowledged change %r", intent.what)
         return _store_to(store, contents, stored, "stored_after", res["after"] if res else None)
     same_boot = bool(intent.boot) and intent.boot == kernel.boot_id()

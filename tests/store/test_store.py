@@ -14,7 +14,7 @@ import pytest
 
 from apmatrixd.core import Apqn, Conflict
 from apmatrixd.core.errors import NotManaged
-from apmatrixd.journal import Journal
+from apmatrixd.journal import Intent, Journal
 from apmatrixd.kernel import HostSnapshot, Kernel, KernelError, TreeSysfs
 from apmatrixd.service import Service
 from apmatrixd.service.executor import Command
@@ -848,3 +848,45 @@ def test_a_file_cut_after_its_rename_is_written_again_from_the_journal(tmp_path:
     assert json.loads(path.read_text())["adapters"] == [5, 6]
     assert sorted(os.listdir(tmp_path / "matrices")) == [f"{G1}.json"]  # nothing set aside
     assert Journal(tmp_path).read() is None
+
+
+def test_a_commit_record_commits_only_the_records_it_follows(tmp_path: Path) -> None:
+    """A commit record carries the CRC of the records before it: a later intent of the
+    same length in the same place (a torn journal) is not read as committed."""
+    journal = Journal(tmp_path)
+    journal.stage(Intent("Assign 0x05", {G1: {"stored": True, "stored_after": None}}))
+    journal.commit()
+    read = journal.read()
+    assert read is not None and read.committed and read.what == "Assign 0x05"
+    raw = (tmp_path / "journal").read_bytes()
+    first = raw.index(b"APMJ1", 1)  # where the commit record starts
+    Journal(tmp_path).stage(Intent("Assign 0x06", {G1: {"stored": True, "stored_after": None}}))
+    newer = (tmp_path / "journal").read_bytes()
+    assert newer.index(b"APMJ1", 1) == first  # as long: only its end mark is lost below
+    (tmp_path / "journal").write_bytes(newer[:first] + raw[first:])
+    torn = Journal(tmp_path).read()
+    assert torn is not None and torn.what == "Assign 0x06" and not torn.committed
+
+
+def test_an_acknowledged_change_is_not_completed_over_files_changed_since(
+    tmp_path: Path,
+) -> None:
+    """A committed intent whose files hold neither its before nor its after (an admin's
+    offline edit, a backup restored) is left as the files are."""
+    host = Host.from_name("default")
+    armed: list[str] = []
+    svc = service(host, tmp_path, fault=crashing(armed))
+    svc.reserve([5, 6], [4, 0x47])
+    svc.create_matrix(G1, adapters=[5], domains=[4])
+    armed[:] = ["open"]  # committed, then the daemon died before its file was written
+    with pytest.raises(Crash):
+        svc.assign(G1, "adapter", 6)
+    path = tmp_path / "matrices" / f"{G1}.json"
+    edited = json.loads(path.read_text())
+    edited["name"] = "restored"
+    path.write_text(json.dumps(edited))
+    svc2 = service(host, tmp_path)
+    assert svc2.matrix(G1).name == "restored"  # not written over from the journal
+    assert json.loads(path.read_text())["name"] == "restored"
+    # What the kernel holds beyond the files is then drift, adopted as for any edit.
+    assert [u for u, _what in svc2.startup_drift] == [G1]
