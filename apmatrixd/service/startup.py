@@ -290,8 +290,13 @@ def _recover(kernel: Kernel, store: Store) -> tuple[Contents, frozenset[str]]:
     intent = store.journal.read()
     rewritten: frozenset[str] = frozenset()
     if intent is not None and intent.committed:  # its files are written again below
-        rewritten = frozenset(f"{u}{SUFFIX}" for u, i in intent.matrices.items() if i.get("stored"))
-        rewritten |= {HOST_FILE} if intent.reservations is not None else set()
+        rewritten = frozenset(
+            f"{u}{SUFFIX}"
+            for u, i in intent.matrices.items()
+            if i.get("stored") and i.get("stored_before") != i.get("stored_after")
+        )
+        res = intent.reservations
+        rewritten |= {HOST_FILE} if res is not None and res["before"] != res["after"] else set()
     contents = store.load(rewritten)
     if intent is None:
         return contents, frozenset()
