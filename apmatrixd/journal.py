@@ -339,7 +339,7 @@ class Journal:
             with contextlib.suppress(JournalError):  # else a daemon crash would complete it
                 self.cut(mark)
             raise JournalError(
-                err.errno, f"cannot sync the intent journal {self.path}: {err.strerror}"
+                err.errno, f"cannot commit to the intent journal {self.path}: {err.strerror}"
             ) from err
         self._committed, self.stale_commit = True, False
 

@@ -487,11 +487,7 @@ class Store:
             try:
                 out.reservations = Reservations.from_json(self._read_json(self.host_path))
             except Damaged as why:
-                if HOST_FILE in rewritten:
-                    log.info("%s: %s; written again from the journal", self.host_path, why)
-                    out.left_out.append(HOST_FILE)
-                else:
-                    out.set_aside.append(self._set_aside(self.host_path, str(why)))
+                self._unusable(out, self.host_path, str(why), rewritten)
         if self.boot_path.exists():
             try:
                 data = _check_header(self._read_json(self.boot_path), BOOT_FORMAT)
@@ -511,14 +507,18 @@ class Store:
                 if name != f"{m.uuid}{SUFFIX}":
                     raise Damaged(f"holds matrix {m.uuid}, but is named {name}")
             except Damaged as why:
-                if name in rewritten:
-                    log.info("%s: %s; written again from the journal", path, why)
-                    out.left_out.append(name)
-                else:
-                    out.set_aside.append(self._set_aside(path, str(why)))
+                self._unusable(out, path, str(why), rewritten)
                 continue
             out.matrices[m.uuid] = m
         return out
+
+    def _unusable(self, out: Contents, path: Path, why: str, rewritten: frozenset[str]) -> None:
+        """A damaged file: set aside, or left out if the journal writes it again (load())."""
+        if path.name in rewritten:
+            log.info("%s: %s; written again from the journal", path, why)
+            out.left_out.append(path.name)
+        else:
+            out.set_aside.append(self._set_aside(path, why))
 
     @staticmethod
     def _read_json(path: Path) -> object:

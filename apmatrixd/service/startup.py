@@ -324,19 +324,17 @@ def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> b
     at_after = all(now(u) == i["stored_after"] for u, i in stored.items()) and (
         res is None or res_now == res["after"]
     )
-    known = all(now(u) in (i["stored_before"], i["stored_after"]) for u, i in stored.items()) and (
-        res is None or res_now in (res["before"], res["after"])
-    )
+    # Its files as it left them: at before or after, or (committed only) cut by a crash.
+    cut = set(contents.left_out)
+    known = all(
+        now(u) in (i["stored_before"], i["stored_after"]) or f"{u}{SUFFIX}" in cut
+        for u, i in stored.items()
+    ) and (res is None or res_now in (res["before"], res["after"]) or HOST_FILE in cut)
     if intent.committed:  # acknowledged: only its files can lag (journal.py)
         if at_after:
             log.info("the acknowledged change %r was stored", intent.what)
             return False
-        cut = set(contents.left_out)  # its own writes, cut by a machine crash
-        ours = all(
-            now(u) in (i["stored_before"], i["stored_after"]) or f"{u}{SUFFIX}" in cut
-            for u, i in stored.items()
-        ) and (res is None or res_now in (res["before"], res["after"]) or HOST_FILE in cut)
-        if not ours:  # written since by someone else (an admin, a backup restored)
+        if not known:  # written since by someone else (an admin, a backup restored)
             log.warning("journal: the store has moved on since the acknowledged change %r: "
                         "its files are left as they are", intent.what)  # fmt: skip
             return False
