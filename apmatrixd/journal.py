@@ -1,7 +1,8 @@
 """The intent journal: what a change is about to do, written before its first write.
 
-One file, ``<state-dir>/journal``, holds at most one intent: the commands run one at a time,
-so there is never more than one change (or one group of them, below) in flight. Before the
+One file, ``<state-dir>/journal``, holds the intent of the change in flight: the commands run
+one at a time, so there is never more than one change (or one group of them, below) in
+flight; before it, the committed changes whose files are not written yet (below). Before the
 first kernel or store write of a change its intent is written: every matrix and the host pool
 it touches, each with what the kernel held before and should hold after, and the stored
 records before and after. After the change is stored the intent is cleared.
@@ -48,12 +49,20 @@ a committed change (its files to ``after``, whatever the kernel holds now counts
 for any change) instead of rolling it back. A commit that fails is cut off again before the
 change is undone.
 
-The files of a committed change are written after it is answered, in the worker, before
-anything else runs there; the clear that follows is not synced (its files are durable: a
-lost clear leaves an intent whose files equal its ``after``, which start-up recognises as
-done). So that such a stale commit record can never make start-up complete a change over
-the files of a later one, every later change that writes the store makes its own intent
-durable before its first file (``stale_commit``): one fdatasync, once.
+The files of committed changes are written once the worker has nothing else to do
+(:meth:`Store.checkpoint`), not between two changes: a change that comes meanwhile appends
+its intent after the committed ones (:attr:`Journal.owed`), and commits it the same way, so
+the journal holds a chain of committed changes and at most one more, in flight. Start-up
+reads the committed ones as one change (:meth:`Intent.then`: each file's earliest
+``stored_before``, which is what the disk held, and latest ``stored_after``), completes its
+files, and then judges the one in flight as any change cut by a crash (its ``before`` is what
+the committed ones left). A change that writes files of its own (a group, a removal) or
+writes no file (start, stop) writes the owed files first and starts the journal afresh.
+Once they are written the journal is cleared without a sync (their files are durable: a
+lost clear leaves committed intents whose files equal their ``after``, which start-up
+recognises as done). So that such a stale commit record can never make start-up complete a
+change over the files of a later one, every later change that writes the store makes its
+own intent durable before its first file (``stale_commit``): one fdatasync, once.
 
 Format: records, each a header line ``APMJ1 <length> <crc32>`` (hex, 8 digits each) and that
 many bytes of JSON, ended by a record of length 0 (a clear is that alone). A torn record
@@ -257,6 +266,14 @@ class Journal:
         # member's record leaves it out: every member of a group has the same (the store is
         # written after the last one), and :meth:`Intent.then` keeps the earliest anyway.
         self._carried: dict[str, int] = {}
+        # Where the committed records whose files are not written yet end: the next intent
+        # goes after them (0: none owed).
+        self._chain = 0
+        self.owed_changes = 0
+        # The CRC-32 of the journal's bytes before ``_crc_at`` (-1: not known), kept as
+        # records are written so that a commit need not read the chain back.
+        self._crc_at = 0
+        self._crc = 0
 
     def _open(self) -> int:
         if self._fd < 0:
@@ -293,6 +310,14 @@ class Journal:
                 raise OSError(errno.EIO, "short write to the journal")
             done += n
         self._end = at + (HEADER + len(body) if body else 0)
+        base = 0 if at == 0 else self._crc if at == self._crc_at else None
+        if body:
+            self._crc_at = -1 if base is None else self._end
+            self._crc = zlib.crc32(data[: HEADER + len(body)], base or 0)
+        elif at == 0:
+            self._crc_at, self._crc = 0, 0
+        elif at < self._crc_at:  # an end mark over bytes it had counted
+            self._crc_at = -1
 
     def begin(self, intent: Intent) -> None:
         """Write ``intent`` and make it durable; JournalError if that fails."""
@@ -302,10 +327,16 @@ class Journal:
     def stage(self, intent: Intent) -> None:
         """Write ``intent`` without a sync (see the module docstring); JournalError if that
         fails."""
-        self._write(self._body(intent), 0)
+        at = self._chain
+        self._write(self._body(intent), at)
         self._durable_clear = intent.store_first or not intent.writes_store
         self._committed = False
-        self._carried = {u: 0 for u, item in intent.matrices.items() if "stored_before" in item}
+        self._carried = {u: at for u, item in intent.matrices.items() if "stored_before" in item}
+
+    @property
+    def owed(self) -> int:
+        """The bytes of committed records whose files are not written yet (0: none)."""
+        return self._chain
 
     def append(self, intent: Intent) -> int:
         """Add the intent of a group's next member, without a sync; the mark to
@@ -330,8 +361,9 @@ class Journal:
         if that fails."""
         mark = self._end
         try:
-            before = os.pread(self._open(), mark, 0)  # the records it commits (page cache)
-            body = {"format": COMMIT_FORMAT, "version": VERSION, "of": zlib.crc32(before)}
+            if self._crc_at != mark:  # the records it commits, read back (page cache)
+                self._crc, self._crc_at = zlib.crc32(os.pread(self._open(), mark, 0)), mark
+            body = {"format": COMMIT_FORMAT, "version": VERSION, "of": self._crc}
             self._put(json.dumps(body, sort_keys=True).encode(), "journal-commit", mark)
             self.fault("journal-commit-sync")
             os.fdatasync(self._open())
@@ -342,6 +374,8 @@ class Journal:
                 err.errno, f"cannot commit to the intent journal {self.path}: {err.strerror}"
             ) from err
         self._committed, self.stale_commit = True, False
+        self._chain = self._end
+        self.owed_changes += 1
 
     def _write(self, body: bytes, at: int, step: str = "journal-write") -> None:
         try:
@@ -377,7 +411,7 @@ class Journal:
         """The change is done (or undone): clear the intent (see the module docstring);
         False if that failed (logged)."""
         try:
-            self._put(b"", "journal-clear")
+            self._put(b"", "journal-clear", self._chain)
             if self._durable_clear:
                 self.fault("journal-clear-sync")
                 os.fdatasync(self._fd)
@@ -390,22 +424,35 @@ class Journal:
             return False
         return True
 
-    def read(self) -> Intent | None:
-        """The intent left by the last run, or None (none, cleared, or torn). A group's
-        records are read as one change (:meth:`Intent.then`); a torn record ends them (it
-        was not durable, nor was anything its member did)."""
+    def written(self) -> bool:
+        """The files of every committed record are durable now: the journal starts afresh
+        (not synced: see the module docstring); False if that failed (logged)."""
+        if not self._chain:
+            return True
+        chain, self._chain, self.owed_changes = self._chain, 0, 0
+        self._durable_clear, self._committed = False, True
+        if self.end():
+            return True
+        self._chain = chain  # still on disk: the next change goes after it
+        return False
+
+    def read(self) -> list[Intent]:
+        """The changes left by the last run, oldest first: the committed ones (as one, see
+        the module docstring) and then the one in flight; none if cleared or torn. A
+        group's records are read as one change (:meth:`Intent.then`); a torn record ends
+        them (it was not durable, nor was anything its member did)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            return []
         try:
             raw = b""
             while chunk := os.read(fd, 1 << 16):
                 raw += chunk
         finally:
             os.close(fd)
+        acked: list[Intent] = []
         parts: list[Intent] = []
-        committed = False
         at = 0
         while len(raw) - at >= HEADER:
             head = raw[at : at + HEADER]
@@ -415,7 +462,7 @@ class Journal:
                     raise ValueError("bad magic")
                 n, want = int(length, 16), int(crc, 16)
             except ValueError:
-                if not parts:
+                if not parts and not acked:
                     log.warning("journal %s has no valid header: ignored", self.path)
                 break
             body = raw[at + HEADER : at + HEADER + n]
@@ -427,29 +474,37 @@ class Journal:
             try:
                 data = json.loads(body)
                 if isinstance(data, dict) and data.get("format") == COMMIT_FORMAT:
-                    committed = bool(parts) and data.get("of") == zlib.crc32(raw[:at])
-                    if not committed:
+                    if not parts or data.get("of") != zlib.crc32(raw[:at]):
                         log.warning("journal %s: a commit record of other records: ignored",
                                     self.path)  # fmt: skip
-                    break
-                parts.append(Intent.from_json(data))
+                        break
+                    acked += parts
+                    parts = []
+                else:
+                    parts.append(Intent.from_json(data))
             except ValueError as err:
                 log.warning("journal %s: unusable intent (%s): ignored", self.path, err)
-                return None
+                return []
             at += HEADER + n
-        if not parts:
-            return None
-        whole = parts[0]
-        if len(parts) > 1:
-            whole = Intent("")
-            for part in parts:
-                whole = whole.then(part, f"a group of {len(parts)} changes")
-        whole.committed = committed
-        if committed:  # on disk: a later change must sync its own intent before its files
+        whole = [_one(acked, "{} acknowledged changes"), _one(parts, "a group of {} changes")]
+        out = [i for i in whole if i is not None]
+        if acked:  # on disk: a later change must sync its own intent before its files
+            out[0].committed = True
             self.stale_commit = True
-        return whole
+        return out
 
     def clear_durably(self) -> None:
         """After start-up recovery: nothing may be rolled back twice."""
+        self._chain, self.owed_changes = 0, 0
         self._durable_clear = True
         self.end()
+
+
+def _one(parts: list[Intent], what: str) -> Intent | None:
+    """Records read as one change (:meth:`Intent.then`): ``what`` names several."""
+    if len(parts) < 2:
+        return parts[0] if parts else None
+    whole = Intent("")
+    for part in parts:
+        whole = whole.then(part, what.format(len(parts)))
+    return whole

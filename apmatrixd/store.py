@@ -74,6 +74,10 @@ BOOT_FORMAT = "apmatrixd-boot"
 SUFFIX = ".json"
 KILL_ENV = "APMATRIXD_TEST_KILL_AT"
 """Test hook: SIGKILL the daemon itself at the Nth store step (write, fsync, rename, ...)."""
+CHAIN_BYTES = 256 << 10
+CHAIN_CHANGES = 64
+"""The most committed changes (and journal bytes) whose files wait: then a change writes them
+first. Start-up reads them all."""
 
 Fault = Callable[[str], None]
 """Called before every step of a store write with the step's name; may not return (tests)."""
@@ -387,9 +391,11 @@ class Store:
         self._root_fd = -1
         self._matrices_fd = -1
         self._closer: weakref.finalize | None = None
-        # The files of an acknowledged change that could not be written after its commit
-        # (journal.py): written before any other change may start. (what, how)
-        self.unfinished: tuple[str, Callable[[], None]] | None = None
+        # The files of acknowledged changes not written yet (journal.py): uuid -> (what
+        # the disk holds, what the last of them wants), the same for the reservations.
+        self.owed: dict[str, tuple[StoredMatrix | None, StoredMatrix | None]] = {}
+        self.owed_reservations: tuple[Reservations, Reservations] | None = None
+        self._failed = False  # the last checkpoint failed: the next change tries it first
 
     @property
     def matrices_dir(self) -> Path:
@@ -561,20 +567,48 @@ class Store:
             text = err.strerror or errno.errorcode.get(err.errno or 0, str(err))
             raise StoreError(f"cannot store {what} in {self.root}: {text}") from err
 
-    def finish(self) -> None:
-        """Before a change writes its intent: the files an acknowledged change could not
-        write yet, written now (its committed intent is the journal's until then); a
-        StoreError if that fails again, and the new change does not start."""
-        if self.unfinished is None:
+    def owe(
+        self,
+        matrices: Mapping[str, tuple[StoredMatrix | None, StoredMatrix | None]],
+        reservations: tuple[Reservations, Reservations] | None,
+    ) -> None:
+        """A committed change's files, to be written by :meth:`checkpoint` (journal.py)."""
+        for uuid, (before, after) in matrices.items():
+            first = self.owed.get(uuid)
+            self.owed[uuid] = (before if first is None else first[0], after)
+        if reservations is not None:
+            first_r = self.owed_reservations
+            self.owed_reservations = (reservations[0] if first_r is None else first_r[0],
+                                      reservations[1])  # fmt: skip
+
+    def checkpoint(self) -> None:
+        """The owed files written and made durable, then the journal started afresh; a
+        StoreError if that fails (the journal keeps the changes: nothing is lost)."""
+        journal = self.journal
+        if not journal.owed:
             return
-        what, write = self.unfinished
+        n = journal.owed_changes
+        self._failed = True
+        self.write_group(self.owed, self.owed_reservations, journaled=True)
+        self.owed, self.owed_reservations = {}, None
+        if not journal.written():
+            raise StoreError(f"cannot clear the intent journal {journal.path}")
+        self._failed = False
+        log.debug("the files of %d acknowledged changes are written", n)
+
+    def finish(self, chain: bool = False) -> None:
+        """Before a change writes its intent: the owed files written first, unless the
+        change is to be committed behind them (``chain``), the journal has room and they
+        did not fail to be written; a StoreError if they cannot be, and the new change does
+        not start."""
+        journal = self.journal
+        room = journal.owed < CHAIN_BYTES and journal.owed_changes < CHAIN_CHANGES
+        if not journal.owed or (chain and room and not self._failed):
+            return
         try:
-            write()
-        except Exception as err:
-            raise StoreError(f"the files of an earlier change ({what}) are not written yet: "
-                             f"{err}") from err  # fmt: skip
-        self.unfinished = None
-        log.info("the files of %r are written now", what)
+            self.checkpoint()
+        except StoreError as err:
+            raise StoreError(f"the files of earlier changes are not written yet: {err}") from err
 
     def write_matrix(self, m: StoredMatrix) -> None:
         self._guard(f"matrix {m.uuid}", lambda: self._put_matrix(m.uuid, m, True))

@@ -145,10 +145,10 @@ def durable_write(where: Path) -> float:
 
 
 async def _files_written(state_dir: Path, most: float = 1.0) -> None:
-    """Until the daemon's journal holds no intent (its last change's files are written)."""
+    """Until the daemon's journal holds no intent (the files of its changes are written)."""
     end = now() + most
-    while Journal(state_dir).read() is not None and now() < end:
-        await asyncio.sleep(0.0002)
+    while Journal(state_dir).read() and now() < end:
+        await asyncio.sleep(0.001)
 
 
 async def _roundtrip(

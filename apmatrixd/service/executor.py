@@ -53,9 +53,10 @@ class Stopping(ApmatrixError):
 class Progress:
     """What the Work running now is doing; the worker updates it as it goes.
 
-    ``after``: set by a Work whose driver allows it (``later``): what the worker does once
-    the Work's result is handed back, before it runs anything else (the files of a change
-    already durable in the intent journal: see journal.py)."""
+    ``after``: set by a Work whose driver allows it (``later``): what the worker is to do
+    once it has nothing else to do (the files of changes already durable in the intent
+    journal: see journal.py). The queue runs the latest one ``write_after`` seconds after
+    it last ran dry, as a command of its own; inline, it runs before the command goes on."""
 
     text: str = ""
     later: bool = False
@@ -76,6 +77,11 @@ class Work(Generic[T]):
 
 
 Command = Generator[Work[Any], Any, T]
+
+WRITE_AFTER = 0.05
+"""Seconds the queue stays dry before what its Work left for later runs (the files of
+answered changes): a change that comes meanwhile, as a client's next one does, is not kept
+waiting behind them."""
 
 MAX_GROUP = 256
 """The most changes made durable together (the journal's intent grows with each)."""
@@ -128,9 +134,8 @@ class Worker:
         self._thread.start()
 
     def run(self, fn: Callable[[], T], progress: Progress | None = None) -> asyncio.Future[T]:
-        """``fn()`` in the thread; the future (of the running loop) has its result, and then
-        the thread runs ``progress.after`` if ``fn`` left one. A future cancelled before its
-        turn comes is skipped."""
+        """``fn()`` in the thread; the future (of the running loop) has its result. A future
+        cancelled before its turn comes is skipped."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         with self._count:
@@ -173,10 +178,6 @@ class Worker:
             result, error = None, exc
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             loop.call_soon_threadsafe(_settle, fut, result, error)
-        try:
-            progress.run_after()
-        except BaseException:  # it keeps what it could not do for the next Work (store.py)
-            log.exception("after %s", progress.text or "a change")
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -198,6 +199,11 @@ class _Job:
     future: asyncio.Future[Any]
     queued: float = field(default_factory=time.monotonic)
     group: bool = False
+
+
+def _heard(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _answer(job: _Job, result: Any = None, error: BaseException | None = None) -> None:
@@ -233,17 +239,22 @@ class Executor:
         self._watch: asyncio.TimerHandle | None = None
         self.refusing = ""
         self.grouping: Grouping | None = None  # None: every command alone
+        # What a Work left for when the queue is idle (Progress.after), and its timer.
+        self.write_after = WRITE_AFTER
+        self._owed: Callable[[], None] | None = None
+        self._owed_timer: asyncio.TimerHandle | None = None
         self.groups = 0  # groups run (more than one member), for tests and the bench
 
     @property
     def busy(self) -> bool:
-        """A command is running or waiting in the queue, or the worker is still writing the
-        files of one already answered."""
+        """A command is running or waiting in the queue, or the files of one already
+        answered are not written yet."""
         worker = self._worker
         return (
             self._running is not None
             or bool(self._jobs)
             or self._inline
+            or self._owed is not None
             or (worker is not None and worker.busy)
         )
 
@@ -258,8 +269,11 @@ class Executor:
         if self._running is not None or self._inline:
             command.close()
             raise RuntimeError(f"a command is in flight ({self.running or 'inline'})")
-        if self._worker is not None:  # the files of the last change answered, written first
+        if self._worker is not None:
             self._worker.wait()
+        owed, self._owed = self._owed, None
+        if owed is not None:  # the files of the changes answered, written first
+            owed()
         self._inline = True
         try:
             return self._drive_inline(command)
@@ -330,6 +344,31 @@ class Executor:
                     job.future.set_result(result)
             finally:
                 self._running = None
+        if self._owed is not None and self._owed_timer is None:
+            loop = asyncio.get_running_loop()
+            self._owed_timer = loop.call_later(self.write_after, self._write_owed)
+
+    def _write_owed(self) -> None:
+        """The queue has been dry ``write_after`` seconds: what its Work left for later,
+        queued (not behind a refusal: a stopping daemon writes it too). Busy again: the
+        drain arms this once more when it runs dry."""
+        if self._owed_timer is not None:
+            self._owed_timer.cancel()  # called by idle() before its time
+            self._owed_timer = None
+        owed = self._owed
+        if owed is None or self._running is not None or self._jobs or self._inline:
+            return
+        self._owed = None
+
+        def command() -> Command[None]:
+            yield Work("writing the files of answered changes", lambda _progress: owed())
+
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fut.add_done_callback(_heard)  # nobody waits for it: write_owed logs its failures
+        self._jobs.append(_Job("storing answered changes", command, fut))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
 
     async def _run_group(self, first: _Job, g: Grouping) -> None:
         """``first`` and the grouped commands queued behind it, made durable together."""
@@ -417,6 +456,8 @@ class Executor:
         try:
             return await self._worker.run(lambda: work.fn(progress), progress)
         finally:
+            if progress.after is not None:
+                self._owed, progress.after = progress.after, None
             self._work = None
             if self._pending:
                 log.info("%s: done after %.1f s (%s)", job.what, loop.time() - started, work.what)
@@ -461,23 +502,32 @@ class Executor:
                 log.exception("pending listener failed")
 
     async def idle(self) -> None:
-        """Until every queued command has finished, and what the worker does after one
-        (``Progress.after``: the files of an answered change) too."""
-        while self._running is not None or self._jobs:
-            task = self._task
-            if task is None or task.done():
-                if not self._jobs:
-                    break
-                self._task = task = asyncio.get_running_loop().create_task(self._drain())
-            await asyncio.wait([task])
+        """Until every queued command has finished, and what their Work left for later
+        (``Progress.after``: the files of answered changes) too."""
+        while True:
+            while self._running is not None or self._jobs:
+                task = self._task
+                if task is None or task.done():
+                    if not self._jobs:
+                        break
+                    self._task = task = asyncio.get_running_loop().create_task(self._drain())
+                await asyncio.wait([task])
+            if self._owed is None:
+                break
+            self._write_owed()
+            if not self._jobs:
+                break  # run inline meanwhile: it writes them first
         if self._worker is not None:
-            await self._worker.run(lambda: None)  # in order: behind the last one's after
+            await self._worker.run(lambda: None)
 
     def refuse(self, why: str) -> None:
         """From now on every submit fails with :class:`Stopping` (the daemon is stopping)."""
         self.refusing = why
 
     def close(self) -> None:
+        if self._owed_timer is not None:  # not written: start-up writes them from the journal
+            self._owed_timer.cancel()
+            self._owed_timer = None
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

@@ -1,9 +1,11 @@
-"""Start-up: finish or roll back the one change the journal names, then take the host as it is.
+"""Start-up: finish or roll back the changes the journal names, then take the host as it is.
 
 In this order, before READY=1:
 
-1. The intent journal (:mod:`apmatrixd.journal`). An intent left by a crash names the only
-   change (or group of changes, journalled as one) that may be half done. If its stored
+1. The intent journal (:mod:`apmatrixd.journal`). Changes answered on their commit record
+   whose files were not all written are completed first (their files as they wanted, read
+   as one change, unless written since by someone else). An intent after them names the
+   only change (or group of changes, journalled as one) that may be half done. If its stored
    records are all as it wanted, it was done; if the stored records are neither before nor
    after, the store has moved on since and the intent is stale. Otherwise it is rolled
    back: every mdev and the host pool it touched are taken back to what the kernel held
@@ -287,28 +289,31 @@ def _pool_within(cur: HostPool, before: HostPool, after: HostPool) -> bool:
 def _recover(kernel: Kernel, store: Store) -> tuple[Contents, frozenset[str]]:
     """Step 1 of the module docstring: the store's contents afterwards, and the matrices of
     an interrupted change that could not be rolled back (not to be taken for drift)."""
-    intent = store.journal.read()
+    left = store.journal.read()  # the acknowledged changes as one, then the one in flight
     rewritten: frozenset[str] = frozenset()
-    if intent is not None and intent.committed:  # its files are written again below
-        rewritten = frozenset(
-            f"{u}{SUFFIX}"
-            for u, i in intent.matrices.items()
-            if i.get("stored") and i.get("stored_before") != i.get("stored_after")
-        )
-        res = intent.reservations
-        rewritten |= {HOST_FILE} if res is not None and res["before"] != res["after"] else set()
+    for intent in left[:1]:
+        if intent.committed:  # its files are written again below
+            rewritten = frozenset(
+                f"{u}{SUFFIX}"
+                for u, i in intent.matrices.items()
+                if i.get("stored") and i.get("stored_before") != i.get("stored_after")
+            )
+            res = intent.reservations
+            if res is not None and res["before"] != res["after"]:
+                rewritten |= {HOST_FILE}
     contents = store.load(rewritten)
-    if intent is None:
-        return contents, frozenset()
-    try:
-        changed = _roll(kernel, store, contents, intent)
-    except (ApmatrixError, KeyError, TypeError, ValueError) as err:
-        # The intent stays (until the next change overwrites it): its matrices are neither
-        # rolled back nor adopted as drift.
-        log.error("rolling back the interrupted change %r failed: %s", intent.what, err)
-        return store.load(), frozenset(intent.matrices)
-    store.journal.clear_durably()
-    return (store.load() if changed else contents), frozenset()
+    for intent in left:  # the one in flight went from what the acknowledged ones left
+        try:
+            if _roll(kernel, store, contents, intent):
+                contents = store.load()
+        except (ApmatrixError, KeyError, TypeError, ValueError) as err:
+            # The journal stays (until the next change overwrites it): the matrices of
+            # its changes are neither rolled back nor adopted as drift.
+            log.error("rolling back the interrupted change %r failed: %s", intent.what, err)
+            return store.load(), frozenset(u for i in left for u in i.matrices)
+    if left:
+        store.journal.clear_durably()
+    return contents, frozenset()
 
 
 def _roll(kernel: Kernel, store: Store, contents: Contents, intent: Intent) -> bool:

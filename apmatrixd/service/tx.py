@@ -13,6 +13,10 @@ the worker thread:
 4. the store writes;
 5. the intent is cleared.
 
+A change run alone whose driver allows it (``Progress.later``) is answered after 3, on a
+commit record in the journal: 4 and 5 are left for when the worker is idle (the store's
+checkpoint, after other such changes: see journal.py).
+
 A failure in 3 undoes the writes done, newest first; a failure in 4 undoes the store writes
 done and then the kernel writes. Either way the error is raised and nothing of the change is
 left. Removing an mdev has no inverse (an mdev is never re-created to undo anything), so a
@@ -171,8 +175,11 @@ class Transaction:
         if group is not None:
             self._join(group, kernel, store, writes, found, progress)
             return
+        # Committed on its journal record, its files left to the store's checkpoint (when
+        # the worker is idle): it may go behind other such changes in the journal.
+        chain = progress.later and not self.store_first and bool(ops or res)
         if store is not None:
-            store.finish()  # an acknowledged change's files first: its intent is the journal's
+            store.finish(chain)  # else acknowledged changes' files first (journal.py)
             progress.text = "writing the intent journal"
             self.boot = kernel.boot_id()
             try:  # synced only before a write of several files (see journal.py)
@@ -192,14 +199,14 @@ class Transaction:
                     raise
             else:
                 done = self._kernel(kernel, writes, progress)
-                if store is not None and progress.later and (ops or res):
-                    try:  # acknowledged on the commit; the files are written after
+                if store is not None and chain:
+                    try:  # acknowledged on the commit; the files are written later
                         store.journal.commit()
                     except JournalError as err:
                         clean = self.undo_kernel(kernel, done, progress)
                         raise StoreError(str(err)) from err
-                    assert progress.after is None, "one change's files after each Work"
-                    progress.after = lambda: self._files(store, ops, res, progress)
+                    self._owe(store, ops, res)
+                    progress.after = lambda: write_owed(store)
                     return
                 try:
                     self._store(store, ops, res, progress)
@@ -263,34 +270,12 @@ class Transaction:
         for st in self.matrices:
             group.sets[st.uuid] = st.target
 
-    def _files(
-        self,
-        store: Store,
-        ops: list[tuple[str, StoredMatrix | None]],
-        res: bool,
-        progress: Progress,
-    ) -> None:
-        """In the worker, once the change is answered: its files, then the clear of its
-        committed intent (journal.py). What cannot be written now is kept for
-        :meth:`Store.finish`, before the next change: nothing acknowledged is lost."""
+    def _owe(self, store: Store, ops: list[tuple[str, StoredMatrix | None]], res: bool) -> None:
         pool = None
         if res:
             assert self.reservations is not None and self.reservations_before is not None
             pool = (self.reservations_before, self.reservations)
-        matrices = {u: (self.stored_before.get(u), r) for u, r in ops}
-
-        def write() -> None:
-            store.write_group(matrices, pool, journaled=True)
-            if not store.journal.end():
-                raise StoreError(f"cannot clear the intent journal {store.journal.path}")
-
-        progress.text = f"storing {self.what}"
-        try:
-            write()
-        except Exception as err:  # StoreError, or anything else: kept all the same
-            log.error("%s: acknowledged, but its files are not written yet (%s); the next "
-                      "change writes them first", self.what, err)  # fmt: skip
-            store.unfinished = (self.what, write)
+        store.owe({u: (self.stored_before.get(u), r) for u, r in ops}, pool)
 
     def intent(self, found: Mapping[str, Matrix | None]) -> Intent:
         intent = Intent(self.what, boot=self.boot, store_first=self.store_first)
@@ -410,3 +395,14 @@ class Transaction:
                 self.unclean = True
             raise
         return undo
+
+
+def write_owed(store: Store) -> None:
+    """In the worker, once it has nothing else to do: the files of the changes answered on
+    their commit (journal.py). What cannot be written now stays owed, for the next change
+    to write first (:meth:`Store.finish`) or start-up: nothing acknowledged is lost."""
+    try:
+        store.checkpoint()
+    except Exception as err:  # StoreError, or anything else: kept all the same
+        log.error("the files of acknowledged changes are not written yet (%s); the next "
+                  "change writes them first", err)  # fmt: skip

@@ -37,7 +37,7 @@ from busrig import (
 from dbus_fast import Message, MessageFlag, Variant
 
 from apmatrixd.journal import Journal
-from apmatrixd.store import KILL_ENV, Contents, Store, StoredMatrix
+from apmatrixd.store import KILL_ENV, Contents, Reservations, Store, StoredMatrix
 
 UUIDS = [
     "11111111-1111-4111-8111-111111111111",
@@ -128,7 +128,7 @@ def test_a_damaged_state_file_is_set_aside_and_logged(start: DaemonFactory, tmp_
     # The last change's file is written just after its answer (its commit is in the
     # journal): wait for it, so the file truncated below is the one start-up reads.
     deadline = time.monotonic() + 10
-    while Journal(state).read() is not None and time.monotonic() < deadline:
+    while Journal(state).read() != [] and time.monotonic() < deadline:
         time.sleep(0.01)
     kill9(d)
     bad = state / "matrices" / f"{UUIDS[1]}.json"
@@ -299,17 +299,22 @@ def ready_or_killed(d: Any, timeout: float = 15) -> bool:
 
 
 def loaded(state: Path) -> Contents:
-    """The state directory as start-up loads it: an acknowledged change whose files a kill
-    cut (a committed intent) with its files as start-up writes them from the journal."""
-    intent = Journal(state).read()
+    """The state directory as start-up loads it: acknowledged changes whose files a kill
+    cut (committed intents) with their files as start-up writes them from the journal."""
+    left = Journal(state).read()
     contents = Store(state).load()
-    if intent is not None and intent.committed:
+    for intent in left[:1]:
+        if not intent.committed:
+            continue
         for u, item in intent.matrices.items():
             if item.get("stored"):
                 after = item["stored_after"]
                 contents.matrices.pop(u, None)
                 if after is not None:
                     contents.matrices[u] = StoredMatrix.from_json(after)
+        res = intent.reservations
+        if res is not None:
+            contents.reservations = Reservations.from_json(res["after"])
     return contents
 
 

@@ -164,18 +164,18 @@ class Sim:
         """Every file of the state directory as start-up would load it: name -> parsed JSON
         (or the raw text), with the files of an acknowledged change whose files are still
         being written (a committed intent, journal.py) as they will be."""
-        intent = Journal(self.state).read()  # first: its files may be written meanwhile
+        left = Journal(self.state).read()  # first: its files may be written meanwhile
         out = self._state_files()
-        if intent is not None and intent.committed:
-            for u, item in intent.matrices.items():
+        if left and left[0].committed:
+            for u, item in left[0].matrices.items():
                 if item.get("stored"):
                     out.pop(f"matrices/{u}.json", None)
                     if item["stored_after"] is not None:
                         out[f"matrices/{u}.json"] = item["stored_after"]
-            if intent.reservations is not None:
-                out["host.json"] = intent.reservations["after"]
-            intent = None  # as start-up leaves it
-        out["journal"] = repr(intent)
+            if left[0].reservations is not None:
+                out["host.json"] = left[0].reservations["after"]
+            left = left[1:]  # as start-up leaves it
+        out["journal"] = repr(left[0] if left else None)
         return dict(sorted(out.items()))
 
     def _state_files(self) -> dict[str, Any]:

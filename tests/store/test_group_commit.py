@@ -218,7 +218,7 @@ def test_a_group_holds_the_lock_throughout_and_reads_each_mdev_once(
     mdevs = svc.kernel.read_host().mdevs
     assert mdevs[UUIDS[0]].control_domains == {1, 2, 3, 4}
     assert mdevs[UUIDS[1]].control_domains == {1, 2, 3, 0x47}
-    assert svc.store is not None and svc.store.journal.read() is None
+    assert svc.store is not None and svc.store.journal.read() == []
 
 
 def test_a_lone_change_still_syncs_as_before(tmp_path: Path, fsyncs: dict[str, int]) -> None:
@@ -263,7 +263,7 @@ def test_a_failed_flush_undoes_the_group(tmp_path: Path) -> None:
     assert sent == []
     assert svc.registry.violations() == []
     # Nothing is left for start-up either: no intent.
-    assert svc.store is not None and svc.store.journal.read() is None
+    assert svc.store is not None and svc.store.journal.read() == []
     svc.assign(UUIDS[0], "adapter", 6)  # and the service goes on
     assert Store(tmp_path).load().matrices[UUIDS[0]].adapters == {5, 6}
 
@@ -339,44 +339,64 @@ def reserve(rng: random.Random) -> Member:
             lambda s: (s[0], s[1].release(a, d)))  # fmt: skip
 
 
+def reserved_all(state: Path) -> tuple[Host, State]:
+    """A host with every adapter and domain of the kill tests reserved, and that state: the
+    creates are decided on APQNs, not refused as the host's."""
+    host = Host.from_name("default")
+    first = Service(Kernel(TreeSysfs(host)), store=Store(state))
+    first.load()
+    first.reserve(ADAPTERS, DOMAINS)
+    return host, ({}, Reservations().reserve(ADAPTERS, DOMAINS))
+
+
+def restart(
+    state: Path,
+    rng: random.Random,
+    killer: Killer,
+    host: Host,
+    candidates: list[State | None],
+    most: int,
+) -> tuple[Host, Service | None, State]:
+    """Start-up after a kill (after a reboot, half the time), itself killed within ``most``
+    steps (None then). The store holds one of ``candidates`` (what was acknowledged, or that
+    plus the change or group that was cut: never a part of it), as the service does; the
+    kernel agrees and nothing is drift. Before start-up the store may hold a part of what was
+    cut (some renames done): the journal says so, and start-up takes it back."""
+    assert Store(state).load().set_aside == []
+    if rebooted := rng.random() < 0.5:
+        host = Host.from_name("default")
+    killer.left = rng.randint(1, most)
+    svc = Service(Kernel(KillingSysfs(host, killer)), store=Store(state, killer.step))
+    try:
+        svc.load()
+    except Killed:
+        return host, None, candidates[0]  # type: ignore[return-value]
+    contents = Store(state).load()
+    got: State = (contents.matrices, contents.reservations)
+    assert got in candidates, "stored in part, or an acknowledged change lost"
+    assert stored_view(svc) == got[0]
+    check_kernel(svc, rebooted, got)
+    assert [m.uuid for m in svc.matrices() if m.adopted] == []
+    assert svc.startup_drift == []
+    return host, svc, got
+
+
 def test_kill_anywhere_in_a_group(tmp_path: Path) -> None:
     """Groups of changes on distinct matrices (and one host pool change), killed at every
     kind of point: after each restart the store holds the acknowledged state, or that plus
     every member of the group that was cut (never a part of it), and nothing is drift."""
     rng = random.Random("kill-anywhere-group")
     killer = Killer()
-    host = Host.from_name("default")
-    first = Service(Kernel(TreeSysfs(host)), store=Store(tmp_path))
-    first.load()
-    first.reserve(ADAPTERS, DOMAINS)  # creates are decided on APQNs, not refused as the host's
-    acked: State = ({}, Reservations().reserve(ADAPTERS, DOMAINS))
+    host, acked = reserved_all(tmp_path)
     svc: Service | None = None
     cut: State | None = None
     groups = 0
     while killer.kills < KILLS:
         if svc is None:
-            # Before start-up the store may hold a part of a group cut in its flush (some
-            # renames done): the journal says so, and start-up takes it back.
-            assert Store(tmp_path).load().set_aside == []
-            candidates = [acked] + ([cut] if cut is not None else [])
-            rebooted = rng.random() < 0.5
-            if rebooted:
-                host = Host.from_name("default")
-            killer.left = rng.randint(1, 40)
-            fresh = Service(Kernel(KillingSysfs(host, killer)), store=Store(tmp_path, killer.step))
-            try:
-                fresh.load()
-            except Killed:
+            host, svc, acked = restart(tmp_path, rng, killer, host, [acked, cut], 40)
+            if svc is None:
                 continue
-            svc = fresh
-            contents = Store(tmp_path).load()
-            got: State = (contents.matrices, contents.reservations)
-            assert got in candidates, "a group was stored in part, or an acknowledged change lost"
-            acked, cut = got, None
-            assert stored_view(svc) == acked[0]
-            check_kernel(svc, rebooted, acked)
-            assert [m.uuid for m in svc.matrices() if m.adopted] == []
-            assert svc.startup_drift == []
+            cut = None
         uuids = rng.sample(UUIDS, rng.randint(2, len(UUIDS)))
         members = [member(rng, acked, u) for u in uuids]
         if rng.random() < 0.4:
@@ -424,18 +444,18 @@ def test_the_journal_reads_a_group_as_one_change(tmp_path: Path) -> None:
             j.append(step(sets([5, 5 + k], [4]), sets([5, 6 + k], [4]), ({"a": k}, {"a": k + 1})))
         cut = j.append(step(sets([9], [9]), sets([9, 10], [9])))
         j.cut(cut)  # failed and undone: not part of the group
-    got = j.read()
-    assert got is not None and got.what == "a group of 2 changes"
+    [got] = j.read()
+    assert got.what == "a group of 2 changes"
     item = got.matrices[UUIDS[0]]
     assert (item["kernel_before"], item["kernel_after"]) == (None, sets([5, 7], [4]))
     assert (item["kernel_low"], item["kernel_high"]) == (sets([], []), sets([5, 6, 7], [4]))
     assert (item["stored_before"], item["stored_after"]) == (None, {"a": 2})
     raw = (tmp_path / "journal").read_bytes()
     (tmp_path / "journal").write_bytes(raw[: raw.index(b"APMJ1", 10) + 40])  # the 2nd torn
-    torn = Journal(tmp_path).read()
-    assert torn is not None and torn.what == "Assign"
+    [torn] = Journal(tmp_path).read()
+    assert torn.what == "Assign"
     j.end()
-    assert Journal(tmp_path).read() is None
+    assert Journal(tmp_path).read() == []
 
 
 def test_a_group_journals_a_matrix_s_stored_before_once(tmp_path: Path) -> None:
@@ -468,8 +488,8 @@ def test_a_group_journals_a_matrix_s_stored_before_once(tmp_path: Path) -> None:
     j.append(Intent("Apply", matrices=both))
     j.append(Intent("Assign", matrices={UUIDS[1]: item([9, 10], ({"b": 0}, {"b": 2}))}))
     assert carried() == [[UUIDS[0]], [], [UUIDS[1]], []]
-    got = Journal(tmp_path).read()
-    assert got is not None and got.what == "a group of 4 changes"
+    [got] = Journal(tmp_path).read()
+    assert got.what == "a group of 4 changes"
     first, second = got.matrices[UUIDS[0]], got.matrices[UUIDS[1]]
     assert (first["stored_before"], first["stored_after"]) == ({"a": 0}, {"a": 3})
     assert (second["stored_before"], second["stored_after"]) == ({"b": 0}, {"b": 2})
